@@ -1,0 +1,362 @@
+"""The `iterdpo` command line: parses, calls a stage function, prints. No logic of its own.
+
+Error policy (DESIGN.md): a user error is ONE line on stderr and exit 1 (library warnings and progress noise
+suppressed); `--debug` shows everything and the traceback; usage errors are Click's own (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from builders import __version__
+from builders.config import CATALOG_ENV, DEFAULT_CATALOG, QuickstartConfig, SplitConfig, TinyConfig
+from builders.errors import IterdpoError
+
+SPLIT_DEFAULTS = SplitConfig()
+
+
+@dataclass
+class State:
+    catalog_path: str | None
+    debug: bool
+
+    def catalog(self):
+        from builders.catalog import Catalog
+
+        return Catalog(self.catalog_path)
+
+
+def _quiet() -> None:
+    """Keep stderr for our own progress and errors: silence library warnings, logs and their progress bars."""
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight loading/saving bars too
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("datasets", "transformers", "huggingface_hub", "filelock", "urllib3", "fsspec"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def emit(obj: Any, as_json: bool, human: Callable[[], None]) -> None:
+    """`--json`: one JSON document on stdout and nothing else there; otherwise the human rendering."""
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+    else:
+        human()
+
+
+def example(*commands: str) -> str:
+    """A help epilog: every command's --help ends with a runnable example."""
+    return "\b\nExample:\n" + "\n".join(f"  {c}" for c in commands)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
+
+
+def _snapshot_line(s) -> str:
+    where = f"it{s.iteration}" if s.iteration is not None else "-"
+    tags = f"  [{', '.join(s.tags)}]" if s.tags else ""
+    return f"{s.id[:12]}  {s.kind:<11} {where:<4} {s.split or '-':<5} {s.rows:>8} rows  {s.created_at[:19]}{tags}"
+
+
+def _print_snapshots(snaps) -> None:
+    if not snaps:
+        click.echo("(no snapshots)")
+        return
+    click.echo(f"{'ID':<12}  {'KIND':<11} {'IT':<4} {'SPLIT':<5} {'ROWS':>8}       CREATED")
+    for s in snaps:
+        click.echo(_snapshot_line(s))
+
+
+# ------------------------------------------------------------------------------------------------------------ group
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+             epilog=example("iterdpo prompts import data/ultrafeedback_sample.jsonl && iterdpo prompts split --train-size 40 --test-size 10"))
+@click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False), default=None,
+              help=f"Catalog file (DuckDB). Env {CATALOG_ENV}; default {DEFAULT_CATALOG}.")
+@click.option("--debug", is_flag=True, help="Show library warnings, progress and full tracebacks.")
+@click.version_option(__version__, "--version", prog_name="iterdpo")
+@click.pass_context
+def cli(ctx: click.Context, catalog_path: str | None, debug: bool) -> None:
+    """Build, version and publish the preference datasets of iterative DPO.
+
+    Stages: prompts -> generate -> rank -> build (pairs) -> publish -> train; each output is a snapshot in the
+    catalog.
+    """
+    if not debug:
+        _quiet()
+    ctx.obj = State(catalog_path, debug)
+
+
+# ---------------------------------------------------------------------------------------------------------- prompts
+@cli.group(epilog=example("iterdpo prompts import data/ultrafeedback_sample.jsonl"))
+def prompts() -> None:
+    """Import a prompt pool and draw disjoint per-iteration prompt sets.
+    """
+
+
+@prompts.command("import", epilog=example("iterdpo prompts import data/ultrafeedback_sample.jsonl --column prompt"))
+@click.argument("source")
+@click.option("--column", default=None, help="Column holding the prompt (default: the first of prompt, instruction, "
+              "question, query, input, text).")
+@json_option
+@click.pass_obj
+def prompts_import(state: State, source: str, column: str | None, as_json: bool) -> None:
+    """Import prompts from SOURCE into a `prompts` pool snapshot.
+
+    SOURCE is a local .jsonl/.json/.parquet/.csv file, a dataset folder, or a Hub dataset id with an optional
+    split (openbmb/UltraFeedback, HuggingFaceH4/ultrafeedback_binarized:train_prefs). Prompts are
+    whitespace-stripped, empty and null ones skipped, duplicates dropped (prompt_id = sha256 of the text).
+    Importing the same prompts again is a no-op that returns the same snapshot.
+    """
+    from builders.prompts import import_prompts
+
+    result = import_prompts(state.catalog(), source, column)
+
+    def human() -> None:
+        click.echo(f"imported {result.snapshot.rows} prompts from {source} (column {result.column!r}): "
+                   f"{result.read} read, {result.skipped_empty} empty or null skipped, {result.duplicates} duplicates")
+        click.echo(f"snapshot {result.snapshot.id}")
+
+    emit(result.to_json(), as_json, human)
+
+
+@prompts.command("split", epilog=example("iterdpo prompts split --iterations 3 --train-size 40 --test-size 10 --seed 42"))
+@click.option("--iterations", type=int, default=SPLIT_DEFAULTS.iterations, show_default=True)
+@click.option("--train-size", type=int, default=SPLIT_DEFAULTS.train_size, show_default=True,
+              help="Train prompts per iteration.")
+@click.option("--test-size", type=int, default=SPLIT_DEFAULTS.test_size, show_default=True,
+              help="Test prompts per iteration (0: none).")
+@click.option("--seed", type=int, default=SPLIT_DEFAULTS.seed, show_default=True)
+@click.option("--from", "from_refs", multiple=True, help="Pool snapshot(s) to draw from (repeatable; default: the newest pool).")
+@json_option
+@click.pass_obj
+def prompts_split(state: State, iterations: int, train_size: int, test_size: int, seed: int,
+                  from_refs: tuple[str, ...], as_json: bool) -> None:
+    """Draw train and test prompt sets for each iteration, disjoint across iterations and splits.
+
+    Deterministic for a seed: the same pool and options give the same snapshot ids.
+    """
+    from builders.prompts import split_prompts
+
+    snaps = split_prompts(state.catalog(), SplitConfig(iterations, train_size, test_size, seed), from_refs)
+    emit([s.to_json() for s in snaps], as_json, lambda: _print_snapshots(snaps))
+
+
+# --------------------------------------------------------------------------------------------------------- versions
+@cli.group(epilog=example("iterdpo versions list --kind prompts"))
+def versions() -> None:
+    """List, inspect, compare, tag, export, verify and merge snapshots.
+
+    A snapshot is named by its id, a unique id prefix (4+ characters), a tag, or a selector for the newest of a
+    kind: KIND (without iteration: the prompt pool), KIND:N or KIND:N:SPLIT (prompts:1:train).
+    """
+
+
+@versions.command("list", epilog=example("iterdpo versions list --kind prompts --iteration 1 --json"))
+@click.option("--kind", default=None, help="Only this kind (prompts, generations, scores, pairs, model).")
+@click.option("--iteration", type=int, default=None)
+@click.option("--split", type=click.Choice(["train", "test"]), default=None)
+@json_option
+@click.pass_obj
+def versions_list(state: State, kind: str | None, iteration: int | None, split: str | None, as_json: bool) -> None:
+    """List snapshots, oldest first.
+    """
+    snaps = state.catalog().list(kind, iteration, split)
+    emit([s.to_json() for s in snaps], as_json, lambda: _print_snapshots(snaps))
+
+
+@versions.command("show", epilog=example("iterdpo versions show prompts:1:train"))
+@click.argument("ref")
+@json_option
+@click.pass_obj
+def versions_show(state: State, ref: str, as_json: bool) -> None:
+    """Show one snapshot: kind, iteration, split, rows, parents, params, tags.
+    """
+    snap = state.catalog().get(ref)
+
+    def human() -> None:
+        for key, value in snap.to_json().items():
+            if key == "params":
+                value = json.dumps(value, sort_keys=True)
+            elif isinstance(value, list):
+                value = ", ".join(value) or "-"
+            click.echo(f"{key:<11} {value if value is not None else '-'}")
+
+    emit(snap.to_json(), as_json, human)
+
+
+@versions.command("diff", epilog=example("iterdpo versions diff prompts:1:train prompts:2:train"))
+@click.argument("a")
+@click.argument("b")
+@click.option("--limit", type=int, default=10, show_default=True, help="Keys shown per category (human output).")
+@json_option
+@click.pass_obj
+def versions_diff(state: State, a: str, b: str, limit: int, as_json: bool) -> None:
+    """Rows added, removed and changed (same key, other content) from snapshot A to snapshot B.
+    """
+    result = state.catalog().diff(a, b)
+
+    def human() -> None:
+        click.echo(f"{result['a'][:12]} -> {result['b'][:12]} ({result['kind']}, key {', '.join(result['key'])}): "
+                   f"{len(result['added'])} added, {len(result['removed'])} removed, "
+                   f"{len(result['changed'])} changed, {result['unchanged']} unchanged")
+        for name, sign in (("added", "+"), ("removed", "-"), ("changed", "~")):
+            for key in result[name][:limit]:
+                click.echo(f"  {sign} {' '.join(str(v) for v in key.values())}")
+            if len(result[name]) > limit:
+                click.echo(f"  {sign} ... {len(result[name]) - limit} more")
+
+    emit(result, as_json, human)
+
+
+@versions.command("tag", epilog=example("iterdpo versions tag prompts pool-v1"))
+@click.argument("ref")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Move the tag if it already names another snapshot.")
+@json_option
+@click.pass_obj
+def versions_tag(state: State, ref: str, name: str, force: bool, as_json: bool) -> None:
+    """Name snapshot REF with tag NAME (usable wherever an id is).
+    """
+    snap = state.catalog().tag(ref, name, force)
+    emit(snap.to_json(), as_json, lambda: click.echo(f"tagged {snap.id[:12]} as {name}"))
+
+
+@versions.command("export", epilog=example("iterdpo versions export pool-v1 prompts.parquet"))
+@click.argument("ref")
+@click.argument("path", type=click.Path(dir_okay=False))
+@json_option
+@click.pass_obj
+def versions_export(state: State, ref: str, path: str, as_json: bool) -> None:
+    """Write a snapshot's rows to PATH: Parquet, or JSON Lines when PATH ends in .jsonl.
+    """
+    from builders.export import export_snapshot
+
+    result = export_snapshot(state.catalog(), ref, Path(path))
+    emit(result, as_json, lambda: click.echo(f"wrote {result['rows']} rows of {result['id'][:12]} to {result['path']}"))
+
+
+@versions.command("verify", epilog=example("iterdpo versions verify"))
+@json_option
+@click.pass_obj
+def versions_verify(state: State, as_json: bool) -> None:
+    """Recompute every snapshot id from its stored rows; exit 1 on any mismatch.
+    """
+    report = state.catalog().verify()
+    emit(report, as_json, lambda: click.echo(
+        f"{report['snapshots']} snapshots verified in {report['catalog']}: "
+        + ("ok" if report["ok"] else "PROBLEMS\n  " + "\n  ".join(report["problems"]))))
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@versions.command("merge", epilog=example("iterdpo --catalog data/catalog.duckdb versions merge shard-0.duckdb shard-1.duckdb"))
+@click.argument("catalogs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@json_option
+@click.pass_obj
+def versions_merge(state: State, catalogs: tuple[str, ...], as_json: bool) -> None:
+    """Copy snapshots, rows, tags and work from other catalog files into this one (idempotent).
+
+    Shards of a long stage run on copies of the catalog; merging them brings their work back.
+    """
+    report = state.catalog().merge(catalogs)
+
+    def human() -> None:
+        for m in report["merged"]:
+            click.echo(f"merged {m['source']}: {m['snapshots']} snapshots, {m['rows']} rows, {m['tags']} tags, "
+                       f"{m['work_units']} work units")
+            if m["tag_conflicts_kept_ours"]:
+                click.echo(f"  kept our tags where both differ: {', '.join(m['tag_conflicts_kept_ours'])}")
+
+    emit(report, as_json, human)
+
+
+# ------------------------------------------------------------------------------------------------------ tiny models
+@cli.command("tiny-models", epilog=example("iterdpo tiny-models /tmp/tiny"))
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=TinyConfig.seed, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Rebuild into a non-empty DIR/generator or DIR/ranker.")
+@json_option
+def tiny_models(directory: str, seed: int, overwrite: bool, as_json: bool) -> None:
+    """Build tiny random models offline: DIRECTORY/generator (Mistral causal LM) and DIRECTORY/ranker (PairRM layout).
+
+    For tests, the quickstart and benchmarks: seconds to build, a few MB, deterministic from --seed.
+    """
+    from builders.tiny import build_tiny_models
+
+    built = build_tiny_models(directory, replace(TinyConfig(), seed=seed), overwrite=overwrite)
+    emit(built.to_json(), as_json, lambda: click.echo(
+        f"generator: {built.generator} ({built.generator_params:,} params)\n"
+        f"ranker:    {built.ranker} ({built.ranker_params:,} params)\nbuilt in {built.seconds:.1f}s"))
+
+
+# ------------------------------------------------------------------------------------------------------- quickstart
+@cli.command("quickstart", epilog=example("iterdpo quickstart --workdir quickstart"))
+@click.option("--workdir", type=click.Path(file_okay=False), default=str(QuickstartConfig.workdir), show_default=True,
+              help="Folder for everything: catalog, tiny models, outputs.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
+              help="Prompt file instead of the bundled UltraFeedback sample.")
+@json_option
+def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
+    """Run the recipe end to end on bundled prompts with tiny local models, on a CPU, offline.
+
+    Everything lives in --workdir (the global --catalog does not apply); rerunning reuses what is there.
+    """
+    from builders.quickstart import run_quickstart
+
+    cfg = QuickstartConfig(workdir=Path(workdir))
+    if prompts_file:
+        cfg = replace(cfg, prompts=Path(prompts_file))
+    report = run_quickstart(cfg)
+
+    def human() -> None:
+        click.echo(f"workdir:   {report.workdir}")
+        click.echo(f"catalog:   {report.catalog}")
+        click.echo(f"generator: {report.generator}")
+        click.echo(f"ranker:    {report.ranker}\n")
+        _print_snapshots(report.snapshots)
+        click.echo(f"\nlook at:   iterdpo --catalog {report.catalog} versions list")
+        click.echo(f"           iterdpo --catalog {report.catalog} versions show prompts:1:train")
+
+    emit(report.to_json(), as_json, human)
+
+
+# ------------------------------------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: applies the error policy around the Click group."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="iterdpo", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("Interrupted; finished work is kept in the catalog.", err=True)
+        sys.exit(130)
+    except IterdpoError as e:
+        if debug:
+            raise
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except Exception as e:  # a bug or an unexpected library failure: still one line, the traceback on --debug
+        if debug:
+            raise
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"Error: unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

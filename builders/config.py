@@ -1,0 +1,90 @@
+"""Typed configuration: every default of the project lives here, once.
+
+The CLI reads its option defaults from these dataclasses, so `--help` and the Python API always agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CATALOG = Path("data") / "catalog.duckdb"
+CATALOG_ENV = "ITERDPO_CATALOG"
+LOCK_TIMEOUT_ENV = "ITERDPO_LOCK_TIMEOUT"
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    path: Path = DEFAULT_CATALOG
+    # Seconds a command waits for another process to release the DuckDB file before it gives up.
+    lock_timeout: float = 60.0
+    # Rows hashed and inserted per chunk: bounds peak memory on large snapshots.
+    chunk_rows: int = 5_000
+    # DuckDB's own memory cap (it spills past it); keeps a large registration well under 2 GB RSS.
+    memory_limit: str = "1GB"
+
+    @classmethod
+    def from_env(cls, path: str | os.PathLike | None = None) -> "CatalogConfig":
+        chosen = path or os.environ.get(CATALOG_ENV) or DEFAULT_CATALOG
+        timeout = os.environ.get(LOCK_TIMEOUT_ENV)
+        return cls(path=Path(chosen), lock_timeout=float(timeout) if timeout else cls.lock_timeout)
+
+
+# Column names tried, in order, when `prompts import` is not told which column holds the prompt.
+# openbmb/UltraFeedback calls it `instruction`; HuggingFaceH4/ultrafeedback_binarized calls it `prompt`.
+PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "question", "query", "input", "text")
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    source: str = ""
+    column: str | None = None
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Snorkel-Mistral-PairRM-DPO's splits: 3 iterations of ~20k train prompts, disjoint across iterations."""
+
+    iterations: int = 3
+    train_size: int = 20_000
+    test_size: int = 1_000
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Shapes of the offline tiny models (random weights; for tests, the quickstart and benches)."""
+
+    seed: int = 0
+    # Generator: Mistral architecture. vLLM's CPU attention needs head_dim in {32, 64, 80, ...}, so set it.
+    gen_vocab_size: int = 2000
+    gen_hidden_size: int = 64
+    gen_intermediate_size: int = 128
+    gen_layers: int = 2
+    gen_heads: int = 4
+    gen_kv_heads: int = 2
+    gen_head_dim: int = 32
+    gen_max_positions: int = 4096
+    # Ranker: DeBERTa-v3-style backbone in llm-blender's PairRM folder layout.
+    rank_vocab_size: int = 400
+    rank_hidden_size: int = 32
+    rank_layers: int = 2
+    rank_heads: int = 2
+    rank_intermediate_size: int = 64
+    rank_max_positions: int = 512
+    source_maxlength: int = 1224
+    candidate_maxlength: int = 412
+
+
+# The bundled sample of real UltraFeedback prompts (data/README.md gives its source and licence).
+BUNDLED_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "ultrafeedback_sample.jsonl"
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """The whole loop at toy size on a 2-core CPU: tiny models, bundled prompts, everything inside `workdir`."""
+
+    workdir: Path = Path("quickstart")
+    prompts: Path = BUNDLED_PROMPTS
+    split: SplitConfig = SplitConfig(iterations=3, train_size=40, test_size=10, seed=42)

@@ -1,0 +1,21 @@
+"""The project's exception family. Every message is one line a user can act on."""
+
+
+class IterdpoError(Exception):
+    """Base class: the CLI prints ``Error: <message>`` on one line and exits 1."""
+
+
+class InputError(IterdpoError):
+    """Bad user input: a file, a column, a size, an option value."""
+
+
+class CatalogError(IterdpoError):
+    """The catalog file is missing, corrupt, too new, or holds no such snapshot."""
+
+
+class CatalogBusy(CatalogError):
+    """Another process held the catalog longer than the lock timeout."""
+
+
+class NotFound(CatalogError):
+    """An unknown snapshot id, id prefix or tag."""

@@ -1,0 +1,105 @@
+"""Declared row schemas of every snapshot kind (DESIGN.md, "Snapshots, rows, keys").
+
+Like `datasets.Features`: one declaration per kind that the catalog, exports and checks all read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from builders.errors import InputError
+
+MESSAGE = pa.struct([("content", pa.string()), ("role", pa.string())])
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    schema: pa.Schema
+    key: tuple[str, ...]  # canonical order and the identity of a row within a snapshot
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind(
+            "prompts",
+            pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("source", pa.string())]),
+            ("prompt_id",),
+        ),
+        Kind(
+            "generations",
+            pa.schema(
+                [
+                    ("prompt_id", pa.string()),
+                    ("response_index", pa.int32()),
+                    ("response", pa.string()),
+                    ("finish_reason", pa.string()),
+                    ("prompt_tokens", pa.int32()),
+                    ("completion_tokens", pa.int32()),
+                ]
+            ),
+            ("prompt_id", "response_index"),
+        ),
+        Kind(
+            "scores",
+            pa.schema([("prompt_id", pa.string()), ("response_index", pa.int32()), ("score", pa.float64())]),
+            ("prompt_id", "response_index"),
+        ),
+        Kind(
+            "pairs",
+            pa.schema(
+                [
+                    ("prompt_id", pa.string()),
+                    ("prompt", pa.string()),
+                    ("chosen", pa.list_(MESSAGE)),
+                    ("rejected", pa.list_(MESSAGE)),
+                    ("all_generated_responses", pa.list_(pa.string())),
+                    ("all_rm_scores", pa.list_(pa.float64())),
+                    ("score_chosen", pa.float64()),
+                    ("score_rejected", pa.float64()),
+                ]
+            ),
+            ("prompt_id",),
+        ),
+        Kind(
+            "model",
+            pa.schema(
+                [
+                    ("path", pa.string()),
+                    ("weights_sha256", pa.string()),
+                    ("base_model", pa.string()),
+                    ("recipe", pa.string()),
+                    ("metrics", pa.string()),  # JSON text
+                ]
+            ),
+            ("weights_sha256",),
+        ),
+    )
+}
+
+SPLITS = ("train", "test")
+
+
+def kind(name: str) -> Kind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise InputError(f"unknown snapshot kind {name!r}; kinds are: {', '.join(KINDS)}") from None
+
+
+def conform(table: pa.Table, k: Kind) -> pa.Table:
+    """Return `table` with exactly the kind's columns, in order and types; a clear error otherwise."""
+    missing = [c for c in k.columns if c not in table.column_names]
+    if missing:
+        raise InputError(f"{k.name} rows lack column(s) {', '.join(missing)}; expected {', '.join(k.columns)}")
+    try:
+        return table.select(k.columns).cast(k.schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+        raise InputError(f"{k.name} rows do not match the schema {k.schema.to_string()!r}: {e}") from None

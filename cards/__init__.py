@@ -1,0 +1,1 @@
+"""Dataset cards: the template, statistics and plots of a published preference dataset."""

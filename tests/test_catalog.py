@@ -1,0 +1,283 @@
+"""The catalog: content addressing, lineage, tags, diff, export, verify, merge, resumable work, and the file's safety
+under kills and concurrent processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from builders.catalog import SCHEMA_VERSION, Catalog, snapshot_id, row_hashes
+from builders.config import CatalogConfig, SplitConfig
+from builders.errors import CatalogBusy, CatalogError, InputError, NotFound
+from builders.prompts import import_prompts, split_prompts
+from tests.conftest import ROOT, SAMPLE
+
+
+def gens(prompt_ids: list[str], n: int = 3, text: str = "answer") -> pa.Table:
+    rows = [
+        {"prompt_id": p, "response_index": i, "response": f"{text} {p[:6]} {i}", "finish_reason": "stop",
+         "prompt_tokens": 10, "completion_tokens": 5 + i}
+        for p in prompt_ids for i in range(n)
+    ]
+    return pa.Table.from_pylist(rows)
+
+
+def pids(k: int, start: int = 0) -> list[str]:
+    return [f"{i:064x}" for i in range(start, start + k)]
+
+
+def count(catalog: Catalog, table: str) -> int:
+    with catalog.connect() as con:
+        return con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+
+
+def test_id_is_content_only_and_rows_are_shared(catalog: Catalog):
+    table = gens(pids(4))
+    a = catalog.register("generations", table, iteration=1, split="train", params={"seed": 1})
+    # the same rows in another order, with other params and parents: the same snapshot
+    b = catalog.register("generations", table.take([5, 3, 1, 0, 2, 4, 6, 7, 8, 9, 10, 11]), iteration=1,
+                         split="train", params={"seed": 999})
+    assert a.id == b.id and b.params["seed"] == 1
+    assert a.id == snapshot_id("generations", 1, "train", row_hashes(catalog.read(a.id)))
+    # the same rows for another split are another snapshot, but no row is stored twice
+    c = catalog.register("generations", table, iteration=1, split="test")
+    assert c.id != a.id
+    assert count(catalog, "rows_generations") == 12
+    # one changed row adds one row
+    changed = table.set_column(2, "response", pa.array(["x"] + table.column("response").to_pylist()[1:]))
+    d = catalog.register("generations", changed, iteration=1, split="train")
+    assert d.id != a.id and count(catalog, "rows_generations") == 13
+    assert catalog.read(a.id).equals(catalog.read(b.id))
+
+
+def test_params_carry_the_iterdpo_version_and_parents_are_kept(catalog: Catalog):
+    from builders import __version__
+
+    p = catalog.register("prompts", pa.table({"prompt_id": ["a" * 64], "prompt": ["x"], "source": [None]}))
+    g = catalog.register("generations", gens(["a" * 64]), iteration=1, split="train", parents=[p.id])
+    assert g.parents == [p.id] and g.params["iterdpo_version"] == __version__
+    with pytest.raises(NotFound, match="parent snapshot"):
+        catalog.register("generations", gens(["b" * 64]), iteration=1, split="train", parents=["f" * 64])
+
+
+def test_duplicate_and_null_keys_and_nan_are_rejected(catalog: Catalog):
+    t = gens(pids(1), n=2)
+    with pytest.raises(InputError, match="repeat the key"):
+        catalog.register("generations", pa.concat_tables([t, t]))
+    with pytest.raises(InputError, match="NaN"):
+        catalog.register("scores", pa.table({"prompt_id": ["a"], "response_index": [0], "score": [float("nan")]}))
+    with pytest.raises(InputError, match="lack column"):
+        catalog.register("scores", pa.table({"prompt_id": ["a"]}))
+    assert not catalog.list()
+
+
+def test_list_newest_get_by_prefix_and_tag(catalog: Catalog):
+    a = catalog.register("generations", gens(pids(2)), iteration=1, split="train")
+    b = catalog.register("generations", gens(pids(3)), iteration=1, split="train")
+    assert catalog.newest("generations", 1, "train").id == b.id
+    assert catalog.newest("generations", 2, "train") is None
+    assert [s.id for s in catalog.list(kind="generations")] == [a.id, b.id]
+    assert catalog.get(a.id[:8]).id == a.id
+    catalog.tag(a.id, "first")
+    assert catalog.get("first").id == a.id and catalog.get(a.id).tags == ["first"]
+    with pytest.raises(InputError, match="already names"):
+        catalog.tag(b.id, "first")
+    assert catalog.tag(b.id, "first", force=True).tags == ["first"]
+    with pytest.raises(NotFound, match="no snapshot or tag 'nope'"):
+        catalog.get("nope")
+
+
+def test_diff_on_two_real_snapshots(catalog: Catalog):
+    import_prompts(catalog, str(SAMPLE))
+    snaps = {(s.iteration, s.split): s for s in split_prompts(catalog, SplitConfig(2, 30, 5, 1))}
+    a, b = snaps[(1, "train")], snaps[(2, "train")]
+    d = catalog.diff(a.id, b.id)
+    assert len(d["added"]) == 30 and len(d["removed"]) == 30 and d["changed"] == [] and d["unchanged"] == 0
+    # a real edit: the same prompt ids, one prompt text changed
+    rows = catalog.read(a.id).to_pylist()
+    rows[0]["prompt"] += " (edited)"
+    edited = catalog.register("prompts", pa.Table.from_pylist(rows), iteration=1, split="train")
+    d = catalog.diff(a.id, edited.id)
+    assert d["changed"] == [{"prompt_id": rows[0]["prompt_id"]}] and d["unchanged"] == 29
+    assert not d["added"] and not d["removed"]
+    with pytest.raises(InputError, match="cannot diff"):
+        catalog.diff(a.id, catalog.register("generations", gens(pids(1))).id)
+
+
+def test_export_parquet_and_jsonl_have_the_row_schema(catalog: Catalog, tmp_path: Path):
+    snap = catalog.register("generations", gens(pids(5)), iteration=1, split="train")
+    from builders.export import export_snapshot
+
+    export_snapshot(catalog, snap.id, tmp_path / "g.parquet")
+    table = pq.read_table(tmp_path / "g.parquet")
+    assert table.schema.equals(catalog.read(snap.id).schema)
+    assert table.equals(catalog.read(snap.id))
+    export_snapshot(catalog, snap.id, tmp_path / "g.jsonl")
+    lines = (tmp_path / "g.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == table.to_pylist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.duckdb", "g.jsonl", "g.parquet"]  # no temp files
+
+
+def test_verify_detects_a_tampered_row(catalog: Catalog):
+    snap = catalog.register("generations", gens(pids(3)), iteration=1, split="train")
+    assert catalog.verify()["ok"]
+    with catalog.connect() as con:
+        con.execute("UPDATE rows_generations SET response = 'tampered' WHERE response_index = 1").fetchall()
+    report = catalog.verify()
+    assert not report["ok"]
+    assert any(snap.id[:12] in p and "do not match" in p for p in report["problems"])
+
+
+def test_work_is_resumable_hidden_and_merged(catalog: Catalog, tmp_path: Path):
+    key = "work-key-1"
+    catalog.add_work(key, "generations", gens(pids(2)), {p: None for p in pids(2)}, iteration=1, split="train")
+    catalog.add_work(key, "generations", gens(pids(2)), {p: None for p in pids(2)})  # a replayed batch: no-op
+    assert set(catalog.work_units(key)) == set(pids(2))
+    assert catalog.list() == []  # work in progress is not a snapshot
+    # a shard on a copy of the catalog finishes other prompts; merging brings them back, twice is a no-op
+    shard = Catalog(tmp_path / "shard.duckdb")
+    shard.add_work(key, "generations", gens(pids(2, start=2)), {p: {"skipped": False} for p in pids(2, start=2)},
+                   iteration=1, split="train")
+    shard_snap = shard.register("generations", gens(pids(2, start=2)), iteration=1, split="train")
+    first = catalog.merge([shard.path])
+    again = catalog.merge([shard.path])
+    assert first["merged"][0]["snapshots"] == 1 and again["merged"][0]["snapshots"] == 0
+    assert again["merged"][0]["rows"] == 0 and again["merged"][0]["work_units"] == 0
+    assert set(catalog.work_units(key)) == set(pids(4))
+    assert catalog.work_units(key)[pids(1, start=2)[0]] == {"skipped": False}
+    full = catalog.work_rows(key)
+    assert full.num_rows == 12
+    # registering from the merged work equals registering the whole thing at once
+    assert catalog.register("generations", full, iteration=1, split="train").id == \
+        Catalog(tmp_path / "fresh.duckdb").register("generations", gens(pids(4)), iteration=1, split="train").id
+    assert catalog.get(shard_snap.id).rows == 6
+    assert catalog.verify()["ok"]
+    with pytest.raises(InputError, match="into itself"):
+        catalog.merge([catalog.path])
+
+
+# ------------------------------------------------------------------------------------------------------ file safety
+def test_corrupt_file_foreign_database_and_newer_schema_are_clear_errors(tmp_path: Path):
+    bad = tmp_path / "bad.duckdb"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(CatalogError, match="cannot be opened"):
+        Catalog(bad).list()
+    foreign = tmp_path / "foreign.duckdb"
+    con = duckdb.connect(str(foreign))
+    con.execute("CREATE TABLE t(x INTEGER)").fetchall()
+    con.close()
+    with pytest.raises(CatalogError, match="not an iterdpo catalog"):
+        Catalog(foreign).list()
+    newer = Catalog(tmp_path / "newer.duckdb")
+    newer.register("generations", gens(pids(1)))
+    with newer.connect() as con:
+        con.execute("UPDATE iterdpo_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)]).fetchall()
+    with pytest.raises(CatalogError, match="newer than this iterdpo"):
+        newer.list()
+
+
+_REGISTER_SLOWLY = textwrap.dedent("""
+    import sys, time, pyarrow as pa
+    from builders.catalog import Catalog
+    from builders.config import CatalogConfig
+    import builders.catalog as c
+    original = c.Catalog._insert_rows
+    def slow(self, con, k, table, hashes):
+        original(self, con, k, table, hashes)
+        print("inserted", flush=True)
+        time.sleep(float(sys.argv[3]))
+    c.Catalog._insert_rows = slow
+    cat = Catalog(sys.argv[1], CatalogConfig(sys.argv[1], lock_timeout=30))
+    n = int(sys.argv[2])
+    rows = [{"prompt_id": f"{i:064x}", "response_index": 0, "response": "r" * 50, "finish_reason": "stop",
+             "prompt_tokens": 1, "completion_tokens": 1} for i in range(n)]
+    snap = cat.register("generations", pa.Table.from_pylist(rows), iteration=1, split="train")
+    print("done", snap.id, flush=True)
+""")
+
+
+def _spawn(script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_during_registration_leaves_the_catalog_clean(catalog: Catalog):
+    keep = catalog.register("generations", gens(pids(2)), iteration=2, split="train")
+    proc = _spawn(_REGISTER_SLOWLY, str(catalog.path), "2000", "60")
+    assert proc.stdout.readline().strip() == "inserted"  # rows are in, the transaction is not committed
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert [s.id for s in catalog.list()] == [keep.id]
+    report = catalog.verify()
+    assert report["ok"], report
+    assert count(catalog, "rows_generations") == 6  # the killed transaction's rows are gone
+
+
+def test_two_concurrent_writers_both_land(catalog: Catalog):
+    # each holds the file for a second inside its transaction; the other waits for it, then lands too
+    a = _spawn(_REGISTER_SLOWLY, str(catalog.path), "300", "1.0")
+    b = _spawn(_REGISTER_SLOWLY.replace('f"{i:064x}"', 'f"{i + 10**6:064x}"'), str(catalog.path), "300", "1.0")
+    outs = [p.communicate(timeout=120) for p in (a, b)]
+    assert a.returncode == 0 and b.returncode == 0, outs
+    assert len(catalog.list()) == 2
+    assert catalog.verify()["ok"]
+
+
+def test_a_writer_waits_then_fails_clearly_when_the_catalog_stays_busy(catalog: Catalog):
+    catalog.register("generations", gens(pids(1)))
+    holder = _spawn(
+        "import sys, time, duckdb; con = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(30)",
+        str(catalog.path))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        impatient = Catalog(catalog.path, CatalogConfig(catalog.path, lock_timeout=1.0))
+        start = time.monotonic()
+        with pytest.raises(CatalogBusy, match="held by another process .*ITERDPO_LOCK_TIMEOUT"):
+            impatient.register("generations", gens(pids(1, start=5)))
+        assert 0.9 < time.monotonic() - start < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(catalog.list()) == 1
+
+
+def test_merge_of_copied_catalog_file(catalog: Catalog, tmp_path: Path):
+    import_prompts(catalog, str(SAMPLE))
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(catalog.path, copy)
+    shard = Catalog(copy)
+    extra = shard.register("generations", gens(pids(2)), iteration=1, split="train")
+    shard.tag(extra.id, "from-shard")
+    catalog.merge([copy])
+    assert catalog.get("from-shard").id == extra.id
+    assert catalog.read(extra.id).equals(shard.read(extra.id))
+
+
+def test_row_hash_definition_is_length_prefixed_and_null_aware():
+    import hashlib
+    import struct
+
+    table = pa.table({"prompt_id": ["ab"], "prompt": ["c"], "source": pa.array([None], pa.string())})
+
+    def text(s: str) -> bytes:
+        return b"\x01" + struct.pack("<q", len(s.encode())) + s.encode()
+
+    assert row_hashes(table) == [hashlib.sha256(text("ab") + text("c") + b"\x00").digest()]
+    # boundaries and nulls are part of the content
+    moved = pa.table({"prompt_id": ["a"], "prompt": ["bc"], "source": pa.array([None], pa.string())})
+    empty = pa.table({"prompt_id": ["ab"], "prompt": ["c"], "source": [""]})
+    assert len({*row_hashes(table), *row_hashes(moved), *row_hashes(empty)}) == 3
+    nested = pa.table({"l": [["ab", "c"], ["a", "bc"], [], None]})
+    assert len(set(row_hashes(nested))) == 4

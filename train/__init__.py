@@ -1,0 +1,1 @@
+"""Training: TRL DPO recipes (train/recipes/) and accelerate configs (train/accelerate/)."""
