@@ -163,7 +163,7 @@ class Registration:
     """One snapshot to register: rows of a kind, where they belong, and how they were made."""
 
     kind: str
-    table: pa.Table
+    rows: pa.Table | pa.RecordBatchReader | Iterable[pa.RecordBatch]  # a table, or batches streamed in bounded memory
     iteration: int | None = None
     split: str | None = None
     parents: tuple[str, ...] = ()
@@ -196,22 +196,33 @@ def _arrow(con: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] = (
     return con.sql(query, params=list(params)).to_arrow_table()
 
 
+# Rows are numbered per kind (row_id) and snapshots per catalog (seq): membership is then two integers a row,
+# which compress to a few bytes, instead of two hashes. Ids are local to a file; `merge` renumbers by hash.
 _DDL = [
     "CREATE TABLE iterdpo_meta(key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)",
-    """CREATE TABLE snapshots(id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, iteration INTEGER, split VARCHAR,
-       n_rows BIGINT NOT NULL, params VARCHAR NOT NULL, created_at VARCHAR NOT NULL)""",
+    """CREATE TABLE snapshots(id VARCHAR PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, kind VARCHAR NOT NULL,
+       iteration INTEGER, split VARCHAR, n_rows BIGINT NOT NULL, params VARCHAR NOT NULL, created_at VARCHAR NOT NULL)""",
     "CREATE TABLE snapshot_parents(snapshot_id VARCHAR NOT NULL, parent_id VARCHAR NOT NULL, position INTEGER NOT NULL)",
-    "CREATE TABLE snapshot_rows(snapshot_id VARCHAR NOT NULL, row_hash BLOB NOT NULL)",
+    "CREATE TABLE snapshot_rows(seq INTEGER NOT NULL, row_id BIGINT NOT NULL)",
     "CREATE TABLE tags(name VARCHAR PRIMARY KEY, snapshot_id VARCHAR NOT NULL, created_at VARCHAR NOT NULL)",
     """CREATE TABLE work(work_key VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, iteration INTEGER, split VARCHAR,
        params VARCHAR NOT NULL, created_at VARCHAR NOT NULL)""",
     "CREATE TABLE work_units(work_key VARCHAR NOT NULL, unit VARCHAR NOT NULL, info VARCHAR)",
-    "CREATE TABLE work_rows(work_key VARCHAR NOT NULL, row_hash BLOB NOT NULL)",
+    "CREATE TABLE work_rows(work_key VARCHAR NOT NULL, row_id BIGINT NOT NULL)",
 ]
 
 
 def _with_hash(table: pa.Table, hashes: list[bytes]) -> pa.Table:
     return table.add_column(0, "row_hash", pa.array(hashes, pa.binary()))
+
+
+def _batches(rows: pa.Table | pa.RecordBatchReader | Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
+    if isinstance(rows, pa.Table):
+        for start in range(0, rows.num_rows, size):
+            yield rows.slice(start, size)
+        return
+    for batch in rows:
+        yield pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
 
 
 # --------------------------------------------------------------------------------------------------------- catalog
@@ -285,7 +296,7 @@ class Catalog:
         for ddl in _DDL:
             _run(con, ddl)
         for k in KINDS.values():
-            empty = _with_hash(k.schema.empty_table(), [])
+            empty = _with_hash(k.schema.empty_table(), []).add_column(0, "row_id", pa.array([], pa.int64()))
             con.register("_empty", empty)
             _run(con, f"CREATE TABLE {_rows_table(k.name)} AS SELECT * FROM _empty")
             con.unregister("_empty")
@@ -320,70 +331,94 @@ class Catalog:
     def register(
         self,
         kind: str,
-        table: pa.Table,
+        rows: pa.Table | pa.RecordBatchReader | Iterable[pa.RecordBatch],
         *,
         iteration: int | None = None,
         split: str | None = None,
         parents: Sequence[str] = (),
         params: Mapping[str, Any] | None = None,
     ) -> Snapshot:
-        """Register `table` as a snapshot of `kind`; identical content returns the existing snapshot unchanged."""
-        return self.register_many([Registration(kind, table, iteration, split, tuple(parents), dict(params or {}))])[0]
+        """Register `rows` (a table, or batches streamed in bounded memory) as a snapshot of `kind`. Identical
+        content returns the existing snapshot unchanged."""
+        return self.register_many([Registration(kind, rows, iteration, split, tuple(parents), dict(params or {}))])[0]
 
-    def register_many(self, items: Sequence["Registration"]) -> list[Snapshot]:
-        """Register several snapshots in ONE transaction: all of them land, or none does."""
-        prepared = []
-        for item in items:  # all hashing happens before the file is opened
-            k = get_kind(item.kind)
+    def register_many(self, items: Sequence[Registration]) -> list[Snapshot]:
+        """Register several snapshots atomically: all of them appear, or none does.
+
+        Rows are stored first, batch by batch, each batch in its own transaction (memory stays bounded however
+        large the snapshot); they are content-addressed, so rows of an interrupted registration belong to no
+        snapshot, change no id, and are reused when it is retried. The snapshots themselves (records, membership,
+        lineage) are then written in ONE transaction."""
+        for item in items:
+            get_kind(item.kind)
             if item.split is not None and item.split not in SPLITS:
                 raise InputError(f"split must be one of {', '.join(SPLITS)}, not {item.split!r}")
-            table = conform(item.table, k)
-            order = sort_order(table, k)
-            hashes = self._hash_chunks(table)
-            sid = snapshot_id(k.name, item.iteration, item.split, (hashes[i] for i in order.to_pylist()))
-            record = dict(item.params)
-            record.setdefault("iterdpo_version", __version__)
-            prepared.append((k, item, table, hashes, sid, json.dumps(record, sort_keys=True, allow_nan=False, default=str)))
-        with self.transaction() as con:
-            out = []
-            for k, item, table, hashes, sid, params_json in prepared:
-                if not _one(con, "SELECT 1 FROM snapshots WHERE id = ?", [sid]):
-                    self._insert_snapshot(con, k, item, table, hashes, sid, params_json)
-                out.append(self._get(con, sid))
+            if isinstance(item.rows, pa.Table):  # a table is checked whole before anything is stored
+                sort_order(conform(item.rows, get_kind(item.kind)), get_kind(item.kind))
+        with self.connect() as con:
+            for item in items:
+                for p in item.parents:
+                    if not _one(con, "SELECT 1 FROM snapshots WHERE id = ?", [p]):
+                        raise NotFound(f"parent snapshot {p} is not in catalog {self.path}")
+            staged = [self._store_rows(con, item) for item in items]
+            con.begin()
+            try:
+                out = [self._record(con, item, sid, hashes) for item, (sid, hashes) in zip(items, staged)]
+            except BaseException:
+                con.rollback()
+                raise
+            con.commit()
             return out
 
-    def _insert_snapshot(self, con, k: Kind, item: "Registration", table: pa.Table, hashes: list[bytes],
-                         sid: str, params_json: str) -> None:
-        for p in item.parents:
-            if not _one(con, "SELECT 1 FROM snapshots WHERE id = ?", [p]):
-                raise NotFound(f"parent snapshot {p} is not in catalog {self.path}")
-        self._insert_rows(con, k, table, hashes)
-        con.register("_members", pa.table({"row_hash": pa.array(hashes, pa.binary())}))
-        _run(con, "INSERT INTO snapshot_rows SELECT ?, row_hash FROM _members", [sid])
-        con.unregister("_members")
-        _run(con, 
-            "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [sid, k.name, item.iteration, item.split, table.num_rows, params_json, _now()],
-        )
-        for i, p in enumerate(item.parents):
-            _run(con, "INSERT INTO snapshot_parents VALUES (?, ?, ?)", [sid, p, i])
+    def _store_rows(self, con: duckdb.DuckDBPyConnection, item: Registration) -> tuple[str, list[bytes]]:
+        """Hash and store an item's rows batch by batch; return its snapshot id and row hashes."""
+        k = get_kind(item.kind)
+        keys, hashes = [], []
+        for batch in _batches(item.rows, self.config.chunk_rows):
+            table = conform(batch, k)
+            batch_hashes = row_hashes(table)
+            con.begin()
+            try:
+                self._insert_rows(con, k, table, batch_hashes)
+            except BaseException:
+                con.rollback()
+                raise
+            con.commit()
+            keys.append(table.select(list(k.key)))
+            hashes.extend(batch_hashes)
+        key_table = pa.concat_tables(keys) if keys else k.schema.empty_table().select(list(k.key))
+        order = sort_order(key_table, k).to_pylist()
+        return snapshot_id(k.name, item.iteration, item.split, (hashes[i] for i in order)), hashes
 
-    def _hash_chunks(self, table: pa.Table) -> list[bytes]:
-        hashes: list[bytes] = []
-        step = self.config.chunk_rows
-        for start in range(0, table.num_rows, step):
-            hashes.extend(row_hashes(table.slice(start, step)))
-        return hashes
+    def _record(self, con: duckdb.DuckDBPyConnection, item: Registration, sid: str, hashes: list[bytes]) -> Snapshot:
+        k = get_kind(item.kind)
+        if not _one(con, "SELECT 1 FROM snapshots WHERE id = ?", [sid]):
+            seq = _one(con, "SELECT coalesce(max(seq), 0) + 1 FROM snapshots")[0]
+            record = dict(item.params)
+            record.setdefault("iterdpo_version", __version__)
+            _run(con, "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 [sid, seq, k.name, item.iteration, item.split, len(hashes),
+                  json.dumps(record, sort_keys=True, allow_nan=False, default=str), _now()])
+            self._insert_members(con, k, "INSERT INTO snapshot_rows SELECT ?, r.row_id", [seq], hashes)
+            for i, p in enumerate(item.parents):
+                _run(con, "INSERT INTO snapshot_parents VALUES (?, ?, ?)", [sid, p, i])
+        return self._get(con, sid)
+
+    def _insert_members(self, con, k: Kind, insert_select: str, params: list, hashes: list[bytes],
+                        where: str = "TRUE") -> None:
+        """`insert_select` + the row ids of `hashes` (all already stored)."""
+        con.register("_members", pa.table({"row_hash": pa.array(hashes, pa.binary())}))
+        _run(con, f"{insert_select} FROM (SELECT DISTINCT row_hash FROM _members) m "
+                  f"JOIN {_rows_table(k.name)} r ON m.row_hash = r.row_hash WHERE {where}", params)
+        con.unregister("_members")
 
     def _insert_rows(self, con: duckdb.DuckDBPyConnection, k: Kind, table: pa.Table, hashes: list[bytes]) -> None:
-        """Insert rows not yet stored (content addressing: a row is stored once however many snapshots hold it)."""
+        """Store rows not stored yet (content addressing: a row is stored once however many snapshots hold it)."""
         rt = _rows_table(k.name)
-        step = self.config.chunk_rows
-        for start in range(0, table.num_rows, step):
-            chunk = _with_hash(table.slice(start, step), hashes[start : start + step])
-            con.register("_chunk", chunk)
-            _run(con, f"INSERT INTO {rt} SELECT c.* FROM _chunk c ANTI JOIN {rt} r ON c.row_hash = r.row_hash")
-            con.unregister("_chunk")
+        con.register("_chunk", _with_hash(table, hashes))
+        _run(con, f"INSERT INTO {rt} SELECT (SELECT coalesce(max(row_id), 0) FROM {rt}) + row_number() OVER (), n.* "
+                  f"FROM (SELECT DISTINCT ON (row_hash) * FROM _chunk) n ANTI JOIN {rt} r ON n.row_hash = r.row_hash")
+        con.unregister("_chunk")
 
     # ------------------------------------------------------------------------------------------------------ reads
     def _get(self, con: duckdb.DuckDBPyConnection, sid: str) -> Snapshot:
@@ -465,8 +500,8 @@ class Catalog:
     def _select_rows(self, k: Kind, with_hash: bool = False) -> str:
         cols = ("r.row_hash, " if with_hash else "") + ", ".join(f"r.{c}" for c in k.columns)
         order = ", ".join(f"r.{c}" for c in k.key)
-        return (f"SELECT {cols} FROM snapshot_rows s JOIN {_rows_table(k.name)} r ON s.row_hash = r.row_hash "
-                f"WHERE s.snapshot_id = ? ORDER BY {order}")
+        return (f"SELECT {cols} FROM snapshot_rows s JOIN {_rows_table(k.name)} r ON s.row_id = r.row_id "
+                f"WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?) ORDER BY {order}")
 
     def read(self, ref: str) -> pa.Table:
         """The rows of a snapshot, in canonical order, with the kind's declared schema."""
@@ -513,7 +548,7 @@ class Catalog:
         k = get_kind(sa.kind)
         keys = list(k.key)
         q = (f"SELECT {', '.join('r.' + c for c in keys)}, r.row_hash FROM snapshot_rows s "
-             f"JOIN {_rows_table(k.name)} r ON s.row_hash = r.row_hash WHERE s.snapshot_id = ?")
+             f"JOIN {_rows_table(k.name)} r ON s.row_id = r.row_id WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)")
         with self.connect() as con:
             ta = pl.from_arrow(_arrow(con, q, [sa.id]))
             tb = pl.from_arrow(_arrow(con, q, [sb.id]))
@@ -585,37 +620,32 @@ class Catalog:
         split: str | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> None:
-        """Commit one finished batch of a stage: its rows and the units they complete, atomically."""
+        """Commit one finished batch of a stage: its rows and the units they complete, atomically. Replaying a
+        batch that is already there changes nothing."""
         k = get_kind(kind)
         table = conform(table, k)
         sort_order(table, k)  # rejects null and duplicate keys
-        hashes = self._hash_chunks(table)
+        hashes = row_hashes(table)
         with self.transaction() as con:
             known = _one(con, "SELECT kind FROM work WHERE work_key = ?", [work_key])
             if known is None:
-                _run(con, 
-                    "INSERT INTO work VALUES (?, ?, ?, ?, ?, ?)",
-                    [work_key, k.name, iteration, split, json.dumps(dict(params or {}), sort_keys=True, default=str), _now()],
-                )
+                _run(con, "INSERT INTO work VALUES (?, ?, ?, ?, ?, ?)",
+                     [work_key, k.name, iteration, split, json.dumps(dict(params or {}), sort_keys=True, default=str),
+                      _now()])
             elif known[0] != k.name:
                 raise CatalogError(f"work {work_key[:12]} holds {known[0]} rows, not {k.name}")
             self._insert_rows(con, k, table, hashes)
-            con.register("_w", pa.table({"row_hash": pa.array(hashes, pa.binary())}))
-            _run(con, 
-                "INSERT INTO work_rows SELECT ?, w.row_hash FROM _w w "
-                "ANTI JOIN (SELECT row_hash FROM work_rows WHERE work_key = ?) d ON w.row_hash = d.row_hash",
-                [work_key, work_key],
-            )
-            con.unregister("_w")
+            self._insert_members(
+                con, k, "INSERT INTO work_rows SELECT ?, r.row_id", [work_key], hashes,
+                where=f"r.row_id NOT IN (SELECT row_id FROM work_rows WHERE work_key = '{_sql_str(work_key)}')")
             con.register("_u", pa.table({
                 "unit": pa.array(list(units), pa.string()),
-                "info": pa.array([None if v is None else json.dumps(v, sort_keys=True) for v in units.values()], pa.string()),
+                "info": pa.array([None if v is None else json.dumps(v, sort_keys=True) for v in units.values()],
+                                 pa.string()),
             }))
-            _run(con, 
-                "INSERT INTO work_units SELECT ?, u.unit, u.info FROM _u u "
-                "ANTI JOIN (SELECT unit FROM work_units WHERE work_key = ?) d ON u.unit = d.unit",
-                [work_key, work_key],
-            )
+            _run(con, "INSERT INTO work_units SELECT ?, u.unit, u.info FROM _u u "
+                      "ANTI JOIN (SELECT unit FROM work_units WHERE work_key = ?) d ON u.unit = d.unit",
+                 [work_key, work_key])
             con.unregister("_u")
 
     def work_rows(self, work_key: str, units: Iterable[str] | None = None, unit_column: str = "prompt_id") -> pa.Table:
@@ -628,14 +658,12 @@ class Catalog:
             cols = ", ".join(f"r.{c}" for c in k.columns)
             table = _arrow(
                 con,
-                f"SELECT {cols} FROM work_rows w JOIN {_rows_table(k.name)} r ON w.row_hash = r.row_hash "
+                f"SELECT {cols} FROM work_rows w JOIN {_rows_table(k.name)} r ON w.row_id = r.row_id "
                 f"WHERE w.work_key = ? ORDER BY {', '.join('r.' + c for c in k.key)}",
                 [work_key],
             )
         table = conform(table, k)
         if units is not None:
-            import pyarrow.compute as pc
-
             table = table.filter(pc.is_in(table.column(unit_column), pa.array(sorted(set(units)), pa.string())))
         return table
 
@@ -655,45 +683,17 @@ class Catalog:
         return report
 
     def _merge_one(self, other: Path) -> dict[str, Any]:
+        """One transaction. Rows are matched by hash and renumbered; snapshots get new local seq numbers."""
         counts: dict[str, Any] = {"source": str(other)}
         with self.connect() as con:
-            escaped = str(other).replace("'", "''")
             try:
-                _run(con, f"ATTACH '{escaped}' AS src (READ_ONLY)")
+                _run(con, f"ATTACH '{_sql_str(str(other))}' AS src (READ_ONLY)")
             except duckdb.Error as e:
                 raise CatalogError(f"cannot read catalog {other}: {_first_line(str(e))}") from None
             try:
                 con.begin()
                 try:
-                    rows = 0
-                    for k in KINDS.values():
-                        rt = _rows_table(k.name)
-                        rows += _one(con, 
-                            f"INSERT INTO {rt} SELECT s.* FROM src.{rt} s ANTI JOIN {rt} r ON s.row_hash = r.row_hash"
-                        )[0]
-                    counts["rows"] = rows
-                    new_ids = [r[0] for r in _all(con, 
-                        "SELECT id FROM src.snapshots s ANTI JOIN snapshots d ON s.id = d.id")]
-                    con.register("_new", pa.table({"id": pa.array(new_ids, pa.string())}))
-                    _run(con, "INSERT INTO snapshots SELECT s.* FROM src.snapshots s SEMI JOIN _new n ON s.id = n.id")
-                    _run(con, "INSERT INTO snapshot_rows SELECT s.* FROM src.snapshot_rows s "
-                                "SEMI JOIN _new n ON s.snapshot_id = n.id")
-                    _run(con, "INSERT INTO snapshot_parents SELECT s.* FROM src.snapshot_parents s "
-                                "SEMI JOIN _new n ON s.snapshot_id = n.id")
-                    con.unregister("_new")
-                    counts["snapshots"] = len(new_ids)
-                    conflicts = [r[0] for r in _all(con, 
-                        "SELECT s.name FROM src.tags s JOIN tags d ON s.name = d.name WHERE s.snapshot_id <> d.snapshot_id"
-                    )]
-                    counts["tags"] = _one(con, 
-                        "INSERT INTO tags SELECT s.* FROM src.tags s ANTI JOIN tags d ON s.name = d.name")[0]
-                    counts["tag_conflicts_kept_ours"] = conflicts
-                    _run(con, "INSERT INTO work SELECT s.* FROM src.work s ANTI JOIN work d ON s.work_key = d.work_key")
-                    counts["work_units"] = _one(con, 
-                        "INSERT INTO work_units SELECT s.* FROM src.work_units s ANTI JOIN work_units d "
-                        "ON s.work_key = d.work_key AND s.unit = d.unit")[0]
-                    _run(con, "INSERT INTO work_rows SELECT s.* FROM src.work_rows s ANTI JOIN work_rows d "
-                                "ON s.work_key = d.work_key AND s.row_hash = d.row_hash")
+                    counts.update(self._merge_from_src(con))
                 except BaseException:
                     con.rollback()
                     raise
@@ -701,6 +701,51 @@ class Catalog:
             finally:
                 _run(con, "DETACH src")
         return counts
+
+    def _merge_from_src(self, con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+        counts: dict[str, Any] = {"rows": 0}
+        for k in KINDS.values():
+            rt = _rows_table(k.name)
+            cols = ", ".join(["row_hash", *k.columns])
+            counts["rows"] += _one(con, f"""
+                INSERT INTO {rt} SELECT (SELECT coalesce(max(row_id), 0) FROM {rt}) + row_number() OVER (ORDER BY s.row_id),
+                       {', '.join('s.' + c for c in cols.split(', '))}
+                FROM src.{rt} s ANTI JOIN {rt} r ON s.row_hash = r.row_hash""")[0]
+        # new snapshots, numbered after ours in their source order
+        counts["snapshots"] = _one(con, """
+            INSERT INTO snapshots SELECT s.id, (SELECT coalesce(max(seq), 0) FROM snapshots) + row_number() OVER (ORDER BY s.seq),
+                   s.kind, s.iteration, s.split, s.n_rows, s.params, s.created_at
+            FROM src.snapshots s ANTI JOIN snapshots d ON s.id = d.id""")[0]
+        for k in KINDS.values():
+            rt = _rows_table(k.name)
+            # membership of snapshots that have none here yet (the ones just added), mapped through the row hash
+            _run(con, f"""
+                INSERT INTO snapshot_rows SELECT d.seq, r.row_id
+                FROM src.snapshot_rows m JOIN src.snapshots s ON m.seq = s.seq AND s.kind = ?
+                JOIN snapshots d ON d.id = s.id
+                JOIN src.{rt} sr ON sr.row_id = m.row_id JOIN {rt} r ON r.row_hash = sr.row_hash
+                WHERE d.seq NOT IN (SELECT DISTINCT seq FROM snapshot_rows)""", [k.name])
+        _run(con, """INSERT INTO snapshot_parents SELECT s.* FROM src.snapshot_parents s
+                     ANTI JOIN snapshot_parents d ON s.snapshot_id = d.snapshot_id AND s.parent_id = d.parent_id""")
+        counts["tag_conflicts_kept_ours"] = [r[0] for r in _all(
+            con, "SELECT s.name FROM src.tags s JOIN tags d ON s.name = d.name WHERE s.snapshot_id <> d.snapshot_id")]
+        counts["tags"] = _one(con, "INSERT INTO tags SELECT s.* FROM src.tags s ANTI JOIN tags d ON s.name = d.name")[0]
+        _run(con, "INSERT INTO work SELECT s.* FROM src.work s ANTI JOIN work d ON s.work_key = d.work_key")
+        counts["work_units"] = _one(con, """INSERT INTO work_units SELECT s.* FROM src.work_units s
+                                            ANTI JOIN work_units d ON s.work_key = d.work_key AND s.unit = d.unit""")[0]
+        for k in KINDS.values():
+            rt = _rows_table(k.name)
+            _run(con, f"""
+                INSERT INTO work_rows SELECT w.work_key, r.row_id
+                FROM src.work_rows w JOIN src.work sw ON sw.work_key = w.work_key AND sw.kind = ?
+                JOIN src.{rt} sr ON sr.row_id = w.row_id JOIN {rt} r ON r.row_hash = sr.row_hash
+                ANTI JOIN work_rows d ON d.work_key = w.work_key AND d.row_id = r.row_id""", [k.name])
+        return counts
+
+
+def _sql_str(text: str) -> str:
+    """Escape a string literal for the few statements that take no parameters (ATTACH) or need one inline."""
+    return text.replace("'", "''")
 
 
 def _first_line(msg: str) -> str:
