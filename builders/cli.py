@@ -313,6 +313,7 @@ OPENAI = OpenAIConfig()
 @click.option("--max-model-len", type=int, default=None, help="vllm: cap the context length.")
 @click.option("--gpu-memory-utilization", type=float, default=VLLM.gpu_memory_utilization, show_default=True, help="vllm.")
 @click.option("--enforce-eager", is_flag=True, help="vllm: no CUDA graphs / compilation (faster start-up).")
+@click.option("--max-num-seqs", type=int, default=None, help="vllm: sequences decoded together (vLLM's default).")
 @click.option("--base-url", default=None, help=f"openai: server URL (env OPENAI_BASE_URL; default {OPENAI.base_url}).")
 @click.option("--api-key-env", default=OPENAI.api_key_env, show_default=True,
               help="openai: environment variable holding the API key (never logged).")
@@ -324,7 +325,7 @@ def generate_cmd(state: State, iteration: int, model: str, backend: str, num_res
                  top_p: float, max_tokens: int, seed: int, split: str | None, shard: str | None,
                  from_refs: tuple[str, ...], chat_template: str | None, batch_prompts: int | None,
                  tensor_parallel_size: int, dtype: str, max_model_len: int | None, gpu_memory_utilization: float,
-                 enforce_eager: bool, base_url: str | None, api_key_env: str, concurrency: int, max_retries: int,
+                 enforce_eager: bool, max_num_seqs: int | None, base_url: str | None, api_key_env: str, concurrency: int, max_retries: int,
                  as_json: bool) -> None:
     """Generate N responses per prompt for an iteration's prompt sets; register `generations` snapshots.
 
@@ -338,7 +339,8 @@ def generate_cmd(state: State, iteration: int, model: str, backend: str, num_res
         iteration=iteration, model=model, backend=backend, splits=(split,) if split else ("train", "test"),
         sampling=SamplingConfig(num_responses, temperature, top_p, max_tokens, seed), shard=shard,
         chat_template=Path(chat_template) if chat_template else None, batch_prompts=batch_prompts,
-        vllm=VllmConfig(tensor_parallel_size, dtype, max_model_len, gpu_memory_utilization, enforce_eager),
+        vllm=VllmConfig(tensor_parallel_size, dtype, max_model_len, gpu_memory_utilization, enforce_eager,
+                        max_num_seqs),
         openai=OpenAIConfig(base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI.base_url, api_key_env,
                             concurrency, max_retries),
     )

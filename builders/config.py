@@ -112,6 +112,7 @@ class VllmConfig:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    max_num_seqs: int | None = None  # sequences decoded together (vLLM's default: 256 on CPU, 1024 on big GPUs)
 
 
 @dataclass(frozen=True)

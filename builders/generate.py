@@ -130,9 +130,10 @@ class Sample:
 
 
 class Generator(Protocol):
-    """A backend. `prepare` renders a prompt (or returns why it is skipped); `generate` returns n samples each."""
+    """A backend. `prepare` renders prompts (a Request, or why the prompt is skipped); `generate` returns n
+    samples per request (an empty list: the server refused the prompt as too long)."""
 
-    def prepare(self, prompt_id: str, prompt: str, seed: int) -> Request | str: ...
+    def prepare(self, prompts: Sequence[tuple[str, str, int]]) -> list[Request | str]: ...
 
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]: ...
 
@@ -162,13 +163,17 @@ class _Templated:
             raise InputError(f"model {model!r}: its tokenizer has no chat template; pass --chat-template FILE")
         self.context_length = 0  # set by the backend
 
-    def prepare(self, prompt_id: str, prompt: str, seed: int) -> Request | str:
-        messages = [{"role": "user", "content": prompt}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
-        if len(ids) + self.sampling.max_tokens > self.context_length:
-            return "too_long"
-        return Request(prompt_id, prompt, seed, text, ids, len(ids))
+    def prepare(self, prompts: Sequence[tuple[str, str, int]]) -> list[Request | str]:
+        """(prompt_id, prompt, seed) -> a rendered, tokenized Request, or "too_long"."""
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                    add_generation_prompt=True) for _, p, _ in prompts]
+        # one batched call (the fast tokenizer parallelises it); the template writes BOS itself
+        all_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        out: list[Request | str] = []
+        for (pid, prompt, seed), text, ids in zip(prompts, texts, all_ids):
+            too_long = len(ids) + self.sampling.max_tokens > self.context_length
+            out.append("too_long" if too_long else Request(pid, prompt, seed, text, ids, len(ids)))
+        return out
 
     def template_info(self) -> dict[str, Any]:
         template = self.tokenizer.chat_template
@@ -242,6 +247,8 @@ class VllmGenerator(_Templated):
                                   "enforce_eager": cfg.enforce_eager}
         if cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len
+        if cfg.max_num_seqs:
+            kwargs["max_num_seqs"] = cfg.max_num_seqs
         import torch
 
         if not torch.cuda.is_available():
@@ -394,7 +401,8 @@ def generate(catalog: Catalog, cfg: GenerateConfig, from_refs: Sequence[str] = (
     shard = parse_shard(cfg.shard)
     sets = prompt_sets(catalog, cfg.iteration, cfg.splits, from_refs)
     identity = model_identity(cfg.model)
-    template_sha = _template_sha(cfg)
+    given = generator.describe().get("chat_template_sha256") if generator is not None else None
+    template_sha = given or _template_sha(cfg)
     batch = cfg.batch_prompts or BATCH_PROMPTS[cfg.backend]
     result = GenerateResult(cfg.iteration)
     start = time.perf_counter()
@@ -454,12 +462,12 @@ def _run_batches(catalog: Catalog, generator: Generator, cfg: GenerateConfig, ke
     try:
         for chunk in _chunks(todo, batch):
             requests, units = [], {}
-            for pid, text in chunk:
-                prepared = generator.prepare(pid, text, prompt_seed(cfg.sampling.seed, pid, n))
-                if isinstance(prepared, str):
-                    units[pid] = {"skipped": prepared}
+            prepared = generator.prepare([(pid, text, prompt_seed(cfg.sampling.seed, pid, n)) for pid, text in chunk])
+            for (pid, _), item in zip(chunk, prepared):
+                if isinstance(item, str):
+                    units[pid] = {"skipped": item}
                 else:
-                    requests.append(prepared)
+                    requests.append(item)
                     units[pid] = None
             answered = generator.generate(requests) if requests else []
             kept, samples = [], []

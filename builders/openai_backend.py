@@ -46,10 +46,11 @@ class OpenAIGenerator:
             except Exception:
                 self.tokenizer = None
 
-    def prepare(self, prompt_id: str, prompt: str, seed: int):
+    def prepare(self, prompts: Sequence[tuple[str, str, int]]) -> list:
+        """The server renders the chat template; its context limit shows as a refusal (see `_request`)."""
         from builders.generate import Request
 
-        return Request(prompt_id, prompt, seed)
+        return [Request(pid, prompt, seed) for pid, prompt, seed in prompts]
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": "openai", "base_url": self.cfg.base_url}

@@ -169,7 +169,7 @@ def build_ranker(out_dir: Path, cfg: TinyConfig = TinyConfig()) -> int:
 
     # The ranker checkpoint: backbone with embeddings grown by the 4 prefix tokens, plus the pairwise head
     # (Dropout, Linear(2H, H), Tanh, Dropout, Linear(H, n_tasks)), named as CrossCompareReranker names them.
-    model.resize_token_embeddings(len(hf) + len(PAIRRM_PREFIXES))
+    model.resize_token_embeddings(len(hf) + len(PAIRRM_PREFIXES), mean_resizing=False)
     h = cfg.rank_hidden_size
     state = {f"pretrained_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
     head1, head2 = torch.nn.Linear(2 * h, h), torch.nn.Linear(h, 1)

@@ -131,8 +131,8 @@ class _ShortGenerator:
         self.short.__dict__.update(self.inner.__dict__)
         self.short.sampling = replace(sampling, max_tokens=4)
 
-    def prepare(self, *a):
-        return self.inner.prepare(*a)
+    def prepare(self, prompts):
+        return self.inner.prepare(prompts)
 
     def generate(self, requests):
         return self.short.generate(requests)
