@@ -78,19 +78,6 @@ class TinyConfig:
     candidate_maxlength: int = 412
 
 
-# The bundled sample of real UltraFeedback prompts (data/README.md gives its source and licence).
-BUNDLED_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "ultrafeedback_sample.jsonl"
-
-
-@dataclass(frozen=True)
-class QuickstartConfig:
-    """The whole loop at toy size on a 2-core CPU: tiny models, bundled prompts, everything inside `workdir`."""
-
-    workdir: Path = Path("quickstart")
-    prompts: Path = BUNDLED_PROMPTS
-    split: SplitConfig = SplitConfig(iterations=3, train_size=40, test_size=10, seed=42)
-
-
 BACKENDS = ("transformers", "vllm", "openai")
 
 
@@ -141,3 +128,17 @@ class GenerateConfig:
     batch_prompts: int | None = None  # default: BATCH_PROMPTS[backend]
     vllm: VllmConfig = VllmConfig()
     openai: OpenAIConfig = OpenAIConfig()
+
+
+# The bundled sample of real UltraFeedback prompts (data/README.md gives its source and licence).
+BUNDLED_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "ultrafeedback_sample.jsonl"
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """The whole loop at toy size on a 2-core CPU: tiny models, bundled prompts, everything inside `workdir`."""
+
+    workdir: Path = Path("quickstart")
+    prompts: Path = BUNDLED_PROMPTS
+    split: SplitConfig = SplitConfig(iterations=3, train_size=40, test_size=10, seed=42)
+    sampling: SamplingConfig = SamplingConfig(num_responses=5, temperature=0.7, max_tokens=48, seed=42)

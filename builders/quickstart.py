@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
-from builders.config import QuickstartConfig
+from builders.config import GenerateConfig, QuickstartConfig
 from builders.errors import InputError
+from builders.generate import generate
 from builders.prompts import import_prompts, split_prompts
 from builders.tiny import build_tiny_models
 
@@ -39,4 +40,6 @@ def run_quickstart(cfg: QuickstartConfig = QuickstartConfig()) -> QuickstartRepo
     catalog = Catalog(workdir / "catalog.duckdb")
     pool = import_prompts(catalog, str(cfg.prompts)).snapshot
     sets = split_prompts(catalog, cfg.split, [pool.id])
-    return QuickstartReport(workdir, catalog.path, models / "generator", models / "ranker", [pool, *sets])
+    generated = generate(catalog, GenerateConfig(iteration=1, model=str(models / "generator"), sampling=cfg.sampling))
+    return QuickstartReport(workdir, catalog.path, models / "generator", models / "ranker",
+                            [pool, *sets, *generated.snapshots])
