@@ -19,8 +19,8 @@ import click
 
 from builders import __version__
 from builders.config import (
-    BACKENDS, CATALOG_ENV, DEFAULT_CATALOG, GenerateConfig, OpenAIConfig, QuickstartConfig, SamplingConfig,
-    SplitConfig, TinyConfig, VllmConfig,
+    BACKENDS, CATALOG_ENV, DEFAULT_CATALOG, RANKERS, SELECTIONS, BuildConfig, GenerateConfig, OpenAIConfig,
+    QuickstartConfig, RankConfig, SamplingConfig, SplitConfig, TinyConfig, VllmConfig,
 )
 from builders.errors import IterdpoError
 
@@ -352,6 +352,85 @@ def generate_cmd(state: State, iteration: int, model: str, backend: str, num_res
                        f"too long) -> snapshot {s.snapshot.id[:12]} ({s.snapshot.rows} responses)")
         rate = result.completion_tokens / result.seconds if result.seconds else 0.0
         click.echo(f"done in {result.seconds:.1f}s, {result.completion_tokens:,} completion tokens ({rate:,.0f} tok/s)")
+
+    emit(result.to_json(), as_json, human)
+
+
+# ------------------------------------------------------------------------------------------------------------- rank
+RANK = RankConfig(iteration=0)
+BUILD = BuildConfig(iteration=0)
+
+
+@cli.command("rank", epilog=example(
+    "iterdpo rank --iteration 1 --ranker pairrm --ranker-model quickstart/models/ranker"))
+@click.option("--iteration", type=int, required=True)
+@click.option("--ranker", type=click.Choice(RANKERS), default=RANK.ranker, show_default=True)
+@click.option("--ranker-model", default=RANK.ranker_model, show_default=True,
+              help="Folder or hub id (PairRM layout for pairrm/llm-blender); module:function for python.")
+@click.option("--split", type=click.Choice(["train", "test"]), default=None, help="Only this split (default: both).")
+@click.option("--from", "from_refs", multiple=True, help="Generations snapshot(s) to score (default: newest per split).")
+@click.option("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available).")
+@click.option("--dtype", default=RANK.dtype, show_default=True, help="pairrm: float16, bfloat16, float32 or auto.")
+@click.option("--batch-prompts", type=int, default=RANK.batch_prompts, show_default=True,
+              help="Prompts per committed batch.")
+@click.option("--batch-tokens", type=int, default=None,
+              help="pairrm: tokens per forward pass (default: 4096 on CPU, 32768 on GPU).")
+@json_option
+@click.pass_obj
+def rank_cmd(state: State, iteration: int, ranker: str, ranker_model: str, split: str | None,
+             from_refs: tuple[str, ...], device: str | None, dtype: str, batch_prompts: int, batch_tokens: int | None,
+             as_json: bool) -> None:
+    """Score every response of an iteration's generations with a reward model; register `scores` snapshots.
+
+    Resumable like `generate`. PairRM (llm-blender/PairRM) by default; bring your own reward model with
+    --ranker scalar (a sequence-classification model) or --ranker python (module:function).
+    """
+    from builders.rank import rank
+
+    cfg = RankConfig(iteration=iteration, ranker=ranker, ranker_model=ranker_model,
+                     splits=(split,) if split else ("train", "test"), device=device, dtype=dtype,
+                     batch_prompts=batch_prompts, batch_tokens=batch_tokens)
+    result = rank(state.catalog(), cfg, from_refs)
+
+    def human() -> None:
+        for s in result.splits:
+            click.echo(f"{s.split}: {s.prompts} prompts ({s.ranked} scored now) -> snapshot {s.snapshot.id[:12]} "
+                       f"({s.snapshot.rows} scores)")
+        click.echo(f"done in {result.seconds:.1f}s")
+
+    emit(result.to_json(), as_json, human)
+
+
+@cli.command("build", epilog=example("iterdpo build --iteration 1 --length-penalty 0.001 --min-margin 0.05"))
+@click.option("--iteration", type=int, required=True)
+@click.option("--selection", type=click.Choice(SELECTIONS), default=BUILD.selection, show_default=True,
+              help="max-min: chosen = top score, rejected = bottom score (Snorkel).")
+@click.option("--length-penalty", type=float, default=BUILD.length_penalty, show_default=True,
+              help="Rank by score - A x length in characters.")
+@click.option("--min-margin", type=float, default=BUILD.min_margin, show_default=True,
+              help="Drop prompts whose chosen - rejected margin is below M.")
+@click.option("--keep-ties", is_flag=True, help="Keep prompts whose best and worst scores are equal.")
+@click.option("--allow-partial", is_flag=True, help="Build even if some prompts lack generations or scores.")
+@click.option("--from", "from_refs", multiple=True, help="Scores snapshot(s) to use (default: newest per split).")
+@json_option
+@click.pass_obj
+def build_cmd(state: State, iteration: int, selection: str, length_penalty: float, min_margin: float,
+              keep_ties: bool, allow_partial: bool, from_refs: tuple[str, ...], as_json: bool) -> None:
+    """Select chosen/rejected pairs for an iteration; register `pairs` snapshots (train and test).
+
+    Published as train_iteration_N / test_iteration_N. Dropped prompts (ties, fewer than 2 distinct responses,
+    below --min-margin, missing) are counted in the snapshot's params.
+    """
+    from builders.pairs import build_pairs
+
+    cfg = BuildConfig(iteration, selection, length_penalty, min_margin, keep_ties, allow_partial)
+    result = build_pairs(state.catalog(), cfg, from_refs)
+
+    def human() -> None:
+        for s in result.splits:
+            dropped = ", ".join(f"{v} {k}" for k, v in s.drops.items() if v) or "none"
+            click.echo(f"{s.split}: {s.snapshot.rows} pairs from {s.prompts} prompts (dropped: {dropped}) -> "
+                       f"snapshot {s.snapshot.id[:12]}")
 
     emit(result.to_json(), as_json, human)
 

@@ -130,6 +130,38 @@ class GenerateConfig:
     openai: OpenAIConfig = OpenAIConfig()
 
 
+RANKERS = ("pairrm", "llm-blender", "scalar", "python")
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    iteration: int
+    ranker: str = "pairrm"
+    ranker_model: str = "llm-blender/PairRM"  # a folder or hub id; for `python`, module:function
+    splits: tuple[str, ...] = ("train", "test")
+    device: str | None = None  # default: cuda when available
+    dtype: str = "auto"  # pairrm: float16 on GPU (as PairRM's config says), float32 on CPU
+    batch_prompts: int = 64  # prompts per committed batch (resume granularity)
+    # pairrm: tokens per forward pass (pairs of similar length are batched together); None: 4096 on CPU, where
+    # DeBERTa's O(length^2) attention buffers make bigger batches slower, 32768 on GPU
+    batch_tokens: int | None = None
+
+
+SELECTIONS = ("max-min",)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Snorkel's selection: chosen = top score, rejected = bottom score."""
+
+    iteration: int
+    selection: str = "max-min"
+    length_penalty: float = 0.0  # score - length_penalty * characters, before choosing
+    min_margin: float = 0.0  # drop prompts whose chosen-rejected (penalised) margin is below this
+    keep_ties: bool = False  # ties (no margin at all) are dropped unless this is set
+    allow_partial: bool = False  # build even when some prompts lack generations or scores
+
+
 # The bundled sample of real UltraFeedback prompts (data/README.md gives its source and licence).
 BUNDLED_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "ultrafeedback_sample.jsonl"
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 from builders.catalog import Catalog, Snapshot
 from builders.config import BACKENDS, BATCH_PROMPTS, GenerateConfig, SamplingConfig
 from builders.errors import InputError, IterdpoError
+from builders.models import model_identity, one_line as _one_line
 from builders.schemas import KINDS
 
 
@@ -69,46 +70,6 @@ def validate_sampling(s: SamplingConfig) -> None:
         raise InputError(f"--top-p must be in (0, 1], not {s.top_p}")
     if s.max_tokens < 1:
         raise InputError(f"--max-tokens must be at least 1, not {s.max_tokens}")
-
-
-def _files_digest(path: Path) -> str:
-    """Identity of a local model folder: contents of small files, size and head/tail of large ones (weights)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(path)}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if size <= 64 * 2**20:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(2**20))
-                fh.seek(-(2**20), os.SEEK_END)
-                h.update(fh.read())
-    return h.hexdigest()
-
-
-def model_identity(model: str, revision: str | None = None) -> dict[str, Any]:
-    """What the snapshot records about the model: a local folder's content digest, or a hub id's resolved commit."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(f"model {model}: not a folder")
-        return {"model": str(path.resolve()), "model_sha256": _files_digest(path)}
-    import huggingface_hub
-
-    try:
-        if huggingface_hub.constants.HF_HUB_OFFLINE:
-            folder = huggingface_hub.snapshot_download(model, revision=revision, local_files_only=True,
-                                                       allow_patterns=["config.json"])
-            return {"model": model, "revision": Path(folder).name}
-        return {"model": model, "revision": huggingface_hub.model_info(model, revision=revision).sha}
-    except Exception as e:  # offline cache miss, unknown repo, no network: the user must fix the model argument
-        raise InputError(f"model {model!r} cannot be loaded (not a local folder; hub: {_one_line(e)})") from None
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 # ------------------------------------------------------------------------------------------------------ generators

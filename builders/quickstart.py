@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
-from builders.config import GenerateConfig, QuickstartConfig
+from builders.config import BuildConfig, GenerateConfig, QuickstartConfig, RankConfig
 from builders.errors import InputError
 from builders.generate import generate
+from builders.pairs import build_pairs
+from builders.rank import rank
 from builders.prompts import import_prompts, split_prompts
 from builders.tiny import build_tiny_models
 
@@ -41,5 +43,7 @@ def run_quickstart(cfg: QuickstartConfig = QuickstartConfig()) -> QuickstartRepo
     pool = import_prompts(catalog, str(cfg.prompts)).snapshot
     sets = split_prompts(catalog, cfg.split, [pool.id])
     generated = generate(catalog, GenerateConfig(iteration=1, model=str(models / "generator"), sampling=cfg.sampling))
+    scored = rank(catalog, RankConfig(iteration=1, ranker_model=str(models / "ranker")))
+    pairs = build_pairs(catalog, BuildConfig(iteration=1))
     return QuickstartReport(workdir, catalog.path, models / "generator", models / "ranker",
-                            [pool, *sets, *generated.snapshots])
+                            [pool, *sets, *generated.snapshots, *scored.snapshots, *pairs.snapshots])

@@ -1,0 +1,193 @@
+"""The pairs stage: chosen = best response, rejected = worst (Snorkel's max-min), in the published schemas.
+
+    build_pairs(catalog, BuildConfig(iteration=1))  -> `pairs` snapshots for train and test
+
+The `default` schema (snorkelai/Snorkel-Mistral-PairRM-DPO-Dataset) is what the catalog stores; the `trl` view
+(conversational prompt / chosen / rejected, which TRL's DPOTrainer loads directly) is derived from it by `to_trl`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from builders.catalog import Catalog, Registration, Snapshot
+from builders.config import SELECTIONS, BuildConfig
+from builders.errors import InputError
+from builders.schemas import KINDS, MESSAGE
+
+DROP_REASONS = ("tie", "single_distinct", "below_margin", "missing")
+
+TRL_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", pa.list_(MESSAGE)),
+    ("chosen", pa.list_(MESSAGE)),
+    ("rejected", pa.list_(MESSAGE)),
+])
+
+
+def to_trl(pairs: pa.Table) -> pa.Table:
+    """The `trl` config's rows: prompt = [user], chosen = [assistant], rejected = [assistant], prompt_id.
+    (A string prompt beside message-list chosen/rejected crashes TRL >= 1 DPOTrainer.)"""
+    def last(column: str) -> list[list[dict[str, str]]]:
+        return [[conv[-1]] for conv in pairs.column(column).to_pylist()]
+
+    prompts = [[{"content": p, "role": "user"}] for p in pairs.column("prompt").to_pylist()]
+    return pa.table({"prompt_id": pairs.column("prompt_id"), "prompt": prompts, "chosen": last("chosen"),
+                     "rejected": last("rejected")}, schema=TRL_SCHEMA)
+
+
+def select(responses: Sequence[str], scores: Sequence[float], cfg: BuildConfig) -> tuple[int, int] | str:
+    """(chosen index, rejected index), or the reason the prompt is dropped. Ties in the ordering break towards the
+    lower response index, so the choice is deterministic."""
+    if len(set(responses)) < 2:
+        return "single_distinct"
+    adjusted = [s - cfg.length_penalty * len(r) for s, r in zip(scores, responses)]
+    best = max(range(len(adjusted)), key=lambda i: (adjusted[i], -i))
+    worst = min(range(len(adjusted)), key=lambda i: (adjusted[i], i))
+    if responses[worst] == responses[best]:  # the lowest score is a copy of the best response
+        others = [i for i in range(len(adjusted)) if responses[i] != responses[best]]
+        worst = min(others, key=lambda i: (adjusted[i], i))
+    margin = adjusted[best] - adjusted[worst]
+    if margin <= 0 and not cfg.keep_ties:
+        return "tie"
+    if margin < cfg.min_margin:
+        return "below_margin"
+    return best, worst
+
+
+@dataclass
+class BuildSplit:
+    split: str
+    prompts: int
+    drops: dict[str, int] = field(default_factory=dict)
+    snapshot: Snapshot | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"split": self.split, "prompts": self.prompts, "drops": self.drops,
+                "snapshot": self.snapshot.to_json() if self.snapshot else None}
+
+
+@dataclass
+class BuildResult:
+    iteration: int
+    splits: list[BuildSplit] = field(default_factory=list)
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        return [s.snapshot for s in self.splits if s.snapshot]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "splits": [s.to_json() for s in self.splits]}
+
+
+def _validate(cfg: BuildConfig) -> None:
+    if cfg.selection not in SELECTIONS:
+        raise InputError(f"unknown selection {cfg.selection!r}; use one of {', '.join(SELECTIONS)}")
+    for name in ("length_penalty", "min_margin"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, not {value}")
+
+
+def score_sets(catalog: Catalog, iteration: int, from_refs: Sequence[str]) -> dict[str, Snapshot]:
+    if from_refs:
+        chosen = {}
+        for ref in from_refs:
+            snap = catalog.get(ref)
+            if snap.kind != "scores" or snap.iteration != iteration:
+                raise InputError(f"--from {ref}: a scores snapshot of iteration {iteration} is needed, "
+                                 f"not {snap.kind} (iteration {snap.iteration})")
+            chosen[snap.split] = snap
+        return chosen
+    found = {s: snap for s in ("train", "test") if (snap := catalog.newest("scores", iteration, s)) is not None}
+    if "train" not in found:
+        raise InputError(f"iteration {iteration} has no train scores in catalog {catalog.path}; "
+                         f"run `iterdpo rank --iteration {iteration}` first")
+    return found
+
+
+def _skipped_prompts(catalog: Catalog, gen: Snapshot) -> set[str]:
+    """Prompts the generation stage skipped on purpose (too long for the context): known, not missing."""
+    key = gen.params.get("work_key")
+    units = catalog.work_units(key) if key else {}
+    return {pid for pid, info in units.items() if info and info.get("skipped")}
+
+
+def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig) -> tuple[pa.Table, dict[str, int], dict[str, Any]]:
+    gen = catalog.get(scores_snap.parents[0])
+    prompts_snap = catalog.get(gen.parents[0])
+    prompts = catalog.read(prompts_snap.id)
+    texts: dict[str, dict[int, str]] = {}
+    gens = catalog.read(gen.id)
+    for pid, idx, text in zip(*(gens.column(c).to_pylist() for c in ("prompt_id", "response_index", "response"))):
+        texts.setdefault(pid, {})[idx] = text
+    scored: dict[str, dict[int, float]] = {}
+    sc = catalog.read(scores_snap.id)
+    for pid, idx, value in zip(*(sc.column(c).to_pylist() for c in ("prompt_id", "response_index", "score"))):
+        if not math.isfinite(value):
+            raise InputError(f"score of prompt {pid} response {idx} is not finite ({value})")
+        scored.setdefault(pid, {})[idx] = value
+    skipped = _skipped_prompts(catalog, gen)
+    drops = {reason: 0 for reason in DROP_REASONS}
+    drops["skipped_too_long"] = 0
+    rows: dict[str, list] = {name: [] for name in KINDS["pairs"].columns}
+    for pid, prompt in zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()):
+        if pid in skipped and pid not in texts:
+            drops["skipped_too_long"] += 1
+            continue
+        responses, values = texts.get(pid, {}), scored.get(pid, {})
+        if not responses or set(responses) != set(values):
+            drops["missing"] += 1
+            continue
+        order = sorted(responses)
+        resp = [responses[i] for i in order]
+        vals = [values[i] for i in order]
+        picked = select(resp, vals, cfg)
+        if isinstance(picked, str):
+            drops[picked] += 1
+            continue
+        best, worst = picked
+        rows["prompt_id"].append(pid)
+        rows["prompt"].append(prompt)
+        rows["chosen"].append([{"content": prompt, "role": "user"}, {"content": resp[best], "role": "assistant"}])
+        rows["rejected"].append([{"content": prompt, "role": "user"}, {"content": resp[worst], "role": "assistant"}])
+        rows["all_generated_responses"].append(resp)
+        rows["all_rm_scores"].append(vals)
+        rows["score_chosen"].append(vals[best])
+        rows["score_rejected"].append(vals[worst])
+    lineage = {"scores": scores_snap.id, "generations": gen.id, "prompts": prompts_snap.id,
+               "prompt_count": prompts.num_rows,
+               "generator": {k: gen.params.get(k) for k in ("model", "model_sha256", "revision", "backend", "sampling")
+                             if k in gen.params},
+               "ranker": {k: v for k, v in scores_snap.params.items() if k.startswith("ranker")}}
+    return pa.Table.from_pydict(rows, schema=KINDS["pairs"].schema), drops, lineage
+
+
+def build_pairs(catalog: Catalog, cfg: BuildConfig, from_refs: Sequence[str] = ()) -> BuildResult:
+    """Select chosen/rejected per prompt for iteration `cfg.iteration` and register its `pairs` snapshots (train and
+    test) in one transaction. Every dropped prompt is counted by reason in the snapshot params."""
+    _validate(cfg)
+    sets = score_sets(catalog, cfg.iteration, from_refs)
+    result = BuildResult(cfg.iteration)
+    items = []
+    for split, scores_snap in sets.items():
+        table, drops, lineage = _pairs_for_split(catalog, scores_snap, cfg)
+        if drops["missing"] and not cfg.allow_partial:
+            raise InputError(
+                f"{drops['missing']} of {lineage['prompt_count']} {split} prompts of iteration {cfg.iteration} have "
+                f"no generations or scores; finish `iterdpo generate`/`iterdpo rank`, or pass --allow-partial")
+        if table.num_rows == 0:
+            raise InputError(f"no {split} pairs left for iteration {cfg.iteration}: every prompt was dropped ({drops})")
+        params = {"selection": asdict(cfg), "drops": drops, **lineage}
+        params["selection"].pop("iteration")
+        result.splits.append(BuildSplit(split, lineage["prompt_count"], drops))
+        items.append(Registration("pairs", table, iteration=cfg.iteration, split=split, parents=(scores_snap.id,),
+                                  params=params))
+    for split_result, snap in zip(result.splits, catalog.register_many(items)):
+        split_result.snapshot = snap
+    return result

@@ -1,0 +1,170 @@
+"""Ranking: native PairRM equals llm-blender's, is batch-independent; the rank stage and bring-your-own scorers."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from builders.catalog import Catalog
+from builders.config import RankConfig
+from builders.errors import InputError, IterdpoError
+from builders.rank import LlmBlender, PairRM, rank
+
+WORDS = ("the a model answer explains quickly python function list steps because however city river plan poem "
+         "reason table error data music history people water better worse simple clear").split()
+
+
+def text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+
+
+@pytest.fixture(scope="module")
+def rankers(tiny_models):
+    return PairRM(str(tiny_models / "ranker"), device="cpu"), LlmBlender(str(tiny_models / "ranker"), device="cpu")
+
+
+def _assert_close(a, b, tol=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert len(x) == len(y)
+        assert max(abs(u - v) for u, v in zip(x, y)) <= tol, (x, y)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 12, 16])
+def test_pairrm_equals_llm_blender_for_2_to_16_candidates(rankers, n):
+    native, reference = rankers
+    rng = random.Random(n)
+    prompts = [text(rng, rng.randint(3, 40)) for _ in range(2)]
+    cands = [[text(rng, rng.randint(1, 60)) for _ in range(n)] for _ in prompts]
+    _assert_close(native.score(prompts, cands), reference.score(prompts, cands))
+
+
+def test_pairrm_equals_llm_blender_beyond_the_truncation_limits(rankers, tiny_models):
+    native, reference = rankers
+    rng = random.Random(0)
+    # the tiny tokenizer spends ~1 token per 3 characters: these exceed 1224 source / 412 candidate tokens
+    prompts = [text(rng, 1500), text(rng, 30), text(rng, 900)]
+    cands = [[text(rng, 700), text(rng, 5), text(rng, 1400)] for _ in prompts]
+    src, cand_ids = native.encode(prompts[0], cands[0])
+    assert len(src) == 1224 and len(cand_ids[2]) == 412  # really truncated
+    src_short, cand_short = native.encode(prompts[1], cands[1])
+    assert len(cand_short[2]) > 412  # a short prompt leaves half its unused budget to the candidates
+    _assert_close(native.score(prompts, cands), reference.score(prompts, cands))
+
+
+def test_pairrm_scores_do_not_depend_on_batching(rankers):
+    native, _ = rankers
+    rng = random.Random(5)
+    prompts = [text(rng, rng.choice([5, 400, 1300])) for _ in range(6)]
+    cands = [[text(rng, rng.randint(2, 500)) for _ in range(5)] for _ in prompts]
+    together = native.score(prompts, cands)
+    alone = [native.score([p], [c])[0] for p, c in zip(prompts, cands)]
+    _assert_close(together, alone, tol=1e-6)
+    # the score of C - C^T sums to zero over the candidates
+    assert all(abs(sum(s)) < 1e-5 for s in together)
+
+
+def test_forward_passes_are_n_times_n_minus_1(tiny_models):
+    ranker = PairRM(str(tiny_models / "ranker"), device="cpu")
+    ranker.score(["a prompt", "another"], [["x", "y", "z"], ["p", "q", "r", "s", "t"]])
+    assert ranker.passes == 3 * 2 + 5 * 4
+
+
+def test_ranker_folder_without_llm_blender_config(tmp_path, tiny_models):
+    folder = tmp_path / "notpairrm"
+    shutil.copytree(tiny_models / "ranker", folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "deberta"}))
+    with pytest.raises(InputError, match="not a PairRM folder: it needs llm-blender's config.json"):
+        PairRM(str(folder))
+    with pytest.raises(InputError, match="cannot be loaded"):
+        PairRM(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------------------------ the stage
+def _generations_catalog(path: Path, n_prompts: int = 6, n: int = 4) -> Catalog:
+    """Prompts, a split and hand-made generations: the rank stage without running a generator."""
+    catalog = Catalog(path)
+    rng = random.Random(1)
+    prompts = [text(rng, 8) for _ in range(n_prompts)]
+    from builders.prompts import prompt_id
+
+    ids = [prompt_id(p) for p in prompts]
+    pool = catalog.register("prompts", pa.table({"prompt_id": ids, "prompt": prompts, "source": [None] * n_prompts}),
+                            iteration=1, split="train")
+    rows = [{"prompt_id": pid, "response_index": i, "response": text(rng, rng.randint(1, 30)), "finish_reason": "stop",
+             "prompt_tokens": 5, "completion_tokens": 7} for pid in ids for i in range(n)]
+    catalog.register("generations", pa.Table.from_pylist(rows), iteration=1, split="train", parents=[pool.id])
+    return catalog
+
+
+def test_rank_stage_registers_scores_and_is_resumable(tmp_path, tiny_models):
+    catalog = _generations_catalog(tmp_path / "c.duckdb")
+    cfg = RankConfig(iteration=1, ranker_model=str(tiny_models / "ranker"), batch_prompts=2)
+    first = rank(catalog, cfg, progress=False)
+    snap = first.snapshots[0]
+    assert snap.kind == "scores" and snap.rows == 24 and snap.params["ranker"] == "pairrm"
+    assert snap.parents == [catalog.newest("generations", 1, "train").id]
+    again = rank(catalog, cfg, progress=False)
+    assert again.splits[0].ranked == 0 and again.snapshots[0].id == snap.id
+    # same scores as the reference library, through the whole stage
+    blender = rank(catalog, RankConfig(iteration=1, ranker="llm-blender", ranker_model=str(tiny_models / "ranker")),
+                   progress=False).snapshots[0]
+    a = catalog.read(snap.id).column("score").to_pylist()
+    b = catalog.read(blender.id).column("score").to_pylist()
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def test_python_scorer_and_its_bad_outputs(tmp_path):
+    catalog = _generations_catalog(tmp_path / "c.duckdb")
+    ok = rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:longer_is_better"),
+              progress=False).snapshots[0]
+    rows = catalog.read(ok.id).to_pylist()
+    gens = {(r["prompt_id"], r["response_index"]): r["response"]
+            for r in catalog.read(catalog.newest("generations", 1, "train").id).to_pylist()}
+    assert all(r["score"] == len(gens[(r["prompt_id"], r["response_index"])]) for r in rows)
+    first_prompt = rows[0]["prompt_id"]
+    with pytest.raises(IterdpoError, match=f"non-finite score \\(nan\\) for prompt {first_prompt}"):
+        rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:nan_for_second"),
+             progress=False)
+    with pytest.raises(InputError, match="returned 23 scores for 24 responses"):
+        rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:too_few"), progress=False)
+    with pytest.raises(InputError, match="must return a list of numbers"):
+        rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:not_numbers"),
+             progress=False)
+    with pytest.raises(InputError, match="cannot be imported"):
+        rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:nope"), progress=False)
+    with pytest.raises(InputError, match="unknown ranker 'gpt4'"):
+        rank(catalog, RankConfig(iteration=1, ranker="gpt4"), progress=False)
+    assert len(catalog.list(kind="scores")) == 1
+
+
+def test_scalar_reward_model(tmp_path, tiny_models):
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    backbone = tiny_models / "ranker" / "backbone"
+    config = DebertaV2Config.from_pretrained(backbone, num_labels=1)
+    import torch
+
+    torch.manual_seed(0)
+    DebertaV2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(backbone).save_pretrained(tmp_path / "rm")
+    catalog = _generations_catalog(tmp_path / "c.duckdb")
+    snap = rank(catalog, RankConfig(iteration=1, ranker="scalar", ranker_model=str(tmp_path / "rm")),
+                progress=False).snapshots[0]
+    scores = catalog.read(snap.id).column("score").to_pylist()
+    assert len(scores) == 24 and len(set(scores)) > 12
+
+
+def test_cli_rank_without_generations_is_one_line(cli):
+    from tests.conftest import SAMPLE
+
+    assert cli("prompts", "import", SAMPLE).code == 0
+    assert cli("prompts", "split", "--iterations", "1", "--train-size", "5", "--test-size", "0").code == 0
+    result = cli("rank", "--iteration", "1")
+    assert result.code == 1 and len(result.err.splitlines()) == 1
+    assert "iteration 1 has no generations" in result.err and "run `iterdpo generate --iteration 1` first" in result.err
