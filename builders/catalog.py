@@ -209,6 +209,9 @@ _DDL = [
        params VARCHAR NOT NULL, created_at VARCHAR NOT NULL)""",
     "CREATE TABLE work_units(work_key VARCHAR NOT NULL, unit VARCHAR NOT NULL, info VARCHAR)",
     "CREATE TABLE work_rows(work_key VARCHAR NOT NULL, row_id BIGINT NOT NULL)",
+    """CREATE TABLE publications(set_id VARCHAR NOT NULL, repo_id VARCHAR NOT NULL, revision VARCHAR NOT NULL,
+       commit_id VARCHAR NOT NULL, tag VARCHAR, snapshot_ids VARCHAR NOT NULL, endpoint VARCHAR NOT NULL,
+       created_at VARCHAR NOT NULL)""",
 ]
 
 
@@ -678,6 +681,22 @@ class Catalog:
             table = table.filter(pc.is_in(table.column(unit_column), pa.array(sorted(set(units)), pa.string())))
         return table
 
+    # ------------------------------------------------------------------------------------------------ publications
+    def publication(self, set_id: str, repo_id: str, revision: str, endpoint: str) -> dict[str, Any] | None:
+        """The recorded publication of a snapshot set to a repo revision, if any."""
+        if not self.exists():
+            return None
+        with self.connect() as con:
+            row = _one(con, "SELECT commit_id, tag, created_at FROM publications WHERE set_id = ? AND repo_id = ? "
+                            "AND revision = ? AND endpoint = ?", [set_id, repo_id, revision, endpoint])
+        return {"commit": row[0], "tag": row[1], "created_at": row[2]} if row else None
+
+    def record_publication(self, set_id: str, repo_id: str, revision: str, commit: str, tag: str | None,
+                           snapshot_ids: Sequence[str], endpoint: str) -> None:
+        with self.transaction() as con:
+            _run(con, "INSERT INTO publications VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 [set_id, repo_id, revision, commit, tag, json.dumps(sorted(snapshot_ids)), endpoint, _now()])
+
     # ------------------------------------------------------------------------------------------------------ merge
     def merge(self, others: Sequence[str | os.PathLike]) -> dict[str, Any]:
         """Copy snapshots, rows, tags and work from other catalog files into this one (idempotent)."""
@@ -742,6 +761,9 @@ class Catalog:
             con, "SELECT s.name FROM src.tags s JOIN tags d ON s.name = d.name WHERE s.snapshot_id <> d.snapshot_id")]
         counts["tags"] = _one(con, "INSERT INTO tags SELECT s.* FROM src.tags s ANTI JOIN tags d ON s.name = d.name")[0]
         _run(con, "INSERT INTO work SELECT s.* FROM src.work s ANTI JOIN work d ON s.work_key = d.work_key")
+        _run(con, """INSERT INTO publications SELECT s.* FROM src.publications s ANTI JOIN publications d
+                     ON s.set_id = d.set_id AND s.repo_id = d.repo_id AND s.revision = d.revision
+                     AND s.endpoint = d.endpoint""")
         counts["work_units"] = _one(con, """INSERT INTO work_units SELECT s.* FROM src.work_units s
                                             ANTI JOIN work_units d ON s.work_key = d.work_key AND s.unit = d.unit""")[0]
         for k in KINDS.values():

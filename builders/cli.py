@@ -20,7 +20,7 @@ import click
 from builders import __version__
 from builders.config import (
     BACKENDS, CATALOG_ENV, DEFAULT_CATALOG, RANKERS, SELECTIONS, BuildConfig, GenerateConfig, OpenAIConfig,
-    QuickstartConfig, RankConfig, SamplingConfig, SplitConfig, TinyConfig, VllmConfig,
+    PublishConfig, QuickstartConfig, RankConfig, SamplingConfig, SplitConfig, TinyConfig, VllmConfig,
 )
 from builders.errors import IterdpoError
 
@@ -374,7 +374,7 @@ BUILD = BuildConfig(iteration=0)
 @click.option("--batch-prompts", type=int, default=RANK.batch_prompts, show_default=True,
               help="Prompts per committed batch.")
 @click.option("--batch-tokens", type=int, default=None,
-              help="pairrm: tokens per forward pass (default: 4096 on CPU, 32768 on GPU).")
+              help="pairrm: tokens per forward pass (default: 2048 on CPU, 32768 on GPU).")
 @json_option
 @click.pass_obj
 def rank_cmd(state: State, iteration: int, ranker: str, ranker_model: str, split: str | None,
@@ -431,6 +431,51 @@ def build_cmd(state: State, iteration: int, selection: str, length_penalty: floa
             dropped = ", ".join(f"{v} {k}" for k, v in s.drops.items() if v) or "none"
             click.echo(f"{s.split}: {s.snapshot.rows} pairs from {s.prompts} prompts (dropped: {dropped}) -> "
                        f"snapshot {s.snapshot.id[:12]}")
+
+    emit(result.to_json(), as_json, human)
+
+
+# ---------------------------------------------------------------------------------------------------------- publish
+@cli.command("publish", epilog=example(
+    "iterdpo publish me/ultrafeedback-iterative-dpo --iterations 1 --local-dir staged --dry-run"))
+@click.argument("repo_id")
+@click.option("--iterations", default=None, help="Comma-separated iterations, e.g. 1,2,3 (default: every built one).")
+@click.option("--local-dir", type=click.Path(file_okay=False), default=None,
+              help="Stage the repo folder here (kept); its root holds README.md.")
+@click.option("--dry-run", is_flag=True, help="Stage only: no token, no network.")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", default="main", show_default=True, help="Branch to commit to.")
+@json_option
+@click.pass_obj
+def publish_cmd(state: State, repo_id: str, iterations: str | None, local_dir: str | None, dry_run: bool,
+                private: bool, revision: str, as_json: bool) -> None:
+    """Publish the built pairs as a Hub dataset repo: configs `default` and `trl`, splits train_iteration_N /
+    test_iteration_N, a dataset card with the recipe, statistics and plots.
+
+    One commit, tagged with the snapshot set id; publishing the same snapshots again is a no-op. The token comes
+    from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub.
+    """
+    from builders.publish import publish
+
+    its = None
+    if iterations:
+        try:
+            its = tuple(int(x) for x in iterations.split(",") if x.strip())
+        except ValueError:
+            raise click.BadParameter(f"{iterations!r} is not a comma-separated list of numbers",
+                                     param_hint="--iterations") from None
+    cfg = PublishConfig(repo_id, its, Path(local_dir) if local_dir else None, dry_run, private, revision)
+    result = publish(state.catalog(), cfg)
+
+    def human() -> None:
+        click.echo(f"staged {len(result.staged.files)} files in {result.staged.folder} "
+                   f"(snapshot set {result.staged.set_id[:12]})")
+        if result.dry_run:
+            click.echo("dry run: nothing uploaded")
+        elif result.already_published:
+            click.echo(f"already published to {repo_id}@{revision} as commit {result.commit}: nothing to do")
+        else:
+            click.echo(f"published {repo_id}@{revision}: commit {result.commit}, tag {result.tag}")
 
     emit(result.to_json(), as_json, human)
 

@@ -142,7 +142,7 @@ class RankConfig:
     device: str | None = None  # default: cuda when available
     dtype: str = "auto"  # pairrm: float16 on GPU (as PairRM's config says), float32 on CPU
     batch_prompts: int = 64  # prompts per committed batch (resume granularity)
-    # pairrm: tokens per forward pass (pairs of similar length are batched together); None: 4096 on CPU, where
+    # pairrm: tokens per forward pass (pairs of similar length are batched together); None: 2048 on CPU, where
     # DeBERTa's O(length^2) attention buffers make bigger batches slower, 32768 on GPU
     batch_tokens: int | None = None
 
@@ -160,6 +160,19 @@ class BuildConfig:
     min_margin: float = 0.0  # drop prompts whose chosen-rejected (penalised) margin is below this
     keep_ties: bool = False  # ties (no margin at all) are dropped unless this is set
     allow_partial: bool = False  # build even when some prompts lack generations or scores
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    repo_id: str
+    iterations: tuple[int, ...] | None = None  # default: every iteration with pairs
+    local_dir: Path | None = None  # the staged repo folder (kept); default: a temporary folder
+    dry_run: bool = False  # stage only: no token, no network
+    private: bool = False
+    revision: str = "main"  # the branch to commit to
+    license: str = "mit"  # UltraFeedback's prompts
+    max_retries: int = 5  # network errors and 5xx, with exponential backoff
+    backoff: float = 1.0
 
 
 # The bundled sample of real UltraFeedback prompts (data/README.md gives its source and licence).

@@ -97,7 +97,7 @@ class PairRM:
         self.source_max = int(cfg["source_maxlength"])
         self.candidate_max = int(cfg["candidate_maxlength"])
         self.device = _device(device)
-        self.batch_tokens = batch_tokens or (32768 if self.device.startswith("cuda") else 4096)
+        self.batch_tokens = batch_tokens or (32768 if self.device.startswith("cuda") else 2048)
         backbone = _backbone(self.folder, cfg["model_name"])
         try:
             tok = AutoTokenizer.from_pretrained(backbone)

@@ -1,0 +1,243 @@
+"""Publishing: the staged folder loads with `datasets` and TRL, the card parses, and the upload protocol against a
+local HTTP server that answers the Hub endpoints huggingface_hub calls."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from builders.catalog import Catalog
+from builders.config import BuildConfig, PublishConfig, RankConfig
+from builders.errors import InputError, IterdpoError
+from builders.pairs import build_pairs, to_trl
+from builders.publish import publish, snapshot_set_id
+from builders.rank import rank
+from tests.test_rank import _generations_catalog
+
+TOKEN = "hf_secretTOKENvalue123"
+
+
+@pytest.fixture
+def built(tmp_path) -> Catalog:
+    catalog = _generations_catalog(tmp_path / "c.duckdb", n_prompts=8)
+    rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:longer_is_better"),
+         progress=False)
+    build_pairs(catalog, BuildConfig(iteration=1))
+    return catalog
+
+
+def test_dry_run_stages_a_folder_that_datasets_loads_exactly(built, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    staged = tmp_path / "staged"
+    result = publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True))
+    assert result.dry_run and result.commit is None
+    assert (staged / "README.md").exists() and (staged / "plots" / "score_distributions.png").stat().st_size > 1000
+    import datasets
+
+    pairs = built.read(built.newest("pairs", 1, "train").id)
+    default = datasets.load_dataset(str(staged), "default")
+    assert list(default) == ["train_iteration_1"]
+    assert default["train_iteration_1"].to_list() == pairs.to_pylist()
+    trl = datasets.load_dataset(str(staged), "trl")
+    assert trl["train_iteration_1"].to_list() == to_trl(pairs).to_pylist()
+    # the card: YAML that huggingface_hub parses, with both configs, and the provenance
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(staged / "README.md")
+    assert {c["config_name"] for c in card.data.configs} == {"default", "trl"}
+    assert card.data.license == "mit" and "dpo" in card.data.tags
+    assert result.staged.set_id in card.text and result.staged.set_id == snapshot_set_id(
+        list(result.staged.snapshots.values()))
+    assert "iterdpo build --iteration 1" in card.text
+    # staging again into the same folder is allowed (it is ours); a foreign folder is not
+    publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="was not staged by iterdpo"):
+        publish(built, PublishConfig("me/iterative-dpo", local_dir=foreign, dry_run=True))
+
+
+def test_trl_config_passes_dpo_trainer_dataset_preparation(built, tmp_path, tiny_models):
+    import trl
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    staged = tmp_path / "staged"
+    publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True))
+    ds = datasets.load_dataset(str(staged), "trl", split="train_iteration_1")
+    tok = AutoTokenizer.from_pretrained(tiny_models / "generator")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models / "generator")
+    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), bf16=False, report_to=[], max_steps=1,
+                         per_device_train_batch_size=2, max_length=256)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    prepared = trainer.train_dataset
+    assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(prepared.column_names) and len(prepared) > 0
+    row = prepared[0]
+    assert row["prompt_ids"][0] == tok.bos_token_id and row["chosen_ids"] and row["rejected_ids"]
+
+
+def test_bad_publish_inputs(built, tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="invalid repo id"):
+        publish(built, PublishConfig("not a repo!", dry_run=True))
+    with pytest.raises(InputError, match="iteration\\(s\\) 2 have no pairs"):
+        publish(built, PublishConfig("me/x", iterations=(2,), dry_run=True))
+    with pytest.raises(InputError, match="nothing built"):
+        publish(Catalog(tmp_path / "empty.duckdb"), PublishConfig("me/x", dry_run=True))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("builders.publish._token", lambda: None)
+    with pytest.raises(InputError, match="no Hugging Face token: run `hf auth login` or set HF_TOKEN"):
+        publish(built, PublishConfig("me/x"))
+
+
+# ------------------------------------------------------------------------------------------------ a fake Hub server
+class FakeHub(BaseHTTPRequestHandler):
+    state: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status: int, body=None):
+        payload = json.dumps(body if body is not None else {}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _handle(self, method: str):
+        st = self.state
+        body = self._body() if method == "POST" else b""
+        st["requests"].append((method, self.path, self.headers.get("Authorization")))
+        if st.get("status_once"):
+            status = st.pop("status_once")
+            return self._reply(status, {"error": "scripted failure"})
+        if st.get("status_always"):
+            return self._reply(st["status_always"], {"error": "scripted failure"})
+        path = self.path.split("?")[0]
+        if path == "/api/repos/create":
+            st["repos"].add(json.loads(body)["name"])
+            st["create_body"] = json.loads(body)
+            host = f"http://{self.headers['Host']}"
+            return self._reply(200, {"url": f"{host}/datasets/{json.loads(body)['organization']}/"
+                                            f"{json.loads(body)['name']}"})
+        if path == "/api/validate-yaml":
+            return self._reply(200, {"errors": [], "warnings": []})
+        if "/tree/" in path:
+            return self._reply(200, [{"type": "file", "path": p, "size": 1, "oid": "0" * 40} for p in st["files"]])
+        if path.endswith("/preupload/main"):
+            files = json.loads(body)["files"]
+            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                               for f in files]})
+        if "/commit/" in path:
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            st["commits"].append(lines)
+            for line in lines:
+                if line["key"] == "file":
+                    st["files"][line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+                elif line["key"] == "deletedFile":
+                    st["files"].pop(line["value"]["path"], None)
+            oid = f"{len(st['commits']):040x}"
+            return self._reply(200, {"commitUrl": f"http://{self.headers['Host']}/datasets/me/iterative-dpo/commit/{oid}",
+                                     "commitOid": oid})
+        if "/tag/" in path:
+            st["tags"].append((path.rsplit("/", 1)[-1], json.loads(body)))
+            return self._reply(200, {})
+        return self._reply(404, {"error": f"unknown endpoint {method} {path}"})
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    state = {"requests": [], "repos": set(), "files": {}, "commits": [], "tags": []}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Hub", (FakeHub,), {"state": state}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline; this server is local
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr("builders.publish._token", lambda: TOKEN)
+    yield state
+    server.shutdown()
+
+
+def _cfg(tmp_path, **kw) -> PublishConfig:
+    return PublishConfig("me/iterative-dpo", local_dir=tmp_path / "staged", backoff=0.01, **kw)
+
+
+def test_upload_is_one_commit_then_a_tag_and_republishing_is_a_noop(built, tmp_path, hub):
+    hub["files"][".gitattributes"] = b"*.parquet filter=lfs"
+    hub["files"]["old/stale.parquet"] = b"old"
+    result = publish(built, _cfg(tmp_path))
+    assert len(hub["commits"]) == 1
+    ops = hub["commits"][0]
+    added = sorted(op["value"]["path"] for op in ops if op["key"] == "file")
+    assert added == sorted(result.staged.files)
+    assert [op["value"]["path"] for op in ops if op["key"] == "deletedFile"] == ["old/stale.parquet"]
+    staged = result.staged.folder
+    assert all(hub["files"][rel] == (staged / rel).read_bytes() for rel in result.staged.files)  # what landed
+    assert hub["tags"] == [("1".rjust(40, "0"), {"tag": result.staged.set_id,
+                                                  "message": f"iterdpo snapshot set {result.staged.set_id}"})]
+    repo_calls = [r for r in hub["requests"] if r[1].startswith(("/api/datasets/", "/api/repos/"))]
+    assert repo_calls and all(auth == f"Bearer {TOKEN}" for _, _, auth in repo_calls)
+    # again: nothing sent, the catalog says it is published
+    before = len(hub["requests"])
+    again = publish(built, _cfg(tmp_path))
+    assert again.already_published and again.commit == result.commit and len(hub["requests"]) == before
+    # the token is nowhere on disk
+    for path in [built.path, *staged.rglob("*")]:
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes()
+
+
+def test_a_500_is_retried(built, tmp_path, hub):
+    hub["status_once"] = 500
+    result = publish(built, _cfg(tmp_path))
+    assert result.commit and len(hub["commits"]) == 1
+
+
+def test_401_fails_cleanly_and_records_nothing(built, tmp_path, hub):
+    hub["status_always"] = 401
+    with pytest.raises(IterdpoError, match="HTTP 401.*hf auth login") as err:
+        publish(built, _cfg(tmp_path))
+    assert TOKEN not in str(err.value)
+    assert hub["commits"] == []
+    with built.connect() as con:
+        assert con.execute("SELECT count(*) FROM publications").fetchall()[0][0] == 0
+    hub.pop("status_always")
+    assert publish(built, _cfg(tmp_path)).commit  # and a later try publishes
+
+
+def test_persistent_server_errors_give_up_without_recording(built, tmp_path, hub):
+    hub["status_always"] = 503
+    with pytest.raises(IterdpoError, match="nothing was published"):
+        publish(built, PublishConfig("me/iterative-dpo", local_dir=tmp_path / "s", backoff=0.001, max_retries=2))
+    with built.connect() as con:
+        assert con.execute("SELECT count(*) FROM publications").fetchall()[0][0] == 0
+
+
+def test_cli_publish_dry_run_json(cli, built, tmp_path, catalog_path):
+    import shutil
+
+    shutil.copy(built.path, catalog_path)
+    out = cli("publish", "me/iterative-dpo", "--local-dir", tmp_path / "cli-staged", "--dry-run", "--json")
+    assert out.code == 0, out.err
+    doc = out.json()
+    assert doc["dry_run"] and (tmp_path / "cli-staged" / "README.md").exists()
+    bad = cli("publish", "me/iterative-dpo", "--iterations", "one", "--dry-run")
+    assert bad.code == 2
