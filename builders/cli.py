@@ -480,6 +480,44 @@ def publish_cmd(state: State, repo_id: str, iterations: str | None, local_dir: s
     emit(result.to_json(), as_json, human)
 
 
+# ------------------------------------------------------------------------------------------------------------ train
+@cli.command("train", epilog=example(
+    "iterdpo train --iteration 1 --recipe train/recipes/tiny-cpu.yaml --model quickstart/models/generator "
+    "--output-dir quickstart/models/iteration_1 --overwrite"))
+@click.option("--iteration", type=int, required=True)
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+              help="TRL `trl dpo` YAML (default: train/recipes/iteration_N.yaml).")
+@click.option("--model", default=None, help="Policy to train (default: the recipe's model_name_or_path).")
+@click.option("--dataset", default=None, help="A staged folder or hub id instead of the catalog's pairs "
+              "(the recipe's dataset_config and splits apply).")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the model is saved (default: the recipe's output_dir).")
+@click.option("--overwrite", is_flag=True, help="Train into a non-empty output dir.")
+@json_option
+@click.pass_obj
+def train_cmd(state: State, iteration: int, recipe: str | None, model: str | None, dataset: str | None,
+              output_dir: str | None, overwrite: bool, as_json: bool) -> None:
+    """DPO-train on an iteration's pairs with TRL's DPOTrainer; register a `model` snapshot.
+
+    The saved model is a valid --model for the next iteration's `generate`. On several GPUs run the same
+    arguments under accelerate: `accelerate launch --config_file train/accelerate/ddp.yaml -m train.dpo ...`.
+    """
+    from train.dpo import TrainConfig, train
+
+    cfg = TrainConfig(iteration, Path(recipe) if recipe else None, model, dataset,
+                      Path(output_dir) if output_dir else None, overwrite)
+    result = train(state.catalog(), cfg)
+
+    def human() -> None:
+        loss = result.metrics.get("train_loss")
+        click.echo(f"trained iteration {iteration}: model in {result.output_dir}"
+                   + (f", train loss {loss:.4f}" if loss is not None else ""))
+        if result.snapshot:
+            click.echo(f"model snapshot {result.snapshot.id[:12]}")
+
+    emit(result.to_json(), as_json, human)
+
+
 # ------------------------------------------------------------------------------------------------------ tiny models
 @cli.command("tiny-models", epilog=example("iterdpo tiny-models /tmp/tiny"))
 @click.argument("directory", type=click.Path(file_okay=False))
