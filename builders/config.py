@@ -187,3 +187,5 @@ class QuickstartConfig:
     prompts: Path = BUNDLED_PROMPTS
     split: SplitConfig = SplitConfig(iterations=3, train_size=40, test_size=10, seed=42)
     sampling: SamplingConfig = SamplingConfig(num_responses=5, temperature=0.7, max_tokens=48, seed=42)
+    repo_id: str = "your-username/iterdpo-quickstart"  # only staged (dry run)
+    recipe: Path = Path(__file__).resolve().parents[1] / "train" / "recipes" / "tiny-cpu.yaml"
