@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from builders.catalog import Catalog, Snapshot
 from builders.config import BACKENDS, BATCH_PROMPTS, GenerateConfig, SamplingConfig
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity, one_line as _one_line
+from builders.results import SplitOutcome, StageResult
 from builders.schemas import KINDS
 
 
@@ -253,33 +254,14 @@ def make_generator(cfg: GenerateConfig) -> Generator:
 
 # ----------------------------------------------------------------------------------------------------------- stage
 @dataclass
-class SplitResult:
-    split: str
-    prompts: int
+class SplitResult(SplitOutcome):
     generated: int = 0  # prompts generated in this run (the rest were done before)
     skipped_too_long: int = 0
-    snapshot: Snapshot | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "snapshot"}
-        out["snapshot"] = self.snapshot.to_json() if self.snapshot else None
-        return out
 
 
 @dataclass
-class GenerateResult:
-    iteration: int
-    splits: list[SplitResult] = field(default_factory=list)
-    seconds: float = 0.0
+class GenerateResult(StageResult):
     completion_tokens: int = 0
-
-    @property
-    def snapshots(self) -> list[Snapshot]:
-        return [s.snapshot for s in self.splits if s.snapshot]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "seconds": round(self.seconds, 2),
-                "completion_tokens": self.completion_tokens, "splits": [s.to_json() for s in self.splits]}
 
 
 def prompt_sets(catalog: Catalog, iteration: int, splits: Sequence[str], from_refs: Sequence[str] = ()) -> dict[str, Snapshot]:

@@ -18,6 +18,7 @@ import pyarrow as pa
 from builders.catalog import Catalog, Registration, Snapshot
 from builders.config import SELECTIONS, BuildConfig
 from builders.errors import InputError
+from builders.results import SplitOutcome, StageResult
 from builders.schemas import KINDS, MESSAGE
 
 DROP_REASONS = ("tie", "single_distinct", "below_margin", "missing")
@@ -61,28 +62,12 @@ def select(responses: Sequence[str], scores: Sequence[float], cfg: BuildConfig) 
 
 
 @dataclass
-class BuildSplit:
-    split: str
-    prompts: int
+class BuildSplit(SplitOutcome):
     drops: dict[str, int] = field(default_factory=dict)
-    snapshot: Snapshot | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"split": self.split, "prompts": self.prompts, "drops": self.drops,
-                "snapshot": self.snapshot.to_json() if self.snapshot else None}
 
 
-@dataclass
-class BuildResult:
-    iteration: int
-    splits: list[BuildSplit] = field(default_factory=list)
-
-    @property
-    def snapshots(self) -> list[Snapshot]:
-        return [s.snapshot for s in self.splits if s.snapshot]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "splits": [s.to_json() for s in self.splits]}
+class BuildResult(StageResult):
+    pass
 
 
 def _validate(cfg: BuildConfig) -> None:

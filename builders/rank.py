@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -32,6 +32,7 @@ from builders.catalog import Catalog, Snapshot
 from builders.config import RANKERS, RankConfig
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity, one_line
+from builders.results import SplitOutcome, StageResult
 
 PAIRRM_PREFIXES = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")
 
@@ -331,30 +332,12 @@ def make_ranker(cfg: RankConfig) -> Ranker:
 
 # ----------------------------------------------------------------------------------------------------------- stage
 @dataclass
-class RankSplit:
-    split: str
-    prompts: int
+class RankSplit(SplitOutcome):
     ranked: int = 0  # prompts scored in this run (the rest were done before)
-    snapshot: Snapshot | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"split": self.split, "prompts": self.prompts, "ranked": self.ranked,
-                "snapshot": self.snapshot.to_json() if self.snapshot else None}
 
 
-@dataclass
-class RankResult:
-    iteration: int
-    splits: list[RankSplit] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def snapshots(self) -> list[Snapshot]:
-        return [s.snapshot for s in self.splits if s.snapshot]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "seconds": round(self.seconds, 2),
-                "splits": [s.to_json() for s in self.splits]}
+class RankResult(StageResult):
+    pass
 
 
 def ranker_identity(cfg: RankConfig) -> dict[str, Any]:

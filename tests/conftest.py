@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import pytest
+
+if TYPE_CHECKING:
+    from builders.catalog import Catalog
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -82,3 +88,41 @@ def tiny_models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     build_tiny_models(root)
     return root
+
+
+WORDS = ("the a model answer explains quickly python function list steps because however city river plan poem "
+         "reason table error data music history people water better worse simple clear").split()
+
+
+def text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+
+
+def generations_catalog(path: Path, n_prompts: int = 6, n: int = 4) -> Catalog:
+    """Prompts, a split and hand-made generations: the rank stage without running a generator."""
+    from builders.catalog import Catalog
+    from builders.prompts import prompt_id
+
+    catalog = Catalog(path)
+    rng = random.Random(1)
+    prompts = [text(rng, 8) for _ in range(n_prompts)]
+    ids = [prompt_id(p) for p in prompts]
+    pool = catalog.register("prompts", pa.table({"prompt_id": ids, "prompt": prompts, "source": [None] * n_prompts}),
+                            iteration=1, split="train")
+    rows = [{"prompt_id": pid, "response_index": i, "response": text(rng, rng.randint(1, 30)), "finish_reason": "stop",
+             "prompt_tokens": 5, "completion_tokens": 7} for pid in ids for i in range(n)]
+    catalog.register("generations", pa.Table.from_pylist(rows), iteration=1, split="train", parents=[pool.id])
+    return catalog
+
+
+def built_catalog(path: Path, n_prompts: int):
+    """Prompts, generations, scores (a python scorer: longer is better) and pairs for iteration 1, in seconds."""
+    from builders.config import BuildConfig, RankConfig
+    from builders.pairs import build_pairs
+    from builders.rank import rank
+
+    catalog = generations_catalog(path, n_prompts=n_prompts)
+    rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:longer_is_better"),
+         progress=False)
+    build_pairs(catalog, BuildConfig(iteration=1))
+    return catalog

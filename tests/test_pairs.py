@@ -13,7 +13,7 @@ from builders.errors import InputError
 from builders.pairs import TRL_SCHEMA, build_pairs, select, to_trl
 from builders.rank import rank
 from builders.schemas import KINDS
-from tests.test_rank import _generations_catalog
+from tests.conftest import generations_catalog as _generations_catalog
 
 
 def test_max_min_picks_top_and_bottom():

@@ -7,28 +7,22 @@ import base64
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from builders.catalog import Catalog
-from builders.config import BuildConfig, PublishConfig, RankConfig
+from builders.config import PublishConfig
 from builders.errors import InputError, IterdpoError
-from builders.pairs import build_pairs, to_trl
+from builders.pairs import to_trl
 from builders.publish import publish, snapshot_set_id
-from builders.rank import rank
-from tests.test_rank import _generations_catalog
+from tests.conftest import built_catalog
 
 TOKEN = "hf_secretTOKENvalue123"
 
 
 @pytest.fixture
 def built(tmp_path) -> Catalog:
-    catalog = _generations_catalog(tmp_path / "c.duckdb", n_prompts=8)
-    rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:longer_is_better"),
-         progress=False)
-    build_pairs(catalog, BuildConfig(iteration=1))
-    return catalog
+    return built_catalog(tmp_path / "c.duckdb", n_prompts=8)
 
 
 def test_dry_run_stages_a_folder_that_datasets_loads_exactly(built, tmp_path, monkeypatch):

@@ -5,23 +5,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
-from builders.catalog import Catalog
 from builders.config import RankConfig
 from builders.errors import InputError, IterdpoError
 from builders.rank import LlmBlender, PairRM, rank
-
-WORDS = ("the a model answer explains quickly python function list steps because however city river plan poem "
-         "reason table error data music history people water better worse simple clear").split()
-
-
-def text(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
-
+from tests.conftest import generations_catalog as _generations_catalog, text
 
 @pytest.fixture(scope="module")
 def rankers(tiny_models):
@@ -86,22 +76,6 @@ def test_ranker_folder_without_llm_blender_config(tmp_path, tiny_models):
 
 
 # ------------------------------------------------------------------------------------------------------ the stage
-def _generations_catalog(path: Path, n_prompts: int = 6, n: int = 4) -> Catalog:
-    """Prompts, a split and hand-made generations: the rank stage without running a generator."""
-    catalog = Catalog(path)
-    rng = random.Random(1)
-    prompts = [text(rng, 8) for _ in range(n_prompts)]
-    from builders.prompts import prompt_id
-
-    ids = [prompt_id(p) for p in prompts]
-    pool = catalog.register("prompts", pa.table({"prompt_id": ids, "prompt": prompts, "source": [None] * n_prompts}),
-                            iteration=1, split="train")
-    rows = [{"prompt_id": pid, "response_index": i, "response": text(rng, rng.randint(1, 30)), "finish_reason": "stop",
-             "prompt_tokens": 5, "completion_tokens": 7} for pid in ids for i in range(n)]
-    catalog.register("generations", pa.Table.from_pylist(rows), iteration=1, split="train", parents=[pool.id])
-    return catalog
-
-
 def test_rank_stage_registers_scores_and_is_resumable(tmp_path, tiny_models):
     catalog = _generations_catalog(tmp_path / "c.duckdb")
     cfg = RankConfig(iteration=1, ranker_model=str(tiny_models / "ranker"), batch_prompts=2)

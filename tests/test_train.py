@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 
 from builders.catalog import Catalog
-from builders.config import BuildConfig, RankConfig, SamplingConfig
+from builders.config import SamplingConfig
 from builders.errors import InputError
-from builders.pairs import build_pairs
-from builders.rank import rank
 from tests.conftest import ROOT
-from tests.test_rank import _generations_catalog
+from tests.conftest import built_catalog
 from train.dpo import RECIPES, TrainConfig, load_recipe, train
 
 TINY = RECIPES / "tiny-cpu.yaml"
@@ -26,11 +24,7 @@ TINY = RECIPES / "tiny-cpu.yaml"
 
 @pytest.fixture
 def built(tmp_path) -> Catalog:
-    catalog = _generations_catalog(tmp_path / "c.duckdb", n_prompts=12)
-    rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:longer_is_better"),
-         progress=False)
-    build_pairs(catalog, BuildConfig(iteration=1))
-    return catalog
+    return built_catalog(tmp_path / "c.duckdb", n_prompts=12)
 
 
 def test_dpo_steps_change_the_weights_and_the_model_generates(built, tmp_path, tiny_models):
