@@ -49,11 +49,14 @@ def timed(fn, *args) -> tuple[float, list]:
 def compare(ranker_dir: Path, prompts: list[str], cands: list[list[str]], batches: list[int], device: str) -> None:
     n = len(cands[0])
     native = PairRM(str(ranker_dir), device=device)
+    native.score(prompts[:1], cands[:1])  # warm-up: each method is timed after one untimed prompt
+    native.passes = 0
     t_native, s_native = timed(native.score, prompts, cands)
     passes = native.passes / len(prompts)
     results = {}
     for bs in batches:
         blender = LlmBlender(str(ranker_dir), device=device, batch_size=bs)
+        blender.score(prompts[:1], cands[:1])
         results[bs] = timed(blender.score, prompts, cands)
     diff = max(abs(a - b) for x, y in zip(s_native, results[1][1]) for a, b in zip(x, y))
     fastest = min(results, key=lambda b: results[b][0])
