@@ -264,27 +264,6 @@ class GenerateResult(StageResult):
     completion_tokens: int = 0
 
 
-def prompt_sets(catalog: Catalog, iteration: int, splits: Sequence[str], from_refs: Sequence[str] = ()) -> dict[str, Snapshot]:
-    """The prompt snapshots to generate for: those named by --from, else the newest per split."""
-    if from_refs:
-        chosen = {}
-        for ref in from_refs:
-            snap = catalog.get(ref)
-            if snap.kind != "prompts" or snap.iteration != iteration or snap.split is None:
-                raise InputError(f"--from {ref}: a prompts snapshot of iteration {iteration} is needed, "
-                                 f"not {snap.kind} (iteration {snap.iteration}, split {snap.split})")
-            chosen[snap.split] = snap
-        return chosen
-    chosen = {s: catalog.newest("prompts", iteration, s) for s in splits}
-    found = {s: snap for s, snap in chosen.items() if snap is not None}
-    if not found:
-        raise InputError(f"iteration {iteration} has no prompt sets in catalog {catalog.path}; "
-                         f"run `iterdpo prompts split` first")
-    if "train" in splits and "train" not in found:
-        raise InputError(f"iteration {iteration} has no train prompt set; run `iterdpo prompts split` first")
-    return found
-
-
 def work_key(prompts: Snapshot, identity: dict[str, Any], backend: str, template_sha: str | None,
              sampling: SamplingConfig) -> str:
     """Everything that determines the responses (not the shard, batch size or machine)."""
@@ -342,7 +321,8 @@ def generate(catalog: Catalog, cfg: GenerateConfig, from_refs: Sequence[str] = (
         if split not in ("train", "test"):
             raise InputError(f"split must be train or test, not {split!r}")
     shard = parse_shard(cfg.shard)
-    sets = prompt_sets(catalog, cfg.iteration, cfg.splits, from_refs)
+    sets = catalog.inputs("prompts", cfg.iteration, cfg.splits, from_refs, "prompt sets", "iterdpo prompts split",
+                          require_train=True)
     identity = model_identity(cfg.model)
     given = generator.describe().get("chat_template_sha256") if generator is not None else None
     template_sha = given or _template_sha(cfg)

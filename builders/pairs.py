@@ -79,23 +79,6 @@ def _validate(cfg: BuildConfig) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, not {value}")
 
 
-def score_sets(catalog: Catalog, iteration: int, from_refs: Sequence[str]) -> dict[str, Snapshot]:
-    if from_refs:
-        chosen = {}
-        for ref in from_refs:
-            snap = catalog.get(ref)
-            if snap.kind != "scores" or snap.iteration != iteration:
-                raise InputError(f"--from {ref}: a scores snapshot of iteration {iteration} is needed, "
-                                 f"not {snap.kind} (iteration {snap.iteration})")
-            chosen[snap.split] = snap
-        return chosen
-    found = {s: snap for s in ("train", "test") if (snap := catalog.newest("scores", iteration, s)) is not None}
-    if "train" not in found:
-        raise InputError(f"iteration {iteration} has no train scores in catalog {catalog.path}; "
-                         f"run `iterdpo rank --iteration {iteration}` first")
-    return found
-
-
 def _skipped_prompts(catalog: Catalog, gen: Snapshot) -> set[str]:
     """Prompts the generation stage skipped on purpose (too long for the context): known, not missing."""
     key = gen.params.get("work_key")
@@ -157,7 +140,8 @@ def build_pairs(catalog: Catalog, cfg: BuildConfig, from_refs: Sequence[str] = (
     """Select chosen/rejected per prompt for iteration `cfg.iteration` and register its `pairs` snapshots (train and
     test) in one transaction. Every dropped prompt is counted by reason in the snapshot params."""
     _validate(cfg)
-    sets = score_sets(catalog, cfg.iteration, from_refs)
+    sets = catalog.inputs("scores", cfg.iteration, ("train", "test"), from_refs, "train scores",
+                          f"iterdpo rank --iteration {cfg.iteration}", require_train=True)
     result = BuildResult(cfg.iteration)
     items = []
     for split, scores_snap in sets.items():

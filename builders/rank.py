@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 
 import pyarrow as pa
 
-from builders.catalog import Catalog, Snapshot
+from builders.catalog import Catalog
 from builders.config import RANKERS, RankConfig
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity, one_line
@@ -347,23 +347,6 @@ def ranker_identity(cfg: RankConfig) -> dict[str, Any]:
     return {"ranker_model": ident.pop("model"), **{f"ranker_{k}": v for k, v in ident.items()}}
 
 
-def generation_sets(catalog: Catalog, iteration: int, splits: Sequence[str], from_refs: Sequence[str]) -> dict[str, Snapshot]:
-    if from_refs:
-        chosen = {}
-        for ref in from_refs:
-            snap = catalog.get(ref)
-            if snap.kind != "generations" or snap.iteration != iteration:
-                raise InputError(f"--from {ref}: a generations snapshot of iteration {iteration} is needed, "
-                                 f"not {snap.kind} (iteration {snap.iteration})")
-            chosen[snap.split] = snap
-        return chosen
-    found = {s: snap for s in splits if (snap := catalog.newest("generations", iteration, s)) is not None}
-    if not found:
-        raise InputError(f"iteration {iteration} has no generations in catalog {catalog.path}; "
-                         f"run `iterdpo generate --iteration {iteration}` first")
-    return found
-
-
 def grouped(table: pa.Table) -> tuple[list[str], dict[str, list[tuple[int, str]]]]:
     """prompt_id -> [(response_index, response)] in order, from a generations table (canonical order)."""
     by: dict[str, list[tuple[int, str]]] = {}
@@ -387,7 +370,8 @@ def rank(catalog: Catalog, cfg: RankConfig, from_refs: Sequence[str] = (), progr
 
     if cfg.ranker not in RANKERS:
         raise InputError(f"unknown ranker {cfg.ranker!r}; use one of {', '.join(RANKERS)}")
-    sets = generation_sets(catalog, cfg.iteration, cfg.splits, from_refs)
+    sets = catalog.inputs("generations", cfg.iteration, cfg.splits, from_refs, "generations",
+                          f"iterdpo generate --iteration {cfg.iteration}")
     identity = ranker_identity(cfg)
     result = RankResult(cfg.iteration)
     start = time.perf_counter()
