@@ -175,6 +175,70 @@ class PublishConfig:
     backoff: float = 1.0
 
 
+@dataclass(frozen=True)
+class PromptSource:
+    source: str = "openbmb/UltraFeedback"
+    column: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSection:
+    """The generator of iteration 1 and how every iteration samples (later iterations use the trained model)."""
+
+    model: str = "mistralai/Mistral-7B-Instruct-v0.2"
+    backend: str = "vllm"
+    sampling: SamplingConfig = SamplingConfig()
+    vllm: VllmConfig = VllmConfig()
+    openai: OpenAIConfig = OpenAIConfig()
+    chat_template: Path | None = None
+
+
+@dataclass(frozen=True)
+class RankingSection:
+    ranker: str = "pairrm"
+    ranker_model: str = "llm-blender/PairRM"
+    device: str | None = None
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class SelectionSection:
+    selection: str = "max-min"
+    length_penalty: float = 0.0
+    min_margin: float = 0.0
+    keep_ties: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    # one recipe per iteration ({n} is the iteration); the model of iteration n is saved in output_dir
+    recipe: str = "train/recipes/iteration_{n}.yaml"
+    output_dir: str = "data/models/iteration_{n}"
+
+
+@dataclass(frozen=True)
+class PublishSection:
+    repo_id: str | None = None  # None: publish nothing
+    dry_run: bool = False
+    private: bool = False
+    local_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """`iterdpo run PIPELINE.yaml`: the whole iterative loop. Unknown keys are an error."""
+
+    catalog: Path | None = None  # default: the global --catalog / ITERDPO_CATALOG / data/catalog.duckdb
+    tiny_models: Path | None = None  # build the offline tiny models here first (quickstart)
+    prompts: PromptSource = PromptSource()
+    split: SplitConfig = SplitConfig()
+    generation: GenerationSection = GenerationSection()
+    ranking: RankingSection = RankingSection()
+    selection: SelectionSection = SelectionSection()
+    training: TrainingSection = TrainingSection()
+    publish: PublishSection = PublishSection()
+
+
 # The bundled sample of real UltraFeedback prompts (data/README.md gives its source and licence).
 BUNDLED_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "ultrafeedback_sample.jsonl"
 

@@ -1,6 +1,7 @@
 """The quickstart: the iterative recipe end to end on bundled prompts with tiny local models, in one folder.
 
-Everything (catalog, tiny models, outputs) lives in `workdir`; rerunning reuses what is already there.
+Everything (catalog, tiny models, trained models, staged Hub folder) lives in `workdir`; it is the pipeline of
+builders/pipeline.py with a CPU-sized config, so a rerun reuses what is already there.
 """
 
 from __future__ import annotations
@@ -10,14 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
-from builders.config import BuildConfig, GenerateConfig, PublishConfig, QuickstartConfig, RankConfig
+from builders.config import (
+    GenerationSection, PipelineConfig, PromptSource, PublishSection, QuickstartConfig, RankingSection, TrainingSection,
+)
 from builders.errors import InputError
-from builders.generate import generate
-from builders.pairs import build_pairs
-from builders.publish import publish
-from builders.rank import rank
-from builders.prompts import import_prompts, split_prompts
-from builders.tiny import build_tiny_models
+from builders.pipeline import run_pipeline
 
 
 @dataclass
@@ -35,32 +33,31 @@ class QuickstartReport:
                 "snapshots": [s.to_json() for s in self.snapshots]}
 
 
-def run_quickstart(cfg: QuickstartConfig = QuickstartConfig()) -> QuickstartReport:
-    """Every iteration: generate with the current model, rank, build pairs, DPO-train the next model; then stage
-    the Hub repo of all iterations. Each step is skipped when its snapshot exists, so a rerun continues."""
-    from train.dpo import TrainConfig, train
-
+def pipeline_for(cfg: QuickstartConfig) -> PipelineConfig:
+    """The quickstart as a pipeline config (pipelines/quickstart.yaml is this for --workdir quickstart)."""
     workdir = Path(cfg.workdir)
+    models = workdir / "models"
+    return PipelineConfig(
+        catalog=workdir / "catalog.duckdb",
+        tiny_models=models,
+        prompts=PromptSource(source=str(cfg.prompts)),
+        split=cfg.split,
+        generation=GenerationSection(model=str(models / "generator"), backend="transformers", sampling=cfg.sampling),
+        ranking=RankingSection(ranker="pairrm", ranker_model=str(models / "ranker")),
+        training=TrainingSection(recipe=str(cfg.recipe), output_dir=str(models / "iteration_{n}")),
+        publish=PublishSection(repo_id=cfg.repo_id, dry_run=True, local_dir=workdir / "hub"),
+    )
+
+
+def run_quickstart(cfg: QuickstartConfig = QuickstartConfig()) -> QuickstartReport:
+    """Three iterations of generate -> rank -> build -> train on a CPU, then the staged Hub folder. A rerun skips
+    every finished step."""
     if not Path(cfg.prompts).exists():
         raise InputError(f"bundled prompts not found at {cfg.prompts}; run from a source checkout or pass --prompts FILE")
-    models = workdir / "models"
-    if not (models / "generator" / "config.json").exists() or not (models / "ranker" / "config.json").exists():
-        build_tiny_models(models, overwrite=True)
-    catalog = Catalog(workdir / "catalog.duckdb")
-    pool = import_prompts(catalog, str(cfg.prompts)).snapshot
-    snaps: list[Snapshot] = [pool, *split_prompts(catalog, cfg.split, [pool.id])]
-    policy = str(models / "generator")
-    for it in range(1, cfg.split.iterations + 1):
-        snaps += generate(catalog, GenerateConfig(iteration=it, model=policy, sampling=cfg.sampling)).snapshots
-        snaps += rank(catalog, RankConfig(iteration=it, ranker_model=str(models / "ranker"))).snapshots
-        snaps += build_pairs(catalog, BuildConfig(iteration=it)).snapshots
-        model = catalog.newest("model", it)
-        if model is None or not Path(catalog.read(model.id).column("path")[0].as_py()).exists():
-            model = train(catalog, TrainConfig(it, cfg.recipe, policy, output_dir=models / f"iteration_{it}",
-                                               overwrite=True)).snapshot
-        snaps.append(model)
-        policy = catalog.read(model.id).column("path")[0].as_py()  # the next iteration's generator
-    staged = publish(catalog, PublishConfig(cfg.repo_id, local_dir=workdir / "hub", dry_run=True)).staged
-    report = QuickstartReport(workdir, catalog.path, models / "generator", models / "ranker", snaps)
-    report.hub = staged.folder
+    pipeline = pipeline_for(cfg)
+    result = run_pipeline(Catalog(pipeline.catalog), pipeline)
+    models = Path(cfg.workdir) / "models"
+    report = QuickstartReport(Path(cfg.workdir), pipeline.catalog, models / "generator", models / "ranker",
+                              result.snapshots)
+    report.hub = result.staged
     return report

@@ -20,6 +20,8 @@ import hashlib
 import importlib
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -287,6 +289,8 @@ class PythonScorer:
         module, _, name = spec.partition(":")
         if not module or not name:
             raise InputError(f"--ranker-model for the python ranker must be module:function, not {spec!r}")
+        if os.getcwd() not in sys.path:  # `module:function` next to the user, as `python -m` would find it
+            sys.path.insert(0, os.getcwd())
         try:
             self.fn: Callable = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:

@@ -1,0 +1,103 @@
+"""`iterdpo run`: pipeline configs, and a kill -9 during iteration 2's generation followed by a rerun."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builders.catalog import Catalog
+from builders.config import QuickstartConfig
+from builders.errors import InputError
+from builders.pipeline import load_pipeline, run_pipeline
+from tests.conftest import ROOT, SAMPLE
+
+PIPELINES = ROOT / "pipelines"
+
+
+def test_the_snorkel_pipeline_is_the_recipe():
+    cfg = load_pipeline(PIPELINES / "snorkel.yaml")
+    assert (cfg.split.iterations, cfg.split.train_size, cfg.split.test_size) == (3, 20000, 1000)
+    assert cfg.generation.model == "mistralai/Mistral-7B-Instruct-v0.2" and cfg.generation.backend == "vllm"
+    assert (cfg.generation.sampling.num_responses, cfg.generation.sampling.temperature) == (5, 0.7)
+    assert cfg.ranking.ranker_model == "llm-blender/PairRM" and cfg.selection.selection == "max-min"
+    assert all((ROOT / cfg.training.recipe.format(n=n)).exists() for n in (1, 2, 3))
+
+
+def test_the_quickstart_pipeline_matches_the_quickstart_command():
+    from builders.quickstart import pipeline_for
+
+    cfg = load_pipeline(PIPELINES / "quickstart.yaml")
+    ref = pipeline_for(QuickstartConfig())
+    assert (cfg.split, cfg.generation.sampling, cfg.generation.backend) == (ref.split, ref.generation.sampling,
+                                                                             ref.generation.backend)
+    assert Path(cfg.training.recipe).name == Path(ref.training.recipe).name
+
+
+def test_unknown_keys_and_wrong_types_are_named(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("generation:\n  temprature: 0.7\n")
+    with pytest.raises(InputError, match="p.yaml.generation: unknown key 'temprature'"):
+        load_pipeline(bad)
+    bad.write_text("split:\n  iterations: three\n")
+    with pytest.raises(InputError, match="split.iterations must be int"):
+        load_pipeline(bad)
+
+
+def _pipeline(tmp: Path, tiny: Path) -> Path:
+    doc = {
+        "catalog": str(tmp / "catalog.duckdb"),
+        "prompts": {"source": str(SAMPLE)},
+        "split": {"iterations": 2, "train_size": 6, "test_size": 2, "seed": 5},
+        "generation": {"model": str(tiny / "generator"), "backend": "transformers",
+                       "sampling": {"num_responses": 3, "max_tokens": 24, "seed": 5}},
+        "ranking": {"ranker": "python", "ranker_model": "tests.scorers:longer_is_better"},
+        "training": {"recipe": str(ROOT / "train/recipes/tiny-cpu.yaml"), "output_dir": str(tmp / "m{n}")},
+    }
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _data_ids(catalog: Catalog) -> list[tuple]:
+    # model snapshots record their folder, which differs between the two runs; the data must be identical
+    return sorted(((s.kind, s.iteration, s.split, s.id) for s in catalog.list() if s.kind != "model"), key=str)
+
+
+def test_kill_9_in_iteration_2_generation_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_models):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref_dir.mkdir()
+    run_dir.mkdir()
+    reference = run_pipeline(Catalog(ref_dir / "catalog.duckdb"), load_pipeline(_pipeline(ref_dir, tiny_models)),
+                             progress=False)
+    assert len(reference.models) == 2
+    pipeline = _pipeline(run_dir, tiny_models)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "builders.cli", "run", str(pipeline)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    catalog = Catalog(run_dir / "catalog.duckdb")
+    killed_mid = False
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        if not catalog.exists():
+            continue
+        with catalog.connect() as con:
+            units = con.execute("SELECT count(*) FROM work_units u JOIN work w USING (work_key) "
+                                "WHERE w.kind = 'generations' AND w.iteration = 2").fetchall()[0][0]
+        if units >= 1:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_mid = True
+            break
+    proc.wait()
+    assert killed_mid, "the run finished before iteration 2's generation could be interrupted"
+    assert catalog.newest("generations", 2, "train") is None or catalog.newest("generations", 2, "test") is None
+    resumed = run_pipeline(catalog, load_pipeline(pipeline), progress=False)
+    assert len(resumed.models) == 2
+    assert _data_ids(catalog) == _data_ids(Catalog(ref_dir / "catalog.duckdb"))
