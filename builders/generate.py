@@ -324,6 +324,7 @@ def generate(catalog: Catalog, cfg: GenerateConfig, from_refs: Sequence[str] = (
     sets = catalog.inputs("prompts", cfg.iteration, cfg.splits, from_refs, "prompt sets", "iterdpo prompts split",
                           require_train=True)
     identity = model_identity(cfg.model)
+    producer = _model_snapshot(catalog, identity)
     given = generator.describe().get("chat_template_sha256") if generator is not None else None
     template_sha = given or _template_sha(cfg)
     batch = cfg.batch_prompts or BATCH_PROMPTS[cfg.backend]
@@ -357,13 +358,21 @@ def generate(catalog: Catalog, cfg: GenerateConfig, from_refs: Sequence[str] = (
             }
             split_result.skipped_too_long = skipped
             split_result.snapshot = catalog.register("generations", rows, iteration=cfg.iteration, split=split,
-                                                     parents=[prompts_snap.id], params=params)
+                                                     parents=[prompts_snap.id, *producer], params=params)
             result.splits.append(split_result)
     finally:
         if owned and generator is not None:
             generator.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _model_snapshot(catalog: Catalog, identity: dict[str, Any]) -> list[str]:
+    """The `model` snapshot of the generator, when iterdpo trained it: lineage from model to the data it made."""
+    for snap in reversed(catalog.list(kind="model")):
+        if catalog.read(snap.id).column("path")[0].as_py() == identity.get("model"):
+            return [snap.id]
+    return []
 
 
 def _recorded_describe(catalog: Catalog, key: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ def test_quickstart_small(tmp_path):
     models = [s for s in report.snapshots if s.kind == "model"]
     gen2 = next(s for s in report.snapshots if (s.kind, s.iteration, s.split) == ("generations", 2, "train"))
     assert gen2.params["model"] == str((tmp_path / "qs" / "models" / "iteration_1").resolve())
+    assert gen2.parents[1] == next(s.id for s in models if s.iteration == 1)  # lineage: model 1 made these
     assert (report.hub / "README.md").exists() and (report.hub / "trl").is_dir()
     again = run_quickstart(cfg)
     assert [s.id for s in again.snapshots] == [s.id for s in report.snapshots]
