@@ -93,7 +93,7 @@ class PairRM:
     def __init__(self, ref: str, device: str | None = None, dtype: str = "auto", batch_tokens: int | None = None):
         import torch
         from safetensors.torch import load_file
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.ref, self.folder = ref, resolve_folder(ref)
         cfg = _pairrm_config(self.folder)
@@ -104,7 +104,8 @@ class PairRM:
         backbone = _backbone(self.folder, cfg["model_name"])
         try:
             tok = AutoTokenizer.from_pretrained(backbone)
-            model = AutoModel.from_pretrained(backbone)
+            # the checkpoint holds every backbone weight: build from the config, no 1.7 GB download of deberta-v3
+            model = AutoModel.from_config(AutoConfig.from_pretrained(backbone))
         except Exception as e:
             raise InputError(f"PairRM backbone {backbone!r} cannot be loaded ({one_line(e)})") from None
         if tok.pad_token is None:
@@ -123,7 +124,7 @@ class PairRM:
         self.head = torch.nn.Sequential(torch.nn.Dropout(0.0), torch.nn.Linear(2 * h, h), torch.nn.Tanh(),
                                         torch.nn.Dropout(0.0), torch.nn.Linear(h, n_tasks))
         backbone_state = {k[len("pretrained_model."):]: v for k, v in state.items() if k.startswith("pretrained_model.")}
-        missing, unexpected = model.load_state_dict(backbone_state, strict=False)
+        missing, _ = model.load_state_dict(backbone_state, strict=False)
         head_state = {k[len("head_layer."):]: v for k, v in state.items() if k.startswith("head_layer.")}
         try:
             self.head.load_state_dict(head_state)
@@ -132,7 +133,7 @@ class PairRM:
         if missing:
             raise InputError(f"{self.folder}: the checkpoint lacks backbone weights ({', '.join(missing[:3])}, ...)")
         if dtype == "auto":
-            dtype = "float16" if self.device == "cuda" and cfg.get("fp16", True) else "float32"
+            dtype = "float16" if self.device.startswith("cuda") and cfg.get("fp16", True) else "float32"
         self.dtype = dtype
         torch_dtype = getattr(torch, dtype)
         self.model = model.to(self.device, torch_dtype).eval()
