@@ -716,6 +716,11 @@ class Catalog:
             _run(con, "INSERT INTO publications VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                  [set_id, repo_id, revision, commit, tag, json.dumps(sorted(snapshot_ids)), endpoint, _now()])
 
+    def set_publication_tag(self, set_id: str, repo_id: str, revision: str, endpoint: str, tag: str) -> None:
+        with self.transaction() as con:
+            _run(con, "UPDATE publications SET tag = ? WHERE set_id = ? AND repo_id = ? AND revision = ? "
+                      "AND endpoint = ?", [tag, set_id, repo_id, revision, endpoint])
+
     # ------------------------------------------------------------------------------------------------------ merge
     def merge(self, others: Sequence[str | os.PathLike]) -> dict[str, Any]:
         """Copy snapshots, rows, tags and work from other catalog files into this one (idempotent)."""

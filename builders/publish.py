@@ -185,7 +185,7 @@ def _hub_error(e: Exception) -> tuple[bool, str]:
     return False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def _retry(what: str, call: Callable[[], Any], cfg: PublishConfig) -> Any:
+def _retry(what: str, call: Callable[[], Any], cfg: PublishConfig, landed: str | None = None) -> Any:
     delay = cfg.backoff
     for attempt in range(cfg.max_retries + 1):
         try:
@@ -193,7 +193,9 @@ def _retry(what: str, call: Callable[[], Any], cfg: PublishConfig) -> Any:
         except Exception as e:  # classified below: retryable network/5xx, or a final error
             retryable, message = _hub_error(e)
             if not retryable or attempt == cfg.max_retries:
-                raise IterdpoError(f"{what} failed: {message}; nothing was published") from None
+                after = (f"commit {landed} landed; rerun `iterdpo publish` to tag it" if landed
+                         else "nothing was published")
+                raise IterdpoError(f"{what} failed: {message}; {after}") from None
         time.sleep(delay * (0.5 + random.random()))
         delay *= 2
 
@@ -214,7 +216,7 @@ def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
         return result
     endpoint = constants.ENDPOINT
     prior = catalog.publication(staged.set_id, cfg.repo_id, cfg.revision, endpoint)
-    if prior:
+    if prior and prior["tag"]:
         result.already_published, result.commit, result.tag = True, prior["commit"], prior["tag"]
         return result
     token = _token()
@@ -222,6 +224,19 @@ def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
         raise InputError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or use --dry-run)")
     api = HfApi(endpoint=endpoint, token=token)
     kind = "dataset"
+    tag = staged.set_id
+
+    def tag_commit(oid: str) -> None:
+        _retry("tagging the commit", lambda: api.create_tag(cfg.repo_id, tag=tag, revision=oid, repo_type=kind,
+                                                            tag_message=f"iterdpo snapshot set {tag}", exist_ok=True),
+               cfg, landed=oid)
+        catalog.set_publication_tag(staged.set_id, cfg.repo_id, cfg.revision, endpoint, tag)
+        result.commit, result.tag = oid, tag
+
+    if prior:  # the commit landed earlier but its tag did not: only the tag is missing
+        result.already_published = True
+        tag_commit(prior["commit"])
+        return result
     _retry("creating the repo", lambda: api.create_repo(cfg.repo_id, repo_type=kind, private=cfg.private,
                                                         exist_ok=True), cfg)
     if cfg.revision != "main":
@@ -241,10 +256,8 @@ def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
                                  commit_description=f"Snapshots: {json.dumps(staged.snapshots)}")
 
     info = _retry("the commit", commit, cfg)
-    tag = staged.set_id
-    _retry("tagging the commit", lambda: api.create_tag(cfg.repo_id, tag=tag, revision=info.oid, repo_type=kind,
-                                                        tag_message=f"iterdpo snapshot set {tag}", exist_ok=True), cfg)
-    catalog.record_publication(staged.set_id, cfg.repo_id, cfg.revision, info.oid, tag,
+    # recorded at once (the commit is on the Hub); the tag follows, and a rerun adds it if it failed
+    catalog.record_publication(staged.set_id, cfg.repo_id, cfg.revision, info.oid, None,
                                list(staged.snapshots.values()), endpoint)
-    result.commit, result.tag = info.oid, tag
+    tag_commit(info.oid)
     return result

@@ -217,6 +217,32 @@ def test_401_fails_cleanly_and_records_nothing(built, tmp_path, hub):
     assert publish(built, _cfg(tmp_path)).commit  # and a later try publishes
 
 
+def test_a_failed_tag_is_added_by_the_next_publish(built, tmp_path, hub):
+    handler_state = hub
+
+    original = FakeHub._handle
+
+    def no_tags(self, method):
+        if "/tag/" in self.path and handler_state.get("refuse_tags"):
+            self._body()
+            return self._reply(403, {"error": "no"})
+        return original(self, method)
+
+    FakeHub._handle = no_tags
+    try:
+        hub["refuse_tags"] = True
+        with pytest.raises(IterdpoError, match="commit .* landed; rerun `iterdpo publish` to tag it"):
+            publish(built, _cfg(tmp_path))
+        assert len(hub["commits"]) == 1 and hub["tags"] == []
+        hub["refuse_tags"] = False
+        again = publish(built, _cfg(tmp_path))
+        assert len(hub["commits"]) == 1 and len(hub["tags"]) == 1  # no second commit, only the tag
+        assert again.tag == again.staged.set_id and again.already_published
+        assert publish(built, _cfg(tmp_path)).already_published and len(hub["tags"]) == 1
+    finally:
+        FakeHub._handle = original
+
+
 def test_persistent_server_errors_give_up_without_recording(built, tmp_path, hub):
     hub["status_always"] = 503
     with pytest.raises(IterdpoError, match="nothing was published"):
