@@ -178,18 +178,29 @@ def train(catalog: Catalog, cfg: TrainConfig) -> TrainResult:
         with contextlib.redirect_stdout(sys.stderr):
             metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     trainer.save_model(str(out))  # the model at the root of the output dir: a valid --model for `generate`
-    if not trainer.is_world_process_zero():
-        return TrainResult(out, metrics)
-    tokenizer.save_pretrained(str(out))
-    import pyarrow as pa
+    snap = None
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
+        import pyarrow as pa
 
-    row = {"path": str(out.resolve()), "weights_sha256": _weights_sha256(out),
-           "base_model": model_args.model_name_or_path, "recipe": recipe_text,
-           "metrics": json.dumps(metrics, sort_keys=True)}
-    snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=cfg.iteration, parents=parents,
-                            params={"recipe_path": str(recipe_path), "dataset": cfg.dataset or "catalog",
-                                    "world_size": trainer.args.world_size, "base_model": row["base_model"]})
+        row = {"path": str(out.resolve()), "weights_sha256": _weights_sha256(out),
+               "base_model": model_args.model_name_or_path, "recipe": recipe_text,
+               "metrics": json.dumps(metrics, sort_keys=True)}
+        snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=cfg.iteration, parents=parents,
+                                params={"recipe_path": str(recipe_path), "dataset": cfg.dataset or "catalog",
+                                        "world_size": trainer.args.world_size, "base_model": row["base_model"]})
+    _end_distributed()
     return TrainResult(out, metrics, snap)
+
+
+def _end_distributed() -> None:
+    """Wait for every process, then close the process group: a gloo group left open aborts the process at exit
+    ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # `accelerate launch -m train.dpo ARGS`: the `iterdpo train` command in each process
