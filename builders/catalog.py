@@ -621,7 +621,14 @@ class Catalog:
                 "SELECT count(*) FROM snapshot_parents p ANTI JOIN snapshots s ON p.parent_id = s.id")[0]
             if dangling:
                 problems.append(f"{dangling} parent links name snapshots that are not in the catalog")
-        return {"catalog": str(self.path), "snapshots": len(snaps), "ok": not problems, "problems": problems}
+            # rows of interrupted registrations: in no snapshot and no work; harmless, reused by a retry
+            unreferenced = sum(_one(con, f"""SELECT count(*) FROM {_rows_table(k.name)} r
+                ANTI JOIN (SELECT row_id FROM snapshot_rows s JOIN snapshots n ON s.seq = n.seq WHERE n.kind = ?
+                           UNION ALL SELECT row_id FROM work_rows w JOIN work k ON w.work_key = k.work_key
+                           WHERE k.kind = ?) used ON r.row_id = used.row_id""", [k.name, k.name])[0]
+                               for k in KINDS.values())
+        return {"catalog": str(self.path), "snapshots": len(snaps), "ok": not problems, "problems": problems,
+                "unreferenced_rows": unreferenced}
 
     # ------------------------------------------------------------------------------------------------------- work
     def work_units(self, work_key: str) -> dict[str, Any]:

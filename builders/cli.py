@@ -273,7 +273,9 @@ def versions_verify(state: State, as_json: bool) -> None:
     report = state.catalog().verify()
     emit(report, as_json, lambda: click.echo(
         f"{report['snapshots']} snapshots verified in {report['catalog']}: "
-        + ("ok" if report["ok"] else "PROBLEMS\n  " + "\n  ".join(report["problems"]))))
+        + ("ok" if report["ok"] else "PROBLEMS\n  " + "\n  ".join(report["problems"]))
+        + (f" ({report['unreferenced_rows']} rows of interrupted registrations belong to no snapshot; a retry "
+           f"reuses them)" if report["unreferenced_rows"] else "")))
     if not report["ok"]:
         sys.exit(1)
 

@@ -281,3 +281,21 @@ def test_row_hash_definition_is_length_prefixed_and_null_aware():
     assert len({*row_hashes(table), *row_hashes(moved), *row_hashes(empty)}) == 3
     nested = pa.table({"l": [["ab", "c"], ["a", "bc"], [], None]})
     assert len(set(row_hashes(nested))) == 4
+
+
+def test_rows_of_an_interrupted_registration_are_reported_and_reused(catalog: Catalog, monkeypatch):
+    keep = catalog.register("generations", gens(pids(2)), iteration=1, split="train")
+    big = gens(pids(4, start=10))
+
+    def crash(self, con, item, sid, hashes):
+        raise KeyboardInterrupt  # the process is stopped after the rows, before the snapshot
+
+    monkeypatch.setattr(Catalog, "_record", crash)
+    with pytest.raises(KeyboardInterrupt):
+        catalog.register("generations", big, iteration=1, split="train")
+    monkeypatch.undo()
+    report = catalog.verify()
+    assert report["ok"] and report["unreferenced_rows"] == 12
+    assert [s.id for s in catalog.list()] == [keep.id]
+    catalog.register("generations", big, iteration=1, split="train")  # the retry stores nothing new
+    assert count(catalog, "rows_generations") == 6 + 12 and catalog.verify()["unreferenced_rows"] == 0
