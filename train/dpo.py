@@ -124,10 +124,9 @@ def _hub_dataset(ref: str, script) -> tuple[Any, Any]:
         loaded = datasets.load_dataset(ref, name=script.dataset_config)
     except Exception as e:  # a missing path, an unknown hub id, a config that is not there
         raise InputError(f"dataset {ref!r} (config {script.dataset_config}) cannot be loaded ({one_line(e)})") from None
-    for split in (script.dataset_train_split,):
-        if split not in loaded:
-            raise InputError(f"dataset {ref!r} has no split {split!r} (splits: {', '.join(loaded)}); "
-                             f"set dataset_train_split in the recipe")
+    if script.dataset_train_split not in loaded:
+        raise InputError(f"dataset {ref!r} has no split {script.dataset_train_split!r} (splits: "
+                         f"{', '.join(loaded)}); set dataset_train_split in the recipe")
     test = loaded[script.dataset_test_split] if script.dataset_test_split in loaded else None
     return loaded[script.dataset_train_split], test
 
