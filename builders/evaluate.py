@@ -50,9 +50,13 @@ def _write_json(path: Path, data: Any) -> None:
     if not path.parent.exists():
         raise InputError(f"{path.parent}: no such folder")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # nothing half-written is left beside the target
+        raise
 
 
 def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import pyarrow as pa
 from builders.catalog import Catalog, Registration, Snapshot
 from builders.config import PROMPT_COLUMNS, SplitConfig
 from builders.errors import InputError
+from builders.models import one_line as _one_line
 
 LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -244,11 +245,6 @@ def _read_hub(source: str, column: str | None) -> _Columns:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") else ""
         raise InputError(f"cannot load hub dataset {source!r}{offline}: {_one_line(e)}") from None
     return _dataset_to_columns(ds, None, column, source)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def looks_local(source: str) -> bool:
