@@ -34,15 +34,32 @@ def model_identity(model: str, revision: str | None = None) -> dict[str, Any]:
             raise InputError(f"model {model}: not a folder")
         return {"model": str(path.resolve()), "model_sha256": _files_digest(path)}
     import huggingface_hub
+    from huggingface_hub import constants  # a submodule: `huggingface_hub.constants` is not an attribute in 2.x
 
     try:
-        if huggingface_hub.constants.HF_HUB_OFFLINE:
+        if constants.HF_HUB_OFFLINE:
             folder = huggingface_hub.snapshot_download(model, revision=revision, local_files_only=True,
                                                        allow_patterns=["config.json"])
             return {"model": model, "revision": Path(folder).name}
         return {"model": model, "revision": huggingface_hub.model_info(model, revision=revision).sha}
     except Exception as e:  # offline cache miss, unknown repo, no network: the user must fix the model argument
         raise InputError(f"model {model!r} cannot be loaded (not a local folder; hub: {one_line(e)})") from None
+
+
+def resolve_folder(ref: str, what: str = "model") -> Path:
+    """A local folder, or a hub repo's snapshot folder (downloaded, or found in the HF cache when offline)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{what} {ref}: not a folder")
+        return path
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        return Path(huggingface_hub.snapshot_download(ref, local_files_only=constants.HF_HUB_OFFLINE))
+    except Exception as e:  # offline cache miss, unknown repo, no network: the user must fix the argument
+        raise InputError(f"{what} {ref!r} cannot be loaded (not a local folder; hub: {one_line(e)})") from None
 
 
 def one_line(e: BaseException) -> str:

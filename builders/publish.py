@@ -11,8 +11,10 @@ logged, written or put in a message.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -30,7 +32,7 @@ from builders.errors import InputError, IterdpoError
 from builders.pairs import TRL_SCHEMA, to_trl
 from builders.schemas import KINDS
 
-CARD_MARK = "built with iterdpo"  # a staged folder's README says so: it may be restaged in place
+MARKER = ".iterdpo-staged.json"  # in a staged folder: the files iterdpo wrote there (the only ones it may replace)
 
 
 def split_name(split: str, iteration: int) -> str:
@@ -113,12 +115,10 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
     validate_repo_id(repo_id)
     snaps = published_snapshots(catalog, iterations)
     target = Path(local_dir) if local_dir else Path(tempfile.mkdtemp(prefix="iterdpo-publish-")) / "repo"
-    card = target / "README.md"
-    ours = card.exists() and CARD_MARK in card.read_text(errors="replace")
-    if target.exists() and any(target.iterdir()) and not ours:
-        raise InputError(f"{target} exists and was not staged by iterdpo; choose an empty or new --local-dir")
+    owned = _owned_files(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    _remove_stale_scratch(target)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(target)}{os.getpid()}-", dir=target.parent))
     try:
         files, infos, score_data = [], [], {}
         for (it, split), snap in snaps.items():
@@ -145,13 +145,67 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
         (scratch / "README.md").write_text(render(repo_id, infos, _features(), set_id, __version__, split_params,
                                                   license))
         files.append("README.md")
-        if target.exists():
-            shutil.rmtree(target)
-        scratch.rename(target)
-    except BaseException:
+        (scratch / MARKER).write_text(json.dumps({"files": sorted(files)}, indent=1) + "\n")
+        _place(scratch, target, owned)
+    finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise
     return StagedRepo(target, sorted(files), ids, set_id)
+
+
+def _owned_files(target: Path) -> list[str] | None:
+    """The files an earlier staging wrote into `target` (its marker lists them); None for a new or empty folder.
+    A folder with other content and no marker is the user's: refused, never cleared."""
+    if not target.exists() or not any(target.iterdir()):
+        return None
+    if not target.is_dir():
+        raise InputError(f"--local-dir {target} is a file; choose an empty or new folder")
+    try:
+        return list(json.loads((target / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{target} is not empty and was not staged by iterdpo (no {MARKER}); choose an empty or "
+                         f"new --local-dir") from None
+
+
+def _place(scratch: Path, target: Path, owned: list[str] | None) -> None:
+    """Move the staged files into `target`. A new folder is renamed into place whole; in a folder staged before,
+    only iterdpo's own files (the old marker's list) are replaced or removed, so a user's files there (a git
+    clone's .git, notes) are never touched."""
+    if owned is None:
+        if target.exists():
+            target.rmdir()  # empty (checked by _owned_files)
+        scratch.rename(target)
+        return
+    new = [str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.is_file()]
+    for rel in set(owned) - set(new):
+        (target / rel).unlink(missing_ok=True)
+    for rel in sorted(new, key=lambda r: r == MARKER):  # the marker last: it lists what is in place
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(scratch / rel, target / rel)
+    for rel in {str(Path(r).parent) for r in owned} - {"."}:
+        with contextlib.suppress(OSError):
+            (target / rel).rmdir()  # only if it is now empty
+
+
+def _scratch_prefix(target: Path) -> str:
+    return f".iterdpo-staging-{target.name}-"
+
+
+def _remove_stale_scratch(target: Path) -> None:
+    """Scratch folders of a staging that was killed (kill -9 skips every cleanup): their process is gone."""
+    for old in target.parent.glob(f"{_scratch_prefix(target)}*"):
+        pid = old.name[len(_scratch_prefix(target)):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _split_params(catalog: Catalog, snaps: dict[tuple[int, str], Snapshot]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import pyarrow as pa
 from builders.catalog import Catalog
 from builders.config import RANKERS, RankConfig
 from builders.errors import InputError, IterdpoError
-from builders.models import model_identity, one_line
+from builders.models import model_identity, one_line, resolve_folder
 from builders.results import SplitOutcome, StageResult
 
 PAIRRM_PREFIXES = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")
@@ -48,21 +48,6 @@ class Ranker(Protocol):
 
 
 # ------------------------------------------------------------------------------------------------- model loading
-def resolve_folder(ref: str) -> Path:
-    """A local folder, or a hub repo downloaded (or found in the cache when offline)."""
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(f"ranker model {ref}: not a folder")
-        return path
-    import huggingface_hub
-
-    try:
-        return Path(huggingface_hub.snapshot_download(ref, local_files_only=huggingface_hub.constants.HF_HUB_OFFLINE))
-    except Exception as e:
-        raise InputError(f"ranker model {ref!r} cannot be loaded (not a local folder; hub: {one_line(e)})") from None
-
-
 def _pairrm_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     try:
@@ -95,7 +80,7 @@ class PairRM:
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        self.ref, self.folder = ref, resolve_folder(ref)
+        self.ref, self.folder = ref, resolve_folder(ref, "ranker model")
         cfg = _pairrm_config(self.folder)
         self.source_max = int(cfg["source_maxlength"])
         self.candidate_max = int(cfg["candidate_maxlength"])
@@ -223,7 +208,7 @@ class LlmBlender:
         apply_llm_blender_fixes()
         import llm_blender
 
-        self.folder = resolve_folder(ref)
+        self.folder = resolve_folder(ref, "ranker model")
         cfg = _pairrm_config(self.folder)
         self.batch_size = batch_size
         self.blender = llm_blender.Blender()
@@ -252,7 +237,7 @@ class ScalarRM:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        folder = resolve_folder(ref)
+        folder = resolve_folder(ref, "ranker model")
         self.device, self.batch_size = _device(device), batch_size
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)

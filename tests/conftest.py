@@ -22,14 +22,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data" / "ultrafeedback"
+# Real UltraFeedback rows (MIT; tests/data/ultrafeedback/README.md gives their source), inside the repository so a
+# clone of the project alone passes its tests.
+UF_DATA = ROOT / "tests" / "data" / "ultrafeedback"
 SAMPLE = ROOT / "data" / "ultrafeedback_sample.jsonl"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    assert (SHARED_DATA / "eval200.jsonl").exists(), f"the shared UltraFeedback rows are missing at {SHARED_DATA}"
-    return SHARED_DATA
+def uf_data() -> Path:
+    assert (UF_DATA / "eval200.jsonl").exists(), f"the UltraFeedback test rows are missing at {UF_DATA}"
+    return UF_DATA
 
 
 @pytest.fixture

@@ -21,21 +21,21 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_import_eval200_keys_are_sha256_of_stripped_text(catalog: Catalog, shared_data: Path):
-    result = import_prompts(catalog, str(shared_data / "eval200.jsonl"))
+def test_import_eval200_keys_are_sha256_of_stripped_text(catalog: Catalog, uf_data: Path):
+    result = import_prompts(catalog, str(uf_data / "eval200.jsonl"))
     table = catalog.read(result.snapshot.id)
     expected = {hashlib.sha256(r["prompt"].strip().encode()).hexdigest(): r["prompt"].strip()
-                for r in _rows(shared_data / "eval200.jsonl")}
+                for r in _rows(uf_data / "eval200.jsonl")}
     assert dict(zip(table.column("prompt_id").to_pylist(), table.column("prompt").to_pylist())) == expected
     assert result.column == "prompt"
     assert result.read == 200
     assert table.column("source").null_count == table.num_rows  # eval200 has no `source` column
 
 
-def test_import_activeuf10_ignores_its_own_prompt_ids_and_keeps_source(catalog: Catalog, shared_data: Path):
-    result = import_prompts(catalog, str(shared_data / "activeuf10.jsonl"))
+def test_import_activeuf10_ignores_its_own_prompt_ids_and_keeps_source(catalog: Catalog, uf_data: Path):
+    result = import_prompts(catalog, str(uf_data / "activeuf10.jsonl"))
     table = catalog.read(result.snapshot.id)
-    rows = _rows(shared_data / "activeuf10.jsonl")
+    rows = _rows(uf_data / "activeuf10.jsonl")
     assert table.num_rows == 10
     # its file says "prompt_0"...; ours is always the sha256 of the text, as ultrafeedback_binarized's
     assert all(len(pid) == 64 for pid in table.column("prompt_id").to_pylist())

@@ -57,6 +57,50 @@ def test_dry_run_stages_a_folder_that_datasets_loads_exactly(built, tmp_path, mo
         publish(built, PublishConfig("me/iterative-dpo", local_dir=foreign, dry_run=True))
 
 
+def test_local_dir_of_a_user_is_refused_and_left_untouched(built, tmp_path):
+    mine = tmp_path / "mine"
+    (mine / ".git").mkdir(parents=True)
+    (mine / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (mine / "my_notes.txt").write_text("notes")
+    (mine / "README.md").write_text("A dataset built with iterdpo, by hand.\n")  # the card's words are no licence
+    before = sorted((p.relative_to(mine), p.read_bytes()) for p in mine.rglob("*") if p.is_file())
+    with pytest.raises(InputError, match="not staged by iterdpo"):
+        publish(built, PublishConfig("me/iterative-dpo", local_dir=mine, dry_run=True))
+    assert sorted((p.relative_to(mine), p.read_bytes()) for p in mine.rglob("*") if p.is_file()) == before
+
+
+def test_restaging_replaces_only_iterdpos_own_files(built, tmp_path):
+    staged = tmp_path / "staged"
+    first = publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True)).staged
+    # the user turns the staged folder into a clone and keeps notes in it; an old file of ours goes stale
+    (staged / ".git").mkdir()
+    (staged / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (staged / "my_notes.txt").write_text("notes")
+    marker = json.loads((staged / ".iterdpo-staged.json").read_text())
+    (staged / "default" / "stale.parquet").write_bytes(b"old")
+    marker["files"].append("default/stale.parquet")
+    (staged / ".iterdpo-staged.json").write_text(json.dumps(marker))
+    second = publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True)).staged
+    assert second.files == first.files
+    assert (staged / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (staged / "my_notes.txt").read_text() == "notes"
+    assert not (staged / "default" / "stale.parquet").exists()
+    assert all((staged / f).is_file() for f in second.files)
+    assert ".iterdpo-staged.json" not in second.files  # the marker is local: never uploaded
+
+
+def test_scratch_folders_of_a_killed_staging_are_removed(built, tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = tmp_path / f".iterdpo-staging-staged-{dead.pid}-abc"
+    (leftover / "default").mkdir(parents=True)
+    publish(built, PublishConfig("me/iterative-dpo", local_dir=tmp_path / "staged", dry_run=True))
+    assert not leftover.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".iterdpo-staging")] == []
+
+
 def test_trl_config_passes_dpo_trainer_dataset_preparation(built, tmp_path, tiny_models):
     import trl
     import datasets
