@@ -16,6 +16,7 @@ Rankers (the `Ranker` protocol):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -212,8 +213,10 @@ class LlmBlender:
         cfg = _pairrm_config(self.folder)
         self.batch_size = batch_size
         self.blender = llm_blender.Blender()
-        self.blender.loadranker(str(self.folder), device=_device(device),
-                                model_name=_backbone(self.folder, cfg["model_name"]))
+        # llm-blender prints its progress to stdout, which belongs to `--json`
+        with contextlib.redirect_stdout(sys.stderr):
+            self.blender.loadranker(str(self.folder), device=_device(device),
+                                    model_name=_backbone(self.folder, cfg["model_name"]))
 
     def describe(self) -> dict[str, Any]:
         return {"ranker": "llm-blender", "batch_size": self.batch_size, "llm_blender_version": "0.0.2"}

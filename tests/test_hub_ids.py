@@ -68,20 +68,24 @@ def iterdpo(hf_home, tmp_path_factory):
     return run
 
 
+def _snapshots(doc: dict) -> list[dict]:
+    return [s["snapshot"] for s in doc["splits"]]
+
+
 def test_generate_rank_and_train_take_hub_ids(iterdpo, tmp_path):
     gen = iterdpo("generate", "--iteration", "1", "--model", GENERATOR, "--num-responses", "3", "--max-tokens", "8",
                   "--json")
-    assert {s["split"] for s in gen["snapshots"]} == {"train", "test"}
-    assert {s["params"]["model"]["revision"] for s in gen["snapshots"]} == {REV}
+    assert {s["split"] for s in _snapshots(gen)} == {"train", "test"}
+    assert {(s["params"]["model"], s["params"]["revision"]) for s in _snapshots(gen)} == {(GENERATOR, REV)}
     # the default ranker, by its hub id
     ranked = iterdpo("rank", "--iteration", "1", "--json")
-    assert {s["params"]["ranker"]["ranker"] for s in ranked["snapshots"]} == {"pairrm"}
+    assert {s["params"]["ranker"] for s in _snapshots(ranked)} == {"pairrm"}
     blender = iterdpo("rank", "--iteration", "1", "--ranker", "llm-blender", "--ranker-model", "llm-blender/PairRM",
                       "--json")
-    for ours, theirs in zip(ranked["snapshots"], blender["snapshots"]):
+    for ours, theirs in zip(_snapshots(ranked), _snapshots(blender)):
         assert ours["rows"] == theirs["rows"] == (18 if ours["split"] == "train" else 6)
     scalar = iterdpo("rank", "--iteration", "1", "--ranker", "scalar", "--ranker-model", SCALAR, "--json")
-    assert len(scalar["snapshots"]) == 2
+    assert len(_snapshots(scalar)) == 2
     iterdpo("build", "--iteration", "1", "--allow-partial")
     model = iterdpo("train", "--iteration", "1", "--recipe", "train/recipes/tiny-cpu.yaml", "--model", GENERATOR,
                     "--output-dir", str(tmp_path / "m1"), "--json")
@@ -100,4 +104,4 @@ def test_best_of_n_takes_hub_ids(iterdpo, tmp_path):
 def test_vllm_backend_takes_a_hub_id(iterdpo):
     gen = iterdpo("generate", "--iteration", "1", "--model", GENERATOR, "--backend", "vllm", "--num-responses", "2",
                   "--max-tokens", "8", "--split", "test", "--json", timeout=600)
-    assert gen["snapshots"][0]["rows"] == 4
+    assert _snapshots(gen)[0]["rows"] == 4
