@@ -128,7 +128,7 @@ def test_bad_publish_inputs(built, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="nothing built"):
         publish(Catalog(tmp_path / "empty.duckdb"), PublishConfig("me/x", dry_run=True))
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr("builders.publish._token", lambda: None)
+    monkeypatch.setattr("builders.hub.token", lambda: None)
     with pytest.raises(InputError, match="no Hugging Face token: run `hf auth login` or set HF_TOKEN"):
         publish(built, PublishConfig("me/x"))
 
@@ -209,7 +209,7 @@ def hub(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline; this server is local
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setattr("builders.publish._token", lambda: TOKEN)
+    monkeypatch.setattr("builders.hub.token", lambda: TOKEN)
     yield state
     server.shutdown()
 

@@ -1,0 +1,235 @@
+"""The Hub side of publishing, shared by datasets (`publish`) and models (`publish-model`).
+
+Staging: a repo folder is built in a scratch folder beside its target and moved into place, so it is whole or
+absent. A folder iterdpo staged before holds a marker listing the files iterdpo wrote there; only those are ever
+replaced or removed, and a non-empty folder without the marker is the user's and is refused.
+
+Upload: ONE commit with every staged file (stale files of earlier publications deleted in it), then a tag. The
+publication is recorded as soon as the commit lands, so a failed tag is added by the next run without a second
+commit, and publishing the same snapshots to the same repo revision again sends nothing. The token comes from
+HF_TOKEN or `hf auth login`, as huggingface_hub finds it, and is never logged, written or put in a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from builders.catalog import Catalog
+from builders.errors import InputError, IterdpoError
+
+MARKER = ".iterdpo-staged.json"  # in a staged folder: the files iterdpo wrote there (the only ones it may replace)
+
+
+def snapshot_set_id(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def validate_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id as hub_validate
+
+    try:
+        hub_validate(repo_id)
+    except HFValidationError as e:
+        raise InputError(f"invalid repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
+    if "/" not in repo_id:
+        raise InputError(f"invalid repo id {repo_id!r}: use namespace/name (your user or organisation)")
+
+
+# --------------------------------------------------------------------------------------------------------- staging
+@dataclass
+class Staging:
+    folder: Path  # the scratch folder to write into
+    target: Path  # where it lands
+    files: list[str] = field(default_factory=list)  # relative paths written (what is uploaded)
+
+
+@contextlib.contextmanager
+def staging(local_dir: Path | None, prefix: str = "iterdpo-publish-") -> Iterator[Staging]:
+    """Yield a scratch folder; when the block ends without error its files are moved into `local_dir` (default: a
+    new temporary folder). The block appends every file it writes to `files`."""
+    target = Path(local_dir) if local_dir else Path(tempfile.mkdtemp(prefix=prefix)) / "repo"
+    owned = _owned_files(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_scratch(target)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(target)}{os.getpid()}-", dir=target.parent))
+    try:
+        st = Staging(scratch, target)
+        yield st
+        (scratch / MARKER).write_text(json.dumps({"files": sorted(st.files)}, indent=1) + "\n")
+        _place(scratch, target, owned)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _owned_files(target: Path) -> list[str] | None:
+    """The files an earlier staging wrote into `target` (its marker lists them); None for a new or empty folder.
+    A folder with other content and no marker is the user's: refused, never cleared."""
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        raise InputError(f"--local-dir {target} is a file; choose an empty or new folder")
+    if not any(target.iterdir()):
+        return None
+    try:
+        return list(json.loads((target / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{target} is not empty and was not staged by iterdpo (no {MARKER}); choose an empty or "
+                         f"new --local-dir") from None
+
+
+def _place(scratch: Path, target: Path, owned: list[str] | None) -> None:
+    """Move the staged files into `target`. A new folder is renamed into place whole; in a folder staged before,
+    only iterdpo's own files (the old marker's list) are replaced or removed, so a user's files there (a git
+    clone's .git, notes) are never touched."""
+    if owned is None:
+        if target.exists():
+            target.rmdir()  # empty (checked by _owned_files)
+        scratch.rename(target)
+        return
+    new = [str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.is_file()]
+    for rel in set(owned) - set(new):
+        (target / rel).unlink(missing_ok=True)
+    for rel in sorted(new, key=lambda r: r == MARKER):  # the marker last: it lists what is in place
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(scratch / rel, target / rel)
+    for rel in {str(Path(r).parent) for r in owned} - {"."}:
+        with contextlib.suppress(OSError):
+            (target / rel).rmdir()  # only if it is now empty
+
+
+def _scratch_prefix(target: Path) -> str:
+    return f".iterdpo-staging-{target.name}-"
+
+
+def _remove_stale_scratch(target: Path) -> None:
+    """Scratch folders of a staging that was killed (kill -9 skips every cleanup): their process is gone."""
+    for old in target.parent.glob(f"{_scratch_prefix(target)}*"):
+        pid = old.name[len(_scratch_prefix(target)):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------- upload
+@dataclass(frozen=True)
+class HubTarget:
+    repo_id: str
+    repo_type: str  # "dataset" or "model"
+    revision: str = "main"  # the branch to commit to
+    private: bool = False
+    max_retries: int = 5  # network errors and 5xx, with exponential backoff
+    backoff: float = 1.0
+    command: str = "iterdpo publish"  # named in "rerun ... to tag it"
+
+
+@dataclass
+class Uploaded:
+    already_published: bool
+    commit: str | None = None
+    tag: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def hub_error(e: Exception) -> tuple[bool, str]:
+    """(retryable, one-line message without secrets) for an exception from huggingface_hub or the network."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(e, OfflineModeIsEnabled):
+        return False, "HF_HUB_OFFLINE is set: unset it to upload (or use --dry-run)"
+    if isinstance(e, HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            return False, (f"the Hub refused the request (HTTP {status}): check your token "
+                           f"(`hf auth login` or HF_TOKEN) and its write access")
+        return (status is None or status >= 500 or status == 429), f"HTTP {status}: {str(e).splitlines()[0][:200]}"
+    if isinstance(e, (httpx.TransportError, ConnectionError, TimeoutError, OSError)):
+        return True, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'network error'}"
+    return False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def retry(what: str, call: Callable[[], Any], target: HubTarget, landed: str | None = None) -> Any:
+    delay = target.backoff
+    for attempt in range(target.max_retries + 1):
+        try:
+            return call()
+        except Exception as e:  # classified below: retryable network/5xx, or a final error
+            retryable, message = hub_error(e)
+            if not retryable or attempt == target.max_retries:
+                after = (f"commit {landed} landed; rerun `{target.command}` to tag it" if landed
+                         else "nothing was published")
+                raise IterdpoError(f"{what} failed: {message}; {after}") from None
+        time.sleep(delay * (0.5 + random.random()))
+        delay *= 2
+
+
+def token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def upload(catalog: Catalog, target: HubTarget, folder: Path, files: list[str], set_id: str,
+           snapshots: dict[str, str]) -> Uploaded:
+    """Commit `files` of `folder` to the repo as one commit, tag it `set_id`, and record the publication."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
+
+    endpoint = constants.ENDPOINT
+    repo_id, kind, revision = target.repo_id, target.repo_type, target.revision
+    prior = catalog.publication(set_id, repo_id, revision, endpoint)
+    if prior and prior["tag"]:
+        return Uploaded(True, prior["commit"], prior["tag"])
+    secret = token()
+    if not secret:
+        raise InputError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or use --dry-run)")
+    api = HfApi(endpoint=endpoint, token=secret)
+
+    def tag_commit(oid: str, already: bool) -> Uploaded:
+        retry("tagging the commit", lambda: api.create_tag(repo_id, tag=set_id, revision=oid, repo_type=kind,
+                                                           tag_message=f"iterdpo snapshot set {set_id}",
+                                                           exist_ok=True), target, landed=oid)
+        catalog.set_publication_tag(set_id, repo_id, revision, endpoint, set_id)
+        return Uploaded(already, oid, set_id)
+
+    if prior:  # the commit landed earlier but its tag did not: only the tag is missing
+        return tag_commit(prior["commit"], True)
+    retry("creating the repo", lambda: api.create_repo(repo_id, repo_type=kind, private=target.private,
+                                                       exist_ok=True), target)
+    if revision != "main":
+        retry("creating the branch", lambda: api.create_branch(repo_id, repo_type=kind, branch=revision,
+                                                               exist_ok=True), target)
+    existing = retry("listing the repo", lambda: api.list_repo_files(repo_id, repo_type=kind, revision=revision),
+                     target)
+    keep = set(files) | {".gitattributes"}
+    deletes = [CommitOperationDelete(path_in_repo=path) for path in existing if path not in keep]
+
+    def commit():  # an Add is single-use: new ones on every try
+        adds = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files]
+        return api.create_commit(repo_id, adds + deletes, repo_type=kind, revision=revision,
+                                 commit_message=f"iterdpo: publish snapshot set {set_id[:12]}",
+                                 commit_description=f"Snapshots: {json.dumps(snapshots)}")
+
+    info = retry("the commit", commit, target)
+    # recorded at once (the commit is on the Hub); the tag follows, and a rerun adds it if it failed
+    catalog.record_publication(set_id, repo_id, revision, info.oid, None, list(snapshots.values()), endpoint)
+    return tag_commit(info.oid, False)
