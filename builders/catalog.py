@@ -717,6 +717,16 @@ class Catalog:
                             "AND revision = ? AND endpoint = ?", [set_id, repo_id, revision, endpoint])
         return {"commit": row[0], "tag": row[1], "created_at": row[2]} if row else None
 
+    def publications(self) -> list[dict[str, Any]]:
+        """Every recorded publication, oldest first."""
+        if not self.exists():
+            return []
+        with self.connect() as con:
+            rows = _all(con, "SELECT set_id, repo_id, revision, commit_id, tag, snapshot_ids, endpoint, created_at "
+                             "FROM publications ORDER BY created_at")
+        return [{"set_id": r[0], "repo_id": r[1], "revision": r[2], "commit": r[3], "tag": r[4],
+                 "snapshot_ids": json.loads(r[5]), "endpoint": r[6], "created_at": r[7]} for r in rows]
+
     def record_publication(self, set_id: str, repo_id: str, revision: str, commit: str, tag: str | None,
                            snapshot_ids: Sequence[str], endpoint: str) -> None:
         with self.transaction() as con:

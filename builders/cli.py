@@ -20,7 +20,7 @@ import click
 from builders import __version__
 from builders.config import (
     BACKENDS, CATALOG_ENV, DEFAULT_CATALOG, RANKERS, SELECTIONS, BuildConfig, GenerateConfig, OpenAIConfig,
-    PublishConfig, QuickstartConfig, RankConfig, SamplingConfig, SplitConfig, TinyConfig, VllmConfig,
+    PublishConfig, PublishModelConfig, QuickstartConfig, RankConfig, SamplingConfig, SplitConfig, TinyConfig, VllmConfig,
 )
 from builders.errors import IterdpoError
 
@@ -482,7 +482,10 @@ def publish_cmd(state: State, repo_id: str, iterations: str | None, local_dir: s
                                      param_hint="--iterations") from None
     cfg = PublishConfig(repo_id, its, Path(local_dir) if local_dir else None, dry_run, private, revision)
     result = publish(state.catalog(), cfg)
+    _print_publication(result, repo_id, revision, as_json)
 
+
+def _print_publication(result, repo_id: str, revision: str, as_json: bool) -> None:
     def human() -> None:
         click.echo(f"staged {len(result.staged.files)} files in {result.staged.folder} "
                    f"(snapshot set {result.staged.set_id[:12]})")
@@ -494,6 +497,38 @@ def publish_cmd(state: State, repo_id: str, iterations: str | None, local_dir: s
             click.echo(f"published {repo_id}@{revision}: commit {result.commit}, tag {result.tag}")
 
     emit(result.to_json(), as_json, human)
+
+
+@cli.command("publish-model", epilog=example(
+    "iterdpo publish-model me/mistral-iterdpo-it1 --iteration 1 --local-dir staged-model --dry-run"))
+@click.argument("repo_id")
+@click.option("--iteration", type=int, required=True, help="Publish the model trained on this iteration's pairs.")
+@click.option("--dataset-repo", default=None, help="The dataset repo of its pairs, for the card (default: where "
+              "the catalog published them).")
+@click.option("--local-dir", type=click.Path(file_okay=False), default=None,
+              help="Stage the repo folder here (kept); its root holds README.md and the model files.")
+@click.option("--dry-run", is_flag=True, help="Stage only: no token, no network.")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", default=PublishModelConfig.revision, show_default=True, help="Branch to commit to.")
+@click.option("--license", "license_", default=PublishModelConfig.license, show_default=True,
+              help="The model's licence (its base model's terms apply).")
+@json_option
+@click.pass_obj
+def publish_model_cmd(state: State, repo_id: str, iteration: int, dataset_repo: str | None, local_dir: str | None,
+                      dry_run: bool, private: bool, revision: str, license_: str, as_json: bool) -> None:
+    """Publish the trained model of an iteration as a Hub model repo: weights (safetensors), config, tokenizer,
+    chat template, and a model card with its lineage (base -> iteration 1 -> ...), the pairs snapshots and
+    dataset commit it learned from, the recipe as trained and the catalog's evaluation.
+
+    One commit, tagged; publishing the same model again is a no-op. The token comes from HF_TOKEN or
+    `hf auth login`; HF_ENDPOINT selects another Hub.
+    """
+    from builders.publish_model import publish_model
+
+    cfg = PublishModelConfig(repo_id, iteration, dataset_repo, Path(local_dir) if local_dir else None, dry_run,
+                             private, revision, license_)
+    result = publish_model(state.catalog(), cfg)
+    _print_publication(result, repo_id, revision, as_json)
 
 
 # ------------------------------------------------------------------------------------------------------------ train

@@ -176,6 +176,20 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class PublishModelConfig:
+    repo_id: str
+    iteration: int
+    dataset_repo: str | None = None  # default: the repo the catalog published these pairs to, if any
+    local_dir: Path | None = None  # the staged repo folder (kept); default: a temporary folder
+    dry_run: bool = False  # stage only: no token, no network
+    private: bool = False
+    revision: str = "main"  # the branch to commit to
+    license: str = "apache-2.0"  # Mistral-7B-Instruct-v0.2's and SmolLM2's licence; set your base model's
+    max_retries: int = 5  # network errors and 5xx, with exponential backoff
+    backoff: float = 1.0
+
+
+@dataclass(frozen=True)
 class PromptSource:
     source: str = "openbmb/UltraFeedback"
     column: str | None = None

@@ -26,6 +26,24 @@ def _files_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(folder: Path) -> str:
+    """The identity of a trained model: sha256 over its weight files (safetensors, else .bin), in name order."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin")):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def display_name(model: str) -> str:
+    """How a model is named in anything published: a hub id as is, a local folder by its name (never a path)."""
+    path = Path(model).expanduser()
+    if path.is_absolute() or path.exists() or model.count("/") > 1 or model.startswith("."):
+        return path.name
+    return model
+
+
 def model_identity(model: str, revision: str | None = None) -> dict[str, Any]:
     """What the snapshot records about the model: a local folder's content digest, or a hub id's resolved commit."""
     path = Path(model).expanduser()

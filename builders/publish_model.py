@@ -1,0 +1,211 @@
+"""Publishing the trained model of an iteration: a Hub model repo whose card ties it to the data it learned from.
+
+    publish_model(catalog, PublishModelConfig("me/mistral-iterdpo-it3", iteration=3, dry_run=True,
+                                              local_dir=Path("staged-model")))
+
+The repo holds the `model` snapshot's files (safetensors weights, config, tokenizer, chat template, generation
+config) and a model card: base model, the lineage base -> iteration 1 -> ... -> this one with each iteration's
+pairs snapshots and the dataset commit they were published in, the recipe as trained, the evaluation the catalog
+holds (reward of test-prompt responses per iteration, length drift) and how to load it. One commit with a tag,
+idempotent, with the same retries, token handling and errors as `publish` (builders/hub.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builders import __version__
+from builders.catalog import Catalog, Snapshot
+from builders.config import PublishModelConfig
+from builders.errors import InputError
+from builders.hub import HubTarget, snapshot_set_id, staging, upload, validate_repo_id
+from builders.models import display_name, weights_sha256
+from builders.publish import PublishResult, StagedRepo
+
+# What a model folder holds that a user loads; TRL's training_args.bin (a pickle), optimizer states and
+# checkpoint-* folders stay behind.
+MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "tokenizer.model", "merges.txt", "vocab.txt")
+# Recipe keys that are about where files go or how runs are logged, not how the model was trained
+RECIPE_NOISE = ("env", "output_dir", "overwrite_output_dir", "report_to", "run_name", "model_name_or_path",
+                "dataset_name", "dataset_config", "datasets", "dataset_train_split", "dataset_test_split")
+
+
+@dataclass
+class Step:
+    """One model of the lineage."""
+
+    iteration: int
+    snapshot: Snapshot
+    row: dict[str, Any]
+    pairs: dict[str, str]  # split -> pairs snapshot id it was trained (and evaluated) on
+    dataset: dict[str, Any] | None  # the publication of those pairs: repo_id, commit, tag
+
+
+def _row(catalog: Catalog, snap: Snapshot) -> dict[str, Any]:
+    return catalog.read(snap.id).to_pylist()[0]
+
+
+def metrics(catalog: Catalog, snap: Snapshot) -> dict[str, Any]:
+    """Training metrics of a model snapshot (kept in its params; older catalogs kept them in the row)."""
+    if "metrics" in snap.params:
+        return dict(snap.params["metrics"])
+    row = _row(catalog, snap)
+    return json.loads(row["metrics"]) if row.get("metrics") else {}
+
+
+def lineage(catalog: Catalog, snap: Snapshot) -> tuple[str, list[Step]]:
+    """(the base model the chain started from, the model snapshots from iteration 1 to `snap`)."""
+    by_path = {}
+    for s in catalog.list(kind="model"):  # oldest first: the newest snapshot of a folder wins
+        by_path[str(Path(_row(catalog, s)["path"]).resolve())] = s
+    publications = catalog.publications()
+    chain: list[Step] = []
+    current = snap
+    while current is not None and all(step.snapshot.id != current.id for step in chain):
+        row = _row(catalog, current)
+        pairs = {catalog.get(p).split or "?": p for p in current.parents}
+        published = [p for p in publications if set(pairs.values()) & set(p["snapshot_ids"])]
+        chain.append(Step(current.iteration, current, row, pairs, published[-1] if published else None))
+        base = row["base_model"]
+        current = by_path.get(str(Path(base).expanduser().resolve())) if Path(base).expanduser().exists() else None
+    return chain[-1].row["base_model"], chain[::-1]
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return statistics.fmean(values), se
+
+
+def test_rewards(catalog: Catalog, iterations: list[int]) -> list[dict[str, Any]]:
+    """Per iteration: the reward of its test-prompt responses (written by the model of the iteration before),
+    from the catalog's scores and generations snapshots."""
+    import pyarrow.compute as pc
+
+    out = []
+    for it in iterations:
+        scores, gens = catalog.newest("scores", it, "test"), catalog.newest("generations", it, "test")
+        if scores is None or gens is None:
+            continue
+        gen_table = catalog.read(gens.id)
+        mean, se = _mean_se(catalog.read(scores.id).column("score").to_pylist())
+        lengths = pc.utf8_length(gen_table.column("response")).to_pylist()
+        cut = sum(r == "length" for r in gen_table.column("finish_reason").to_pylist())
+        out.append({"iteration": it, "generator": display_name(str(gens.params.get("model", "?"))),
+                    "ranker": display_name(str(scores.params.get("ranker_model", scores.params.get("ranker", "?")))),
+                    "responses": gen_table.num_rows, "mean_reward": mean, "standard_error": se,
+                    "mean_length": statistics.fmean(lengths) if lengths else math.nan,
+                    "cut_by_max_tokens": cut / gen_table.num_rows if gen_table.num_rows else math.nan})
+    return out
+
+
+def _hyperparameters(recipe_text: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(recipe_text) or {}
+    except yaml.YAMLError:
+        return {}
+    return {k: (display_name(v) if isinstance(v, str) and v.startswith("/") else v)
+            for k, v in raw.items() if k not in RECIPE_NOISE and not k.startswith(("hub_", "push_to_hub", "logging_"))}
+
+
+def _prompt_format(folder: Path) -> str:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        return tok.apply_chat_template([{"role": "user", "content": "{prompt}"}], tokenize=False,
+                                       add_generation_prompt=True)
+    except Exception:  # no chat template: the card says so
+        return ""
+
+
+def stage_model(catalog: Catalog, cfg: PublishModelConfig) -> tuple[StagedRepo, Snapshot]:
+    """Write the model repo folder (files + card); whole or absent."""
+    validate_repo_id(cfg.repo_id)
+    if cfg.dataset_repo:
+        validate_repo_id(cfg.dataset_repo)
+    snap = catalog.newest("model", cfg.iteration)
+    if snap is None:
+        raise InputError(f"iteration {cfg.iteration} has no trained model in catalog {catalog.path}; run "
+                         f"`iterdpo train --iteration {cfg.iteration}` first")
+    base, chain = lineage(catalog, snap)
+    row = chain[-1].row
+    folder = Path(row["path"])
+    if not folder.is_dir():
+        raise InputError(f"the model of iteration {cfg.iteration} is gone from {folder}; train it again")
+    if weights_sha256(folder) != row["weights_sha256"]:
+        raise InputError(f"the weights in {folder} changed since the model snapshot {snap.id[:12]} was registered; "
+                         f"train it again or restore them")
+    names = sorted({p.name for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()})
+    if not any(n.endswith(".safetensors") for n in names):
+        raise InputError(f"{folder} holds no safetensors weights")
+    with staging(cfg.local_dir, prefix="iterdpo-publish-model-") as st:
+        for name in names:
+            shutil.copy2(folder / name, st.folder / name)
+            st.files.append(name)
+        (st.folder / "README.md").write_text(_card(catalog, cfg, snap, base, chain, _prompt_format(st.folder)))
+        st.files.append("README.md")
+    set_id = snapshot_set_id([snap.id])
+    return StagedRepo(st.target, sorted(st.files), {"model": snap.id}, set_id), snap
+
+
+def _card(catalog: Catalog, cfg: PublishModelConfig, snap: Snapshot, base: str, chain: list[Step],
+          prompt_format: str) -> str:
+    from cards.model_card import render
+
+    steps = []
+    for step in chain:
+        m = metrics(catalog, step.snapshot)
+        dataset = step.dataset
+        if dataset is None and cfg.dataset_repo:
+            dataset = {"repo_id": cfg.dataset_repo, "commit": None, "tag": None}
+        steps.append({"iteration": step.iteration, "name": display_name(step.row["path"]),
+                      "snapshot": step.snapshot.id, "weights_sha256": step.row["weights_sha256"],
+                      "pairs": step.pairs, "dataset": dataset, "metrics": m})
+    datasets = sorted({s["dataset"]["repo_id"] for s in steps if s["dataset"]})
+    if cfg.dataset_repo and cfg.dataset_repo not in datasets:
+        datasets.append(cfg.dataset_repo)
+    base_is_hub = not Path(base).expanduser().exists() and not Path(base).is_absolute()
+    return render(
+        repo_id=cfg.repo_id, iteration=cfg.iteration, base=display_name(base), base_is_hub=base_is_hub,
+        license=cfg.license, datasets=datasets, steps=steps,
+        hyperparameters=_hyperparameters(chain[-1].row["recipe"]),
+        rewards=test_rewards(catalog, list(range(1, cfg.iteration + 2))),
+        drift=_drift(catalog, [s.iteration for s in chain]), prompt_format=prompt_format,
+        snapshot=snap.id, version=__version__,
+    )
+
+
+def _drift(catalog: Catalog, iterations: list[int]) -> list[dict[str, Any]]:
+    from cards.stats import pair_stats
+
+    out = []
+    for it in iterations:
+        pairs = catalog.newest("pairs", it, "train")
+        if pairs is not None:
+            st = pair_stats(catalog.read(pairs.id))
+            out.append({"iteration": it, "pairs": st["rows"], "chosen": st["chosen_length"]["mean"],
+                        "rejected": st["rejected_length"]["mean"], "chosen_longer": st["chosen_longer"]})
+    return out
+
+
+def publish_model(catalog: Catalog, cfg: PublishModelConfig) -> PublishResult:
+    """Stage the model repo; unless dry-run, upload it as one commit, tag it, and record the publication."""
+    staged, _ = stage_model(catalog, cfg)
+    result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run)
+    if cfg.dry_run:
+        return result
+    target = HubTarget(cfg.repo_id, "model", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
+                       command="iterdpo publish-model")
+    up = upload(catalog, target, staged.folder, staged.files, staged.set_id, staged.snapshots)
+    result.already_published, result.commit, result.tag = up.already_published, up.commit, up.tag
+    return result

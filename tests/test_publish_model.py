@@ -1,0 +1,94 @@
+"""Publishing a trained model: the staged folder loads with transformers and generates, the card parses and ties
+the model to its data, and the upload protocol against the fake Hub of test_publish (one commit, a tag, no-op
+republish, 401 records nothing, the token nowhere on disk)."""
+
+from __future__ import annotations
+
+import pytest
+
+from builders.catalog import Catalog
+from builders.config import PublishConfig, PublishModelConfig
+from builders.errors import InputError, IterdpoError
+from builders.publish import publish
+from builders.publish_model import publish_model
+from tests.conftest import built_catalog
+from tests.test_publish import TOKEN, hub  # noqa: F401  (the fake Hub fixture)
+from train.dpo import RECIPES, TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_models) -> Catalog:
+    """Pairs of iteration 1, published (dry run records nothing, so a publication is recorded by hand), and the
+    model trained on them."""
+    root = tmp_path_factory.mktemp("pm")
+    catalog = built_catalog(root / "c.duckdb", n_prompts=8)
+    train(catalog, TrainConfig(1, RECIPES / "tiny-cpu.yaml", str(tiny_models / "generator"),
+                               output_dir=root / "models" / "iteration_1"))
+    staged = publish(catalog, PublishConfig("me/iterative-dpo", local_dir=root / "ds", dry_run=True)).staged
+    catalog.record_publication(staged.set_id, "me/iterative-dpo", "main", "c0ffee" * 6 + "ab", staged.set_id,
+                               list(staged.snapshots.values()), "https://huggingface.co")
+    return catalog
+
+
+def test_dry_run_stages_a_model_that_transformers_loads_and_a_card_that_ties_it_to_its_data(trained, tmp_path):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = publish_model(trained, PublishModelConfig("me/tiny-iterdpo", 1, local_dir=tmp_path / "m", dry_run=True))
+    folder = result.staged.folder
+    assert "model.safetensors" in result.staged.files and "config.json" in result.staged.files
+    assert "training_args.bin" not in result.staged.files  # a pickle: never published
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-generation"
+    assert set(card.data.tags) >= {"dpo", "iterative-dpo", "trl", "iterdpo"}
+    assert card.data.datasets == ["me/iterative-dpo"]
+    assert card.data.get("base_model") is None  # the base is a local folder, not a hub id
+    model_snap = trained.newest("model", 1)
+    assert model_snap.parents == [trained.newest("pairs", 1, "train").id]
+    assert model_snap.parents[0][:12] in card.text and model_snap.id in card.text
+    assert "c0ffeec0ffee" in card.text  # the dataset commit its pairs were published in
+    assert "beta: 0.01" in card.text and "[INST] {prompt} [/INST]" in card.text
+    assert str(tmp_path) not in card.text and "/tmp" not in card.text  # no local absolute paths
+
+
+def test_upload_is_one_commit_with_a_tag_and_republishing_is_a_noop(trained, tmp_path, hub):  # noqa: F811
+    cfg = PublishModelConfig("me/tiny-iterdpo", 1, local_dir=tmp_path / "m", backoff=0.01)
+    result = publish_model(trained, cfg)
+    assert len(hub["commits"]) == 1
+    added = sorted(op["value"]["path"] for op in hub["commits"][0] if op["key"] == "file")
+    assert added == sorted(result.staged.files)
+    assert hub["create_body"]["type"] == "model"
+    assert [t for t, _ in hub["tags"]] == [result.commit] and result.tag == result.staged.set_id
+    before = len(hub["requests"])
+    again = publish_model(trained, cfg)
+    assert again.already_published and again.commit == result.commit and len(hub["requests"]) == before
+    for path in [trained.path, *result.staged.folder.rglob("*")]:
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes()
+
+
+def test_401_records_nothing(trained, tmp_path, hub):  # noqa: F811
+    hub["status_always"] = 401
+    with pytest.raises(IterdpoError, match="HTTP 401"):
+        publish_model(trained, PublishModelConfig("me/other-model", 1, local_dir=tmp_path / "m", backoff=0.01))
+    assert hub["commits"] == [] and not [p for p in trained.publications() if p["repo_id"] == "me/other-model"]
+
+
+def test_bad_inputs_are_one_line_errors(trained, tmp_path, cli, catalog_path):
+    import shutil
+
+    with pytest.raises(InputError, match="iteration 2 has no trained model"):
+        publish_model(trained, PublishModelConfig("me/x", 2, dry_run=True))
+    with pytest.raises(InputError, match="invalid repo id"):
+        publish_model(trained, PublishModelConfig("no-namespace", 1, dry_run=True))
+    shutil.copy(trained.path, catalog_path)
+    out = cli("publish-model", "me/x", "--iteration", "3", "--dry-run")
+    assert out.code == 1 and len(out.err.strip().splitlines()) == 1
+    ok = cli("publish-model", "me/x", "--iteration", "1", "--dry-run", "--local-dir", tmp_path / "cli", "--json")
+    assert ok.code == 0, ok.err and ok.json()["dry_run"] is True
