@@ -633,13 +633,20 @@ def run_cmd(state: State, pipeline: str, as_json: bool) -> None:
 @click.option("--ranker", type=click.Choice(RANKERS), default=RANK.ranker, show_default=True)
 @click.option("--ranker-model", default=RANK.ranker_model, show_default=True)
 @click.option("--generator-name", default=None, help="The `generator` field of the outputs.")
-@click.option("--output", required=True, type=click.Path(dir_okay=False), help="model_outputs.json to write.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False),
+              help="model_outputs.json to write (its folder must exist); the sidecar OUTPUT_STEM.candidates.jsonl "
+                   "goes beside it.")
 @json_option
 def best_of_n_cmd(model: str, prompts_file: str, num_responses: int, backend: str, temperature: float,
                   max_tokens: int, seed: int, column: str | None, ranker: str, ranker_model: str,
                   generator_name: str | None, output: str, as_json: bool) -> None:
     """Generate N responses per prompt and keep the ranker's best (PairRM best-of-16 lifted Snorkel's model on
-    AlpacaEval 2.0 from 30.22 to 34.86); write AlpacaEval's model_outputs.json plus the selection scores.
+    AlpacaEval 2.0 from 30.22 to 34.86); write AlpacaEval's model_outputs.json.
+
+    One row per input row, scalar fields only: instruction and dataset exactly as the input has them (rows without
+    a dataset get their `source`, else the prompt file's name), output, generator. Every candidate with its score
+    goes to a sidecar beside it, OUTPUT_STEM.candidates.jsonl. Every option, the prompt file and the output folder
+    are checked before any model is loaded.
     """
     from builders.evaluate import BestOfNConfig, best_of_n
 
@@ -648,8 +655,10 @@ def best_of_n_cmd(model: str, prompts_file: str, num_responses: int, backend: st
                         RankConfig(iteration=0, ranker=ranker, ranker_model=ranker_model), column, generator_name)
     result = best_of_n(cfg)
     emit(result, as_json, lambda: click.echo(
-        f"wrote {result['prompts']} outputs of {result['generator']} to {result['output']}"
-        + (f" ({result['skipped_too_long']} prompts too long: empty output)" if result["skipped_too_long"] else "")))
+        f"wrote {result['prompts']} outputs of {result['generator']} to {result['output']} "
+        f"(candidates and scores: {result['candidates']})"
+        + (f"; {result['skipped_too_long']} prompts too long: empty output" if result["skipped_too_long"] else "")
+        + (f"; {result['skipped_empty']} empty prompts left out" if result["skipped_empty"] else "")))
 
 
 @cli.command("eval", epilog=example("iterdpo eval model_outputs.json"))
@@ -661,8 +670,12 @@ def best_of_n_cmd(model: str, prompts_file: str, num_responses: int, backend: st
 @json_option
 def eval_cmd(outputs: str, reference: str | None, ranker: str, ranker_model: str, as_json: bool) -> None:
     """Length statistics per generator (AlpacaEval's avg_length); with --reference, the ranker's win rate against
-    it with a standard error, and a length-controlled win rate (logistic regression on the length difference,
-    evaluated at equal lengths; see builders/evaluate.py). Without --reference no model is needed.
+    it with a standard error, and a length-controlled win rate with its standard error.
+
+    Length control is AlpacaEval's `length_controlled_minimal` GLM (a logistic regression of the preferences on
+    tanh(length difference / sd), read at equal lengths) with the length weight pulled toward 0 by a N(0, 1.5^2)
+    prior, so that a few prompts cannot claim a length effect; its standard error is a bootstrap over prompts
+    (1000 resamples, fixed seed). See builders/evaluate.py. Without --reference no model is needed.
     """
     from builders.evaluate import evaluate
 
@@ -676,7 +689,9 @@ def eval_cmd(outputs: str, reference: str | None, ranker: str, ranker_model: str
         if "win_rate" in report:
             click.echo(f"vs {report['reference']} ({report['compared']} compared, {report['unmatched']} unmatched): "
                        f"win rate {report['win_rate']:.2f} +/- {report['standard_error']:.2f}, length-controlled "
-                       f"{report['length_controlled_win_rate']:.2f}")
+                       f"{report['length_controlled_win_rate']:.2f} +/- "
+                       f"{report['length_controlled_standard_error']:.2f} "
+                       f"(length weight {report['length_weight']:+.2f})")
 
     emit(report, as_json, human)
 

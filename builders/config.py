@@ -147,6 +147,18 @@ class RankConfig:
     batch_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class LengthControlConfig:
+    """`eval`'s length-controlled win rate (builders/evaluate.py gives the method)."""
+
+    # sd of the Gaussian prior that pulls the length weight toward 0 (no length effect). AlpacaEval's own fits of
+    # that weight for its GPT-4 judge are 0.2-3 in size, about 1.5 typically: a real bias of that size survives
+    # from a few dozen prompts on, while ten prompts alone cannot claim one.
+    length_prior_sd: float = 1.5
+    bootstrap: int = 1000  # resamples of the prompts for the standard error
+    seed: int = 0  # of the resampling: the same preferences always give the same standard error
+
+
 SELECTIONS = ("max-min",)
 
 

@@ -4,16 +4,28 @@
     evaluate(Path("model_outputs.json"), reference=Path("gpt4_turbo.json"), ranker=RankConfig(iteration=0))
 
 best-of-N reuses the generation and ranking backends (the same seeds, chat template and PairRM), keeps the
-best-scored response per prompt and writes AlpacaEval's model_outputs.json (instruction, output, generator,
-dataset) plus the selection scores.
+best-scored response per prompt and writes AlpacaEval's model_outputs.json: one row per input row with only scalar
+fields (instruction and dataset exactly as the input has them, output, generator), since AlpacaEval joins on the
+exact instruction and deduplicates rows with pandas. Every candidate and its score go to a sidecar file beside it,
+`<stem>.candidates.jsonl`.
 
 eval reports AlpacaEval's avg_length (mean output length in characters) per generator; with a reference it also
-reports the ranker's win rate against it, with a standard error, and a length-controlled win rate. The LC method
-applies the idea of Dubois et al. (2024) to the ranker's preferences: fit a logistic regression
+reports the ranker's win rate against it, with a standard error, and a length-controlled win rate with its
+standard error. The LC method follows AlpacaEval's `length_controlled_minimal` GLM (Dubois et al. 2024) on the
+ranker's preferences (soft: win 1, tie 0.5, loss 0):
     P(output beats reference) = sigmoid(a + b * tanh((len_output - len_reference) / sd))
-on the (soft: win 1, tie 0.5, loss 0) preferences, sd being the standard deviation of the length differences, and
-report sigmoid(a) — the predicted win rate when both answers have the same length. (AlpacaEval's GLM also has an
-instruction-difficulty term, fitted across many models; with one model and one reference it is omitted.)
+sd being the sample standard deviation of the length differences, and reports sigmoid(a), the predicted win rate
+at equal lengths. Where AlpacaEval picks an L1 penalty on a and b by 5-fold cross-validation (which, at a few
+dozen prompts, often zeroes both and reports 50), the length weight b here has a Gaussian prior N(0, 1.5^2)
+(LengthControlConfig) and a is free: the fit is a maximum a posteriori by Newton's method. With few prompts the
+length weight shrinks toward 0 and the LC rate toward the raw win rate; from a few hundred prompts on the prior
+hardly matters and the figure is AlpacaEval's (within 0.2 points at 805 prompts on synthetic preferences: see
+tests/test_length_control.py and bench/length_control.py). Its standard error is a bootstrap over prompts (1000
+resamples with a fixed seed, the same fit on each, sd fixed), so it is reproducible and covers both the preference
+noise and the length fit. (AlpacaEval's own `lc_standard_error` is the spread of the per-prompt predictions, which
+for this formula is always 0.)
+(AlpacaEval's GLM also has an instruction-difficulty term, fitted across many models; with one model and one
+reference it is omitted.)
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from builders.config import RankConfig, SamplingConfig
+from builders.config import BACKENDS, RANKERS, LengthControlConfig, RankConfig, SamplingConfig
 from builders.errors import InputError
 
 
@@ -44,33 +56,100 @@ class BestOfNConfig:
     generator_name: str | None = None  # default: the model folder's name + "-pairrm-best-of-N"
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Whole or not at all: a temporary file beside the target, renamed."""
+def candidates_path(output: Path) -> Path:
+    """The sidecar beside model_outputs.json: every candidate and its score (not .json: nothing globbing *.json for
+    model outputs should pick it up)."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.candidates.jsonl")
+
+
+def _check_writable(path: Path, what: str) -> None:
     path = Path(path)
-    if not path.parent.exists():
-        raise InputError(f"{path.parent}: no such folder")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {path}: no such folder {parent}")
+    if path.is_dir():
+        raise InputError(f"{what} {path}: is a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: cannot write in {parent}")
+
+
+def _write_files(contents: dict[Path, str]) -> None:
+    """Whole or not at all: every file goes to a temporary file beside its target first; only when all are written
+    are they renamed (the last one, model_outputs.json, is what a reader looks for)."""
+    temps: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
+        for path, text in contents.items():
+            fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+            temps.append((tmp, Path(path)))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # nothing half-written is left beside the target
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)  # nothing half-written is left beside the targets
         raise
+
+
+def _check_options(cfg: BestOfNConfig) -> SamplingConfig:
+    """Every option, before any model is loaded (a bad one must not cost a generation run)."""
+    from builders.generate import validate_sampling
+
+    if not isinstance(cfg.num_responses, int) or cfg.num_responses < 1:
+        raise InputError(f"--num-responses must be at least 1, not {cfg.num_responses}")
+    sampling = replace(cfg.sampling, num_responses=cfg.num_responses)
+    validate_sampling(sampling)
+    if cfg.backend not in BACKENDS:
+        raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
+    if cfg.ranker.ranker not in RANKERS:
+        raise InputError(f"unknown ranker {cfg.ranker.ranker!r}; use one of {', '.join(RANKERS)}")
+    if cfg.generator_name is not None and not cfg.generator_name.strip():
+        raise InputError("--generator-name must not be empty")
+    if Path(cfg.output).suffix.lower() != ".json":
+        raise InputError(f"--output {cfg.output}: must end in .json (AlpacaEval's model_outputs.json)")
+    _check_writable(cfg.output, "--output")
+    _check_writable(candidates_path(cfg.output), "--output's sidecar")
+    return sampling
+
+
+def _read_rows(cfg: BestOfNConfig) -> tuple[list[str | None], list[str | None]]:
+    """The prompt column exactly as the file has it, and each row's `dataset` (AlpacaEval's column; else the
+    row's `source`, UltraFeedback's name for it; else None)."""
+    from builders.prompts import read_source
+
+    cols = read_source(str(cfg.prompts), cfg.column)
+    datasets: list[str | None] = [None] * len(cols.prompts)
+    if "dataset" in cols.names:
+        try:
+            datasets = read_source(str(cfg.prompts), "dataset").prompts
+        except InputError:
+            raise InputError(f"{cfg.prompts}: the `dataset` column must be text") from None
+    sources = cols.sources or [None] * len(cols.prompts)
+    return cols.prompts, [d if d is not None else s for d, s in zip(datasets, sources)]
 
 
 def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     from builders.config import GenerateConfig
-    from builders.generate import make_generator, prompt_seed, validate_sampling
-    from builders.prompts import prompt_id, read_source
+    from builders.generate import make_generator, prompt_seed
+    from builders.models import model_identity
+    from builders.prompts import prompt_id
     from builders.rank import check_finite, make_ranker
 
-    sampling = replace(cfg.sampling, num_responses=cfg.num_responses)
-    validate_sampling(sampling)
-    cols = read_source(str(cfg.prompts), cfg.column)
-    prompts = [p.strip() for p in cols.prompts if isinstance(p, str) and p.strip()]
-    if not prompts:
+    sampling = _check_options(cfg)
+    instructions, datasets = _read_rows(cfg)
+    # generation sees the stripped prompt (as the catalog stores it); the rows keep the instruction verbatim
+    keep = [i for i, p in enumerate(instructions) if isinstance(p, str) and p.strip()]
+    if not keep:
         raise InputError(f"{cfg.prompts}: no prompts")
+    # the models exist (a folder, or a hub id in the cache or on the Hub) before the long part starts
+    if cfg.backend != "openai":
+        model_identity(cfg.model)
+    ranker = make_ranker(cfg.ranker) if cfg.ranker.ranker == "python" else None
+    if ranker is None:
+        model_identity(cfg.ranker.ranker_model)
+
+    prompts = list(dict.fromkeys(instructions[i].strip() for i in keep))  # each distinct prompt once
     generator = make_generator(GenerateConfig(iteration=0, model=cfg.model, backend=cfg.backend, sampling=sampling))
     try:
         prepared = generator.prepare([(prompt_id(p), p, prompt_seed(sampling.seed, prompt_id(p), cfg.num_responses))
@@ -80,22 +159,34 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     finally:
         generator.close()
     ranked = [(p, [s.text for s in answered[prompt_id(p)]]) for p in prompts if answered.get(prompt_id(p))]
-    scores = make_ranker(cfg.ranker).score([p for p, _ in ranked], [c for _, c in ranked]) if ranked else []
-    by_prompt = {}
+    scorer = ranker or (make_ranker(cfg.ranker) if ranked else None)
+    scores = scorer.score([p for p, _ in ranked], [c for _, c in ranked]) if ranked else []
+    by_prompt: dict[str, tuple[list[str], list[float], int]] = {}
     for (p, cands), values in zip(ranked, scores):
         check_finite(prompt_id(p), values)
         best = max(range(len(cands)), key=lambda i: (values[i], -i))
-        by_prompt[p] = (cands[best], values[best], values)
+        by_prompt[p] = (cands, [float(v) for v in values], best)
+
     name = cfg.generator_name or f"{Path(cfg.model).name}-{cfg.ranker.ranker}-best-of-{cfg.num_responses}"
-    rows = []
-    for p in prompts:
-        output, score, values = by_prompt.get(p, ("", None, []))
-        rows.append({"instruction": p, "output": output, "generator": name, "dataset": "iterdpo",
-                     "selection_score": score, "candidate_scores": values, **({"skipped": "too_long"} if score is None
-                                                                               else {})})
-    _write_json(cfg.output, rows)
-    return {"output": str(cfg.output), "generator": name, "prompts": len(rows),
-            "skipped_too_long": sum(1 for r in rows if r["selection_score"] is None)}
+    default_dataset = Path(str(cfg.prompts)).stem  # rows that name no dataset: the prompt file's name
+    rows, sidecar = [], []
+    for i in keep:
+        instruction, prompt = instructions[i], instructions[i].strip()
+        cands, values, best = by_prompt.get(prompt, ([], [], None))
+        dataset = datasets[i] if datasets[i] is not None else default_dataset
+        output = cands[best] if best is not None else ""
+        rows.append({"instruction": instruction, "output": output, "generator": name, "dataset": dataset})
+        sidecar.append({"instruction": instruction, "prompt_id": prompt_id(prompt), "dataset": dataset,
+                        "generator": name, "selected_index": best,
+                        "selection_score": values[best] if best is not None else None,
+                        "candidates": cands, "candidate_scores": values,
+                        "skipped": None if best is not None else "too_long"})
+    side = candidates_path(cfg.output)
+    _write_files({side: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sidecar),
+                  Path(cfg.output): json.dumps(rows, indent=2, ensure_ascii=False)})
+    return {"output": str(cfg.output), "candidates": str(side), "generator": name, "prompts": len(rows),
+            "skipped_empty": len(instructions) - len(keep),
+            "skipped_too_long": sum(1 for r in sidecar if r["skipped"])}
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
@@ -123,31 +214,64 @@ def length_stats(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             for g, v in by.items()}
 
 
-def _sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
+@dataclass(frozen=True)
+class LengthControlled:
+    win_rate: float  # in [0, 1]: the predicted win rate at equal lengths
+    standard_error: float  # bootstrap over prompts
+    length_weight: float  # b: > 0 when the judge prefers the longer answer
 
 
-def length_controlled(prefs: list[float], length_diffs: list[float]) -> float:
-    """sigmoid(a) of the logistic fit P(win) = sigmoid(a + b * tanh(diff / sd)), by Newton's method (soft labels,
-    a tiny ridge so that a perfectly length-explained preference still gives a finite answer)."""
-    sd = statistics.pstdev(length_diffs) or 1.0
-    xs = [math.tanh(d / sd) for d in length_diffs]
-    a = b = 0.0
-    ridge = 1e-3
+def _fit(y, x, weights, prior_precision: float):
+    """MAP of sigmoid(a + b x) on soft labels y, one fit per row of `weights` (prompt counts): Newton's method on
+    the concave log-posterior (flat prior on a, N(0, 1/prior_precision) on b). Returns (rate, b) arrays."""
+    import numpy as np
+
+    tot = weights.sum(axis=1)
+    mean = (weights @ y) / tot
+    # all wins or all losses: nothing to weigh against the length, the rate is the raw one (a is infinite)
+    flat = (mean <= 0) | (mean >= 1)
+    m = np.clip(mean, 1e-6, 1 - 1e-6)
+    a, b = np.log(m / (1 - m)), np.zeros(len(mean))
     for _ in range(100):
-        ps = [_sigmoid(a + b * x) for x in xs]
-        ga = sum(y - p for y, p in zip(prefs, ps)) - ridge * a
-        gb = sum((y - p) * x for y, p, x in zip(prefs, ps, xs)) - ridge * b
-        w = [p * (1 - p) for p in ps]
-        haa = sum(w) + ridge
-        hab = sum(wi * x for wi, x in zip(w, xs))
-        hbb = sum(wi * x * x for wi, x in zip(w, xs)) + ridge
+        p = 1 / (1 + np.exp(-np.clip(a[:, None] + b[:, None] * x, -50, 50)))
+        r, v = weights * (y - p), weights * p * (1 - p)
+        ga, gb = r.sum(axis=1), r @ x - prior_precision * b
+        haa, hab, hbb = v.sum(axis=1) + 1e-12, v @ x, v @ (x * x) + prior_precision + 1e-12
         det = haa * hbb - hab * hab
         da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
-        a, b = a + da, b + db
-        if abs(da) + abs(db) < 1e-10:
+        da[flat], db[flat] = 0.0, 0.0
+        step = np.maximum(np.abs(da), np.abs(db))
+        shrink = np.minimum(1.0, 5.0 / np.maximum(step, 1e-300))  # damped: never more than 5 in one step
+        a, b = a + shrink * da, b + shrink * db
+        if step.max() < 1e-10:
             break
-    return _sigmoid(a)
+    rate = np.where(flat, mean, 1 / (1 + np.exp(-np.clip(a, -50, 50))))
+    return rate, np.where(flat, 0.0, b)
+
+
+def length_controlled(prefs: list[float], length_diffs: list[float],
+                      cfg: LengthControlConfig = LengthControlConfig()) -> LengthControlled:
+    """The length-controlled win rate of soft preferences (1 win, 0.5 tie, 0 loss) given each pair's length
+    difference (output minus reference, characters), its bootstrap standard error and the length weight."""
+    import numpy as np
+
+    y = np.asarray(prefs, dtype=float)
+    d = np.asarray(length_diffs, dtype=float)
+    n = len(y)
+    if n == 0 or len(d) != n:
+        raise InputError("length control needs one length difference per preference, and at least one")
+    sd = float(d.std(ddof=1)) if n > 1 else 0.0
+    x = np.tanh(d / sd) if sd > 0 else np.zeros(n)
+    precision = 1.0 / cfg.length_prior_sd ** 2
+    rate, b = _fit(y, x, np.ones((1, n)), precision)
+    rng = np.random.default_rng(cfg.seed)
+    boot = []
+    chunk = max(1, min(cfg.bootstrap, 2_000_000 // n))  # bounded memory: chunk x n floats per array
+    for start in range(0, cfg.bootstrap, chunk):
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(chunk, cfg.bootstrap - start)).astype(float)
+        boot.append(_fit(y, x, counts, precision)[0])
+    se = float(np.concatenate(boot).std(ddof=1)) if cfg.bootstrap > 1 else 0.0
+    return LengthControlled(float(rate[0]), se, float(b[0]))
 
 
 def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | None = None) -> dict[str, Any]:
@@ -173,7 +297,8 @@ def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | 
     lc = length_controlled(prefs, [len(o) - len(r) for _, o, r in pairs])
     report.update({
         "reference": str(reference), "ranker": scorer.describe(), "compared": n, "unmatched": len(rows) - n,
-        "win_rate": 100 * win, "standard_error": 100 * se, "length_controlled_win_rate": 100 * lc,
+        "win_rate": 100 * win, "standard_error": 100 * se, "length_controlled_win_rate": 100 * lc.win_rate,
+        "length_controlled_standard_error": 100 * lc.standard_error, "length_weight": lc.length_weight,
         "reference_avg_length": statistics.fmean(len(r) for _, _, r in pairs),
     })
     return report
