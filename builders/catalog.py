@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from builders import __version__
-from builders.config import CatalogConfig
+from builders.config import CATALOG_ENV, CatalogConfig
 from builders.errors import CatalogBusy, CatalogError, InputError, NotFound
 from builders.schemas import KINDS, SPLITS, Kind, conform, kind as get_kind
 
@@ -244,17 +244,26 @@ class Catalog:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def _open(self) -> duckdb.DuckDBPyConnection:
-        if not self.path.parent.exists():
+    def require(self) -> "Catalog":
+        """This catalog, if its file exists: commands that only read never create one."""
+        if not self.path.exists():
+            raise CatalogError(f"catalog {self.path} does not exist (set --catalog or {CATALOG_ENV})")
+        return self
+
+    def _open(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        if read_only:
+            self.require()
+        elif not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.config.lock_timeout
         delay = 0.02
         while True:
             try:
                 # zstd for every column: long texts compress 1.5x better and checkpoint 2x faster than DuckDB's
-                # default analysis (FSST/dictionary), and nested string lists get it too (measured in bench/catalog.py)
-                con = duckdb.connect(str(self.path), config={"memory_limit": self.config.memory_limit,
-                                                             "force_compression": "zstd"})
+                # default analysis (FSST/dictionary), and nested string lists get it too (measured in bench/catalog.py).
+                # Reads open the file read-only: they work on a read-only file and share it with other readers.
+                con = duckdb.connect(str(self.path), read_only=read_only,
+                                     config={"memory_limit": self.config.memory_limit, "force_compression": "zstd"})
                 break
             except duckdb.IOException as e:
                 msg = str(e)
@@ -271,17 +280,19 @@ class Catalog:
             except duckdb.Error as e:
                 raise CatalogError(f"catalog {self.path} cannot be opened: {_first_line(str(e))}") from None
         try:
-            self._check_schema(con)
+            self._check_schema(con, read_only)
         except BaseException:
             con.close()
             raise
         return con
 
-    def _check_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+    def _check_schema(self, con: duckdb.DuckDBPyConnection, read_only: bool = False) -> None:
         tables = {r[0] for r in _all(con, "SELECT table_name FROM information_schema.tables")}
         if "iterdpo_meta" not in tables:
             if tables:
                 raise CatalogError(f"{self.path} is a DuckDB file but not an iterdpo catalog (tables: {sorted(tables)[:5]})")
+            if read_only:
+                raise CatalogError(f"{self.path} is an empty DuckDB file, not an iterdpo catalog")
             self._create(con)
             return
         row = _one(con, "SELECT value FROM iterdpo_meta WHERE key = 'schema_version'")
@@ -310,9 +321,10 @@ class Catalog:
         con.commit()
 
     @contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the file for one short unit of work, then release it for other processes."""
-        con = self._open()
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open the file for one short unit of work, then release it for other processes. `read_only` never
+        creates the file (a missing one is a CatalogError) and works on a file the user cannot write."""
+        con = self._open(read_only)
         try:
             yield con
         finally:
@@ -453,7 +465,7 @@ class Catalog:
             if newest:
                 return newest[0]
             raise NotFound(f"no {ref} snapshot in catalog {self.path} (see `iterdpo versions list`)")
-        if len(ref) >= _MIN_PREFIX and all(c in "0123456789abcdef" for c in ref.lower()):
+        if _looks_like_prefix(ref):
             ids = [r[0] for r in _all(con, 
                 "SELECT id FROM snapshots WHERE starts_with(id, ?) ORDER BY id LIMIT 3", [ref.lower()])]
             if len(ids) == 1:
@@ -467,7 +479,7 @@ class Catalog:
         prefix (4+ hex characters)."""
         if not self.exists():
             raise NotFound(f"no snapshot or tag {ref!r}: catalog {self.path} does not exist yet")
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             return self._get(con, self._resolve(con, ref))
 
     def list(
@@ -483,7 +495,7 @@ class Catalog:
             if val is not None:
                 where.append(f"{col} = ?")
                 args.append(val)
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             ids = [r[0] for r in _all(con, 
                 f"SELECT id FROM snapshots WHERE {' AND '.join(where)} ORDER BY seq", args)]
             return [self._get(con, i) for i in ids]
@@ -493,7 +505,7 @@ class Catalog:
         iteration/split). Shard snapshots (params.shard set) are parts, never complete."""
         if not self.exists():
             return None
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             row = _one(
                 con,
                 "SELECT id FROM snapshots WHERE kind = ? AND iteration IS NOT DISTINCT FROM ? "
@@ -532,7 +544,7 @@ class Catalog:
         """The rows of a snapshot, in canonical order, with the kind's declared schema."""
         snap = self.get(ref)
         k = get_kind(snap.kind)
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             return conform(_arrow(con, self._select_rows(k), [snap.id]), k)
 
     def iter_batches(self, ref: str, batch_rows: int | None = None, with_hash: bool = False) -> Iterator[pa.RecordBatch]:
@@ -540,7 +552,7 @@ class Catalog:
         snap = self.get(ref)
         k = get_kind(snap.kind)
         schema = k.schema.insert(0, pa.field("row_hash", pa.binary())) if with_hash else k.schema
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             reader = con.sql(self._select_rows(k, with_hash), params=[snap.id]).to_arrow_reader(
                 batch_rows or self.config.chunk_rows)
             for batch in reader:
@@ -551,6 +563,15 @@ class Catalog:
         name = name.strip()
         if not name or any(c.isspace() for c in name):
             raise InputError(f"tag name {name!r} must be non-empty and without spaces")
+        # a tag wins over selectors and id prefixes when a name is resolved, so one that looks like either would
+        # silently change what `prompts` or `3f2a` means
+        selector = _SELECTOR.fullmatch(name)
+        if selector and selector["kind"] in KINDS:
+            raise InputError(f"tag name {name!r} reads as a selector (KIND, KIND:N, KIND:N:SPLIT); choose another")
+        if _looks_like_prefix(name):
+            raise InputError(f"tag name {name!r} reads as a snapshot id prefix ({_MIN_PREFIX}+ hex characters); "
+                             f"choose another, e.g. with a letter beyond f")
+        self.require()
         with self.transaction() as con:
             sid = self._resolve(con, ref)
             old = _one(con, "SELECT snapshot_id FROM tags WHERE name = ?", [name])
@@ -574,7 +595,7 @@ class Catalog:
         keys = list(k.key)
         q = (f"SELECT {', '.join('r.' + c for c in keys)}, r.row_hash FROM snapshot_rows s "
              f"JOIN {_rows_table(k.name)} r ON s.row_id = r.row_id WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)")
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             ta = pl.from_arrow(_arrow(con, q, [sa.id]))
             tb = pl.from_arrow(_arrow(con, q, [sb.id]))
         joined = ta.join(tb, on=keys, how="full", suffix="_b", coalesce=True)
@@ -598,6 +619,7 @@ class Catalog:
     # ----------------------------------------------------------------------------------------------------- verify
     def verify(self) -> dict[str, Any]:
         """Recompute every row hash and snapshot id from the stored rows; report each mismatch."""
+        self.require()
         problems: list[str] = []
         snaps = self.list()
         for snap in snaps:
@@ -616,26 +638,47 @@ class Catalog:
             sid = snapshot_id(k.name, snap.iteration, snap.split, recomputed)
             if sid != snap.id:
                 problems.append(f"{snap.id[:12]}: recomputed id is {sid[:12]}")
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             dangling = _one(con, 
                 "SELECT count(*) FROM snapshot_parents p ANTI JOIN snapshots s ON p.parent_id = s.id")[0]
             if dangling:
                 problems.append(f"{dangling} parent links name snapshots that are not in the catalog")
-            # rows of interrupted registrations: in no snapshot and no work; harmless, reused by a retry
-            unreferenced = sum(_one(con, f"""SELECT count(*) FROM {_rows_table(k.name)} r
-                ANTI JOIN (SELECT row_id FROM snapshot_rows s JOIN snapshots n ON s.seq = n.seq WHERE n.kind = ?
-                           UNION ALL SELECT row_id FROM work_rows w JOIN work k ON w.work_key = k.work_key
-                           WHERE k.kind = ?) used ON r.row_id = used.row_id""", [k.name, k.name])[0]
+            # rows of interrupted registrations: in no snapshot and no work; harmless, reused by a retry,
+            # removed by `versions gc`
+            unreferenced = sum(_one(con, f"SELECT count(*) {_unreferenced(k)}", [k.name, k.name])[0]
                                for k in KINDS.values())
         return {"catalog": str(self.path), "snapshots": len(snaps), "ok": not problems, "problems": problems,
                 "unreferenced_rows": unreferenced}
+
+    # --------------------------------------------------------------------------------------------------------- gc
+    def gc(self, dry_run: bool = False) -> dict[str, Any]:
+        """Remove stored rows that belong to no snapshot and to no work in progress (left by interrupted
+        registrations), in one transaction. Work is kept: it is what a rerun resumes from. Safe beside other
+        processes: a registration holds the file from its first stored row to its snapshot record."""
+        self.require()
+        removed: dict[str, int] = {}
+        with self.transaction() as con:
+            before = _free_bytes(con)
+            for k in KINDS.values():
+                n = _one(con, f"SELECT count(*) {_unreferenced(k)}", [k.name, k.name])[0]
+                if n and not dry_run:
+                    _run(con, f"DELETE FROM {_rows_table(k.name)} WHERE row_id IN (SELECT r.row_id "
+                              f"{_unreferenced(k)})", [k.name, k.name])
+                removed[k.name] = n
+        freed = 0
+        if not dry_run and any(removed.values()):
+            with self.connect() as con:  # a checkpoint returns the deleted rows' blocks to the file's free list
+                _run(con, "CHECKPOINT")
+                freed = max(_free_bytes(con) - before, 0)
+        return {"catalog": str(self.path), "dry_run": dry_run, "rows_removed": sum(removed.values()),
+                "rows_removed_by_kind": removed, "bytes_freed": freed, "file_bytes": self.path.stat().st_size}
 
     # ------------------------------------------------------------------------------------------------------- work
     def work_units(self, work_key: str) -> dict[str, Any]:
         """Units (e.g. prompt ids) that a stage already finished under this work key, with their info."""
         if not self.exists():
             return {}
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             return {
                 u: (json.loads(i) if i is not None else None)
                 for u, i in _all(con, "SELECT unit, info FROM work_units WHERE work_key = ?", [work_key])
@@ -645,7 +688,7 @@ class Catalog:
         """The params a stage recorded when it began this work (empty if there is no such work)."""
         if not self.exists():
             return {}
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             row = _one(con, "SELECT params FROM work WHERE work_key = ?", [work_key])
         return json.loads(row[0]) if row else {}
 
@@ -690,7 +733,7 @@ class Catalog:
 
     def work_rows(self, work_key: str, units: Iterable[str] | None = None, unit_column: str = "prompt_id") -> pa.Table:
         """The rows of a work key (optionally only those whose `unit_column` is in `units`), canonical order."""
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             row = _one(con, "SELECT kind FROM work WHERE work_key = ?", [work_key])
             if row is None:
                 raise NotFound(f"no work {work_key[:12]} in catalog {self.path}")
@@ -712,7 +755,7 @@ class Catalog:
         """The recorded publication of a snapshot set to a repo revision, if any."""
         if not self.exists():
             return None
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             row = _one(con, "SELECT commit_id, tag, created_at FROM publications WHERE set_id = ? AND repo_id = ? "
                             "AND revision = ? AND endpoint = ?", [set_id, repo_id, revision, endpoint])
         return {"commit": row[0], "tag": row[1], "created_at": row[2]} if row else None
@@ -742,14 +785,16 @@ class Catalog:
     def merge(self, others: Sequence[str | os.PathLike]) -> dict[str, Any]:
         """Copy snapshots, rows, tags and work from other catalog files into this one (idempotent)."""
         report: dict[str, Any] = {"catalog": str(self.path), "merged": []}
-        for other in others:
-            other_path = Path(other)
+        paths = [Path(other) for other in others]
+        for other_path in paths:  # every source is checked before anything is merged
             if not other_path.exists():
                 raise InputError(f"catalog to merge {other_path} does not exist")
             if other_path.resolve() == self.path.resolve():
                 raise InputError(f"cannot merge catalog {other_path} into itself")
-            with Catalog(other_path, self.config).connect():  # checks that it is a catalog of a known schema
+            # read-only: checks that it is a catalog of a known schema, and never writes to a source
+            with Catalog(other_path, self.config).connect(read_only=True):
                 pass
+        for other_path in paths:
             report["merged"].append(self._merge_one(other_path))
         return report
 
@@ -815,6 +860,25 @@ class Catalog:
                 JOIN src.{rt} sr ON sr.row_id = w.row_id JOIN {rt} r ON r.row_hash = sr.row_hash
                 ANTI JOIN work_rows d ON d.work_key = w.work_key AND d.row_id = r.row_id""", [k.name])
         return counts
+
+
+def _looks_like_prefix(ref: str) -> bool:
+    return len(ref) >= _MIN_PREFIX and all(c in "0123456789abcdef" for c in ref.lower())
+
+
+def _unreferenced(k: Kind) -> str:
+    """FROM clause of a kind's rows in no snapshot and no work (parameters: the kind name, twice)."""
+    return f"""FROM {_rows_table(k.name)} r
+        ANTI JOIN (SELECT row_id FROM snapshot_rows s JOIN snapshots n ON s.seq = n.seq WHERE n.kind = ?
+                   UNION ALL SELECT row_id FROM work_rows w JOIN work k ON w.work_key = k.work_key
+                   WHERE k.kind = ?) used ON r.row_id = used.row_id"""
+
+
+def _free_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    """Bytes of the file's free blocks (DuckDB reuses them; the file itself does not shrink)."""
+    block_size, free_blocks = _one(con, "SELECT block_size, free_blocks FROM pragma_database_size() "
+                                        "WHERE database_name = current_database()")
+    return int(block_size) * int(free_blocks)
 
 
 def _sql_str(text: str) -> str:

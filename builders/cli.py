@@ -159,7 +159,7 @@ def prompts_split(state: State, iterations: int, train_size: int, test_size: int
 # --------------------------------------------------------------------------------------------------------- versions
 @cli.group(epilog=example("iterdpo versions list --kind prompts"))
 def versions() -> None:
-    """List, inspect, compare, tag, export, verify and merge snapshots.
+    """List, inspect, compare, tag, export, verify, merge and garbage-collect snapshots.
 
     A snapshot is named by its id, a unique id prefix (4+ characters), a tag, or a selector for the newest of a
     kind: KIND (without iteration: the prompt pool), KIND:N or KIND:N:SPLIT (prompts:1:train).
@@ -175,7 +175,7 @@ def versions() -> None:
 def versions_list(state: State, kind: str | None, iteration: int | None, split: str | None, as_json: bool) -> None:
     """List snapshots, oldest first.
     """
-    snaps = state.catalog().list(kind, iteration, split)
+    snaps = state.catalog().require().list(kind, iteration, split)
     emit([s.to_json() for s in snaps], as_json, lambda: _print_snapshots(snaps))
 
 
@@ -187,7 +187,7 @@ def versions_show(state: State, ref: str, as_json: bool) -> None:
     """Show one snapshot: kind, iteration, split, rows, parents, params, tags; for pairs, the mean chosen and
     rejected length and score (the length drift across iterations).
     """
-    catalog = state.catalog()
+    catalog = state.catalog().require()
     snap = catalog.get(ref)
     doc = snap.to_json()
     if snap.kind == "pairs":  # chosen vs rejected length and scores: the length drift across iterations
@@ -222,7 +222,7 @@ def versions_show(state: State, ref: str, as_json: bool) -> None:
 def versions_diff(state: State, a: str, b: str, limit: int, as_json: bool) -> None:
     """Rows added, removed and changed (same key, other content) from snapshot A to snapshot B.
     """
-    result = state.catalog().diff(a, b)
+    result = state.catalog().require().diff(a, b)
 
     def human() -> None:
         click.echo(f"{result['a'][:12]} -> {result['b'][:12]} ({result['kind']}, key {', '.join(result['key'])}): "
@@ -245,6 +245,8 @@ def versions_diff(state: State, a: str, b: str, limit: int, as_json: bool) -> No
 @click.pass_obj
 def versions_tag(state: State, ref: str, name: str, force: bool, as_json: bool) -> None:
     """Name snapshot REF with tag NAME (usable wherever an id is).
+
+    A name that reads as a selector (prompts, pairs:1:train) or as an id prefix (4+ hex characters) is refused.
     """
     snap = state.catalog().tag(ref, name, force)
     emit(snap.to_json(), as_json, lambda: click.echo(f"tagged {snap.id[:12]} as {name}"))
@@ -260,7 +262,7 @@ def versions_export(state: State, ref: str, path: str, as_json: bool) -> None:
     """
     from builders.export import export_snapshot
 
-    result = export_snapshot(state.catalog(), ref, Path(path))
+    result = export_snapshot(state.catalog().require(), ref, Path(path))
     emit(result, as_json, lambda: click.echo(f"wrote {result['rows']} rows of {result['id'][:12]} to {result['path']}"))
 
 
@@ -270,14 +272,36 @@ def versions_export(state: State, ref: str, path: str, as_json: bool) -> None:
 def versions_verify(state: State, as_json: bool) -> None:
     """Recompute every snapshot id from its stored rows; exit 1 on any mismatch.
     """
-    report = state.catalog().verify()
+    report = state.catalog().require().verify()
     emit(report, as_json, lambda: click.echo(
         f"{report['snapshots']} snapshots verified in {report['catalog']}: "
         + ("ok" if report["ok"] else "PROBLEMS\n  " + "\n  ".join(report["problems"]))
         + (f" ({report['unreferenced_rows']} rows of interrupted registrations belong to no snapshot; a retry "
-           f"reuses them)" if report["unreferenced_rows"] else "")))
+           f"reuses them, `iterdpo versions gc` removes them)" if report["unreferenced_rows"] else "")))
     if not report["ok"]:
         sys.exit(1)
+
+
+@versions.command("gc", epilog=example("iterdpo versions gc --dry-run"))
+@click.option("--dry-run", is_flag=True, help="Count what would be removed; change nothing.")
+@json_option
+@click.pass_obj
+def versions_gc(state: State, dry_run: bool, as_json: bool) -> None:
+    """Remove stored rows that belong to no snapshot (left by interrupted registrations).
+
+    Rows of work in progress are kept (a rerun resumes from them); every snapshot reads as before. The file does
+    not shrink: DuckDB reuses the freed space for later rows.
+    """
+    report = state.catalog().require().gc(dry_run)
+
+    def human() -> None:
+        kinds = ", ".join(f"{n} {k}" for k, n in report["rows_removed_by_kind"].items() if n) or "none"
+        verb = "would remove" if dry_run else "removed"
+        click.echo(f"{verb} {report['rows_removed']} rows that belong to no snapshot ({kinds})"
+                   + ("" if dry_run else f"; {report['bytes_freed']:,} bytes freed for reuse in {report['catalog']} "
+                                        f"({report['file_bytes']:,} bytes)"))
+
+    emit(report, as_json, human)
 
 
 @versions.command("merge", epilog=example("iterdpo --catalog data/catalog.duckdb versions merge shard-0.duckdb shard-1.duckdb"))
@@ -287,7 +311,8 @@ def versions_verify(state: State, as_json: bool) -> None:
 def versions_merge(state: State, catalogs: tuple[str, ...], as_json: bool) -> None:
     """Copy snapshots, rows, tags and work from other catalog files into this one (idempotent).
 
-    Shards of a long stage run on copies of the catalog; merging them brings their work back.
+    Shards of a long stage run on copies of the catalog; merging them brings their work back. Every source is
+    checked first: if one is not a readable catalog, nothing is merged.
     """
     report = state.catalog().merge(catalogs)
 
@@ -597,15 +622,18 @@ def run_cmd(state: State, pipeline: str, as_json: bool) -> None:
     """Run the whole iterative loop of a pipeline config: prompts, then per iteration generate, rank, build,
     (publish), train -> the next iteration's model.
 
-    Resumable: every finished step is skipped, so after a crash rerun the same command. The config's `catalog`
-    key, if set, wins over --catalog. pipelines/snorkel.yaml reproduces Snorkel-Mistral-PairRM-DPO.
+    The whole config is checked first (backends, sampling, rankers, selection, recipes, prompt source, models):
+    a bad value fails before anything is registered. Resumable: every finished step is skipped, so after a crash
+    rerun the same command; an iteration is trained again only when its pairs, base model or recipe changed. The
+    config's `catalog` key, if set, wins over --catalog. pipelines/snorkel.yaml reproduces
+    Snorkel-Mistral-PairRM-DPO.
     """
     from builders.catalog import Catalog
     from builders.pipeline import load_pipeline, run_pipeline
 
     cfg = load_pipeline(pipeline)
     catalog = Catalog(cfg.catalog) if cfg.catalog else state.catalog()
-    result = run_pipeline(catalog, cfg)
+    result = run_pipeline(catalog, cfg, where=pipeline)
 
     def human() -> None:
         _print_snapshots(result.snapshots)

@@ -3,9 +3,11 @@
     prompts -> split -> for n in 1..K: generate (model n) -> rank -> build -> (publish) -> train -> model n+1
 
 Every step is skipped when its output already exists (generation and ranking find all their prompts done and
-register the same snapshot; pairs are content-addressed; a `model` snapshot whose folder exists skips training), so
-a rerun after a crash continues where it stopped. A pipeline config is parsed onto the dataclasses of
-builders/config.py; an unknown key is an error naming it.
+register the same snapshot; pairs are content-addressed), so a rerun after a crash continues where it stopped.
+Training is decided by content: the model of iteration n is reused only if it was trained on exactly this run's
+pairs of iteration n, from the same base model, with the same recipe, and its folder still holds those weights;
+otherwise it is trained again. A pipeline config is parsed onto the dataclasses of builders/config.py (an unknown
+key is an error naming it) and validated whole before anything is registered.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
-from builders.config import BuildConfig, GenerateConfig, PipelineConfig, PublishConfig, RankConfig
+from builders.config import (
+    BACKENDS, RANKERS, BuildConfig, GenerateConfig, PipelineConfig, PublishConfig, RankConfig,
+)
 from builders.errors import InputError
 
 
@@ -73,6 +77,86 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     return from_dict(PipelineConfig, raw if raw is not None else {}, str(path))
 
 
+# ------------------------------------------------------------------------------------------------------ validation
+def _formatted(template: str, n: int, where: str) -> str:
+    try:
+        return template.format(n=n)
+    except (KeyError, IndexError, ValueError) as e:
+        raise InputError(f"{where} {template!r}: use {{n}} for the iteration number ({type(e).__name__}: {e})") from None
+
+
+def _under(path: str, folder: Path | None) -> bool:
+    """Whether `path` lies in the folder the pipeline builds its tiny models into (not there before the run)."""
+    if folder is None:
+        return False
+    return Path(path).expanduser().resolve().is_relative_to(Path(folder).expanduser().resolve())
+
+
+def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> None:
+    """Check every value a run will use before it registers or builds anything, with the stages' own validators:
+    a bad backend, sampling value, ranker, selection or recipe fails in seconds, not after hours of generation.
+    Models are checked to exist (a local folder, or a hub id the cache or the Hub knows) but not loaded."""
+    from builders.generate import validate_sampling
+    from builders.models import model_identity
+    from builders.pairs import _validate as validate_selection
+    from builders.prompts import looks_local, plan_split, prompts_table, read_source
+    from builders.publish import validate_repo_id
+    from builders.rank import make_ranker, ranker_identity
+
+    def check(section: str, call, *args) -> Any:
+        try:
+            return call(*args)
+        except InputError as e:
+            raise InputError(f"{where}: {section}: {e}") from None
+
+    # prompts and split: a local source is read now, so a split larger than the pool fails here too
+    sp = cfg.split
+    if sp.iterations < 1 or sp.train_size < 1 or sp.test_size < 0:
+        raise InputError(f"{where}: split: iterations and train_size must be at least 1 and test_size 0 or more "
+                         f"(found {sp.iterations}, {sp.train_size}, {sp.test_size})")
+    if looks_local(cfg.prompts.source):
+        cols = check("prompts.source", read_source, cfg.prompts.source, cfg.prompts.column)
+        check("split", plan_split, prompts_table(cols)[0], sp)
+
+    gen = cfg.generation
+    if gen.backend not in BACKENDS:
+        raise InputError(f"{where}: generation.backend: unknown backend {gen.backend!r}; use one of "
+                         f"{', '.join(BACKENDS)}")
+    check("generation.sampling", validate_sampling, gen.sampling)
+    if gen.chat_template is not None and not Path(gen.chat_template).is_file():
+        raise InputError(f"{where}: generation.chat_template {gen.chat_template}: no such file")
+    if not _under(gen.model, cfg.tiny_models):
+        check("generation.model", model_identity, gen.model)
+
+    rk = cfg.ranking
+    if rk.ranker not in RANKERS:
+        raise InputError(f"{where}: ranking.ranker: unknown ranker {rk.ranker!r}; use one of {', '.join(RANKERS)}")
+    rank_cfg = RankConfig(iteration=1, ranker=rk.ranker, ranker_model=rk.ranker_model, device=rk.device, dtype=rk.dtype)
+    if rk.ranker == "python":
+        check("ranking.ranker_model", make_ranker, rank_cfg)  # imports module:function; loads no model
+    elif not _under(rk.ranker_model, cfg.tiny_models):
+        check("ranking.ranker_model", ranker_identity, rank_cfg)
+
+    sel = cfg.selection
+    check("selection", validate_selection, BuildConfig(iteration=1, selection=sel.selection,
+                                                       length_penalty=sel.length_penalty, min_margin=sel.min_margin,
+                                                       keep_ties=sel.keep_ties))
+    if cfg.publish.repo_id is not None:
+        check("publish.repo_id", validate_repo_id, cfg.publish.repo_id)
+
+    # recipes last: parsing them imports TRL (seconds); each distinct file is parsed once, as training will
+    recipes = {}
+    for n in range(1, sp.iterations + 1):
+        recipe = _formatted(cfg.training.recipe, n, f"{where}: training.recipe")
+        output_dir = _formatted(cfg.training.output_dir, n, f"{where}: training.output_dir")
+        recipes.setdefault(recipe, output_dir)
+    from train.dpo import load_recipe
+
+    for recipe, output_dir in recipes.items():
+        check("training.recipe", load_recipe, Path(recipe),
+              {"model_name_or_path": gen.model, "output_dir": output_dir})
+
+
 # ----------------------------------------------------------------------------------------------------------- run
 @dataclass
 class PipelineResult:
@@ -85,15 +169,68 @@ class PipelineResult:
                 "staged": str(self.staged) if self.staged else None}
 
 
-def _trained(catalog: Catalog, iteration: int) -> Snapshot | None:
-    """A model snapshot of the iteration whose folder still exists."""
-    model = catalog.newest("model", iteration)
-    if model is not None and Path(catalog.read(model.id).column("path")[0].as_py()).exists():
-        return model
+def _model_path(catalog: Catalog, model: Snapshot) -> str:
+    row = catalog.read(model.id).to_pylist()[0]
+    return row.get("path") or model.params["path"]
+
+
+def _recipe_content(text: str | None) -> Any:
+    """What of a recipe decides the training: its options, without `env` (secrets, not hyperparameters) and the
+    two keys the pipeline overrides (the base model and the output folder)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return {k: v for k, v in doc.items() if k not in ("env", "model_name_or_path", "output_dir")}
+
+
+def reusable_model(catalog: Catalog, iteration: int, pairs: list[Snapshot], base_model: str,
+                   recipe: Path) -> Snapshot | None:
+    """The newest `model` snapshot of the iteration trained on exactly these pairs, from `base_model`, with the
+    same recipe options, whose folder still holds its weights; None when the iteration must be trained (again).
+    Metrics and timings are not compared: they differ between two identical trainings."""
+    from train.dpo import _weights_sha256
+
+    wanted = sorted(s.id for s in pairs)
+    try:
+        current = _recipe_content(recipe.read_text())
+    except OSError:
+        return None
+    for snap in reversed(catalog.list(kind="model", iteration=iteration)):
+        if sorted(snap.parents) != wanted:
+            continue
+        row = catalog.read(snap.id).to_pylist()[0]
+        if row.get("base_model") != base_model or current is None or _recipe_content(row.get("recipe")) != current:
+            continue
+        # the folder is shared by every training of the iteration: it may now hold another one's weights
+        path = Path(row.get("path") or snap.params.get("path", ""))
+        if path.is_dir() and _weights_sha256(path) == row.get("weights_sha256"):
+            return snap
     return None
 
 
-def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True) -> PipelineResult:
+class _PinnedPairs(Catalog):
+    """The catalog as train() sees it: the pairs of `iteration` are the ones this run built. train() takes the
+    newest pairs snapshot, which is not this run's when its content equals an older snapshot's (registering it
+    again returns the older one)."""
+
+    def __init__(self, catalog: Catalog, iteration: int, pairs: list[Snapshot]):
+        super().__init__(catalog.path, catalog.config)
+        self._iteration = iteration
+        self._pairs = {s.split: s for s in pairs}
+
+    def newest(self, kind: str, iteration: int | None = None, split: str | None = None) -> Snapshot | None:
+        if kind == "pairs" and iteration == self._iteration:
+            return self._pairs.get(split)
+        return super().newest(kind, iteration, split)
+
+
+def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, where: str = "pipeline") -> PipelineResult:
+    """The whole loop; `where` names the config in error messages (its file)."""
     from builders.generate import generate
     from builders.pairs import build_pairs
     from builders.prompts import import_prompts, split_prompts
@@ -102,30 +239,37 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True) -
     from builders.tiny import build_tiny_models
     from train.dpo import TrainConfig, train
 
+    validate_pipeline(cfg, where)  # before anything is registered or built
     if cfg.tiny_models is not None and not (Path(cfg.tiny_models) / "generator" / "config.json").exists():
         build_tiny_models(cfg.tiny_models, overwrite=True)
     out = PipelineResult()
     pool = import_prompts(catalog, cfg.prompts.source, cfg.prompts.column).snapshot
-    out.snapshots += [pool, *split_prompts(catalog, cfg.split, [pool.id])]
+    sets = split_prompts(catalog, cfg.split, [pool.id])
+    out.snapshots += [pool, *sets]
     gen, sel = cfg.generation, cfg.selection
     policy = gen.model
     for n in range(1, cfg.split.iterations + 1):
-        out.snapshots += generate(catalog, GenerateConfig(
+        # each stage reads exactly what the previous one made in this run (not the newest of its kind, which
+        # can be another run's when this run's content equals an older snapshot)
+        generated = generate(catalog, GenerateConfig(
             iteration=n, model=policy, backend=gen.backend, sampling=gen.sampling, chat_template=gen.chat_template,
-            vllm=gen.vllm, openai=gen.openai), progress=progress).snapshots
-        out.snapshots += rank(catalog, RankConfig(
+            vllm=gen.vllm, openai=gen.openai), [s.id for s in sets if s.iteration == n],
+            progress=progress).snapshots
+        ranked = rank(catalog, RankConfig(
             iteration=n, ranker=cfg.ranking.ranker, ranker_model=cfg.ranking.ranker_model,
-            device=cfg.ranking.device, dtype=cfg.ranking.dtype), progress=progress).snapshots
-        out.snapshots += build_pairs(catalog, BuildConfig(
+            device=cfg.ranking.device, dtype=cfg.ranking.dtype), [s.id for s in generated],
+            progress=progress).snapshots
+        pairs = build_pairs(catalog, BuildConfig(
             iteration=n, selection=sel.selection, length_penalty=sel.length_penalty, min_margin=sel.min_margin,
-            keep_ties=sel.keep_ties)).snapshots
-        model = _trained(catalog, n)
+            keep_ties=sel.keep_ties), [s.id for s in ranked]).snapshots
+        out.snapshots += [*generated, *ranked, *pairs]
+        recipe = Path(cfg.training.recipe.format(n=n))
+        model = reusable_model(catalog, n, pairs, policy, recipe)
         if model is None:
-            model = train(catalog, TrainConfig(
-                n, Path(cfg.training.recipe.format(n=n)), policy,
-                output_dir=Path(cfg.training.output_dir.format(n=n)), overwrite=True)).snapshot
+            model = train(_PinnedPairs(catalog, n, pairs), TrainConfig(
+                n, recipe, policy, output_dir=Path(cfg.training.output_dir.format(n=n)), overwrite=True)).snapshot
         out.snapshots.append(model)
-        policy = catalog.read(model.id).column("path")[0].as_py()  # the generator of iteration n + 1
+        policy = _model_path(catalog, model)  # the generator of iteration n + 1
         out.models.append(policy)
     if cfg.publish.repo_id:
         pub = cfg.publish

@@ -299,3 +299,103 @@ def test_rows_of_an_interrupted_registration_are_reported_and_reused(catalog: Ca
     assert [s.id for s in catalog.list()] == [keep.id]
     catalog.register("generations", big, iteration=1, split="train")  # the retry stores nothing new
     assert count(catalog, "rows_generations") == 6 + 12 and catalog.verify()["unreferenced_rows"] == 0
+
+
+def _interrupted_registration(catalog: Catalog, monkeypatch, table: pa.Table) -> None:
+    """Rows stored, then the process stopped before the snapshot was recorded."""
+    def crash(self, con, item, sid, hashes):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Catalog, "_record", crash)
+    with pytest.raises(KeyboardInterrupt):
+        catalog.register("generations", table, iteration=1, split="train")
+    monkeypatch.undo()
+
+
+def test_gc_removes_rows_of_no_snapshot_and_keeps_snapshots_and_work(catalog: Catalog, monkeypatch):
+    import_prompts(catalog, str(SAMPLE))
+    split_prompts(catalog, SplitConfig(1, 20, 5, 1))
+    keep = catalog.register("generations", gens(pids(3)), iteration=1, split="train")
+    catalog.add_work("w1", "generations", gens(pids(2, start=50)), {p: None for p in pids(2, start=50)},
+                     iteration=1, split="train")  # work in progress: a rerun resumes from it
+    _interrupted_registration(catalog, monkeypatch, gens(pids(4, start=10)))
+    before = {s.id: catalog.read(s.id) for s in catalog.list()}
+    work_before = catalog.work_rows("w1")
+    assert catalog.verify()["unreferenced_rows"] == 12
+
+    dry = catalog.gc(dry_run=True)
+    assert dry["rows_removed"] == 12 and catalog.verify()["unreferenced_rows"] == 12
+    report = catalog.gc()
+    assert report["rows_removed"] == 12 and report["rows_removed_by_kind"]["generations"] == 12
+    assert report["bytes_freed"] >= 0 and report["file_bytes"] == catalog.path.stat().st_size
+    after = catalog.verify()
+    assert after["ok"] and after["unreferenced_rows"] == 0
+    assert count(catalog, "rows_generations") == 9 + 6  # the snapshot's and the work's rows
+    assert {s.id: catalog.read(s.id) for s in catalog.list()}.keys() == before.keys()
+    assert all(catalog.read(sid).equals(table) for sid, table in before.items())
+    assert catalog.work_rows("w1").equals(work_before) and catalog.get(keep.id).rows == 9
+    assert catalog.gc()["rows_removed"] == 0  # nothing left to remove
+    # the rows can be stored again by a retry
+    assert catalog.register("generations", gens(pids(4, start=10)), iteration=1, split="train").rows == 12
+    assert catalog.verify()["ok"]
+
+
+@pytest.mark.parametrize("name", ["prompts", "generations:1", "pairs:2:train", "beef", "BEEF", "2024", "a" * 64])
+def test_tags_that_read_as_selectors_or_id_prefixes_are_refused(catalog: Catalog, name: str):
+    snap = catalog.register("generations", gens(pids(1)), iteration=1, split="train")
+    with pytest.raises(InputError, match="reads as"):
+        catalog.tag(snap.id, name)
+    assert catalog.get(snap.id).tags == []
+
+
+def test_tags_that_read_as_neither_are_kept(catalog: Catalog):
+    snap = catalog.register("generations", gens(pids(1)), iteration=1, split="train")
+    for name in ("best", "prompts-v1", "abc", "prompts:1:dev", "v2024"):
+        catalog.tag(snap.id, name)
+        assert catalog.get(name).id == snap.id
+
+
+def test_merge_checks_every_source_before_merging_any(catalog: Catalog, tmp_path: Path):
+    catalog.register("generations", gens(pids(1)), iteration=1, split="train")
+    good = Catalog(tmp_path / "good.duckdb")
+    good.register("generations", gens(pids(2, start=5)), iteration=1, split="train")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("not a catalog\n")
+    empty = tmp_path / "empty.duckdb"
+    duckdb.connect(str(empty)).close()  # a DuckDB file without the catalog's tables
+    before = [s.id for s in catalog.list()]
+    for source, message in ((bad, "cannot be opened"), (empty, "not an iterdpo catalog"),
+                            (tmp_path / "missing.duckdb", "does not exist")):
+        with pytest.raises((CatalogError, InputError), match=message):
+            catalog.merge([good.path, source])
+        assert [s.id for s in catalog.list()] == before and count(catalog, "rows_generations") == 3
+    assert bad.read_text() == "not a catalog\n"
+    with duckdb.connect(str(empty), read_only=True) as con:  # a source is never written to
+        assert con.execute("SELECT count(*) FROM information_schema.tables").fetchall()[0][0] == 0
+
+
+def test_reads_never_create_a_catalog_and_share_the_file_with_other_readers(tmp_path: Path):
+    missing = Catalog(tmp_path / "nope" / "missing.duckdb")
+    assert missing.list() == [] and missing.newest("prompts") is None  # a stage's "nothing yet"
+    for call in (missing.verify, missing.gc, lambda: missing.tag("abcd1234", "x"), missing.require,
+                 lambda: missing.work_rows("k")):
+        with pytest.raises(CatalogError, match="does not exist"):
+            call()
+    assert not missing.path.exists() and not missing.path.parent.exists()
+
+    catalog = Catalog(tmp_path / "c.duckdb")
+    snap = catalog.register("generations", gens(pids(2)), iteration=1, split="train")
+    # another process reads the file: readers go on beside it, a writer waits for it (then gives up clearly)
+    reader = _spawn("import sys, time, duckdb; con = duckdb.connect(sys.argv[1], read_only=True); "
+                    "print('reading', flush=True); time.sleep(30)", str(catalog.path))
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        impatient = Catalog(catalog.path, CatalogConfig(catalog.path, lock_timeout=1.0))
+        assert [s.id for s in impatient.list()] == [snap.id]
+        assert impatient.read(snap.id).num_rows == 6 and impatient.verify()["ok"]
+        with pytest.raises(CatalogBusy):
+            impatient.tag(snap.id, "first")
+    finally:
+        reader.kill()
+        reader.wait()
+    assert catalog.tag(snap.id, "first").tags == ["first"]

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from builders.catalog import Catalog
-from tests.conftest import SAMPLE, run_iterdpo
+from tests.conftest import ROOT, SAMPLE, run_iterdpo
 
 SNAPSHOT_KEYS = {"id", "kind", "iteration", "split", "rows", "parents", "params", "created_at"}
 
@@ -192,3 +197,140 @@ def test_selectors_name_the_newest_snapshot_of_a_kind(cli):
     assert cli("versions", "show", "prompts:1", "--json").json()["id"] in (by[(1, "test")], by[(1, "train")])
     missing = cli("versions", "show", "generations:1:train")
     assert missing.code == 1 and "no generations:1:train snapshot" in missing.err
+
+
+@pytest.mark.parametrize("args", [
+    ["versions", "list"], ["versions", "show", "prompts"], ["versions", "diff", "abcd", "abce"],
+    ["versions", "export", "prompts", "out.parquet"], ["versions", "verify"], ["versions", "gc"],
+    ["versions", "tag", "prompts", "pool-v1"],
+])
+def test_commands_on_a_missing_catalog_fail_in_one_line_and_create_nothing(cli, tmp_path: Path, args):
+    missing = tmp_path / "no" / "catalog.duckdb"
+    result = cli(*args, catalog=missing)
+    assert result.code == 1 and result.out == ""
+    assert re.fullmatch(r"Error: catalog .*catalog\.duckdb does not exist.*\n", result.err), result.err
+    assert not missing.exists() and not missing.parent.exists()
+
+
+def _as_a_user_who_cannot_write(*args: str) -> subprocess.CompletedProcess:
+    """`iterdpo ARGS` in a fresh process that file modes apply to (root keeps its uid but drops the capability to
+    override them)."""
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root writes read-only files and setpriv is not there to drop that capability")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    return subprocess.run([*prefix, sys.executable, "-m", "builders.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_read_commands_work_on_a_read_only_catalog(cli, catalog_path: Path, tmp_path: Path):
+    pool = cli("prompts", "import", SAMPLE, "--json").json()
+    tmp_path.chmod(0o755)
+    catalog_path.chmod(0o444)
+    try:
+        def run(*args):
+            return _as_a_user_who_cannot_write("--catalog", catalog_path, *args)
+
+        listed = run("versions", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [s["id"] for s in json.loads(listed.stdout)] == [pool["id"]]
+        assert json.loads(run("versions", "show", "prompts", "--json").stdout)["id"] == pool["id"]
+        assert json.loads(run("versions", "verify", "--json").stdout)["ok"]
+        assert run("versions", "diff", "prompts", pool["id"][:8]).returncode == 0
+        assert run("versions", "export", "prompts", tmp_path / "p.jsonl").returncode == 0
+        assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 210
+        tagged = run("versions", "tag", "prompts", "pool-v1")  # a write: refused in one line
+        assert tagged.returncode == 1 and len(tagged.stderr.splitlines()) == 1, tagged.stderr
+    finally:
+        catalog_path.chmod(0o644)
+
+
+def test_tag_that_shadows_a_selector_or_prefix_is_refused(cli, catalog_path: Path):
+    pool = cli("prompts", "import", SAMPLE, "--json").json()
+    cli("prompts", "split", "--iterations", "1", "--train-size", "20", "--test-size", "5")
+    before = state(catalog_path)
+    for name in ("prompts", "generations:1:train", pool["id"][:6]):
+        result = cli("versions", "tag", "prompts:1:train", name)
+        assert result.code == 1 and len(result.err.splitlines()) == 1 and "reads as" in result.err, result.err
+        assert state(catalog_path) == before
+    assert cli("versions", "show", "prompts", "--json").json()["id"] == pool["id"]
+
+
+def test_merge_with_one_bad_source_merges_nothing(cli, catalog_path: Path, tmp_path: Path):
+    assert cli("prompts", "import", SAMPLE).code == 0
+    good = tmp_path / "good.duckdb"
+    cli("prompts", "import", SAMPLE, catalog=good)
+    assert cli("prompts", "split", "--iterations", "1", "--train-size", "20", "--test-size", "5", catalog=good).code == 0
+    bad = tmp_path / "bad.txt"
+    bad.write_text("hello\n")
+    before = state(catalog_path)
+    result = cli("versions", "merge", good, bad)
+    assert result.code == 1 and len(result.err.splitlines()) == 1 and "bad.txt" in result.err
+    assert state(catalog_path) == before
+    assert cli("versions", "merge", good, "--json").json()["merged"][0]["snapshots"] == 2
+
+
+def test_gc_after_an_interrupted_registration(cli, catalog_path: Path, monkeypatch):
+    assert cli("prompts", "import", SAMPLE).code == 0
+    catalog = Catalog(catalog_path)
+    rows = pa.table({"prompt_id": ["f" * 64], "prompt": ["an orphan"], "source": pa.array([None], pa.string())})
+
+    def crash(self, con, item, sid, hashes):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Catalog, "_record", crash)
+    with pytest.raises(KeyboardInterrupt):
+        catalog.register("prompts", rows)
+    monkeypatch.undo()
+    before = {s.id: catalog.read(s.id) for s in catalog.list()}
+    verified = cli("versions", "verify")
+    assert verified.code == 0 and "1 rows of interrupted registrations" in verified.out
+    assert "`iterdpo versions gc` removes them" in verified.out
+    assert cli("versions", "gc", "--dry-run", "--json").json()["rows_removed"] == 1
+    report = cli("versions", "gc", "--json").json()
+    assert report["rows_removed"] == 1 and report["rows_removed_by_kind"]["prompts"] == 1
+    assert "removed 0 rows" in cli("versions", "gc").out
+    assert cli("versions", "verify", "--json").json()["unreferenced_rows"] == 0
+    assert all(catalog.read(sid).equals(t) for sid, t in before.items()) and len(catalog.list()) == len(before)
+
+
+def _run_config(tmp: Path, tiny: Path, **sections) -> Path:
+    doc = {
+        "prompts": {"source": str(SAMPLE)},
+        "split": {"iterations": 1, "train_size": 4, "test_size": 2, "seed": 5},
+        "generation": {"model": str(tiny / "generator"), "backend": "transformers",
+                       "sampling": {"num_responses": 2, "max_tokens": 8}},
+        "ranking": {"ranker": "python", "ranker_model": "tests.scorers:longer_is_better"},
+        "training": {"recipe": str(ROOT / "train/recipes/tiny-cpu.yaml"), "output_dir": str(tmp / "m{n}")},
+    }
+    for dotted, value in sections.items():
+        section, key = dotted.split("__")
+        doc[section] = {**doc.get(section, {}), key: value}
+    path = tmp / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"generation__backend": "tensorflow"}, "generation.backend: unknown backend 'tensorflow'"),
+    ({"generation__sampling": {"num_responses": 0}}, "generation.sampling: .*num-responses must be at least 1"),
+    ({"generation__sampling": {"top_p": 1.5}}, "generation.sampling: .*top-p"),
+    ({"generation__model": "/nowhere/model"}, "generation.model: model '/nowhere/model'"),
+    ({"ranking__ranker": "bogus"}, "ranking.ranker: unknown ranker 'bogus'"),
+    ({"ranking__ranker_model": "tests.scorers:no_such"}, "ranking.ranker_model: "),
+    ({"selection__selection": "best-of"}, "selection: unknown selection 'best-of'"),
+    ({"selection__length_penalty": -1.0}, "selection: .*length-penalty"),
+    ({"training__recipe": "/nowhere/iteration_{n}.yaml"}, "training.recipe: recipe /nowhere/iteration_1.yaml"),
+    ({"training__recipe": "train/recipes/iteration_{it}.yaml"}, "training.recipe .*use \\{n\\}"),
+    ({"prompts__source": "/nowhere/prompts.jsonl"}, "prompts.source: /nowhere/prompts.jsonl: no such file"),
+    ({"split__train_size": 5000}, "split: asked for"),
+])
+def test_run_checks_the_whole_pipeline_before_registering_anything(cli, catalog_path: Path, tmp_path: Path,
+                                                                   tiny_models: Path, change, message):
+    config = _run_config(tmp_path, tiny_models, **change)
+    result = cli("run", config)
+    assert result.code == 1 and result.out == "", result.err
+    assert re.fullmatch(rf"Error: .*bad\.yaml: {message}.*\n", result.err), result.err
+    assert not catalog_path.exists() and not (tmp_path / "m1").exists()

@@ -101,3 +101,54 @@ def test_kill_9_in_iteration_2_generation_then_rerun_matches_an_uninterrupted_ru
     resumed = run_pipeline(catalog, load_pipeline(pipeline), progress=False)
     assert len(resumed.models) == 2
     assert _data_ids(catalog) == _data_ids(Catalog(ref_dir / "catalog.duckdb"))
+
+
+def _one_iteration(tmp: Path, tiny: Path, name: str, recipe: Path | None = None, **selection) -> Path:
+    doc = yaml.safe_load(_pipeline(tmp, tiny).read_text())
+    doc["split"]["iterations"] = 1
+    doc["selection"] = selection
+    if recipe is not None:
+        doc["training"]["recipe"] = str(recipe)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_run_retrains_when_the_pairs_or_recipe_change_and_reuses_the_model_otherwise(tmp_path, tiny_models,
+                                                                                    monkeypatch):
+    import train.dpo
+
+    trained: list[list[str]] = []  # the pairs each training used
+
+    def counting(catalog, cfg):
+        result = real_train(catalog, cfg)
+        trained.append(sorted(result.snapshot.parents))
+        return result
+
+    real_train = train.dpo.train
+    monkeypatch.setattr(train.dpo, "train", counting)
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+
+    def run(config: Path) -> tuple[list[str], str]:
+        result = run_pipeline(catalog, load_pipeline(config), progress=False)
+        pairs = sorted(s.id for s in result.snapshots if s.kind == "pairs")
+        model = [s for s in result.snapshots if s.kind == "model"][-1]
+        assert sorted(model.parents) == pairs  # the model of the iteration is the one trained on these pairs
+        return pairs, model.id
+
+    longer = _one_iteration(tmp_path, tiny_models, "longer")
+    shorter = _one_iteration(tmp_path, tiny_models, "shorter", length_penalty=2.0)  # score - 2 x length
+    pairs_a, _ = run(longer)
+    assert trained == [pairs_a]
+    pairs_b, model_b = run(shorter)  # other pairs: trained again, on them
+    assert pairs_b != pairs_a and trained == [pairs_a, pairs_b]
+    assert run(shorter) == (pairs_b, model_b) and len(trained) == 2  # nothing changed: the model is reused
+    # back to the first selection: its pairs exist already (older than the newest pairs), and the model folder
+    # now holds the second model's weights, so it trains again, on the first pairs
+    assert run(longer)[0] == pairs_a and trained[-1] == pairs_a and len(trained) == 3
+    # the same pairs with another recipe: trained again
+    recipe = yaml.safe_load((ROOT / "train/recipes/tiny-cpu.yaml").read_text())
+    recipe["beta"] = 0.02
+    other = tmp_path / "recipe-beta.yaml"
+    other.write_text(yaml.safe_dump(recipe))
+    assert run(_one_iteration(tmp_path, tiny_models, "beta", recipe=other))[0] == pairs_a and len(trained) == 4
