@@ -764,7 +764,7 @@ class Catalog:
         """Every recorded publication, oldest first."""
         if not self.exists():
             return []
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             rows = _all(con, "SELECT set_id, repo_id, revision, commit_id, tag, snapshot_ids, endpoint, created_at "
                              "FROM publications ORDER BY created_at")
         return [{"set_id": r[0], "repo_id": r[1], "revision": r[2], "commit": r[3], "tag": r[4],
