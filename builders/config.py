@@ -244,10 +244,14 @@ class TrainingSection:
 
 @dataclass(frozen=True)
 class PublishSection:
-    repo_id: str | None = None  # None: publish nothing
+    repo_id: str | None = None  # the dataset repo; None: publish no dataset
     dry_run: bool = False
     private: bool = False
     local_dir: Path | None = None
+    # the model repo of each iteration ({n} is the iteration, e.g. me/mistral-iterdpo-it{n}); None: no model
+    model_repo_id: str | None = None
+    model_local_dir: str | None = None  # staged model folders ({n} is the iteration); default: temporary
+    model_license: str = PublishModelConfig.license
 
 
 @dataclass(frozen=True)

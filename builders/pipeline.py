@@ -21,7 +21,7 @@ from typing import Any
 
 from builders.catalog import Catalog, Snapshot
 from builders.config import (
-    BACKENDS, RANKERS, BuildConfig, GenerateConfig, PipelineConfig, PublishConfig, RankConfig,
+    BACKENDS, RANKERS, BuildConfig, GenerateConfig, PipelineConfig, PublishConfig, PublishModelConfig, RankConfig,
 )
 from builders.errors import InputError
 
@@ -143,6 +143,12 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> None:
                                                        keep_ties=sel.keep_ties))
     if cfg.publish.repo_id is not None:
         check("publish.repo_id", validate_repo_id, cfg.publish.repo_id)
+    if cfg.publish.model_repo_id is not None:
+        for n in range(1, sp.iterations + 1):
+            check("publish.model_repo_id", validate_repo_id,
+                  _formatted(cfg.publish.model_repo_id, n, f"{where}: publish.model_repo_id"))
+            if cfg.publish.model_local_dir is not None:
+                _formatted(cfg.publish.model_local_dir, n, f"{where}: publish.model_local_dir")
 
     # recipes last: parsing them imports TRL (seconds); each distinct file is parsed once, as training will
     recipes = {}
@@ -163,10 +169,12 @@ class PipelineResult:
     snapshots: list[Snapshot] = field(default_factory=list)
     models: list[str] = field(default_factory=list)  # the model of each iteration, in order
     staged: Path | None = None
+    staged_models: list[Path] = field(default_factory=list)  # the staged model repo of each iteration
 
     def to_json(self) -> dict[str, Any]:
         return {"snapshots": [s.to_json() for s in self.snapshots], "models": self.models,
-                "staged": str(self.staged) if self.staged else None}
+                "staged": str(self.staged) if self.staged else None,
+                "staged_models": [str(p) for p in self.staged_models]}
 
 
 def _model_path(catalog: Catalog, model: Snapshot) -> str:
@@ -235,6 +243,7 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
     from builders.pairs import build_pairs
     from builders.prompts import import_prompts, split_prompts
     from builders.publish import publish
+    from builders.publish_model import publish_model
     from builders.rank import rank
     from builders.tiny import build_tiny_models
     from train.dpo import TrainConfig, train
@@ -271,8 +280,14 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
         out.snapshots.append(model)
         policy = _model_path(catalog, model)  # the generator of iteration n + 1
         out.models.append(policy)
-    if cfg.publish.repo_id:
-        pub = cfg.publish
+    pub = cfg.publish
+    if pub.repo_id:
         out.staged = publish(catalog, PublishConfig(pub.repo_id, local_dir=pub.local_dir, dry_run=pub.dry_run,
                                                     private=pub.private)).staged.folder
+    if pub.model_repo_id:  # after the dataset, so each model card names the dataset commit its pairs landed in
+        for n in range(1, cfg.split.iterations + 1):
+            local = Path(pub.model_local_dir.format(n=n)) if pub.model_local_dir else None  # checked up front
+            out.staged_models.append(publish_model(catalog, PublishModelConfig(
+                pub.model_repo_id.format(n=n), n, dataset_repo=pub.repo_id, local_dir=local, dry_run=pub.dry_run,
+                private=pub.private, license=pub.model_license)).staged.folder)
     return out

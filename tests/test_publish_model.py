@@ -92,3 +92,29 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, cli, catalog_path):
     assert out.code == 1 and len(out.err.strip().splitlines()) == 1
     ok = cli("publish-model", "me/x", "--iteration", "1", "--dry-run", "--local-dir", tmp_path / "cli", "--json")
     assert ok.code == 0, ok.err and ok.json()["dry_run"] is True
+
+
+def test_run_publishes_each_iterations_model_when_the_pipeline_names_a_model_repo(tmp_path, tiny_models):
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from builders.pipeline import load_pipeline, run_pipeline
+    from tests.test_pipeline import _pipeline
+
+    path = _pipeline(tmp_path, tiny_models)
+    doc = yaml.safe_load(path.read_text())
+    doc["publish"] = {"repo_id": "me/iterative-dpo", "dry_run": True, "local_dir": str(tmp_path / "ds"),
+                      "model_repo_id": "me/tiny-iterdpo-it{n}", "model_local_dir": str(tmp_path / "model-{n}")}
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_pipeline(path)
+    result = run_pipeline(Catalog(cfg.catalog), cfg, progress=False)
+    assert result.staged_models == [tmp_path / "model-1", tmp_path / "model-2"]
+    card = ModelCard.load(tmp_path / "model-2" / "README.md")
+    assert card.data.datasets == ["me/iterative-dpo"]
+    assert "| iteration 1 | `m1`" in card.text and "| iteration 2 | `m2`" in card.text  # the lineage
+    bad = yaml.safe_load(path.read_text())
+    bad["publish"]["model_repo_id"] = "no namespace {n}"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(InputError, match="publish.model_repo_id"):
+        run_pipeline(Catalog(tmp_path / "other.duckdb"), load_pipeline(path), progress=False)
+    assert not (tmp_path / "other.duckdb").exists()
