@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builders import __version__
 from builders.catalog import Catalog, Snapshot
-from builders.config import PublishConfig
+from builders.config import PUBLISH_DEFAULTS, PublishConfig
 from builders.errors import InputError, IterdpoError
 from builders.pairs import TRL_SCHEMA, to_trl
 from builders.schemas import KINDS
@@ -105,8 +106,40 @@ def _features() -> dict[str, Any]:
             "trl": Features.from_arrow_schema(TRL_SCHEMA)._to_yaml_list()}
 
 
+def write_parquet(table: pa.Table, path: Path, max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes) -> int:
+    """Write `table` as `datasets` writes Parquet (`Dataset.to_parquet`: its Features in the `huggingface` schema
+    metadata, content-defined chunking, page index) in row groups of at most `max_row_group_bytes` of Arrow data,
+    as datasets sizes them (the Hub's viewer refuses row groups past ~286 MiB). Returns `num_bytes` as datasets
+    computes it when it loads the file: the Arrow size of what it reads, one batch per row group."""
+    import datasets
+
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    rows_per_group = max(1, table.num_rows * max_row_group_bytes // table.nbytes) if table.nbytes else 1
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # a bar per file is noise; staging reports once
+    try:
+        datasets.Dataset(table).to_parquet(str(path), batch_size=rows_per_group)
+    finally:
+        if not quiet:
+            enable_progress_bars()
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.table import table_cast
+
+    # what datasets' Parquet builder does on load: one batch per row group, cast to the file's Features, counted by
+    # its ArrowWriter (here writing to a stream that only counts)
+    parquet = pq.ParquetFile(path)
+    features = datasets.Features.from_arrow_schema(parquet.schema_arrow)
+    writer = ArrowWriter(features=features, stream=pa.MockOutputStream())
+    for i in range(parquet.num_row_groups):
+        group = table_cast(parquet.read_row_group(i), features.arrow_schema)
+        writer.write_row(group) if group.num_rows == 1 else writer.write_table(group)  # as the builder calls it
+    return writer.finalize()[1]
+
+
 def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | None, local_dir: Path | None,
-               license: str = "mit") -> StagedRepo:
+               license: str = PUBLISH_DEFAULTS.license,
+               max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes) -> StagedRepo:
     """Write the repo folder. It is built in a scratch folder and moved into place, so it is whole or absent."""
     from cards import plots
     from cards.card import SplitInfo, render
@@ -124,14 +157,14 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
         for (it, split), snap in snaps.items():
             name = split_name(split, it)
             table = catalog.read(snap.id)
+            num_bytes = {}
             for config, data in (("default", table), ("trl", to_trl(table))):
                 rel = f"{config}/{name}-00000-of-00001.parquet"
                 (scratch / config).mkdir(exist_ok=True)
-                pq.write_table(data, scratch / rel)
+                num_bytes[config] = write_parquet(data, scratch / rel, max_row_group_bytes)
                 files.append(rel)
             infos.append(SplitInfo(name, it, table.num_rows, snap.params.get("prompt_count", table.num_rows),
-                                   (scratch / f"default/{name}-00000-of-00001.parquet").stat().st_size,
-                                   snap.params.get("drops", {}), pair_stats(table), snap.id, snap.params))
+                                   num_bytes, snap.params.get("drops", {}), pair_stats(table), snap.id, snap.params))
             score_data[name] = {"score_chosen": table.column("score_chosen").to_pylist(),
                                 "score_rejected": table.column("score_rejected").to_pylist()}
         (scratch / "plots").mkdir()
@@ -264,7 +297,7 @@ def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
     """Stage the repo; unless dry-run, upload it as one commit, tag it, and record the publication."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
-    staged = stage_repo(catalog, cfg.repo_id, cfg.iterations, cfg.local_dir, cfg.license)
+    staged = stage_repo(catalog, cfg.repo_id, cfg.iterations, cfg.local_dir, cfg.license, cfg.max_row_group_bytes)
     result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run)
     if cfg.dry_run:
         return result
@@ -307,7 +340,7 @@ def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
                if isinstance(op, CommitOperationAdd) else op for op in operations]  # an Add is single-use
         return api.create_commit(cfg.repo_id, ops, repo_type=kind, revision=cfg.revision,
                                  commit_message=f"iterdpo: publish snapshot set {staged.set_id[:12]}",
-                                 commit_description=f"Snapshots: {json.dumps(staged.snapshots)}")
+                                 commit_description=f"Snapshots: {json.dumps(staged.snapshots)}\nLicense: {cfg.license}")
 
     info = _retry("the commit", commit, cfg)
     # recorded at once (the commit is on the Hub); the tag follows, and a rerun adds it if it failed
