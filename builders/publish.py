@@ -65,9 +65,10 @@ class PublishResult:
     commit: str | None = None
     tag: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    license: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"repo_id": self.repo_id, "revision": self.revision, "dry_run": self.dry_run,
+        return {"repo_id": self.repo_id, "revision": self.revision, "license": self.license, "dry_run": self.dry_run,
                 "already_published": self.already_published, "commit": self.commit, "tag": self.tag,
                 **self.staged.to_json()}
 
@@ -298,7 +299,7 @@ def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
     staged = stage_repo(catalog, cfg.repo_id, cfg.iterations, cfg.local_dir, cfg.license, cfg.max_row_group_bytes)
-    result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run)
+    result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run, license=cfg.license)
     if cfg.dry_run:
         return result
     endpoint = constants.ENDPOINT

@@ -343,6 +343,8 @@ def test_upload_is_one_commit_then_a_tag_and_republishing_is_a_noop(built, tmp_p
     added = sorted(op["value"]["path"] for op in ops if op["key"] == "file")
     assert added == sorted(result.staged.files)
     assert [op["value"]["path"] for op in ops if op["key"] == "deletedFile"] == ["old/stale.parquet"]
+    header = next(op["value"] for op in ops if op["key"] == "header")
+    assert header["description"].endswith("License: apache-2.0")  # the licence is recorded with the publication
     staged = result.staged.folder
     assert all(hub["files"][rel] == (staged / rel).read_bytes() for rel in result.staged.files)  # what landed
     assert hub["tags"] == [("1".rjust(40, "0"), {"tag": result.staged.set_id,
@@ -418,7 +420,7 @@ def test_cli_publish_dry_run_json(cli, built, tmp_path, catalog_path):
     out = cli("publish", "me/iterative-dpo", "--local-dir", tmp_path / "cli-staged", "--dry-run", "--json")
     assert out.code == 0, out.err
     doc = out.json()
-    assert doc["dry_run"] and (tmp_path / "cli-staged" / "README.md").exists()
+    assert doc["dry_run"] and (tmp_path / "cli-staged" / "README.md").exists() and doc["license"] == "apache-2.0"
     bad = cli("publish", "me/iterative-dpo", "--iterations", "one", "--dry-run")
     assert bad.code == 2
     licensed = cli("publish", "me/iterative-dpo", "--local-dir", tmp_path / "cli-staged", "--dry-run",
