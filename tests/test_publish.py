@@ -160,8 +160,8 @@ def test_default_config_trains_the_way_the_card_says(built, tmp_path, tiny_model
     publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True))
     text = (staged / "README.md").read_text()
     assert "columns: [chosen, rejected]" in text and "test_iteration_N` split there leaks" in text
-    mixture = trl.DatasetMixtureConfig(datasets=[DatasetConfig(path=str(staged), name="default",
-                                                               split="train_iteration_1", columns=["chosen", "rejected"])])
+    mixture = trl.DatasetMixtureConfig(datasets=[DatasetConfig(
+        path=str(staged), name="default", split="train_iteration_1", columns=["chosen", "rejected"])])
     ds = trl.get_dataset(mixture)["train"]
     assert ds.column_names == ["chosen", "rejected"] and len(ds) == 8
     args = trl.DPOConfig(output_dir=str(tmp_path / "out"), bf16=False, use_cpu=True, report_to=[], max_steps=2,

@@ -88,6 +88,8 @@ def test_bad_training_inputs(built, tmp_path, tiny_models):
     (busy / "file").write_text("x")
     with pytest.raises(InputError, match="exists and is not empty; pass --overwrite"):
         train(built, TrainConfig(1, TINY, model, output_dir=busy))
+    with pytest.raises(InputError, match="is a file"):
+        train(built, TrainConfig(1, TINY, model, output_dir=busy / "file", overwrite=True))
     with pytest.raises(InputError, match="iteration 2 has no pairs"):
         train(built, TrainConfig(2, TINY, model, output_dir=tmp_path / "o2"))
     staged = tmp_path / "staged"
@@ -283,3 +285,19 @@ def test_a_killed_training_does_not_block_the_same_command(built, tmp_path, tiny
     assert (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".iterdpo-train-")] == []
     assert len(built.list(kind="model")) == 1
+
+
+def test_overwrite_replaces_our_model_folder_but_never_a_users_files(built, tmp_path, tiny_models):
+    model = str(tiny_models / "generator")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for _ in range(2):  # a user's folder stays theirs, run after run
+        train(built, TrainConfig(1, TINY, model, output_dir=mine, overwrite=True, progress=False))
+        assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.safetensors").exists()
+    ours = tmp_path / "ours"
+    train(built, TrainConfig(1, TINY, model, output_dir=ours, progress=False))
+    (ours / "stale-shard.safetensors").write_bytes(b"old")  # e.g. a shard of an earlier, bigger model
+    again = train(built, TrainConfig(1, TINY, model, output_dir=ours, overwrite=True, progress=False))
+    assert not (ours / "stale-shard.safetensors").exists() and (ours / "model.safetensors").exists()
+    assert len({s.id for s in built.list(kind="model")}) == 2 and again.snapshot.iteration == 1  # mine, ours

@@ -60,6 +60,7 @@ class TrainResult:
 # gives the same row (and snapshot id); losses and timings vary with the run and are params
 PAIR_COUNTS = tuple(f"{split}_pairs_{what}" for split in ("train", "eval") for what in ("used", "dropped", "truncated"))
 REDACTED = "<redacted>"
+MODEL_MARKER = ".iterdpo-model.json"  # in a model folder `train` wrote: a rerun may replace that folder whole
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|api_?key|credential", re.IGNORECASE)
 
 
@@ -267,15 +268,25 @@ def _remove_stale_scratch(out: Path) -> None:
 
 
 def _move_into_place(scratch: Path, out: Path) -> None:
-    """`out` becomes the new model whole: an existing folder (allowed by --overwrite) is set aside first and
-    removed after the rename, so a crash leaves either the old or the new model there."""
-    if out.exists():
+    """Make `out` the new model. A new or empty folder, or a model folder this function wrote (its marker), is
+    replaced whole: the old one is set aside first and removed after the rename, so a crash leaves the old or the
+    new model there. Any other folder (allowed by --overwrite) is a user's: our files replace theirs of the same
+    name and nothing else there is touched."""
+    (scratch / MODEL_MARKER).write_text(json.dumps({"written_by": "iterdpo train"}) + "\n")
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        scratch.rename(out)
+    elif (out / MODEL_MARKER).is_file():
         old = scratch.with_name(scratch.name + "-replaced")
         out.rename(old)
         scratch.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        scratch.rename(out)
+        (scratch / MODEL_MARKER).unlink()  # the folder stays the user's: a later run must not replace it whole
+        for f in sorted(p for p in scratch.rglob("*") if p.is_file()):
+            (out / f.relative_to(scratch)).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, out / f.relative_to(scratch))
 
 
 class _Progress:
@@ -322,7 +333,9 @@ def train(catalog: Catalog, cfg: TrainConfig) -> TrainResult:
         raise InputError(f"recipe {recipe_path} names no model_name_or_path; pass --model")
     out = Path(args.output_dir)
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0 and out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+    if rank == 0 and out.exists() and not out.is_dir():
+        raise InputError(f"output dir {out} is a file; choose another --output-dir")
+    if rank == 0 and out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise InputError(f"output dir {out} exists and is not empty; pass --overwrite or choose --output-dir")
     if cfg.dataset:
         train_ds, test_ds = _hub_dataset(cfg.dataset, script)
@@ -389,10 +402,11 @@ def train(catalog: Catalog, cfg: TrainConfig) -> TrainResult:
         snap = None
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(scratch))
+            weights = _weights_sha256(scratch)  # of these weights alone, before they join a folder
             _move_into_place(scratch, out)  # the model at the root of `out`: a valid --model for `generate`
             import pyarrow as pa
 
-            row = {"path": str(out.resolve()), "weights_sha256": _weights_sha256(out),
+            row = {"path": str(out.resolve()), "weights_sha256": weights,
                    "base_model": model_args.model_name_or_path, "recipe": recipe_text,
                    "metrics": json.dumps({k: counts[k] for k in PAIR_COUNTS if k in counts}, sort_keys=True)}
             snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=cfg.iteration, parents=parents,
@@ -423,7 +437,8 @@ def counts_line(counts: dict[str, int]) -> str:
         if f"{split}_pairs_used" not in counts:
             continue
         used, dropped = counts[f"{split}_pairs_used"], counts[f"{split}_pairs_dropped"]
-        extra = [f"{counts[f'{split}_pairs_{w}']} {w}" for w in ("dropped", "truncated") if counts[f"{split}_pairs_{w}"]]
+        extra = [f"{counts[f'{split}_pairs_{w}']} {w}" for w in ("dropped", "truncated")
+                 if counts[f"{split}_pairs_{w}"]]
         parts.append((f"{used} of {used + dropped} {label}" if dropped else f"{used} {label}")
                      + (f" ({', '.join(extra)} at max_length)" if extra else ""))
     return ", ".join(parts) or "a streaming dataset"
