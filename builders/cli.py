@@ -22,6 +22,7 @@ from builders.config import (
     BACKENDS, CATALOG_ENV, DEFAULT_CATALOG, RANKERS, SELECTIONS, BuildConfig, GenerateConfig, OpenAIConfig,
     PublishConfig, PublishModelConfig, QuickstartConfig, RankConfig, SamplingConfig, SplitConfig, TinyConfig, VllmConfig,
 )
+from builders.config import PUBLISH_DEFAULTS  # publish's defaults (its own line: other commands' imports change)
 from builders.errors import IterdpoError
 
 SPLIT_DEFAULTS = SplitConfig()
@@ -486,10 +487,12 @@ def build_cmd(state: State, iteration: int, selection: str, length_penalty: floa
 @click.option("--dry-run", is_flag=True, help="Stage only: no token, no network.")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--revision", default="main", show_default=True, help="Branch to commit to.")
+@click.option("--license", "license_", default=PUBLISH_DEFAULTS.license, show_default=True,
+              help="The dataset's licence (a Hub licence id), written in the card and the commit.")
 @json_option
 @click.pass_obj
 def publish_cmd(state: State, repo_id: str, iterations: str | None, local_dir: str | None, dry_run: bool,
-                private: bool, revision: str, as_json: bool) -> None:
+                private: bool, revision: str, license_: str, as_json: bool) -> None:
     """Publish the built pairs as a Hub dataset repo: configs `default` and `trl`, splits train_iteration_N /
     test_iteration_N, a dataset card with the recipe, statistics and plots.
 
@@ -505,7 +508,10 @@ def publish_cmd(state: State, repo_id: str, iterations: str | None, local_dir: s
         except ValueError:
             raise click.BadParameter(f"{iterations!r} is not a comma-separated list of numbers",
                                      param_hint="--iterations") from None
-    cfg = PublishConfig(repo_id, its, Path(local_dir) if local_dir else None, dry_run, private, revision)
+    if not license_.strip() or any(c.isspace() for c in license_):
+        raise click.BadParameter(f"{license_!r} is not a licence id (e.g. apache-2.0, mit, cc-by-4.0)",
+                                 param_hint="--license")
+    cfg = PublishConfig(repo_id, its, Path(local_dir) if local_dir else None, dry_run, private, revision, license_)
     result = publish(state.catalog(), cfg)
     _print_publication(result, repo_id, revision, as_json)
 
@@ -578,15 +584,15 @@ def train_cmd(state: State, iteration: int, recipe: str | None, model: str | Non
     The saved model is a valid --model for the next iteration's `generate`. On several GPUs run the same
     arguments under accelerate: `accelerate launch --config_file train/accelerate/ddp.yaml -m train.dpo ...`.
     """
-    from train.dpo import TrainConfig, train
+    from train.dpo import TrainConfig, counts_line, train
 
     cfg = TrainConfig(iteration, Path(recipe) if recipe else None, model, dataset,
-                      Path(output_dir) if output_dir else None, overwrite)
-    result = train(state.catalog(), cfg)
+                      Path(output_dir) if output_dir else None, overwrite, trainer_logs=state.debug)
+    result = train(state.catalog(), cfg)  # warns on stderr, before training, when pairs are dropped
 
     def human() -> None:
         loss = result.metrics.get("train_loss")
-        click.echo(f"trained iteration {iteration}: model in {result.output_dir}"
+        click.echo(f"trained iteration {iteration} on {counts_line(result.metrics)}: model in {result.output_dir}"
                    + (f", train loss {loss:.4f}" if loss is not None else ""))
         if result.snapshot:
             click.echo(f"model snapshot {result.snapshot.id[:12]}")

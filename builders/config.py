@@ -182,9 +182,13 @@ class PublishConfig:
     dry_run: bool = False  # stage only: no token, no network
     private: bool = False
     revision: str = "main"  # the branch to commit to
-    license: str = "mit"  # UltraFeedback's prompts
+    license: str = "apache-2.0"  # a Hub licence id, as Snorkel published its dataset; the card names the prompts' own
+    max_row_group_bytes: int = 100 * 1000 * 1000  # Arrow bytes per Parquet row group, datasets' MAX_ROW_GROUP_SIZE
     max_retries: int = 5  # network errors and 5xx, with exponential backoff
     backoff: float = 1.0
+
+
+PUBLISH_DEFAULTS = PublishConfig(repo_id="")  # the defaults, for the functions and options that take them
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,7 @@ class HubTarget:
     max_retries: int = 5  # network errors and 5xx, with exponential backoff
     backoff: float = 1.0
     command: str = "iterdpo publish"  # named in "rerun ... to tag it"
+    license: str | None = None  # recorded in the commit description
 
 
 @dataclass
@@ -227,7 +228,8 @@ def upload(catalog: Catalog, target: HubTarget, folder: Path, files: list[str], 
         adds = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files]
         return api.create_commit(repo_id, adds + deletes, repo_type=kind, revision=revision,
                                  commit_message=f"iterdpo: publish snapshot set {set_id[:12]}",
-                                 commit_description=f"Snapshots: {json.dumps(snapshots)}")
+                                 commit_description=f"Snapshots: {json.dumps(snapshots)}"
+                                 + (f"\nLicense: {target.license}" if target.license else ""))
 
     info = retry("the commit", commit, target)
     # recorded at once (the commit is on the Hub); the tag follows, and a rerun adds it if it failed

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builders import __version__
 from builders.catalog import Catalog, Snapshot
-from builders.config import PublishConfig
+from builders.config import PUBLISH_DEFAULTS, PublishConfig
 from builders.errors import InputError
 from builders.hub import HubTarget, snapshot_set_id, staging, upload, validate_repo_id
 from builders.pairs import TRL_SCHEMA, to_trl
@@ -51,9 +52,10 @@ class PublishResult:
     commit: str | None = None
     tag: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    license: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"repo_id": self.repo_id, "revision": self.revision, "dry_run": self.dry_run,
+        return {"repo_id": self.repo_id, "revision": self.revision, "license": self.license, "dry_run": self.dry_run,
                 "already_published": self.already_published, "commit": self.commit, "tag": self.tag,
                 **self.staged.to_json()}
 
@@ -81,8 +83,40 @@ def _features() -> dict[str, Any]:
             "trl": Features.from_arrow_schema(TRL_SCHEMA)._to_yaml_list()}
 
 
+def write_parquet(table: pa.Table, path: Path, max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes) -> int:
+    """Write `table` as `datasets` writes Parquet (`Dataset.to_parquet`: its Features in the `huggingface` schema
+    metadata, content-defined chunking, page index) in row groups of at most `max_row_group_bytes` of Arrow data,
+    as datasets sizes them (the Hub's viewer refuses row groups past ~286 MiB). Returns `num_bytes` as datasets
+    computes it when it loads the file: the Arrow size of what it reads, one batch per row group."""
+    import datasets
+
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    rows_per_group = max(1, table.num_rows * max_row_group_bytes // table.nbytes) if table.nbytes else 1
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # a bar per file is noise; staging reports once
+    try:
+        datasets.Dataset(table).to_parquet(str(path), batch_size=rows_per_group)
+    finally:
+        if not quiet:
+            enable_progress_bars()
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.table import table_cast
+
+    # what datasets' Parquet builder does on load: one batch per row group, cast to the file's Features, counted by
+    # its ArrowWriter (here writing to a stream that only counts)
+    parquet = pq.ParquetFile(path)
+    features = datasets.Features.from_arrow_schema(parquet.schema_arrow)
+    writer = ArrowWriter(features=features, stream=pa.MockOutputStream())
+    for i in range(parquet.num_row_groups):
+        group = table_cast(parquet.read_row_group(i), features.arrow_schema)
+        writer.write_row(group) if group.num_rows == 1 else writer.write_table(group)  # as the builder calls it
+    return writer.finalize()[1]
+
+
 def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | None, local_dir: Path | None,
-               license: str = "mit") -> StagedRepo:
+               license: str = PUBLISH_DEFAULTS.license,
+               max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes) -> StagedRepo:
     """Write the repo folder. It is built in a scratch folder and moved into place, so it is whole or absent."""
     from cards import plots
     from cards.card import SplitInfo, render
@@ -95,14 +129,14 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
         for (it, split), snap in snaps.items():
             name = split_name(split, it)
             table = catalog.read(snap.id)
+            num_bytes = {}
             for config, data in (("default", table), ("trl", to_trl(table))):
                 rel = f"{config}/{name}-00000-of-00001.parquet"
                 (scratch / config).mkdir(exist_ok=True)
-                pq.write_table(data, scratch / rel)
+                num_bytes[config] = write_parquet(data, scratch / rel, max_row_group_bytes)
                 files.append(rel)
             infos.append(SplitInfo(name, it, table.num_rows, snap.params.get("prompt_count", table.num_rows),
-                                   (scratch / f"default/{name}-00000-of-00001.parquet").stat().st_size,
-                                   snap.params.get("drops", {}), pair_stats(table), snap.id, snap.params))
+                                   num_bytes, snap.params.get("drops", {}), pair_stats(table), snap.id, snap.params))
             score_data[name] = {"score_chosen": table.column("score_chosen").to_pylist(),
                                 "score_rejected": table.column("score_rejected").to_pylist()}
         (scratch / "plots").mkdir()
@@ -133,11 +167,12 @@ def _split_params(catalog: Catalog, snaps: dict[tuple[int, str], Snapshot]) -> d
 
 def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
     """Stage the repo; unless dry-run, upload it as one commit, tag it, and record the publication."""
-    staged = stage_repo(catalog, cfg.repo_id, cfg.iterations, cfg.local_dir, cfg.license)
-    result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run)
+    staged = stage_repo(catalog, cfg.repo_id, cfg.iterations, cfg.local_dir, cfg.license, cfg.max_row_group_bytes)
+    result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run, license=cfg.license)
     if cfg.dry_run:
         return result
-    target = HubTarget(cfg.repo_id, "dataset", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff)
+    target = HubTarget(cfg.repo_id, "dataset", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
+                       license=cfg.license)
     up = upload(catalog, target, staged.folder, staged.files, staged.set_id, staged.snapshots)
     result.already_published, result.commit, result.tag = up.already_published, up.commit, up.tag
     return result

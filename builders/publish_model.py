@@ -205,7 +205,7 @@ def publish_model(catalog: Catalog, cfg: PublishModelConfig) -> PublishResult:
     if cfg.dry_run:
         return result
     target = HubTarget(cfg.repo_id, "model", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
-                       command="iterdpo publish-model")
+                       command="iterdpo publish-model", license=cfg.license)
     up = upload(catalog, target, staged.folder, staged.files, staged.set_id, staged.snapshots)
     result.already_published, result.commit, result.tag = up.already_published, up.commit, up.tag
     return result

@@ -70,13 +70,15 @@ KINDS: dict[str, Kind] = {
         ),
         Kind(
             "model",
+            # only what identifies the model, so the same training twice is the same snapshot id: the run's losses
+            # and timings are params (train.dpo)
             pa.schema(
                 [
-                    ("path", pa.string()),
+                    ("path", pa.string()),  # where it is: generate and the pipeline find the model by it
                     ("weights_sha256", pa.string()),
                     ("base_model", pa.string()),
-                    ("recipe", pa.string()),
-                    ("metrics", pa.string()),  # JSON text
+                    ("recipe", pa.string()),  # canonical YAML, secrets (env values, *token*) redacted
+                    ("metrics", pa.string()),  # JSON text: the pair counts (train/eval_pairs_used/dropped/truncated)
                 ]
             ),
             ("weights_sha256",),

@@ -44,7 +44,7 @@ def test_dry_run_stages_a_folder_that_datasets_loads_exactly(built, tmp_path, mo
 
     card = DatasetCard.load(staged / "README.md")
     assert {c["config_name"] for c in card.data.configs} == {"default", "trl"}
-    assert card.data.license == "mit" and "dpo" in card.data.tags
+    assert card.data.license == "apache-2.0" and "dpo" in card.data.tags
     assert result.staged.set_id in card.text and result.staged.set_id == snapshot_set_id(
         list(result.staged.snapshots.values()))
     assert "iterdpo build --iteration 1" in card.text
@@ -55,6 +55,122 @@ def test_dry_run_stages_a_folder_that_datasets_loads_exactly(built, tmp_path, mo
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="was not staged by iterdpo"):
         publish(built, PublishConfig("me/iterative-dpo", local_dir=foreign, dry_run=True))
+
+
+def _datasets_warnings(load) -> list[str]:
+    """The warnings `datasets` logs while `load()` runs (its logger does not propagate to pytest's caplog)."""
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        load()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return records
+
+
+def _local_catalog(path, tiny_models, source) -> Catalog:
+    """Pairs whose recorded prompt file, generator and ranker are local folders, as `generate` and `rank` record
+    them (absolute paths)."""
+    import pyarrow as pa
+
+    from builders.config import BuildConfig
+    from builders.pairs import build_pairs
+    from builders.prompts import prompt_id
+
+    catalog = Catalog(path)
+    prompts = [f"Question {i}: why is the sky blue?" for i in range(8)]
+    table = pa.table({"prompt_id": [prompt_id(p) for p in prompts], "prompt": prompts, "source": [None] * 8})
+    pool = catalog.register("prompts", table, params={"source": str(source)})
+    split = catalog.register("prompts", table, iteration=1, split="train", parents=[pool.id],
+                             params={"seed": 42, "iterations": 1, "train_size": 8, "test_size": 0})
+    gen = catalog.register("generations", pa.Table.from_pylist([
+        {"prompt_id": pid, "response_index": i, "response": "word " * (i + 1), "finish_reason": "stop",
+         "prompt_tokens": 5, "completion_tokens": i + 1} for pid in table["prompt_id"].to_pylist() for i in range(3)]),
+        iteration=1, split="train", parents=[split.id],
+        params={"model": str(tiny_models / "generator"), "model_sha256": "ab" * 32, "backend": "transformers",
+                "sampling": {"num_responses": 3, "temperature": 0.7, "top_p": 1.0, "max_tokens": 16, "seed": 42}})
+    scores = catalog.register("scores", pa.Table.from_pylist([
+        {"prompt_id": pid, "response_index": i, "score": float(i)} for pid in table["prompt_id"].to_pylist()
+        for i in range(3)]), iteration=1, split="train", parents=[gen.id],
+        params={"ranker_model": str(tiny_models / "ranker"), "ranker_model_sha256": "cd" * 32})
+    assert scores.rows == 24
+    build_pairs(catalog, BuildConfig(iteration=1))
+    return catalog
+
+
+def test_staged_files_are_what_datasets_writes_and_reads_back_without_warnings(tmp_path, tiny_models):
+    import datasets
+    import pyarrow.parquet as pq
+    import yaml
+    from huggingface_hub import DatasetCard
+
+    source = tmp_path / "my_prompts.jsonl"
+    built = _local_catalog(tmp_path / "local.duckdb", tiny_models, source)
+    staged = tmp_path / "staged"
+    publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True, license="cc-by-4.0",
+                                 max_row_group_bytes=600))  # a tiny bound: several row groups on 8 rows
+    card = DatasetCard.load(staged / "README.md")
+    assert card.data.pretty_name and card.data.license == "cc-by-4.0" and "`cc-by-4.0`" in card.text
+    text = (staged / "README.md").read_text()
+    # the prompt file, the generator and the ranker appear by name, never by this machine's path
+    assert str(tmp_path) not in text and str(tiny_models) not in text and "/tmp/" not in text
+    assert "`generator`" in text and "`ranker`" in text and "prompts import my_prompts.jsonl" in text
+    for config in ("default", "trl"):
+        parquet = pq.ParquetFile(staged / config / "train_iteration_1-00000-of-00001.parquet")
+        features = json.loads(parquet.schema_arrow.metadata[b"huggingface"])["info"]["features"]
+        assert datasets.Features.from_dict(features).arrow_schema.types == parquet.schema_arrow.types
+        groups = [parquet.read_row_group(i) for i in range(parquet.num_row_groups)]
+        assert len(groups) > 1 and all(g.nbytes <= 600 or g.num_rows == 1 for g in groups)
+    loaded = {}
+    warnings = _datasets_warnings(lambda: loaded.update(
+        {c: datasets.load_dataset(str(staged), c, split="train_iteration_1") for c in ("default", "trl")}))
+    assert warnings == []
+    # num_bytes in the card is what datasets records when it loads the same files without the card
+    info = {i["config_name"]: i for i in card.data.dataset_info}
+    for config in ("default", "trl"):
+        bare = datasets.load_dataset("parquet", data_files={"x": str(staged / config / "*.parquet")}, split="x")
+        split = info[config]["splits"][0]
+        assert split == {"name": "train_iteration_1", "num_bytes": bare.info.splits["x"].num_bytes, "num_examples": 8}
+        assert loaded[config].num_rows == 8
+    # the same load with a split lacking num_bytes is what datasets warns about (so the check above can fail)
+    meta, body = text.split("---\n")[1], text.split("---\n", 2)[2]
+    header = yaml.safe_load(meta)
+    del header["dataset_info"][1]["splits"][0]["num_bytes"]
+    (staged / "README.md").write_text("---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n" + body)
+    warned = _datasets_warnings(lambda: datasets.load_dataset(str(staged), "trl", split="train_iteration_1"))
+    assert any("Ignoring part of dataset_info" in w for w in warned)
+
+
+def test_default_config_trains_the_way_the_card_says(built, tmp_path, tiny_models):
+    """The card's recipe for `default`: only chosen and rejected (TRL's dataset mixture `columns`, the handbook's
+    Zephyr pattern); TRL takes the prompt from their shared start."""
+    import trl
+    from transformers import AutoTokenizer
+    from trl.scripts.utils import DatasetConfig
+
+    staged = tmp_path / "staged"
+    publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True))
+    text = (staged / "README.md").read_text()
+    assert "columns: [chosen, rejected]" in text and "test_iteration_N` split there leaks" in text
+    mixture = trl.DatasetMixtureConfig(datasets=[DatasetConfig(
+        path=str(staged), name="default", split="train_iteration_1", columns=["chosen", "rejected"])])
+    ds = trl.get_dataset(mixture)["train"]
+    assert ds.column_names == ["chosen", "rejected"] and len(ds) == 8
+    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), bf16=False, use_cpu=True, report_to=[], max_steps=2,
+                         per_device_train_batch_size=2, max_length=256, save_strategy="no", disable_tqdm=True)
+    tok = AutoTokenizer.from_pretrained(tiny_models / "generator")
+    trainer = trl.DPOTrainer(model=str(tiny_models / "generator"), args=args, train_dataset=ds, processing_class=tok)
+    assert trainer.train_dataset[0]["prompt_ids"]  # the prompt was recovered from the conversations
+    result = trainer.train()
+    assert result.global_step == 2 and result.training_loss > 0
 
 
 def test_local_dir_of_a_user_is_refused_and_left_untouched(built, tmp_path):
@@ -227,6 +343,8 @@ def test_upload_is_one_commit_then_a_tag_and_republishing_is_a_noop(built, tmp_p
     added = sorted(op["value"]["path"] for op in ops if op["key"] == "file")
     assert added == sorted(result.staged.files)
     assert [op["value"]["path"] for op in ops if op["key"] == "deletedFile"] == ["old/stale.parquet"]
+    header = next(op["value"] for op in ops if op["key"] == "header")
+    assert header["description"].endswith("License: apache-2.0")  # the licence is recorded with the publication
     staged = result.staged.folder
     assert all(hub["files"][rel] == (staged / rel).read_bytes() for rel in result.staged.files)  # what landed
     assert hub["tags"] == [("1".rjust(40, "0"), {"tag": result.staged.set_id,
@@ -302,6 +420,12 @@ def test_cli_publish_dry_run_json(cli, built, tmp_path, catalog_path):
     out = cli("publish", "me/iterative-dpo", "--local-dir", tmp_path / "cli-staged", "--dry-run", "--json")
     assert out.code == 0, out.err
     doc = out.json()
-    assert doc["dry_run"] and (tmp_path / "cli-staged" / "README.md").exists()
+    assert doc["dry_run"] and (tmp_path / "cli-staged" / "README.md").exists() and doc["license"] == "apache-2.0"
     bad = cli("publish", "me/iterative-dpo", "--iterations", "one", "--dry-run")
     assert bad.code == 2
+    licensed = cli("publish", "me/iterative-dpo", "--local-dir", tmp_path / "cli-staged", "--dry-run",
+                   "--license", "mit")
+    assert licensed.code == 0, licensed.err
+    assert "license: mit" in (tmp_path / "cli-staged" / "README.md").read_text()
+    bad = cli("publish", "me/iterative-dpo", "--dry-run", "--license", "my licence")
+    assert bad.code == 2 and "not a licence id" in bad.err

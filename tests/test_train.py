@@ -42,7 +42,11 @@ def test_dpo_steps_change_the_weights_and_the_model_generates(built, tmp_path, t
     assert snap.kind == "model" and snap.iteration == 1 and row["path"] == str(out.resolve())
     assert snap.parents == [built.newest("pairs", 1, "train").id]
     assert row["base_model"] == str(tiny_models / "generator") and "beta: 0.01" in row["recipe"]
-    assert json.loads(row["metrics"])["train_loss"] == result.metrics["train_loss"]
+    assert snap.params["metrics"]["train_loss"] == result.metrics["train_loss"]
+    # the row holds what identifies the model; the pair counts are TRL's (every pair fits max_length 256 here)
+    counts = json.loads(row["metrics"])
+    assert counts == {"train_pairs_used": 12, "train_pairs_dropped": 0, "train_pairs_truncated": 0}
+    assert "train_runtime" in snap.params["metrics"] and "train_runtime" not in row["metrics"]
     # the saved model is a valid --model for the next generation
     from builders.generate import TransformersGenerator
 
@@ -84,6 +88,8 @@ def test_bad_training_inputs(built, tmp_path, tiny_models):
     (busy / "file").write_text("x")
     with pytest.raises(InputError, match="exists and is not empty; pass --overwrite"):
         train(built, TrainConfig(1, TINY, model, output_dir=busy))
+    with pytest.raises(InputError, match="is a file"):
+        train(built, TrainConfig(1, TINY, model, output_dir=busy / "file", overwrite=True))
     with pytest.raises(InputError, match="iteration 2 has no pairs"):
         train(built, TrainConfig(2, TINY, model, output_dir=tmp_path / "o2"))
     staged = tmp_path / "staged"
@@ -131,3 +137,167 @@ def test_the_recipe_runs_under_plain_trl_dpo(built, tmp_path, tiny_models):
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "trl-out" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------- identity, counts, secrets, noise, kills
+def _recipe(tmp_path: Path, name: str, replace: dict[str, str] | None = None, extra: str = "") -> Path:
+    text = TINY.read_text()
+    for old, new in (replace or {}).items():
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / name
+    path.write_text(text + extra)
+    return path
+
+
+def test_the_same_training_twice_is_the_same_model_snapshot_and_prints_a_summary_not_dicts(
+        built, tmp_path, tiny_models, cli, catalog_path):
+    shutil.copy(built.path, catalog_path)
+    args = ("train", "--iteration", "1", "--recipe", TINY, "--model", tiny_models / "generator",
+            "--output-dir", tmp_path / "m")
+    first = cli(*args, "--json")
+    assert first.code == 0, first.err
+    doc = first.json()  # stdout is the JSON document alone
+    # stderr: our pair count and progress bar, none of the Trainer's metric dicts
+    assert "training 12 pairs" in first.err and "train: 100%" in first.err
+    assert "{'loss'" not in first.err and "'train_runtime'" not in first.err + first.out
+    again = cli(*args, "--overwrite")
+    assert again.code == 0, again.err
+    assert again.out.startswith("trained iteration 1 on 12 pairs: model in ")
+    assert f"model snapshot {doc['snapshot']['id'][:12]}" in again.out  # identical weights: the same snapshot
+    models = Catalog(catalog_path).list(kind="model")
+    assert [m.id for m in models] == [doc["snapshot"]["id"]]
+    assert doc["snapshot"]["params"]["metrics"]["train_runtime"] > 0  # timings are params, not identity
+
+
+def test_pairs_that_trl_drops_are_counted_and_warned(built, tmp_path, tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models / "generator")
+    prompts = built.read(built.newest("pairs", 1, "train").id).column("prompt").to_pylist()
+    # TRL drops a pair when its tokenized prompt (chat template, generation prompt) reaches max_length
+    lengths = sorted(len(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"]) for p in prompts)
+    max_length = lengths[len(lengths) // 2]
+    expected = sum(n >= max_length for n in lengths)
+    assert 0 < expected < len(lengths)
+    recipe = _recipe(tmp_path, "short.yaml", {"max_length: 256": f"max_length: {max_length}"})
+    result = train(built, TrainConfig(1, recipe, str(tiny_models / "generator"), output_dir=tmp_path / "m",
+                                      progress=False))
+    row = built.read(result.snapshot.id).to_pylist()[0]
+    counts = json.loads(row["metrics"])
+    assert counts["train_pairs_dropped"] == expected and counts["train_pairs_used"] == len(lengths) - expected
+    assert counts["train_pairs_truncated"] == counts["train_pairs_used"]  # every kept prompt + answer is too long
+    assert result.warnings == [f"{expected} of {len(lengths)} train pairs dropped: their prompt alone reaches "
+                               f"max_length {max_length} tokens (raise max_length in the recipe, or set "
+                               f"truncation_mode: keep_end)"]
+    every = _recipe(tmp_path, "tiny.yaml", {"max_length: 256": f"max_length: {lengths[0]}"})
+    with pytest.raises(InputError, match=f"all {len(lengths)} train pairs were dropped"):
+        train(built, TrainConfig(1, every, str(tiny_models / "generator"), output_dir=tmp_path / "m2"))
+    assert not (tmp_path / "m2").exists()
+
+
+def test_generation_budget_against_max_length():
+    from train.dpo import check_budget
+
+    # the tiny recipe chooses its truncation explicitly; without that line the check warns with the numbers
+    assert check_budget(TINY, max_tokens=4096) is None
+    assert check_budget(TINY, max_tokens=48, prompt_tokens=100) is None
+    for n in (1, 2, 3):  # the Snorkel recipes: 2048 new tokens, max_length 1024, truncation chosen in the recipe
+        assert "truncation_mode: keep_start" in (RECIPES / f"iteration_{n}.yaml").read_text()
+        assert check_budget(RECIPES / f"iteration_{n}.yaml", max_tokens=2048) is None
+
+
+def test_generation_budget_warns_without_an_explicit_truncation(tmp_path):
+    from train.dpo import check_budget
+
+    implicit = _recipe(tmp_path, "implicit.yaml", {"truncation_mode: keep_start\n": ""})
+    message = check_budget(implicit, max_tokens=300, prompt_tokens=20)
+    assert message and "300 new tokens + 20 prompt tokens" in message and "max_length 256" in message
+    assert check_budget(implicit, max_tokens=200, prompt_tokens=20) is None
+    with pytest.raises(InputError, match="learning_rate must be a number"):
+        check_budget(_recipe(tmp_path, "bad.yaml", {"learning_rate: 1.0e-4": "learning_rate: fast"}), 10)
+
+
+def test_recipe_secrets_never_reach_the_catalog_or_exports(built, tmp_path, tiny_models, monkeypatch):
+    import duckdb
+
+    from train.dpo import stored_recipe
+
+    canary = "hf_CANARYsecret0123456789"
+    monkeypatch.setenv("ITERDPO_TEST_TOKEN", "unset")  # restored after the test (train sets the recipe's env)
+    recipe = _recipe(tmp_path, "env.yaml", extra=f"env:\n  ITERDPO_TEST_TOKEN: {canary}\n")
+    result = train(built, TrainConfig(1, recipe, str(tiny_models / "generator"), output_dir=tmp_path / "m",
+                                      progress=False))
+    assert os.environ["ITERDPO_TEST_TOKEN"] == canary  # the env block still applies to the run
+    row = built.read(result.snapshot.id).to_pylist()[0]
+    assert "ITERDPO_TEST_TOKEN: <redacted>" in row["recipe"] and "beta: 0.01" in row["recipe"]
+    from builders.export import export_snapshot  # what `versions export` writes
+
+    for suffix in ("jsonl", "parquet"):
+        out = tmp_path / f"model.{suffix}"
+        export_snapshot(built, result.snapshot.id, out)
+        assert canary.encode() not in out.read_bytes() and b"ITERDPO_TEST_TOKEN" in out.read_bytes()
+    con = duckdb.connect(str(built.path), read_only=True)
+    tables = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()]
+    dump = "".join(str(con.execute(f'SELECT * FROM "{t}"').fetchall()) for t in tables)
+    con.close()
+    assert canary not in dump and canary.encode() not in built.path.read_bytes()
+    assert json.dumps(result.to_json()).find(canary) == -1
+    assert "hub_token: <redacted>" in stored_recipe({"hub_token": canary, "beta": 0.1}, {})
+
+
+def test_bad_recipe_values_fail_before_the_model_loads(built, tmp_path, cli, catalog_path):
+    shutil.copy(built.path, catalog_path)
+    before = [s.id for s in Catalog(catalog_path).list()]
+    bad = _recipe(tmp_path, "bad.yaml", {"learning_rate: 1.0e-4": "learning_rate: fast"})
+    # the model does not exist: an error about it would mean the recipe was checked after loading
+    out = cli("train", "--iteration", "1", "--recipe", bad, "--model", tmp_path / "no-model", "--output-dir",
+              tmp_path / "m")
+    assert out.code == 1 and out.err.strip().count("\n") == 0
+    assert out.err.startswith("Error: recipe ") and "learning_rate must be a number, found 'fast'" in out.err
+    assert [s.id for s in Catalog(catalog_path).list()] == before and not (tmp_path / "m").exists()
+    sci = _recipe(tmp_path, "sci.yaml", {"learning_rate: 1.0e-4": "learning_rate: 5e-7"})  # YAML 1.1 text
+    assert load_recipe(sci)[1].learning_rate == 5e-7
+
+
+def test_a_killed_training_does_not_block_the_same_command(built, tmp_path, tiny_models):
+    out = tmp_path / "m"
+    long = _recipe(tmp_path, "long.yaml", {"max_steps: 5": "max_steps: 100000"})
+    cmd = [sys.executable, "-m", "builders.cli", "--catalog", str(built.path), "train", "--iteration", "1",
+           "--recipe", str(long), "--model", str(tiny_models / "generator"), "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=_env())
+    try:
+        for line in proc.stderr:  # the handshake: the pair count is printed when training starts
+            if line.startswith("training "):
+                break
+        else:
+            pytest.fail(f"training never started (exit {proc.wait()})")
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+    finally:
+        proc.kill()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".iterdpo-train-m-")]
+    assert not out.exists() and leftovers  # the model is only ever written beside the output dir
+    long.write_text(TINY.read_text())  # the same command line, now a short run
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".iterdpo-train-")] == []
+    assert len(built.list(kind="model")) == 1
+
+
+def test_overwrite_replaces_our_model_folder_but_never_a_users_files(built, tmp_path, tiny_models):
+    model = str(tiny_models / "generator")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for _ in range(2):  # a user's folder stays theirs, run after run
+        train(built, TrainConfig(1, TINY, model, output_dir=mine, overwrite=True, progress=False))
+        assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.safetensors").exists()
+    ours = tmp_path / "ours"
+    train(built, TrainConfig(1, TINY, model, output_dir=ours, progress=False))
+    (ours / "stale-shard.safetensors").write_bytes(b"old")  # e.g. a shard of an earlier, bigger model
+    again = train(built, TrainConfig(1, TINY, model, output_dir=ours, overwrite=True, progress=False))
+    assert not (ours / "stale-shard.safetensors").exists() and (ours / "model.safetensors").exists()
+    assert len({s.id for s in built.list(kind="model")}) == 2 and again.snapshot.iteration == 1  # mine, ours
