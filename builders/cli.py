@@ -575,10 +575,12 @@ def publish_model_cmd(state: State, repo_id: str, iteration: int, dataset_repo: 
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="Where the model is saved (default: the recipe's output_dir).")
 @click.option("--overwrite", is_flag=True, help="Train into a non-empty output dir.")
+@click.option("--from", "from_refs", multiple=True, help="Pairs snapshot(s) to train on (repeatable; default: the "
+              "iteration's newest).")
 @json_option
 @click.pass_obj
 def train_cmd(state: State, iteration: int, recipe: str | None, model: str | None, dataset: str | None,
-              output_dir: str | None, overwrite: bool, as_json: bool) -> None:
+              output_dir: str | None, overwrite: bool, from_refs: tuple[str, ...], as_json: bool) -> None:
     """DPO-train on an iteration's pairs with TRL's DPOTrainer; register a `model` snapshot.
 
     The saved model is a valid --model for the next iteration's `generate`. On several GPUs run the same
@@ -588,7 +590,7 @@ def train_cmd(state: State, iteration: int, recipe: str | None, model: str | Non
 
     cfg = TrainConfig(iteration, Path(recipe) if recipe else None, model, dataset,
                       Path(output_dir) if output_dir else None, overwrite, trainer_logs=state.debug)
-    result = train(state.catalog(), cfg)  # warns on stderr, before training, when pairs are dropped
+    result = train(state.catalog(), cfg, from_refs)  # warns on stderr, before training, when pairs are dropped
 
     def human() -> None:
         loss = result.metrics.get("train_loss")

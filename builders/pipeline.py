@@ -13,6 +13,7 @@ key is an error naming it) and validated whole before anything is registered.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,10 +93,11 @@ def _under(path: str, folder: Path | None) -> bool:
     return Path(path).expanduser().resolve().is_relative_to(Path(folder).expanduser().resolve())
 
 
-def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> None:
+def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]:
     """Check every value a run will use before it registers or builds anything, with the stages' own validators:
     a bad backend, sampling value, ranker, selection or recipe fails in seconds, not after hours of generation.
-    Models are checked to exist (a local folder, or a hub id the cache or the Hub knows) but not loaded."""
+    Models are checked to exist (a local folder, or a hub id the cache or the Hub knows) but not loaded. Returns
+    warnings: a generation budget that the training max_length cuts."""
     from builders.generate import validate_sampling
     from builders.models import model_identity
     from builders.pairs import _validate as validate_selection
@@ -156,11 +158,15 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> None:
         recipe = _formatted(cfg.training.recipe, n, f"{where}: training.recipe")
         output_dir = _formatted(cfg.training.output_dir, n, f"{where}: training.output_dir")
         recipes.setdefault(recipe, output_dir)
-    from train.dpo import load_recipe
+    from train.dpo import check_budget, load_recipe
 
+    warnings = []
     for recipe, output_dir in recipes.items():
         check("training.recipe", load_recipe, Path(recipe),
               {"model_name_or_path": gen.model, "output_dir": output_dir})
+        if (budget := check("training.recipe", check_budget, Path(recipe), gen.sampling.max_tokens)) is not None:
+            warnings.append(budget)
+    return warnings
 
 
 # ----------------------------------------------------------------------------------------------------------- run
@@ -170,11 +176,12 @@ class PipelineResult:
     models: list[str] = field(default_factory=list)  # the model of each iteration, in order
     staged: Path | None = None
     staged_models: list[Path] = field(default_factory=list)  # the staged model repo of each iteration
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"snapshots": [s.to_json() for s in self.snapshots], "models": self.models,
                 "staged": str(self.staged) if self.staged else None,
-                "staged_models": [str(p) for p in self.staged_models]}
+                "staged_models": [str(p) for p in self.staged_models], "warnings": self.warnings}
 
 
 def _model_path(catalog: Catalog, model: Snapshot) -> str:
@@ -201,7 +208,7 @@ def reusable_model(catalog: Catalog, iteration: int, pairs: list[Snapshot], base
     """The newest `model` snapshot of the iteration trained on exactly these pairs, from `base_model`, with the
     same recipe options, whose folder still holds its weights; None when the iteration must be trained (again).
     Metrics and timings are not compared: they differ between two identical trainings."""
-    from train.dpo import _weights_sha256
+    from builders.models import weights_sha256
 
     wanted = sorted(s.id for s in pairs)
     try:
@@ -216,25 +223,9 @@ def reusable_model(catalog: Catalog, iteration: int, pairs: list[Snapshot], base
             continue
         # the folder is shared by every training of the iteration: it may now hold another one's weights
         path = Path(row.get("path") or snap.params.get("path", ""))
-        if path.is_dir() and _weights_sha256(path) == row.get("weights_sha256"):
+        if path.is_dir() and weights_sha256(path) == row.get("weights_sha256"):
             return snap
     return None
-
-
-class _PinnedPairs(Catalog):
-    """The catalog as train() sees it: the pairs of `iteration` are the ones this run built. train() takes the
-    newest pairs snapshot, which is not this run's when its content equals an older snapshot's (registering it
-    again returns the older one)."""
-
-    def __init__(self, catalog: Catalog, iteration: int, pairs: list[Snapshot]):
-        super().__init__(catalog.path, catalog.config)
-        self._iteration = iteration
-        self._pairs = {s.split: s for s in pairs}
-
-    def newest(self, kind: str, iteration: int | None = None, split: str | None = None) -> Snapshot | None:
-        if kind == "pairs" and iteration == self._iteration:
-            return self._pairs.get(split)
-        return super().newest(kind, iteration, split)
 
 
 def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, where: str = "pipeline") -> PipelineResult:
@@ -248,10 +239,13 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
     from builders.tiny import build_tiny_models
     from train.dpo import TrainConfig, train
 
-    validate_pipeline(cfg, where)  # before anything is registered or built
+    warnings = validate_pipeline(cfg, where)  # before anything is registered or built
+    if progress:
+        for w in warnings:
+            print(f"Warning: {w}", file=sys.stderr, flush=True)
     if cfg.tiny_models is not None and not (Path(cfg.tiny_models) / "generator" / "config.json").exists():
         build_tiny_models(cfg.tiny_models, overwrite=True)
-    out = PipelineResult()
+    out = PipelineResult(warnings=warnings)
     pool = import_prompts(catalog, cfg.prompts.source, cfg.prompts.column).snapshot
     sets = split_prompts(catalog, cfg.split, [pool.id])
     out.snapshots += [pool, *sets]
@@ -275,8 +269,9 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
         recipe = Path(cfg.training.recipe.format(n=n))
         model = reusable_model(catalog, n, pairs, policy, recipe)
         if model is None:
-            model = train(_PinnedPairs(catalog, n, pairs), TrainConfig(
-                n, recipe, policy, output_dir=Path(cfg.training.output_dir.format(n=n)), overwrite=True)).snapshot
+            model = train(catalog, TrainConfig(
+                n, recipe, policy, output_dir=Path(cfg.training.output_dir.format(n=n)), overwrite=True),
+                [s.id for s in pairs]).snapshot
         out.snapshots.append(model)
         policy = _model_path(catalog, model)  # the generator of iteration n + 1
         out.models.append(policy)

@@ -52,11 +52,10 @@ def _row(catalog: Catalog, snap: Snapshot) -> dict[str, Any]:
 
 
 def metrics(catalog: Catalog, snap: Snapshot) -> dict[str, Any]:
-    """Training metrics of a model snapshot (kept in its params; older catalogs kept them in the row)."""
-    if "metrics" in snap.params:
-        return dict(snap.params["metrics"])
+    """Training metrics of a model snapshot: the pair counts (in the row, part of its identity) and losses and
+    timings (in its params)."""
     row = _row(catalog, snap)
-    return json.loads(row["metrics"]) if row.get("metrics") else {}
+    return {**(json.loads(row["metrics"]) if row.get("metrics") else {}), **snap.params.get("metrics", {})}
 
 
 def lineage(catalog: Catalog, snap: Snapshot) -> tuple[str, list[Step]]:

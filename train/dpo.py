@@ -13,7 +13,6 @@ model produced which data. One process trains in-process; several are launched b
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -21,13 +20,14 @@ import shutil
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
 from builders.errors import InputError
-from builders.models import one_line
+from builders.models import one_line, weights_sha256
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
@@ -157,25 +157,16 @@ def _check_values(path: Path, raw: dict[str, Any], dataclass_types) -> None:
                 raise InputError(f"recipe {path}: {key} must be {kind}, found {value!r}")
 
 
-def _weights_sha256(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")):
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _catalog_dataset(catalog: Catalog, iteration: int) -> tuple[Any, Any, list[str]]:
+def _catalog_dataset(catalog: Catalog, iteration: int, from_refs: Sequence[str] = ()) -> tuple[Any, Any, list[str]]:
     import datasets
 
     from builders.pairs import to_trl
 
-    train = catalog.newest("pairs", iteration, "train")
-    if train is None:
-        raise InputError(f"iteration {iteration} has no pairs in catalog {catalog.path}; run `iterdpo build "
-                         f"--iteration {iteration}` (or pass --dataset)")
-    test = catalog.newest("pairs", iteration, "test")
+    sets = catalog.inputs("pairs", iteration, ("train", "test"), from_refs, "pairs",
+                          f"iterdpo build --iteration {iteration}", require_train=True)
+    if "train" not in sets:
+        raise InputError(f"--from names no train pairs of iteration {iteration}")
+    train, test = sets["train"], sets.get("test")
     train_ds = datasets.Dataset(to_trl(catalog.read(train.id)))
     test_ds = datasets.Dataset(to_trl(catalog.read(test.id))) if test else None
     return train_ds, test_ds, [s.id for s in (train, test) if s]
@@ -320,7 +311,8 @@ class _Progress:
         return Progress()
 
 
-def train(catalog: Catalog, cfg: TrainConfig) -> TrainResult:
+def train(catalog: Catalog, cfg: TrainConfig, from_refs: Sequence[str] = ()) -> TrainResult:
+    """DPO on the iteration's pairs: those named by `from_refs`, else the newest (or `cfg.dataset`)."""
     recipe_path = Path(cfg.recipe) if cfg.recipe else RECIPES / f"iteration_{cfg.iteration}.yaml"
     overrides: dict[str, Any] = {}
     if cfg.model:
@@ -341,7 +333,7 @@ def train(catalog: Catalog, cfg: TrainConfig) -> TrainResult:
         train_ds, test_ds = _hub_dataset(cfg.dataset, script)
         parents: list[str] = []
     else:
-        train_ds, test_ds, parents = _catalog_dataset(catalog, cfg.iteration)
+        train_ds, test_ds, parents = _catalog_dataset(catalog, cfg.iteration, from_refs)
     if getattr(args.eval_strategy, "value", args.eval_strategy) == "no":
         test_ds = None
 
@@ -402,7 +394,7 @@ def train(catalog: Catalog, cfg: TrainConfig) -> TrainResult:
         snap = None
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(scratch))
-            weights = _weights_sha256(scratch)  # of these weights alone, before they join a folder
+            weights = weights_sha256(scratch)  # of these weights alone, before they join a folder
             _move_into_place(scratch, out)  # the model at the root of `out`: a valid --model for `generate`
             import pyarrow as pa
 
