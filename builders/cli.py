@@ -518,8 +518,9 @@ def publish_cmd(state: State, repo_id: str, iterations: str | None, local_dir: s
 
 def _print_publication(result, repo_id: str, revision: str, as_json: bool) -> None:
     def human() -> None:
-        click.echo(f"staged {len(result.staged.files)} files in {result.staged.folder} "
-                   f"(snapshot set {result.staged.set_id[:12]})")
+        if result.staged.folder is not None:
+            click.echo(f"staged {len(result.staged.files)} files in {result.staged.folder} "
+                       f"(snapshot set {result.staged.set_id[:12]})")
         if result.dry_run:
             click.echo("dry run: nothing uploaded")
         elif result.already_published:

@@ -190,6 +190,13 @@ def token() -> str | None:
     return get_token()
 
 
+def recorded(catalog: Catalog, target: HubTarget, set_id: str) -> dict[str, Any] | None:
+    """The catalog's record of this snapshot set's publication to the target repo revision (on this endpoint)."""
+    from huggingface_hub import constants
+
+    return catalog.publication(set_id, target.repo_id, target.revision, constants.ENDPOINT)
+
+
 def upload(catalog: Catalog, target: HubTarget, folder: Path, files: list[str], set_id: str,
            snapshots: dict[str, str]) -> Uploaded:
     """Commit `files` of `folder` to the repo as one commit, tag it `set_id`, and record the publication."""
@@ -197,7 +204,7 @@ def upload(catalog: Catalog, target: HubTarget, folder: Path, files: list[str], 
 
     endpoint = constants.ENDPOINT
     repo_id, kind, revision = target.repo_id, target.repo_type, target.revision
-    prior = catalog.publication(set_id, repo_id, revision, endpoint)
+    prior = recorded(catalog, target, set_id)
     if prior and prior["tag"]:
         return Uploaded(True, prior["commit"], prior["tag"])
     secret = token()

@@ -22,7 +22,7 @@ from builders import __version__
 from builders.catalog import Catalog, Snapshot
 from builders.config import PUBLISH_DEFAULTS, PublishConfig
 from builders.errors import InputError
-from builders.hub import HubTarget, snapshot_set_id, staging, upload, validate_repo_id
+from builders.hub import HubTarget, recorded, snapshot_set_id, staging, upload, validate_repo_id
 from builders.pairs import TRL_SCHEMA, to_trl
 from builders.schemas import KINDS
 
@@ -33,13 +33,14 @@ def split_name(split: str, iteration: int) -> str:
 
 @dataclass
 class StagedRepo:
-    folder: Path
+    folder: Path | None  # None: not staged (the snapshot set was already published)
     files: list[str]
     snapshots: dict[str, str]  # split name -> pairs snapshot id
     set_id: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"folder": str(self.folder), "files": self.files, "snapshots": self.snapshots, "set_id": self.set_id}
+        return {"folder": str(self.folder) if self.folder else None, "files": self.files,
+                "snapshots": self.snapshots, "set_id": self.set_id}
 
 
 @dataclass
@@ -166,13 +167,22 @@ def _split_params(catalog: Catalog, snaps: dict[tuple[int, str], Snapshot]) -> d
 
 
 def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
-    """Stage the repo; unless dry-run, upload it as one commit, tag it, and record the publication."""
+    """Stage the repo; unless dry-run, upload it as one commit, tag it, and record the publication. A snapshot set
+    already published (and tagged) to that repo revision is found from its id alone, before any staging."""
+    target = HubTarget(cfg.repo_id, "dataset", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
+                       license=cfg.license)
+    if not cfg.dry_run:
+        validate_repo_id(cfg.repo_id)
+        ids = {split_name(split, it): s.id for (it, split), s in published_snapshots(catalog, cfg.iterations).items()}
+        set_id = snapshot_set_id(list(ids.values()))
+        prior = recorded(catalog, target, set_id)
+        if prior and prior["tag"]:
+            return PublishResult(cfg.repo_id, cfg.revision, StagedRepo(None, [], ids, set_id), already_published=True,
+                                 commit=prior["commit"], tag=prior["tag"], license=cfg.license)
     staged = stage_repo(catalog, cfg.repo_id, cfg.iterations, cfg.local_dir, cfg.license, cfg.max_row_group_bytes)
     result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run, license=cfg.license)
     if cfg.dry_run:
         return result
-    target = HubTarget(cfg.repo_id, "dataset", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
-                       license=cfg.license)
     up = upload(catalog, target, staged.folder, staged.files, staged.set_id, staged.snapshots)
     result.already_published, result.commit, result.tag = up.already_published, up.commit, up.tag
     return result

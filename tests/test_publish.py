@@ -353,8 +353,10 @@ def test_upload_is_one_commit_then_a_tag_and_republishing_is_a_noop(built, tmp_p
     assert repo_calls and all(auth == f"Bearer {TOKEN}" for _, _, auth in repo_calls)
     # again: nothing sent, the catalog says it is published
     before = len(hub["requests"])
+    mtimes = {p: p.stat().st_mtime_ns for p in staged.rglob("*")}
     again = publish(built, _cfg(tmp_path))
     assert again.already_published and again.commit == result.commit and len(hub["requests"]) == before
+    assert again.staged.folder is None and {p: p.stat().st_mtime_ns for p in staged.rglob("*")} == mtimes  # not restaged
     # the token is nowhere on disk
     for path in [built.path, *staged.rglob("*")]:
         if path.is_file():
