@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from builders.catalog import Catalog
+from builders import scratch as scratch_dirs
 from builders.errors import InputError, IterdpoError
 
 MARKER = ".iterdpo-staged.json"  # in a staged folder: the files iterdpo wrote there (the only ones it may replace)
@@ -61,8 +62,9 @@ def staging(local_dir: Path | None, prefix: str = "iterdpo-publish-") -> Iterato
     target = Path(local_dir) if local_dir else Path(tempfile.mkdtemp(prefix=prefix)) / "repo"
     owned = _owned_files(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_scratch(target)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(target)}{os.getpid()}-", dir=target.parent))
+    scratch_dirs.remove_stale("staging", target)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{scratch_dirs.prefix('staging', target)}{os.getpid()}-",
+                                    dir=target.parent))
     try:
         st = Staging(scratch, target)
         yield st
@@ -106,28 +108,6 @@ def _place(scratch: Path, target: Path, owned: list[str] | None) -> None:
     for rel in {str(Path(r).parent) for r in owned} - {"."}:
         with contextlib.suppress(OSError):
             (target / rel).rmdir()  # only if it is now empty
-
-
-def _scratch_prefix(target: Path) -> str:
-    return f".iterdpo-staging-{target.name}-"
-
-
-def _remove_stale_scratch(target: Path) -> None:
-    """Scratch folders of a staging that was killed (kill -9 skips every cleanup): their process is gone."""
-    for old in target.parent.glob(f"{_scratch_prefix(target)}*"):
-        pid = old.name[len(_scratch_prefix(target)):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------------- upload

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builders import scratch as scratch_dirs
 from builders.catalog import Catalog, Snapshot
 from builders.errors import InputError
 from builders.models import one_line, weights_sha256
@@ -228,34 +229,12 @@ def pair_counts(before: Any, prepared: Any, max_length: int | None, split: str) 
             f"{split}_pairs_truncated": truncated}
 
 
-def _scratch_prefix(out: Path) -> str:
-    return f".iterdpo-train-{out.name}-"
-
-
 def _scratch_dir(out: Path) -> Path:
     """Where the model is written before it is moved to `out`: beside it (same filesystem: the move is a rename).
     Named after the launcher's pid in a distributed run (torchrun's agent is every local rank's parent), so every
     process agrees on it."""
     launcher = os.getppid() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else os.getpid()
-    return out.parent / f"{_scratch_prefix(out)}{launcher}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_scratch(out: Path) -> None:
-    """Scratch folders of a training that was killed (kill -9 skips every cleanup): their process is gone."""
-    for old in out.parent.glob(f"{_scratch_prefix(out)}*"):
-        pid = old.name[len(_scratch_prefix(out)):]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
+    return out.parent / f"{scratch_dirs.prefix('train', out)}{launcher}"
 
 
 def _move_into_place(scratch: Path, out: Path) -> None:
@@ -355,7 +334,7 @@ def train(catalog: Catalog, cfg: TrainConfig, from_refs: Sequence[str] = ()) -> 
     main = rank == 0
     if main:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_scratch(out)
+        scratch_dirs.remove_stale("train", out)
         shutil.rmtree(scratch, ignore_errors=True)
     args.output_dir = str(scratch)
     quiet = not cfg.trainer_logs
