@@ -87,6 +87,19 @@ def test_rank_snapshot_ids_do_not_depend_on_batch_options(tmp_path, short_ranker
     assert len(ids) == 1
 
 
+def test_on_gpu_the_batch_options_are_part_of_the_resume_key(tmp_path, short_ranker, monkeypatch):
+    # GPU kernels may change with the batch shape (not bit-identical there): a resumed run must not mix options
+    ranker = PairRM(str(short_ranker), device="cpu")
+    monkeypatch.setattr("builders.rank._device", lambda device: "cuda")
+    catalog = _generations_catalog(tmp_path / "c.duckdb")
+    first = rank(catalog, RankConfig(iteration=1, ranker_model=str(short_ranker), batch_prompts=2, batch_tokens=64),
+                 progress=False, ranker=ranker)
+    assert (first.snapshots[0].params["batch_prompts"], first.snapshots[0].params["batch_tokens"]) == (2, 64)
+    other = rank(catalog, RankConfig(iteration=1, ranker_model=str(short_ranker), batch_prompts=3, batch_tokens=64),
+                 progress=False, ranker=ranker)
+    assert other.splits[0].ranked == 6  # nothing reused from the run with other batch options
+
+
 def test_forward_passes_are_n_times_n_minus_1(tiny_models):
     ranker = PairRM(str(tiny_models / "ranker"), device="cpu")
     ranker.score(["a prompt", "another"], [["x", "y", "z"], ["p", "q", "r", "s", "t"]])
