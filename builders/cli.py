@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -328,6 +329,47 @@ def versions_merge(state: State, catalogs: tuple[str, ...], as_json: bool) -> No
 
 
 # --------------------------------------------------------------------------------------------------------- generate
+@contextmanager
+def stage_output(debug: bool):
+    """Around a model-running stage. stdout is kept for the result (vLLM logs to stdout by default: send it to
+    stderr). Without --debug, what libraries write below Python (C++ and Triton warnings, worker processes and their
+    tracebacks, their progress bars) goes to /dev/null, while our own progress bar and error line keep stderr."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    if debug:
+        yield
+        return
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # worker processes do not inherit our warning filters
+    logging.getLogger("vllm").setLevel(logging.ERROR)  # vLLM warns at import, before it applies its log level
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    old_stderr = sys.stderr
+    real = _has_fd(old_stderr, 2)  # under a test's in-memory capture, sys.stderr is not fd 2: leave it alone
+    try:
+        if real:
+            sys.stderr = open(os.dup(saved[2]), "w", buffering=1, encoding=old_stderr.encoding, errors="replace")
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        if real:  # left open: handlers a library set up meanwhile may still write to it
+            sys.stderr = old_stderr
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
+def _has_fd(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 SAMPLING = SamplingConfig()
 VLLM = VllmConfig()
 OPENAI = OpenAIConfig()
@@ -339,7 +381,8 @@ OPENAI = OpenAIConfig()
 @click.option("--model", required=True, help="Local folder or hub id of the policy model.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="transformers", show_default=True)
 @click.option("--num-responses", type=int, default=SAMPLING.num_responses, show_default=True)
-@click.option("--temperature", type=float, default=SAMPLING.temperature, show_default=True)
+@click.option("--temperature", type=float, default=SAMPLING.temperature, show_default=True,
+              help="0: greedy decoding (then --num-responses 1).")
 @click.option("--top-p", type=float, default=SAMPLING.top_p, show_default=True)
 @click.option("--max-tokens", type=int, default=SAMPLING.max_tokens, show_default=True)
 @click.option("--seed", type=int, default=SAMPLING.seed, show_default=True)
@@ -386,7 +429,8 @@ def generate_cmd(state: State, iteration: int, model: str, backend: str, num_res
         openai=OpenAIConfig(base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI.base_url, api_key_env,
                             concurrency, max_retries),
     )
-    result = generate(state.catalog(), cfg, from_refs)
+    with stage_output(state.debug):
+        result = generate(state.catalog(), cfg, from_refs)
 
     def human() -> None:
         for s in result.splits:
@@ -432,7 +476,8 @@ def rank_cmd(state: State, iteration: int, ranker: str, ranker_model: str, split
     cfg = RankConfig(iteration=iteration, ranker=ranker, ranker_model=ranker_model,
                      splits=(split,) if split else ("train", "test"), device=device, dtype=dtype,
                      batch_prompts=batch_prompts, batch_tokens=batch_tokens)
-    result = rank(state.catalog(), cfg, from_refs)
+    with stage_output(state.debug):
+        result = rank(state.catalog(), cfg, from_refs)
 
     def human() -> None:
         for s in result.splits:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -63,14 +64,52 @@ def prompt_seed(run_seed: int, prompt_id: str, num_responses: int) -> int:
 
 
 def validate_sampling(s: SamplingConfig) -> None:
-    if s.num_responses < 1:
+    """Used by generate, best-of-n and the pipeline: every sampling setting, before any work."""
+    if not isinstance(s.num_responses, int) or s.num_responses < 1:
         raise InputError(f"--num-responses must be at least 1, not {s.num_responses}")
-    if s.temperature < 0:
-        raise InputError(f"--temperature must be 0 or more, not {s.temperature}")
-    if not 0 < s.top_p <= 1:
+    if not isinstance(s.temperature, (int, float)) or not math.isfinite(s.temperature) or s.temperature < 0:
+        raise InputError(f"--temperature must be a number, 0 or more, not {s.temperature}")
+    if s.temperature == 0 and s.num_responses > 1:
+        # temperature 0 is greedy decoding: the n responses would all be the same, and there is nothing to rank
+        raise InputError(f"--temperature 0 is greedy decoding: its {s.num_responses} responses would be identical; "
+                         f"use a temperature above 0, or --num-responses 1")
+    if not isinstance(s.top_p, (int, float)) or not 0 < s.top_p <= 1:  # a NaN fails the comparison too
         raise InputError(f"--top-p must be in (0, 1], not {s.top_p}")
-    if s.max_tokens < 1:
+    if not isinstance(s.max_tokens, int) or s.max_tokens < 1:
         raise InputError(f"--max-tokens must be at least 1, not {s.max_tokens}")
+    if not isinstance(s.seed, int):
+        raise InputError(f"--seed must be an integer, not {s.seed!r}")
+
+
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
+def validate_generate(cfg: GenerateConfig) -> None:
+    """Every option of the generation stage, checked before any input is read or model loaded."""
+    validate_sampling(cfg.sampling)
+    if cfg.backend not in BACKENDS:
+        raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
+    for split in cfg.splits:
+        if split not in ("train", "test"):
+            raise InputError(f"split must be train or test, not {split!r}")
+    parse_shard(cfg.shard)
+    if cfg.batch_prompts is not None and (not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1):
+        raise InputError(f"--batch-prompts must be at least 1, not {cfg.batch_prompts}")
+    if cfg.backend == "vllm":
+        v = cfg.vllm
+        if v.tensor_parallel_size < 1:
+            raise InputError(f"--tensor-parallel-size must be at least 1, not {v.tensor_parallel_size}")
+        if v.dtype not in VLLM_DTYPES:
+            raise InputError(f"--dtype must be one of {', '.join(VLLM_DTYPES)}, not {v.dtype!r}")
+        if not 0 < v.gpu_memory_utilization <= 1:  # NaN fails too
+            raise InputError(f"--gpu-memory-utilization must be in (0, 1], not {v.gpu_memory_utilization}")
+        for name, value in (("--max-model-len", v.max_model_len), ("--max-num-seqs", v.max_num_seqs)):
+            if value is not None and value < 1:
+                raise InputError(f"{name} must be at least 1, not {value}")
+    if cfg.backend == "openai":
+        from builders.openai_backend import validate_openai
+
+        validate_openai(cfg.openai)
 
 
 # ------------------------------------------------------------------------------------------------------ generators
@@ -92,26 +131,35 @@ class Sample:
 
 
 class Generator(Protocol):
-    """A backend. `prepare` renders prompts (a Request, or why the prompt is skipped); `generate` returns n
-    samples per request (an empty list: the server refused the prompt as too long)."""
+    """A backend. `prepare` renders prompts (a Request, or why the prompt is skipped); `generate` returns
+    `sampling.num_responses` samples per request (an empty list: the server refused the prompt as too long).
+    Sampling is passed with every call, so what a stage records is what the engine ran."""
 
-    def prepare(self, prompts: Sequence[tuple[str, str, int]]) -> list[Request | str]: ...
+    def prepare(self, prompts: Sequence[tuple[str, str, int]], sampling: SamplingConfig) -> list[Request | str]: ...
 
-    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]: ...
+    def generate(self, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[Sample]]: ...
 
     def describe(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
 
 
+def _sampling(given: SamplingConfig | None, default: SamplingConfig | None) -> SamplingConfig:
+    """The call's sampling; the one a generator was built with only when a direct caller passes none."""
+    chosen = given if given is not None else default
+    if chosen is None:
+        raise InputError("no sampling settings: pass a SamplingConfig to generate()/prepare()")
+    return chosen
+
+
 class _Templated:
     """Shared by the local backends: the tokenizer, its chat template, and the context-length rule."""
 
-    def __init__(self, model: str, sampling: SamplingConfig, chat_template: Path | None):
+    def __init__(self, model: str, sampling: SamplingConfig | None, chat_template: Path | None):
         from transformers import AutoTokenizer
 
         self.model = model
-        self.sampling = sampling
+        self.sampling = sampling  # only a default for direct calls without sampling; the stage passes its own
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         except Exception as e:
@@ -125,15 +173,17 @@ class _Templated:
             raise InputError(f"model {model!r}: its tokenizer has no chat template; pass --chat-template FILE")
         self.context_length = 0  # set by the backend
 
-    def prepare(self, prompts: Sequence[tuple[str, str, int]]) -> list[Request | str]:
-        """(prompt_id, prompt, seed) -> a rendered, tokenized Request, or "too_long"."""
+    def prepare(self, prompts: Sequence[tuple[str, str, int]],
+                sampling: SamplingConfig | None = None) -> list[Request | str]:
+        """(prompt_id, prompt, seed) -> a rendered, tokenized Request, or "too_long" (no room for max_tokens)."""
+        max_tokens = _sampling(sampling, self.sampling).max_tokens
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                     add_generation_prompt=True) for _, p, _ in prompts]
         # one batched call (the fast tokenizer parallelises it); the template writes BOS itself
         all_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         out: list[Request | str] = []
         for (pid, prompt, seed), text, ids in zip(prompts, texts, all_ids):
-            too_long = len(ids) + self.sampling.max_tokens > self.context_length
+            too_long = len(ids) + max_tokens > self.context_length
             out.append("too_long" if too_long else Request(pid, prompt, seed, text, ids, len(ids)))
         return out
 
@@ -145,7 +195,7 @@ class _Templated:
 class TransformersGenerator(_Templated):
     """CPU fallback: one generate() call per prompt (its n samples together), seeded per prompt."""
 
-    def __init__(self, model: str, sampling: SamplingConfig, chat_template: Path | None = None):
+    def __init__(self, model: str, sampling: SamplingConfig | None = None, chat_template: Path | None = None):
         super().__init__(model, sampling, chat_template)
         import torch
         from transformers import AutoModelForCausalLM
@@ -159,10 +209,10 @@ class TransformersGenerator(_Templated):
         limits = [getattr(self.lm.config, "max_position_embeddings", None), self.tokenizer.model_max_length]
         self.context_length = min(x for x in limits if isinstance(x, int) and 0 < x < 10**8)
 
-    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+    def generate(self, requests: Sequence[Request], sampling: SamplingConfig | None = None) -> list[list[Sample]]:
         import torch
 
-        s = self.sampling
+        s = _sampling(sampling, self.sampling)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         out = []
@@ -224,10 +274,10 @@ class VllmGenerator(_Templated):
             raise InputError(f"model {model!r}: vLLM cannot load it ({_one_line(e)})") from None
         self.context_length = self.llm.llm_engine.model_config.max_model_len
 
-    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+    def generate(self, requests: Sequence[Request], sampling: SamplingConfig | None = None) -> list[list[Sample]]:
         from vllm import SamplingParams
 
-        s = self.sampling
+        s = _sampling(sampling, self.sampling)
         params = [SamplingParams(n=s.num_responses, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                                  seed=r.seed) for r in requests]
         outputs = self.llm.generate([{"prompt_token_ids": r.token_ids} for r in requests], params, use_tqdm=False)
@@ -314,12 +364,7 @@ def generate(catalog: Catalog, cfg: GenerateConfig, from_refs: Sequence[str] = (
              generator: Generator | None = None) -> GenerateResult:
     """Generate `num_responses` responses for each prompt of iteration `cfg.iteration`'s prompt sets and register
     a `generations` snapshot per split (a shard snapshot with --shard). Resumable: finished prompts are kept."""
-    validate_sampling(cfg.sampling)
-    if cfg.backend not in BACKENDS:
-        raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
-    for split in cfg.splits:
-        if split not in ("train", "test"):
-            raise InputError(f"split must be train or test, not {split!r}")
+    validate_generate(cfg)
     shard = parse_shard(cfg.shard)
     sets = catalog.inputs("prompts", cfg.iteration, cfg.splits, from_refs, "prompt sets", "iterdpo prompts split",
                           require_train=True)
@@ -394,14 +439,15 @@ def _run_batches(catalog: Catalog, generator: Generator, cfg: GenerateConfig, ke
     try:
         for chunk in _chunks(todo, batch):
             requests, units = [], {}
-            prepared = generator.prepare([(pid, text, prompt_seed(cfg.sampling.seed, pid, n)) for pid, text in chunk])
+            prepared = generator.prepare([(pid, text, prompt_seed(cfg.sampling.seed, pid, n)) for pid, text in chunk],
+                                         cfg.sampling)
             for (pid, _), item in zip(chunk, prepared):
                 if isinstance(item, str):
                     units[pid] = {"skipped": item}
                 else:
                     requests.append(item)
                     units[pid] = None
-            answered = generator.generate(requests) if requests else []
+            answered = generator.generate(requests, cfg.sampling) if requests else []
             kept, samples = [], []
             for req, outs in zip(requests, answered):
                 if not outs:  # the server refused the prompt as longer than its context

@@ -7,8 +7,9 @@ Rankers (the `Ranker` protocol):
   <|candidate2|> b [SEP]`, C[i, j] = head(source, cand1) - head(source, cand2), and
   score_i = sum_j (C[i, j] - C[j, i]) / N (llm-blender's mean over the N columns of C - C^T). One difference: the
   candidate budget (412 + half the unused part of the 1224-token source budget) is computed per prompt, where
-  llm-blender takes it from the longest source in its batch; so scores never depend on batching, and equal
-  llm-blender's at one prompt per batch. Passes of many prompts are batched together, grouped by length.
+  llm-blender takes it from the longest source in its batch; so scores equal llm-blender's at one prompt per
+  batch. Passes of many prompts are batched together by padded width, and on CPU the scores are bit-identical
+  whatever the batch options (see `PairRM.score`).
 - `llm-blender`: the library itself, one prompt per batch (the reference `pairrm` is tested against).
 - `scalar`: any AutoModelForSequenceClassification reward model, one pass per response.
 - `python`: `module:function(prompts, responses) -> scores` over flat, equal-length lists.
@@ -74,7 +75,56 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def check_device(device: str | None) -> None:
+    """--device names a device this machine has (checked before any model loads)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise InputError(f"--device {device!r}: use cpu, cuda or cuda:N")
+
+
+def validate_rank(cfg: RankConfig) -> None:
+    """Every ranking option, checked before any input is read or model loaded."""
+    if cfg.ranker not in RANKERS:
+        raise InputError(f"unknown ranker {cfg.ranker!r}; use one of {', '.join(RANKERS)}")
+    for split in cfg.splits:
+        if split not in ("train", "test"):
+            raise InputError(f"split must be train or test, not {split!r}")
+    if cfg.dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    if not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1:
+        raise InputError(f"--batch-prompts must be at least 1, not {cfg.batch_prompts}")
+    if cfg.batch_tokens is not None and (not isinstance(cfg.batch_tokens, int) or cfg.batch_tokens < 1):
+        raise InputError(f"--batch-tokens must be at least 1, not {cfg.batch_tokens}")
+    if cfg.ranker != "python":
+        check_device(cfg.device)
+
+
 # --------------------------------------------------------------------------------------------------------- pairrm
+PAD_MULTIPLE = 16  # a pass's width: the pair's length rounded up to this (a pair's shape is its own, see score)
+
+
+def _padded_width(length: int) -> int:
+    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
 class PairRM:
     def __init__(self, ref: str, device: str | None = None, dtype: str = "auto", batch_tokens: int | None = None):
         import torch
@@ -153,31 +203,32 @@ class PairRM:
                     if i != j:
                         ids = src + firsts[i] + seconds[j]
                         pairs.append((len(ids), p, i, j, ids, len(src) + 1, len(src) + len(firsts[i]) + 1))
-        pairs.sort(key=lambda x: x[0])  # similar lengths together: little padding
+        # Bit-identical whatever the batching (--batch-prompts, --batch-tokens, the other prompts of a batch): every
+        # pair is padded to a width that depends on its own length only, a pass holds pairs of one width (on CPU the
+        # backbone's rows then do not depend on how many share the pass), and the small head runs one row at a time
+        # (its matrix kernel differs with the row count).
+        pairs = [(_padded_width(p[0]), *p[1:]) + (p[0],) for p in pairs]
+        pairs.sort(key=lambda x: x[0])  # one width per pass, similar widths together
         cmp = [[[0.0] * len(c) for _ in c] for c in candidates]
         start = 0
         with torch.no_grad():
             while start < len(pairs):
+                width = pairs[start][0]
                 end = start + 1
-                while end < len(pairs) and pairs[end][0] * (end - start + 1) <= self.batch_tokens:
+                while end < len(pairs) and pairs[end][0] == width and width * (end - start + 1) <= self.batch_tokens:
                     end += 1
                 batch = pairs[start:end]
-                width = batch[-1][0]
                 ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for row, item in enumerate(batch):
-                    ids[row, : item[0]] = torch.tensor(item[4])
-                    mask[row, : item[0]] = 1
+                    ids[row, : item[7]] = torch.tensor(item[4])
+                    mask[row, : item[7]] = 1
                 hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-                rows = torch.arange(len(batch), device=self.device)
-                src_enc = hidden[rows, 1]
-                c1 = hidden[rows, torch.tensor([b[5] for b in batch], device=self.device)]
-                c2 = hidden[rows, torch.tensor([b[6] for b in batch], device=self.device)]
-                left = self.head(torch.cat([src_enc, c1], dim=-1))
-                right = self.head(torch.cat([src_enc, c2], dim=-1))
-                logits = (left - right).mean(dim=-1).float().cpu().tolist()
-                for item, value in zip(batch, logits):
-                    cmp[item[1]][item[2]][item[3]] = value
+                for row, item in enumerate(batch):
+                    src_enc, c1, c2 = hidden[row, 1], hidden[row, item[5]], hidden[row, item[6]]
+                    left = self.head(torch.cat([src_enc, c1])[None])
+                    right = self.head(torch.cat([src_enc, c2])[None])
+                    cmp[item[1]][item[2]][item[3]] = (left - right).mean().float().item()
                 self.passes += len(batch)
                 start = end
         return [[sum(c[i][j] - c[j][i] for j in range(len(c))) / len(c) for i in range(len(c))] for c in cmp]
@@ -244,9 +295,19 @@ class ScalarRM:
         self.device, self.batch_size = _device(device), batch_size
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            self.model = AutoModelForSequenceClassification.from_pretrained(folder).to(self.device).eval()
+            model, info = AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True)
         except Exception as e:
             raise InputError(f"scalar reward model {ref!r} cannot be loaded ({one_line(e)})") from None
+        # transformers fills weights the checkpoint lacks (e.g. the score head of a plain backbone, or of a PairRM
+        # folder) with random values and only warns: scores from them are noise, so refuse
+        missing = sorted(info.get("missing_keys") or []) + sorted(k[0] if isinstance(k, tuple) else k
+                                                                  for k in info.get("mismatched_keys") or [])
+        if missing:
+            heads = [k for k in missing if k.split(".")[0] in ("classifier", "score", "pooler", "v_head")]
+            shown = ", ".join((heads or missing)[:3]) + (", ..." if len(missing) > 3 else "")
+            raise InputError(f"scalar reward model {ref!r}: {len(missing)} weights are missing from its checkpoint "
+                             f"and would be random ({shown}); it is not a trained sequence-classification reward model")
+        self.model = model.to(self.device).eval()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.torch = torch
@@ -312,6 +373,7 @@ def _unflatten(values: list[float], candidates: Sequence[Sequence[str]]) -> list
 
 
 def make_ranker(cfg: RankConfig) -> Ranker:
+    validate_rank(cfg)
     if cfg.ranker == "pairrm":
         return PairRM(cfg.ranker_model, cfg.device, cfg.dtype, cfg.batch_tokens)
     if cfg.ranker == "llm-blender":
@@ -361,14 +423,17 @@ def rank(catalog: Catalog, cfg: RankConfig, from_refs: Sequence[str] = (), progr
     Resumable like generation: scored prompts are committed in batches and skipped by a rerun."""
     from tqdm import tqdm
 
-    if cfg.ranker not in RANKERS:
-        raise InputError(f"unknown ranker {cfg.ranker!r}; use one of {', '.join(RANKERS)}")
+    validate_rank(cfg)
     sets = catalog.inputs("generations", cfg.iteration, cfg.splits, from_refs, "generations",
                           f"iterdpo generate --iteration {cfg.iteration}")
     identity = ranker_identity(cfg)
     result = RankResult(cfg.iteration)
     start = time.perf_counter()
     settings = {k: v for k, v in asdict(cfg).items() if k in ("ranker", "dtype")}
+    if cfg.ranker == "pairrm" and not _device(cfg.device).startswith("cpu"):
+        # PairRM's scores are bit-identical across batch options on CPU (tested); GPU kernels may change with the
+        # batch shape, so there the batch options are part of the key and a resumed run cannot mix them
+        settings.update(batch_prompts=cfg.batch_prompts, batch_tokens=cfg.batch_tokens)
     for split, gen in sets.items():
         key = hashlib.sha256(json.dumps({"stage": "rank", "generations": gen.id, **identity, **settings},
                                         sort_keys=True).encode()).hexdigest()
@@ -404,7 +469,8 @@ def rank(catalog: Catalog, cfg: RankConfig, from_refs: Sequence[str] = (), progr
         finally:
             bar.close()
         described = ranker.describe() if ranker is not None else catalog.work_params(key).get("ranker", {})
-        params = {**identity, **described, "generations": gen.id, "work_key": key}
+        params = {**identity, **described, "generations": gen.id, "work_key": key,
+                  **{k: v for k, v in settings.items() if k.startswith("batch_")}}
         split_result.snapshot = catalog.register("scores", catalog.work_rows(key, units=order),
                                                  iteration=cfg.iteration, split=split, parents=[gen.id], params=params)
         result.splits.append(split_result)

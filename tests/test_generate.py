@@ -106,42 +106,49 @@ def test_shard_partition_covers_every_prompt_once():
             parse_shard(bad)
 
 
-def test_prompts_too_long_for_the_context_are_skipped_and_counted(split_catalog, tiny_models):
-    # the tiny generator's context is 4096 tokens: leave room only for short prompts
-    sampling = SamplingConfig(num_responses=2, max_tokens=4096 - 60, seed=1)
-    result = generate(split_catalog, cfg(tiny_models / "generator", splits=("test",), sampling=sampling,
-                                         batch_prompts=100), progress=False, generator=_ShortGenerator(
-        tiny_models / "generator", sampling))
+def test_prompts_too_long_for_the_context_are_skipped_and_counted(split_catalog, tiny_models, tmp_path):
+    from builders.generate import TransformersGenerator
+
+    sampling = SamplingConfig(num_responses=2, max_tokens=8, seed=1)
+    prompts = split_catalog.read(split_catalog.newest("prompts", 1, "test").id).to_pylist()
+    lengths = sorted(r.prompt_tokens for r in TransformersGenerator(str(tiny_models / "generator")).prepare(
+        [(p["prompt_id"], p["prompt"], 1) for p in prompts], sampling))
+    # a copy of the generator whose context holds the shorter prompts and max_tokens, not the longest one
+    short = tmp_path / "short-context"
+    shutil.copytree(tiny_models / "generator", short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": lengths[-1] + 7}))
+    result = generate(split_catalog, cfg(short, splits=("test",), sampling=sampling), progress=False)
     split = result.splits[0]
-    assert split.skipped_too_long > 0
+    assert split.skipped_too_long == sum(n + 8 > lengths[-1] + 7 for n in lengths) >= 1
     assert split.snapshot.params["skipped_too_long"] == split.skipped_too_long
+    assert split.snapshot.params["sampling"]["max_tokens"] == 8  # what the engine ran
     assert split.snapshot.rows == 2 * (split.prompts - split.skipped_too_long)
 
 
-class _ShortGenerator:
-    """The real transformers generator, generating 4 tokens however large max_tokens is (keeps the test fast)."""
+def test_sampling_is_the_stages_not_the_one_a_generator_was_built_with(split_catalog, tiny_models, tmp_path):
+    from builders.generate import TransformersGenerator
 
-    def __init__(self, model: Path, sampling: SamplingConfig):
-        from dataclasses import replace
+    reference = Catalog(tmp_path / "ref.duckdb")
+    shutil.copy(split_catalog.path, reference.path)
+    built_with = SamplingConfig(num_responses=1, temperature=1.3, max_tokens=2, seed=99)
+    given = TransformersGenerator(str(tiny_models / "generator"), built_with)
+    ran = generate(split_catalog, cfg(tiny_models / "generator", splits=("test",)), progress=False, generator=given)
+    own = generate(reference, cfg(tiny_models / "generator", splits=("test",)), progress=False)
+    assert ran.snapshots[0].id == own.snapshots[0].id  # FAST's 3 responses of up to 16 tokens, as recorded
+    assert ran.snapshots[0].params["sampling"] == own.snapshots[0].params["sampling"]
 
-        from builders.generate import TransformersGenerator
 
-        self.inner = TransformersGenerator(str(model), sampling)
-        self.short = TransformersGenerator.__new__(TransformersGenerator)
-        self.short.__dict__.update(self.inner.__dict__)
-        self.short.sampling = replace(sampling, max_tokens=4)
-
-    def prepare(self, prompts):
-        return self.inner.prepare(prompts)
-
-    def generate(self, requests):
-        return self.short.generate(requests)
-
-    def describe(self):
-        return self.inner.describe()
-
-    def close(self):
-        pass
+def test_temperature_0_is_greedy_with_one_response(split_catalog, tiny_models):
+    greedy = SamplingConfig(num_responses=1, temperature=0.0, max_tokens=6, seed=1)
+    one = generate(split_catalog, cfg(tiny_models / "generator", splits=("test",), sampling=greedy), progress=False)
+    rows = split_catalog.read(one.snapshots[0].id).to_pylist()
+    assert len(rows) == 4 and all(r["response_index"] == 0 for r in rows)
+    # greedy ignores the seed: another seed gives the same responses
+    other = generate(split_catalog, cfg(tiny_models / "generator", splits=("test",),
+                                        sampling=SamplingConfig(num_responses=1, temperature=0.0, max_tokens=6,
+                                                                seed=2)), progress=False)
+    assert other.snapshots[0].id == one.snapshots[0].id
 
 
 _KILLABLE = """
@@ -194,6 +201,15 @@ def test_bad_inputs_are_clear_errors(split_catalog, tiny_models, tmp_path):
         generate(split_catalog, cfg("someone/unknown-model"), progress=False)
     with pytest.raises(InputError, match="num-responses must be at least 1"):
         generate(split_catalog, cfg(model, sampling=SamplingConfig(num_responses=0)), progress=False)
+    for value in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(InputError, match="--temperature must be a number, 0 or more"):
+            generate(split_catalog, cfg(model, sampling=SamplingConfig(temperature=value)), progress=False)
+    with pytest.raises(InputError, match="--temperature 0 is greedy decoding: its 5 responses would be identical"):
+        generate(split_catalog, cfg(model, sampling=SamplingConfig(temperature=0.0)), progress=False)
+    with pytest.raises(InputError, match="--top-p must be in"):
+        generate(split_catalog, cfg(model, sampling=SamplingConfig(top_p=float("nan"))), progress=False)
+    with pytest.raises(InputError, match="--batch-prompts must be at least 1, not -1"):
+        generate(split_catalog, cfg(model, batch_prompts=-1), progress=False)
     with pytest.raises(InputError, match="shard must look like K/N"):
         generate(split_catalog, cfg(model, shard="half"), progress=False)
     with pytest.raises(InputError, match="iteration 3 has no prompt sets"):
@@ -231,6 +247,30 @@ def test_cli_generate_json_and_one_line_errors(cli, tiny_models):
     assert bad.code == 1 and bad.err.strip().splitlines()[-1].startswith("Error: --shard 9/2")
 
 
+def _state(path: Path) -> list[int]:
+    with Catalog(path).connect() as con:
+        return [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("snapshots", "work_units")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "0", "--num-responses", "2"], "--temperature 0 is greedy decoding"),
+    (["--temperature", "nan"], "--temperature must be a number, 0 or more, not nan"),
+    (["--batch-prompts", "-1"], "--batch-prompts must be at least 1, not -1"),
+    (["--backend", "openai", "--concurrency", "0"], "--concurrency must be at least 1, not 0"),
+    (["--backend", "openai", "--max-retries", "-1"], "--max-retries must be 0 or more, not -1"),
+    (["--backend", "openai", "--base-url", "localhost:8000"], "--base-url must be an http:// or https:// URL"),
+    (["--backend", "vllm", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization must be in (0, 1]"),
+])
+def test_cli_generate_bad_options_fail_before_any_work(cli, catalog_path, tiny_models, args, message):
+    assert cli("prompts", "import", SAMPLE).code == 0
+    assert cli("prompts", "split", "--iterations", "1", "--train-size", "5", "--test-size", "2").code == 0
+    before = _state(catalog_path)
+    result = cli("generate", "--iteration", "1", "--model", tiny_models / "generator", *args)
+    assert result.code == 1 and result.out == "" and len(result.err.splitlines()) == 1, result.err
+    assert result.err.startswith(f"Error: {message}")
+    assert _state(catalog_path) == before
+
+
 # --------------------------------------------------------------------------------------------- openai (fake server)
 class _FakeOpenAI(BaseHTTPRequestHandler):
     """Answers /v1/chat/completions deterministically from the request's seed; scripted failures."""
@@ -245,6 +285,11 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
         s["auth"].append(self.headers.get("Authorization"))
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         s["calls"] += 1
+        if s.get("echo"):  # a server whose error body repeats the request's headers (some proxies do)
+            self.send_response(s["echo"])
+            self.end_headers()
+            self.wfile.write(json.dumps({"error": f"bad request, headers: {dict(self.headers)}"}).encode())
+            return
         if s["calls"] <= s.get("fail_first", 0) or (s.get("fail_after") is not None and s["ok"] >= s["fail_after"]):
             self.send_response(s.get("status", 500))
             self.end_headers()
@@ -311,3 +356,51 @@ def test_openai_backend_refused_and_unreachable(split_catalog, fake_server, monk
         generate(split_catalog, _openai_cfg(url), progress=False)
     with pytest.raises(IterdpoError, match="failed 2 times \\(ConnectError\\)"):
         generate(split_catalog, _openai_cfg("http://127.0.0.1:9/v1", max_retries=1), progress=False)
+
+
+CANARY = "canary-7f3a9c1e5b2d"
+
+
+@pytest.mark.parametrize("key", [CANARY, "sk-" + CANARY])
+def test_openai_errors_never_show_the_api_key(split_catalog, fake_server, monkeypatch, key):
+    url, script = fake_server
+    monkeypatch.setenv("MY_KEY", key)
+    monkeypatch.setattr("builders.generate.model_identity", lambda model: {"model": model})
+    script.update(echo=422)
+    with pytest.raises(IterdpoError, match="answered HTTP 422: .*bad request") as err:
+        generate(split_catalog, _openai_cfg(url, api_key_env="MY_KEY"), progress=False)
+    assert script["auth"] and all(a == f"Bearer {key}" for a in script["auth"])  # the key was sent...
+    assert CANARY not in str(err.value) and "Bearer ***" in str(err.value)  # ...and is not in the message
+
+
+def test_cli_openai_error_keeps_the_key_off_the_terminal(cli, fake_server, monkeypatch):
+    url, script = fake_server
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)
+    monkeypatch.setattr("builders.generate.model_identity", lambda model: {"model": model})
+    assert cli("prompts", "import", SAMPLE).code == 0
+    assert cli("prompts", "split", "--iterations", "1", "--train-size", "5", "--test-size", "0").code == 0
+    script.update(echo=400)
+    result = cli("generate", "--iteration", "1", "--model", "served", "--backend", "openai", "--base-url", url)
+    last = result.err.strip().splitlines()[-1]  # after the progress bar
+    assert result.code == 1 and last.startswith("Error: server ") and "HTTP 400" in last
+    assert CANARY not in result.err + result.out
+
+
+def _only_progress(stderr: str) -> list[str]:
+    """What stderr holds besides our own progress bars (tqdm redraws with carriage returns)."""
+    parts = [p.strip() for line in stderr.splitlines() for p in line.split("\r")]
+    return [p for p in parts if p and not p.startswith(("generate it", "rank it"))]
+
+
+def test_cli_stages_print_only_json_on_stdout_and_progress_on_stderr(tmp_path, tiny_models):
+    from tests.conftest import run_iterdpo
+
+    db = tmp_path / "c.duckdb"
+    import_prompts(Catalog(db), str(SAMPLE))
+    split_prompts(Catalog(db), SplitConfig(iterations=1, train_size=3, test_size=0, seed=1))
+    for args in (["generate", "--model", tiny_models / "generator", "--num-responses", "2", "--max-tokens", "4"],
+                 ["rank", "--ranker-model", tiny_models / "ranker"]):
+        done = run_iterdpo("--catalog", db, *args, "--iteration", "1", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["splits"][0]["snapshot"]["rows"] == 6
+        assert _only_progress(done.stderr) == []

@@ -47,16 +47,57 @@ def test_pairrm_equals_llm_blender_beyond_the_truncation_limits(rankers, tiny_mo
     _assert_close(native.score(prompts, cands), reference.score(prompts, cands))
 
 
-def test_pairrm_scores_do_not_depend_on_batching(rankers):
-    native, _ = rankers
+@pytest.fixture(scope="module")
+def short_ranker(tiny_models, tmp_path_factory):
+    """The tiny ranker with truncation limits of 40 source / 24 candidate tokens: the batching properties at
+    lengths just past the limits, in a second instead of minutes."""
+    folder = tmp_path_factory.mktemp("short") / "ranker"
+    shutil.copytree(tiny_models / "ranker", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "source_maxlength": 40, "candidate_maxlength": 24}))
+    return folder
+
+
+def test_pairrm_scores_are_bit_identical_whatever_the_batching(short_ranker):
+    ranker = PairRM(str(short_ranker), device="cpu")
     rng = random.Random(5)
-    prompts = [text(rng, rng.choice([5, 400, 1300])) for _ in range(6)]
-    cands = [[text(rng, rng.randint(2, 500)) for _ in range(5)] for _ in prompts]
-    together = native.score(prompts, cands)
-    alone = [native.score([p], [c])[0] for p, c in zip(prompts, cands)]
-    _assert_close(together, alone, tol=1e-6)
+    prompts = [text(rng, rng.choice([3, 14, 40])) for _ in range(8)]
+    cands = [[text(rng, rng.randint(2, 40)) for _ in range(5)] for _ in prompts]
+    src, cand_ids = ranker.encode(max(prompts, key=len), cands[0])
+    assert len(src) == 40 and max(len(c) for c in cand_ids) == 24  # some inputs really are truncated
+    reference = ranker.score(prompts, cands)
+    for batch_tokens in (16, 100, 300, 10**6):  # one pass per pair ... everything in one pass
+        ranker.batch_tokens = batch_tokens
+        assert ranker.score(prompts, cands) == reference
+        for size in (1, 3):  # other prompts in the same call (rank's --batch-prompts)
+            got = [s for at in range(0, len(prompts), size) for s in ranker.score(prompts[at:at + size],
+                                                                                 cands[at:at + size])]
+            assert got == reference
     # the score of C - C^T sums to zero over the candidates
-    assert all(abs(sum(s)) < 1e-5 for s in together)
+    assert all(abs(sum(s)) < 1e-5 for s in reference)
+
+
+def test_rank_snapshot_ids_do_not_depend_on_batch_options(tmp_path, short_ranker):
+    ids = set()
+    for name, batch_prompts, batch_tokens in (("a", 64, None), ("b", 1, 16), ("c", 4, 200)):
+        catalog = _generations_catalog(tmp_path / f"{name}.duckdb")
+        cfg = RankConfig(iteration=1, ranker_model=str(short_ranker), batch_prompts=batch_prompts,
+                         batch_tokens=batch_tokens)
+        ids.add(rank(catalog, cfg, progress=False).snapshots[0].id)
+    assert len(ids) == 1
+
+
+def test_on_gpu_the_batch_options_are_part_of_the_resume_key(tmp_path, short_ranker, monkeypatch):
+    # GPU kernels may change with the batch shape (not bit-identical there): a resumed run must not mix options
+    ranker = PairRM(str(short_ranker), device="cpu")
+    monkeypatch.setattr("builders.rank._device", lambda device: "cuda")
+    catalog = _generations_catalog(tmp_path / "c.duckdb")
+    first = rank(catalog, RankConfig(iteration=1, ranker_model=str(short_ranker), batch_prompts=2, batch_tokens=64),
+                 progress=False, ranker=ranker)
+    assert (first.snapshots[0].params["batch_prompts"], first.snapshots[0].params["batch_tokens"]) == (2, 64)
+    other = rank(catalog, RankConfig(iteration=1, ranker_model=str(short_ranker), batch_prompts=3, batch_tokens=64),
+                 progress=False, ranker=ranker)
+    assert other.splits[0].ranked == 6  # nothing reused from the run with other batch options
 
 
 def test_forward_passes_are_n_times_n_minus_1(tiny_models):
@@ -132,6 +173,42 @@ def test_scalar_reward_model(tmp_path, tiny_models):
                 progress=False).snapshots[0]
     scores = catalog.read(snap.id).column("score").to_pylist()
     assert len(scores) == 24 and len(set(scores)) > 12
+
+
+def test_scalar_ranker_refuses_a_model_without_a_trained_head(tmp_path, tiny_models):
+    catalog = _generations_catalog(tmp_path / "c.duckdb")
+    # a PairRM folder, and a bare backbone: transformers would fill the classifier with random weights
+    for folder in (tiny_models / "ranker", tiny_models / "ranker" / "backbone"):
+        with pytest.raises(InputError, match="weights are missing from its checkpoint and would be random "
+                                             "\\(classifier"):
+            rank(catalog, RankConfig(iteration=1, ranker="scalar", ranker_model=str(folder)), progress=False)
+    assert catalog.list(kind="scores") == []
+
+
+def _state(path):
+    from builders.catalog import Catalog
+
+    with Catalog(path).connect() as con:
+        return [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("snapshots", "work_units")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-prompts", "0"], "--batch-prompts must be at least 1, not 0"),
+    (["--batch-tokens", "-5"], "--batch-tokens must be at least 1, not -5"),
+    (["--dtype", "float128"], "--dtype must be one of auto, float32, float16, bfloat16, not 'float128'"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+])
+def test_cli_rank_bad_options_fail_before_any_work(cli, catalog_path, tiny_models, monkeypatch, args, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _generations_catalog(catalog_path)
+    before = _state(catalog_path)
+    result = cli("rank", "--iteration", "1", "--ranker-model", tiny_models / "ranker", *args)
+    assert result.code == 1 and result.out == "" and len(result.err.splitlines()) == 1, result.err
+    assert result.err.startswith(f"Error: {message}")
+    assert _state(catalog_path) == before
 
 
 def test_cli_rank_without_generations_is_one_line(cli):

