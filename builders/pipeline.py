@@ -98,12 +98,12 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     a bad backend, sampling value, ranker, selection or recipe fails in seconds, not after hours of generation.
     Models are checked to exist (a local folder, or a hub id the cache or the Hub knows) but not loaded. Returns
     warnings: a generation budget that the training max_length cuts."""
-    from builders.generate import validate_sampling
+    from builders.generate import validate_generate, validate_sampling
     from builders.models import model_identity
     from builders.pairs import _validate as validate_selection
     from builders.prompts import looks_local, plan_split, prompts_table, read_source
     from builders.publish import validate_repo_id
-    from builders.rank import make_ranker, ranker_identity
+    from builders.rank import make_ranker, ranker_identity, validate_rank
 
     def check(section: str, call, *args) -> Any:
         try:
@@ -125,6 +125,9 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
         raise InputError(f"{where}: generation.backend: unknown backend {gen.backend!r}; use one of "
                          f"{', '.join(BACKENDS)}")
     check("generation.sampling", validate_sampling, gen.sampling)
+    check("generation", validate_generate, GenerateConfig(
+        iteration=1, model=gen.model, backend=gen.backend, sampling=gen.sampling, chat_template=gen.chat_template,
+        vllm=gen.vllm, openai=gen.openai))
     if gen.chat_template is not None and not Path(gen.chat_template).is_file():
         raise InputError(f"{where}: generation.chat_template {gen.chat_template}: no such file")
     if not _under(gen.model, cfg.tiny_models):
@@ -134,6 +137,7 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     if rk.ranker not in RANKERS:
         raise InputError(f"{where}: ranking.ranker: unknown ranker {rk.ranker!r}; use one of {', '.join(RANKERS)}")
     rank_cfg = RankConfig(iteration=1, ranker=rk.ranker, ranker_model=rk.ranker_model, device=rk.device, dtype=rk.dtype)
+    check("ranking", validate_rank, rank_cfg)
     if rk.ranker == "python":
         check("ranking.ranker_model", make_ranker, rank_cfg)  # imports module:function; loads no model
     elif not _under(rk.ranker_model, cfg.tiny_models):
