@@ -1,0 +1,90 @@
+"""Upkeep of a catalog file: `versions verify` (recompute every hash and id) and `versions gc` (remove rows that
+belong to no snapshot and no work in progress, left by interrupted registrations)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from builders.catalog.hashing import row_hashes, snapshot_id
+from builders.catalog.snapshots import Snapshots
+from builders.catalog.store import _one, _rows_table, _run
+from builders.schemas import KINDS, Kind, kind as get_kind
+
+
+class Upkeep(Snapshots):
+    """Verification and garbage collection."""
+
+    # ----------------------------------------------------------------------------------------------------- verify
+    def verify(self) -> dict[str, Any]:
+        """Recompute every row hash and snapshot id from the stored rows; report each mismatch."""
+        self.require()
+        problems: list[str] = []
+        snaps = self.list()
+        for snap in snaps:
+            k = get_kind(snap.kind)
+            stored: list[bytes] = []
+            recomputed: list[bytes] = []
+            for batch in self.iter_batches(snap.id, with_hash=True):
+                table = pa.Table.from_batches([batch])
+                stored.extend(table.column("row_hash").to_pylist())
+                recomputed.extend(row_hashes(table.drop_columns(["row_hash"])))
+            if len(stored) != snap.rows:
+                problems.append(f"{snap.id[:12]}: {snap.rows} rows recorded, {len(stored)} stored")
+            bad = sum(1 for x, y in zip(stored, recomputed) if x != y)
+            if bad:
+                problems.append(f"{snap.id[:12]}: {bad} rows do not match their hash")
+            sid = snapshot_id(k.name, snap.iteration, snap.split, recomputed)
+            if sid != snap.id:
+                problems.append(f"{snap.id[:12]}: recomputed id is {sid[:12]}")
+        with self.connect(read_only=True) as con:
+            dangling = _one(con, 
+                "SELECT count(*) FROM snapshot_parents p ANTI JOIN snapshots s ON p.parent_id = s.id")[0]
+            if dangling:
+                problems.append(f"{dangling} parent links name snapshots that are not in the catalog")
+            # rows of interrupted registrations: in no snapshot and no work; harmless, reused by a retry,
+            # removed by `versions gc`
+            unreferenced = sum(_one(con, f"SELECT count(*) {_unreferenced(k)}", [k.name, k.name])[0]
+                               for k in KINDS.values())
+        return {"catalog": str(self.path), "snapshots": len(snaps), "ok": not problems, "problems": problems,
+                "unreferenced_rows": unreferenced}
+
+    # --------------------------------------------------------------------------------------------------------- gc
+    def gc(self, dry_run: bool = False) -> dict[str, Any]:
+        """Remove stored rows that belong to no snapshot and to no work in progress (left by interrupted
+        registrations), in one transaction. Work is kept: it is what a rerun resumes from. Safe beside other
+        processes: a registration holds the file from its first stored row to its snapshot record."""
+        self.require()
+        removed: dict[str, int] = {}
+        with self.transaction() as con:
+            before = _free_bytes(con)
+            for k in KINDS.values():
+                n = _one(con, f"SELECT count(*) {_unreferenced(k)}", [k.name, k.name])[0]
+                if n and not dry_run:
+                    _run(con, f"DELETE FROM {_rows_table(k.name)} WHERE row_id IN (SELECT r.row_id "
+                              f"{_unreferenced(k)})", [k.name, k.name])
+                removed[k.name] = n
+        freed = 0
+        if not dry_run and any(removed.values()):
+            with self.connect() as con:  # a checkpoint returns the deleted rows' blocks to the file's free list
+                _run(con, "CHECKPOINT")
+                freed = max(_free_bytes(con) - before, 0)
+        return {"catalog": str(self.path), "dry_run": dry_run, "rows_removed": sum(removed.values()),
+                "rows_removed_by_kind": removed, "bytes_freed": freed, "file_bytes": self.path.stat().st_size}
+
+
+def _unreferenced(k: Kind) -> str:
+    """FROM clause of a kind's rows in no snapshot and no work (parameters: the kind name, twice)."""
+    return f"""FROM {_rows_table(k.name)} r
+        ANTI JOIN (SELECT row_id FROM snapshot_rows s JOIN snapshots n ON s.seq = n.seq WHERE n.kind = ?
+                   UNION ALL SELECT row_id FROM work_rows w JOIN work k ON w.work_key = k.work_key
+                   WHERE k.kind = ?) used ON r.row_id = used.row_id"""
+
+
+def _free_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    """Bytes of the file's free blocks (DuckDB reuses them; the file itself does not shrink)."""
+    block_size, free_blocks = _one(con, "SELECT block_size, free_blocks FROM pragma_database_size() "
+                                        "WHERE database_name = current_database()")
+    return int(block_size) * int(free_blocks)

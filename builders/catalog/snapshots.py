@@ -1,0 +1,330 @@
+"""Snapshots: registering rows as content-addressed snapshots with lineage, and finding, reading, tagging and
+diffing them.
+
+A snapshot id is the sha256 of (kind, iteration, split, the row hashes in canonical key order); params and parents
+are recorded but not hashed, so registering the same content again is a no-op returning the same id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from builders import __version__
+from builders.catalog.hashing import row_hashes, snapshot_id, sort_order
+from builders.catalog.store import Store, _all, _arrow, _batches, _now, _one, _rows_table, _run
+from builders.errors import InputError, NotFound
+from builders.schemas import KINDS, SPLITS, Kind, conform, kind as get_kind
+
+_MIN_PREFIX = 4
+# KIND (its newest snapshot without an iteration, e.g. the prompt pool), KIND:N (iteration N) or KIND:N:SPLIT
+_SELECTOR = re.compile(r"(?P<kind>[a-z]+)(?::(?P<iteration>\d+)(?::(?P<split>train|test))?)?")
+
+
+@dataclass
+class Snapshot:
+    id: str
+    kind: str
+    iteration: int | None
+    split: str | None
+    rows: int
+    parents: list[str]
+    params: dict[str, Any]
+    created_at: str
+    tags: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "iteration": self.iteration,
+            "split": self.split,
+            "rows": self.rows,
+            "parents": self.parents,
+            "params": self.params,
+            "created_at": self.created_at,
+            "tags": self.tags,
+        }
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One snapshot to register: rows of a kind, where they belong, and how they were made."""
+
+    kind: str
+    rows: pa.Table | pa.RecordBatchReader | Iterable[pa.RecordBatch]  # a table, or batches streamed in bounded memory
+    iteration: int | None = None
+    split: str | None = None
+    parents: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _looks_like_prefix(ref: str) -> bool:
+    return len(ref) >= _MIN_PREFIX and all(c in "0123456789abcdef" for c in ref.lower())
+
+
+class Snapshots(Store):
+    """Registration and reads of snapshots."""
+
+    def register(
+        self,
+        kind: str,
+        rows: pa.Table | pa.RecordBatchReader | Iterable[pa.RecordBatch],
+        *,
+        iteration: int | None = None,
+        split: str | None = None,
+        parents: Sequence[str] = (),
+        params: Mapping[str, Any] | None = None,
+    ) -> Snapshot:
+        """Register `rows` (a table, or batches streamed in bounded memory) as a snapshot of `kind`. Identical
+        content returns the existing snapshot unchanged."""
+        return self.register_many([Registration(kind, rows, iteration, split, tuple(parents), dict(params or {}))])[0]
+
+    def register_many(self, items: Sequence[Registration]) -> list[Snapshot]:
+        """Register several snapshots atomically: all of them appear, or none does.
+
+        Rows are stored first, batch by batch, each batch in its own transaction (memory stays bounded however
+        large the snapshot); they are content-addressed, so rows of an interrupted registration belong to no
+        snapshot, change no id, and are reused when it is retried. The snapshots themselves (records, membership,
+        lineage) are then written in ONE transaction."""
+        for item in items:
+            get_kind(item.kind)
+            if item.split is not None and item.split not in SPLITS:
+                raise InputError(f"split must be one of {', '.join(SPLITS)}, not {item.split!r}")
+            if isinstance(item.rows, pa.Table):  # a table is checked whole before anything is stored
+                sort_order(conform(item.rows, get_kind(item.kind)), get_kind(item.kind))
+        with self.connect() as con:
+            for item in items:
+                for p in item.parents:
+                    if not _one(con, "SELECT 1 FROM snapshots WHERE id = ?", [p]):
+                        raise NotFound(f"parent snapshot {p} is not in catalog {self.path}")
+            staged = [self._store_rows(con, item) for item in items]
+            con.begin()
+            try:
+                out = [self._record(con, item, sid, hashes) for item, (sid, hashes) in zip(items, staged)]
+            except BaseException:
+                con.rollback()
+                raise
+            con.commit()
+            return out
+
+    def _store_rows(self, con: duckdb.DuckDBPyConnection, item: Registration) -> tuple[str, list[bytes]]:
+        """Hash and store an item's rows batch by batch; return its snapshot id and row hashes."""
+        k = get_kind(item.kind)
+        keys, hashes = [], []
+        for batch in _batches(item.rows, self.config.chunk_rows):
+            table = conform(batch, k)
+            batch_hashes = row_hashes(table)
+            con.begin()
+            try:
+                self._insert_rows(con, k, table, batch_hashes)
+            except BaseException:
+                con.rollback()
+                raise
+            con.commit()
+            keys.append(table.select(list(k.key)))
+            hashes.extend(batch_hashes)
+        key_table = pa.concat_tables(keys) if keys else k.schema.empty_table().select(list(k.key))
+        order = sort_order(key_table, k).to_pylist()
+        return snapshot_id(k.name, item.iteration, item.split, (hashes[i] for i in order)), hashes
+
+    def _record(self, con: duckdb.DuckDBPyConnection, item: Registration, sid: str, hashes: list[bytes]) -> Snapshot:
+        k = get_kind(item.kind)
+        if not _one(con, "SELECT 1 FROM snapshots WHERE id = ?", [sid]):
+            seq = _one(con, "SELECT coalesce(max(seq), 0) + 1 FROM snapshots")[0]
+            record = dict(item.params)
+            record.setdefault("iterdpo_version", __version__)
+            _run(con, "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 [sid, seq, k.name, item.iteration, item.split, len(hashes),
+                  json.dumps(record, sort_keys=True, allow_nan=False, default=str), _now()])
+            self._insert_members(con, k, "INSERT INTO snapshot_rows SELECT ?, r.row_id", [seq], hashes)
+            for i, p in enumerate(item.parents):
+                _run(con, "INSERT INTO snapshot_parents VALUES (?, ?, ?)", [sid, p, i])
+        return self._get(con, sid)
+
+    # ------------------------------------------------------------------------------------------------------ reads
+    def _get(self, con: duckdb.DuckDBPyConnection, sid: str) -> Snapshot:
+        row = _one(con, 
+            "SELECT id, kind, iteration, split, n_rows, params, created_at FROM snapshots WHERE id = ?", [sid]
+        )
+        if row is None:
+            raise NotFound(f"no snapshot {sid} in catalog {self.path}")
+        parents = [r[0] for r in _all(con, 
+            "SELECT parent_id FROM snapshot_parents WHERE snapshot_id = ? ORDER BY position", [sid])]
+        tags = [r[0] for r in _all(con, "SELECT name FROM tags WHERE snapshot_id = ? ORDER BY name", [sid])]
+        return Snapshot(row[0], row[1], row[2], row[3], row[4], parents, json.loads(row[5]), row[6], tags)
+
+    def _resolve(self, con: duckdb.DuckDBPyConnection, ref: str) -> str:
+        ref = ref.strip()
+        tagged = _one(con, "SELECT snapshot_id FROM tags WHERE name = ?", [ref])
+        if tagged:
+            return tagged[0]
+        selector = _SELECTOR.fullmatch(ref)
+        if selector and selector["kind"] in KINDS:
+            iteration = int(selector["iteration"]) if selector["iteration"] else None
+            newest = _one(
+                con,
+                "SELECT id FROM snapshots WHERE kind = ? AND iteration IS NOT DISTINCT FROM ? "
+                "AND (split IS NOT DISTINCT FROM ? OR (? IS NULL AND iteration IS NOT NULL)) "
+                "AND json_extract_string(params, '$.shard') IS NULL ORDER BY seq DESC LIMIT 1",
+                [selector["kind"], iteration, selector["split"], selector["split"]],
+            )
+            if newest:
+                return newest[0]
+            raise NotFound(f"no {ref} snapshot in catalog {self.path} (see `iterdpo versions list`)")
+        if _looks_like_prefix(ref):
+            ids = [r[0] for r in _all(con, 
+                "SELECT id FROM snapshots WHERE starts_with(id, ?) ORDER BY id LIMIT 3", [ref.lower()])]
+            if len(ids) == 1:
+                return ids[0]
+            if len(ids) > 1:
+                raise NotFound(f"snapshot id prefix {ref!r} is ambiguous ({', '.join(i[:12] for i in ids)}, ...); give more characters")
+        raise NotFound(f"no snapshot or tag {ref!r} in catalog {self.path} (see `iterdpo versions list`)")
+
+    def get(self, ref: str) -> Snapshot:
+        """A snapshot by tag name, selector (KIND, KIND:N, KIND:N:SPLIT: the newest such), full id or unique id
+        prefix (4+ hex characters)."""
+        if not self.exists():
+            raise NotFound(f"no snapshot or tag {ref!r}: catalog {self.path} does not exist yet")
+        with self.connect(read_only=True) as con:
+            return self._get(con, self._resolve(con, ref))
+
+    def list(
+        self, kind: str | None = None, iteration: int | None = None, split: str | None = None
+    ) -> list[Snapshot]:
+        """Snapshots, oldest first, optionally filtered. A catalog that does not exist yet is empty."""
+        if kind is not None:
+            get_kind(kind)
+        if not self.exists():
+            return []
+        where, args = ["TRUE"], []
+        for col, val in (("kind", kind), ("iteration", iteration), ("split", split)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        with self.connect(read_only=True) as con:
+            ids = [r[0] for r in _all(con, 
+                f"SELECT id FROM snapshots WHERE {' AND '.join(where)} ORDER BY seq", args)]
+            return [self._get(con, i) for i in ids]
+
+    def newest(self, kind: str, iteration: int | None = None, split: str | None = None) -> Snapshot | None:
+        """The newest complete snapshot of a kind for an iteration and split (None matches the pool: no
+        iteration/split). Shard snapshots (params.shard set) are parts, never complete."""
+        if not self.exists():
+            return None
+        with self.connect(read_only=True) as con:
+            row = _one(
+                con,
+                "SELECT id FROM snapshots WHERE kind = ? AND iteration IS NOT DISTINCT FROM ? "
+                "AND split IS NOT DISTINCT FROM ? AND json_extract_string(params, '$.shard') IS NULL "
+                "ORDER BY seq DESC LIMIT 1",
+                [kind, iteration, split],
+            )
+            return self._get(con, row[0]) if row else None
+
+    def inputs(self, kind: str, iteration: int, splits: Sequence[str], from_refs: Sequence[str], label: str,
+               how: str, require_train: bool = False) -> dict[str, Snapshot]:
+        """A stage's input snapshots per split: those named by --from (checked), else the newest complete ones."""
+        if from_refs:
+            chosen = {}
+            for ref in from_refs:
+                snap = self.get(ref)
+                if snap.kind != kind or snap.iteration != iteration or snap.split is None:
+                    raise InputError(f"--from {ref}: a {kind} snapshot of iteration {iteration} is needed, not "
+                                     f"{snap.kind} (iteration {snap.iteration}, split {snap.split})")
+                chosen[snap.split] = snap
+            return chosen
+        found = {s: snap for s in splits if (snap := self.newest(kind, iteration, s)) is not None}
+        if not found:
+            raise InputError(f"iteration {iteration} has no {label} in catalog {self.path}; run `{how}` first")
+        if require_train and "train" in splits and "train" not in found:
+            raise InputError(f"iteration {iteration} has no train {label}; run `{how}` first")
+        return found
+
+    def _select_rows(self, k: Kind, with_hash: bool = False) -> str:
+        cols = ("r.row_hash, " if with_hash else "") + ", ".join(f"r.{c}" for c in k.columns)
+        order = ", ".join(f"r.{c}" for c in k.key)
+        return (f"SELECT {cols} FROM snapshot_rows s JOIN {_rows_table(k.name)} r ON s.row_id = r.row_id "
+                f"WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?) ORDER BY {order}")
+
+    def read(self, ref: str) -> pa.Table:
+        """The rows of a snapshot, in canonical order, with the kind's declared schema."""
+        snap = self.get(ref)
+        k = get_kind(snap.kind)
+        with self.connect(read_only=True) as con:
+            return conform(_arrow(con, self._select_rows(k), [snap.id]), k)
+
+    def iter_batches(self, ref: str, batch_rows: int | None = None, with_hash: bool = False) -> Iterator[pa.RecordBatch]:
+        """Stream a snapshot's rows in canonical order (bounded memory for large snapshots)."""
+        snap = self.get(ref)
+        k = get_kind(snap.kind)
+        schema = k.schema.insert(0, pa.field("row_hash", pa.binary())) if with_hash else k.schema
+        with self.connect(read_only=True) as con:
+            reader = con.sql(self._select_rows(k, with_hash), params=[snap.id]).to_arrow_reader(
+                batch_rows or self.config.chunk_rows)
+            for batch in reader:
+                yield batch.cast(schema)
+
+    # ------------------------------------------------------------------------------------------------------- tags
+    def tag(self, ref: str, name: str, force: bool = False) -> Snapshot:
+        name = name.strip()
+        if not name or any(c.isspace() for c in name):
+            raise InputError(f"tag name {name!r} must be non-empty and without spaces")
+        # a tag wins over selectors and id prefixes when a name is resolved, so one that looks like either would
+        # silently change what `prompts` or `3f2a` means
+        selector = _SELECTOR.fullmatch(name)
+        if selector and selector["kind"] in KINDS:
+            raise InputError(f"tag name {name!r} reads as a selector (KIND, KIND:N, KIND:N:SPLIT); choose another")
+        if _looks_like_prefix(name):
+            raise InputError(f"tag name {name!r} reads as a snapshot id prefix ({_MIN_PREFIX}+ hex characters); "
+                             f"choose another, e.g. with a letter beyond f")
+        self.require()
+        with self.transaction() as con:
+            sid = self._resolve(con, ref)
+            old = _one(con, "SELECT snapshot_id FROM tags WHERE name = ?", [name])
+            if old and old[0] != sid:
+                if not force:
+                    raise InputError(f"tag {name!r} already names snapshot {old[0][:12]}; use --force to move it")
+                _run(con, "DELETE FROM tags WHERE name = ?", [name])
+            if not old or old[0] != sid:
+                _run(con, "INSERT INTO tags VALUES (?, ?, ?)", [name, sid, _now()])
+            return self._get(con, sid)
+
+    # ------------------------------------------------------------------------------------------------------- diff
+    def diff(self, a: str, b: str) -> dict[str, Any]:
+        """Rows added, removed and changed (same key, other content) from snapshot `a` to snapshot `b`."""
+        import polars as pl
+
+        sa, sb = self.get(a), self.get(b)
+        if sa.kind != sb.kind:
+            raise InputError(f"cannot diff a {sa.kind} snapshot with a {sb.kind} snapshot")
+        k = get_kind(sa.kind)
+        keys = list(k.key)
+        q = (f"SELECT {', '.join('r.' + c for c in keys)}, r.row_hash FROM snapshot_rows s "
+             f"JOIN {_rows_table(k.name)} r ON s.row_id = r.row_id WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)")
+        with self.connect(read_only=True) as con:
+            ta = pl.from_arrow(_arrow(con, q, [sa.id]))
+            tb = pl.from_arrow(_arrow(con, q, [sb.id]))
+        joined = ta.join(tb, on=keys, how="full", suffix="_b", coalesce=True)
+
+        def keys_of(frame: pl.DataFrame) -> list[dict[str, Any]]:
+            return frame.select(keys).sort(keys).to_dicts()
+
+        return {
+            "a": sa.id,
+            "b": sb.id,
+            "kind": k.name,
+            "key": keys,
+            "added": keys_of(joined.filter(pl.col("row_hash").is_null())),
+            "removed": keys_of(joined.filter(pl.col("row_hash_b").is_null())),
+            "changed": keys_of(joined.filter(
+                pl.col("row_hash").is_not_null() & pl.col("row_hash_b").is_not_null()
+                & (pl.col("row_hash") != pl.col("row_hash_b")))),
+            "unchanged": int(joined.filter(pl.col("row_hash") == pl.col("row_hash_b")).height),
+        }

@@ -1,0 +1,96 @@
+"""Work in progress of resumable stages: finished batches of a running stage live beside the snapshots, keyed by
+the stage's inputs and params (the work key), and are never listed as snapshots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from builders.catalog.hashing import row_hashes, sort_order
+from builders.catalog.store import Store, _all, _arrow, _now, _one, _rows_table, _run, _sql_str
+from builders.errors import CatalogError, NotFound
+from builders.schemas import conform, kind as get_kind
+
+
+class Work(Store):
+    """Work in progress: batches committed by a stage, read back to resume it and to register its snapshot."""
+
+    def work_units(self, work_key: str) -> dict[str, Any]:
+        """Units (e.g. prompt ids) that a stage already finished under this work key, with their info."""
+        if not self.exists():
+            return {}
+        with self.connect(read_only=True) as con:
+            return {
+                u: (json.loads(i) if i is not None else None)
+                for u, i in _all(con, "SELECT unit, info FROM work_units WHERE work_key = ?", [work_key])
+            }
+
+    def work_params(self, work_key: str) -> dict[str, Any]:
+        """The params a stage recorded when it began this work (empty if there is no such work)."""
+        if not self.exists():
+            return {}
+        with self.connect(read_only=True) as con:
+            row = _one(con, "SELECT params FROM work WHERE work_key = ?", [work_key])
+        return json.loads(row[0]) if row else {}
+
+    def add_work(
+        self,
+        work_key: str,
+        kind: str,
+        table: pa.Table,
+        units: Mapping[str, Any],
+        *,
+        iteration: int | None = None,
+        split: str | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Commit one finished batch of a stage: its rows and the units they complete, atomically. Replaying a
+        batch that is already there changes nothing."""
+        k = get_kind(kind)
+        table = conform(table, k)
+        sort_order(table, k)  # rejects null and duplicate keys
+        hashes = row_hashes(table)
+        with self.transaction() as con:
+            known = _one(con, "SELECT kind FROM work WHERE work_key = ?", [work_key])
+            if known is None:
+                _run(con, "INSERT INTO work VALUES (?, ?, ?, ?, ?, ?)",
+                     [work_key, k.name, iteration, split, json.dumps(dict(params or {}), sort_keys=True, default=str),
+                      _now()])
+            elif known[0] != k.name:
+                raise CatalogError(f"work {work_key[:12]} holds {known[0]} rows, not {k.name}")
+            self._insert_rows(con, k, table, hashes)
+            self._insert_members(
+                con, k, "INSERT INTO work_rows SELECT ?, r.row_id", [work_key], hashes,
+                where=f"r.row_id NOT IN (SELECT row_id FROM work_rows WHERE work_key = '{_sql_str(work_key)}')")
+            con.register("_u", pa.table({
+                "unit": pa.array(list(units), pa.string()),
+                "info": pa.array([None if v is None else json.dumps(v, sort_keys=True) for v in units.values()],
+                                 pa.string()),
+            }))
+            _run(con, "INSERT INTO work_units SELECT ?, u.unit, u.info FROM _u u "
+                      "ANTI JOIN (SELECT unit FROM work_units WHERE work_key = ?) d ON u.unit = d.unit",
+                 [work_key, work_key])
+            con.unregister("_u")
+
+    def work_rows(self, work_key: str, units: Iterable[str] | None = None, unit_column: str = "prompt_id") -> pa.Table:
+        """The rows of a work key (optionally only those whose `unit_column` is in `units`), canonical order."""
+        with self.connect(read_only=True) as con:
+            row = _one(con, "SELECT kind FROM work WHERE work_key = ?", [work_key])
+            if row is None:
+                raise NotFound(f"no work {work_key[:12]} in catalog {self.path}")
+            k = get_kind(row[0])
+            cols = ", ".join(f"r.{c}" for c in k.columns)
+            table = _arrow(
+                con,
+                f"SELECT {cols} FROM work_rows w JOIN {_rows_table(k.name)} r ON w.row_id = r.row_id "
+                f"WHERE w.work_key = ? ORDER BY {', '.join('r.' + c for c in k.key)}",
+                [work_key],
+            )
+        table = conform(table, k)
+        if units is not None:
+            table = table.filter(pc.is_in(table.column(unit_column), pa.array(sorted(set(units)), pa.string())))
+        return table
