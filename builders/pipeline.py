@@ -104,6 +104,10 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True) -
 
     if cfg.tiny_models is not None and not (Path(cfg.tiny_models) / "generator" / "config.json").exists():
         build_tiny_models(cfg.tiny_models, overwrite=True)
+    if cfg.gguf is not None and not (Path(cfg.generation.model) / "config.json").exists():
+        from builders.gguf import SMOLLM2_DIST, import_gguf, smollm2_gguf
+
+        import_gguf(smollm2_gguf() if cfg.gguf == SMOLLM2_DIST else cfg.gguf, cfg.generation.model)
     out = PipelineResult()
     pool = import_prompts(catalog, cfg.prompts.source, cfg.prompts.column).snapshot
     out.snapshots += [pool, *split_prompts(catalog, cfg.split, [pool.id])]
