@@ -217,6 +217,10 @@ class VllmGenerator(_Templated):
         return {"backend": "vllm", "context_length": self.context_length, **self.template_info()}
 
     def close(self) -> None:
+        from builders.vllm_engine import shutdown_llm
+
+        if self.llm is not None:
+            shutdown_llm(self.llm)
         self.llm = None
 
 

@@ -126,3 +126,12 @@ def start_llm(model: str, cfg) -> Any:
             text = found or f"{text}; rerun with --debug to see vLLM's output"
         raise InputError(f"model {model!r}: vLLM cannot load it ({text})") from None
     return llm
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop the engine now, not at garbage collection: an in-process engine holds torch.distributed's process
+    group, which training (TRL/accelerate) and the next engine must not find half-alive; a multiprocess engine
+    holds child processes and shared memory."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if client is not None and hasattr(client, "shutdown"):
+        client.shutdown()  # idempotent: it detaches vLLM's own finalizer

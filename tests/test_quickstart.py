@@ -80,3 +80,20 @@ def test_quickstart_refuses_a_pool_too_small_for_the_evaluation_before_any_work(
     with pytest.raises(InputError, match="one more block than it has iterations"):
         run_quickstart(cfg)
     assert not (tmp_path / "qs" / "models").exists()
+
+
+def test_the_quickstart_reward_prefers_finished_answers_of_useful_length_without_loops():
+    from builders.rewards import complete_concise_answer
+
+    answer = "Paris is the capital of France. It lies on the Seine and is known for its museums and food."
+    cut = "Paris is the capital of France. It lies on the Seine and is known for its museums and"
+    one_word = "Paris."
+    rambling = " ".join([answer.replace("Paris", f"City {i}") for i in range(12)])  # ~200 words, finished
+    loop = "Paris is nice. " * 12
+    scores = dict(zip(["answer", "cut", "one_word", "rambling", "loop", "empty"], complete_concise_answer(
+        ["Where is Paris?"] * 6, [answer, cut, one_word, rambling, loop, "  "])))
+    assert scores["answer"] == 1.0 and scores["empty"] == 0.0
+    assert scores["answer"] > scores["cut"] and scores["answer"] > scores["one_word"]
+    assert scores["answer"] > scores["rambling"] and scores["answer"] > scores["loop"]
+    assert scores["loop"] < 0.5  # a finished loop of the right length is still a poor answer
+    assert complete_concise_answer(["q"], [answer]) == complete_concise_answer(["other"], [answer])  # deterministic
