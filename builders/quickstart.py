@@ -17,6 +17,8 @@ what is already there.
 from __future__ import annotations
 
 import math
+import time
+from datetime import datetime, timezone
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ class QuickstartReport:
     models: list[str] = field(default_factory=list)  # the model trained in each iteration
     hub: Path | None = None  # the staged Hub repo folder
     rewards: list[dict[str, Any]] = field(default_factory=list)  # cards.rewards.test_reward_table
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage in this run (reused work: ~0)
 
     def gain(self) -> dict[str, Any] | None:
         """The last training iteration's test reward minus the first's (the base model's), with the standard
@@ -56,7 +59,7 @@ class QuickstartReport:
     def to_json(self) -> dict[str, Any]:
         return {"workdir": str(self.workdir), "catalog": str(self.catalog), "model": str(self.model),
                 "models": self.models, "hub": str(self.hub) if self.hub else None,
-                "rewards": self.rewards, "gain": self.gain(),
+                "rewards": self.rewards, "gain": self.gain(), "seconds": self.seconds,
                 "snapshots": [s.to_json() for s in self.snapshots]}
 
 
@@ -130,11 +133,45 @@ def run_quickstart(cfg: QuickstartConfig = QuickstartConfig()) -> QuickstartRepo
                              f"evaluate the final model)") from None
         if cfg.split.test_size < 2:
             raise InputError("the quickstart's evaluation needs a test size of at least 2 prompts")
+    seconds: dict[str, float] = {}
+    if cfg.model is None and not (base_model(cfg) / "config.json").exists():
+        from builders.gguf import import_gguf, smollm2_gguf
+
+        t0 = time.perf_counter()
+        import_gguf(smollm2_gguf(), base_model(cfg))
+        seconds["import-gguf"] = time.perf_counter() - t0
+    started = datetime.now(timezone.utc)
     result = run_pipeline(catalog, replace(pipeline, publish=PublishSection()))
+    seconds.update(_stage_seconds(result.snapshots, started))
     report = QuickstartReport(Path(cfg.workdir), pipeline.catalog, base_model(cfg), result.snapshots, result.models)
     if cfg.evaluate_final:
+        t0 = time.perf_counter()
         report.snapshots += evaluate_final(catalog, cfg, result.models[-1])
+        seconds["evaluate final model"] = time.perf_counter() - t0
     pub = pipeline.publish
+    t0 = time.perf_counter()
     report.hub = publish(catalog, PublishConfig(pub.repo_id, local_dir=pub.local_dir, dry_run=True)).staged.folder
+    seconds["publish (dry run)"] = time.perf_counter() - t0
     report.rewards = test_reward_table(catalog, list(range(1, cfg.split.iterations + 1 + cfg.evaluate_final)))
+    report.seconds = {k: round(v, 1) for k, v in seconds.items()}
     return report
+
+
+STAGE_OF_KIND = {"prompts": "prompts", "generations": "generate", "scores": "rank", "pairs": "build", "model": "train"}
+
+
+def _stage_seconds(snapshots: list[Snapshot], started: datetime) -> dict[str, float]:
+    """Wall time per stage of the loop, from the registration times of the snapshots this run made (each stage
+    registers its output when it ends, so the time since the previous registration is that stage's)."""
+    out: dict[str, float] = {}
+    last = started
+    for snap in snapshots:
+        at = datetime.fromisoformat(snap.created_at.replace("Z", "+00:00"))
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=timezone.utc)
+        if at < started:  # reused from an earlier run
+            continue
+        stage = STAGE_OF_KIND.get(snap.kind, snap.kind)
+        out[stage] = out.get(stage, 0.0) + max((at - last).total_seconds(), 0.0)
+        last = max(last, at)
+    return out
