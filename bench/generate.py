@@ -1,6 +1,7 @@
-"""Generation benchmark on the tiny generator: vLLM vs transformers, and the stage's overhead over bare vLLM.
+"""Generation benchmark: vLLM vs transformers, and the stage's overhead over bare vLLM (tiny generator, or --model).
 
     VLLM_CPU_KVCACHE_SPACE=1 python bench/generate.py [--prompts 200] [--responses 5] [--tokens 64]
+    python bench/generate.py --model quickstart/models/smollm2 --prompts 24   # a real shape (SmolLM2-135M)
 
 Prints, from one run: start-up seconds of each backend; tokens/s of the `generate` stage with the vllm backend vs
 the transformers backend (goal >= 8x, start-up excluded); and the stage's wall time over a bare `LLM.generate` of
@@ -43,9 +44,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--responses", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--model", default=None, help="a model folder instead of the tiny generator "
+                        "(e.g. the quickstart's quickstart/models/smollm2)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="iterdpo-genbench-"))
-    model = build_tiny_models(root / "models").generator
+    model = Path(args.model) if args.model else build_tiny_models(root / "models").generator
     sampling = SamplingConfig(num_responses=args.responses, temperature=0.7, max_tokens=args.tokens, seed=1)
     base = GenerateConfig(iteration=1, model=str(model), splits=("train",), sampling=sampling)
 
@@ -94,8 +97,9 @@ def main() -> None:
     engine.close()
 
     n = args.prompts
-    print(f"workload: {n} prompts x {args.responses} responses x <= {args.tokens} tokens, tiny Mistral on "
-          f"{os.cpu_count()} CPU cores")
+    print(f"workload: {n} prompts x {args.responses} responses x <= {args.tokens} tokens, "
+          f"{model.name if args.model else 'tiny Mistral'} on {os.cpu_count()} CPU cores "
+          f"({len(requests)} prompts fit the context)")
     print(f"start-up:      transformers {hf_start:6.2f} s   vllm {vllm_start:6.2f} s")
     print(f"transformers:  {hf_run.completion_tokens:>7,} tokens in {hf_wall:7.2f} s = {hf_rate:9,.0f} tok/s")
     print(f"vllm (stage):  {v_run.completion_tokens:>7,} tokens in {v_wall:7.2f} s = {v_rate:9,.0f} tok/s   "

