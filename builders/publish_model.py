@@ -13,9 +13,7 @@ idempotent, with the same retries, token handling and errors as `publish` (build
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,35 +74,6 @@ def lineage(catalog: Catalog, snap: Snapshot) -> tuple[str, list[Step]]:
     return chain[-1].row["base_model"], chain[::-1]
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return statistics.fmean(values), se
-
-
-def test_rewards(catalog: Catalog, iterations: list[int]) -> list[dict[str, Any]]:
-    """Per iteration: the reward of its test-prompt responses (written by the model of the iteration before),
-    from the catalog's scores and generations snapshots."""
-    import pyarrow.compute as pc
-
-    out = []
-    for it in iterations:
-        scores, gens = catalog.newest("scores", it, "test"), catalog.newest("generations", it, "test")
-        if scores is None or gens is None:
-            continue
-        gen_table = catalog.read(gens.id)
-        mean, se = _mean_se(catalog.read(scores.id).column("score").to_pylist())
-        lengths = pc.utf8_length(gen_table.column("response")).to_pylist()
-        cut = sum(r == "length" for r in gen_table.column("finish_reason").to_pylist())
-        out.append({"iteration": it, "generator": display_name(str(gens.params.get("model", "?"))),
-                    "ranker": display_name(str(scores.params.get("ranker_model", scores.params.get("ranker", "?")))),
-                    "responses": gen_table.num_rows, "mean_reward": mean, "standard_error": se,
-                    "mean_length": statistics.fmean(lengths) if lengths else math.nan,
-                    "cut_by_max_tokens": cut / gen_table.num_rows if gen_table.num_rows else math.nan})
-    return out
-
-
 def _hyperparameters(recipe_text: str) -> dict[str, Any]:
     import yaml
 
@@ -160,6 +129,7 @@ def stage_model(catalog: Catalog, cfg: PublishModelConfig) -> tuple[StagedRepo, 
 def _card(catalog: Catalog, cfg: PublishModelConfig, snap: Snapshot, base: str, chain: list[Step],
           prompt_format: str) -> str:
     from cards.model_card import render
+    from cards.rewards import test_reward_table
 
     steps = []
     for step in chain:
@@ -178,7 +148,7 @@ def _card(catalog: Catalog, cfg: PublishModelConfig, snap: Snapshot, base: str, 
         repo_id=cfg.repo_id, iteration=cfg.iteration, base=display_name(base), base_is_hub=base_is_hub,
         license=cfg.license, datasets=datasets, steps=steps,
         hyperparameters=_hyperparameters(chain[-1].row["recipe"]),
-        rewards=test_rewards(catalog, list(range(1, cfg.iteration + 2))),
+        rewards=test_reward_table(catalog, list(range(1, cfg.iteration + 2))),
         drift=_drift(catalog, [s.iteration for s in chain]), prompt_format=prompt_format,
         snapshot=snap.id, version=__version__,
     )

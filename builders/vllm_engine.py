@@ -43,12 +43,20 @@ def captured_output(enabled: bool) -> Iterator[list[str]]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
+    streams = sys.stdout, sys.stderr
     with tempfile.TemporaryFile(mode="w+b") as sink:
+        # Python-level writers too (vLLM's tqdm bars): sys.stderr may be another fd than 2 (the CLI's stage output
+        # keeps our own progress bar on the terminal that way)
+        text = open(os.dup(sink.fileno()), "w", buffering=1, encoding="utf-8", errors="replace")
         try:
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
+            sys.stdout = sys.stderr = text
             yield box
         finally:
+            text.flush()
+            sys.stdout, sys.stderr = streams
+            text.close()
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved[0], 1)

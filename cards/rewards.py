@@ -15,6 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from builders.models import display_name
+
 CARD_ANCHOR = "\n## Provenance"  # the block goes before this heading of the dataset card
 PLOT = "plots/test_reward_by_iteration.png"
 
@@ -42,13 +44,13 @@ def test_reward_table(catalog, iterations: list[int] | None = None) -> list[dict
         means = [statistics.fmean(v) for v in per_prompt.values()]
         se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
         rows.append({
-            "iteration": n, "model": Path(str(gen_snap.params.get("model", "?"))).name,
+            "iteration": n, "model": display_name(str(gen_snap.params.get("model", "?"))),
             "prompts": len(means), "responses": len(scores),
             "reward_mean": statistics.fmean(means) if means else float("nan"), "reward_se": se,
             "mean_tokens": statistics.fmean(tokens) if tokens else float("nan"),
             "cut_share": cut / len(scores) if scores else float("nan"),
-            "ranker": scores_snap.params.get("function") or scores_snap.params.get("ranker_model")
-            or scores_snap.params.get("ranker", "?"),
+            "ranker": display_name(str(scores_snap.params.get("function") or scores_snap.params.get("ranker_model")
+                                       or scores_snap.params.get("ranker", "?"))),
             "scores": scores_snap.id, "generations": gen_snap.id,
         })
     return rows

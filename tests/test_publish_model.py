@@ -113,6 +113,9 @@ def test_run_publishes_each_iterations_model_when_the_pipeline_names_a_model_rep
     card = ModelCard.load(tmp_path / "model-2" / "README.md")
     assert card.data.datasets == ["me/iterative-dpo"]
     assert "| iteration 1 | `m1`" in card.text and "| iteration 2 | `m2`" in card.text  # the lineage
+    # the reward of each iteration's test responses: iteration 2's were written by model 1
+    assert "| 1 | `generator` | `tests.scorers:longer_is_better` | 2 | 6 |" in card.text
+    assert "| 2 | `m1` | `tests.scorers:longer_is_better` | 2 | 6 |" in card.text
     bad = yaml.safe_load(path.read_text())
     bad["publish"]["model_repo_id"] = "no namespace {n}"
     path.write_text(yaml.safe_dump(bad))
