@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builders.catalog import Catalog  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrafeedback" / "eval200.jsonl"
+SHARED = Path(__file__).resolve().parents[1] / "tests" / "data" / "ultrafeedback" / "eval200.jsonl"
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "ultrafeedback_sample.jsonl"
 
 

@@ -5,7 +5,7 @@
 For N = 5 (and N = 16 on fewer prompts): prompts/s of `pairrm` vs llm-blender at one prompt per batch (whose
 scores it must equal within 1e-5) and vs llm-blender at its fastest batch size (goal >= 3x both), and the
 forward passes per prompt (N(N-1) for both). Prompts and candidates are real UltraFeedback texts from
-../shared/data/ultrafeedback (prompts ~660 characters, responses ~1,500), so the truncation limits are hit as in
+tests/data/ultrafeedback (prompts ~660 characters, responses ~1,500), so the truncation limits are hit as in
 production. Throughput depends on shapes, not trained weights; on a GPU set --device cuda.
 """
 
@@ -29,7 +29,7 @@ from builders.rank import LlmBlender, PairRM  # noqa: E402
 from builders.tiny import build_tiny_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "ultrafeedback"
+SHARED = ROOT / "tests" / "data" / "ultrafeedback"  # real UltraFeedback rows (MIT; README there)
 
 
 def workload(prompts: int, n: int, seed: int = 0) -> tuple[list[str], list[list[str]]]:

@@ -367,6 +367,12 @@ def stage_output(debug: bool):
         os.close(devnull)
 
 
+def _debug() -> bool:
+    """--debug, for commands that do not take the group's state."""
+    state = click.get_current_context().find_root().obj
+    return bool(state and state.debug)
+
+
 def _has_fd(stream, fd: int) -> bool:
     try:
         return stream.fileno() == fd
@@ -636,11 +642,12 @@ def train_cmd(state: State, iteration: int, recipe: str | None, model: str | Non
     The saved model is a valid --model for the next iteration's `generate`. On several GPUs run the same
     arguments under accelerate: `accelerate launch --config_file train/accelerate/ddp.yaml -m train.dpo ...`.
     """
-    from train.dpo import TrainConfig, counts_line, train
+    from builders.train import TrainConfig, counts_line, train
 
     cfg = TrainConfig(iteration, Path(recipe) if recipe else None, model, dataset,
                       Path(output_dir) if output_dir else None, overwrite, trainer_logs=state.debug)
-    result = train(state.catalog(), cfg, from_refs)  # warns on stderr, before training, when pairs are dropped
+    with stage_output(state.debug):  # warns on stderr, before training, when pairs are dropped
+        result = train(state.catalog(), cfg, from_refs)
 
     def human() -> None:
         loss = result.metrics.get("train_loss")
@@ -722,7 +729,8 @@ def run_cmd(state: State, pipeline: str, as_json: bool) -> None:
 
     cfg = load_pipeline(pipeline)
     catalog = Catalog(cfg.catalog) if cfg.catalog else state.catalog()
-    result = run_pipeline(catalog, cfg, where=pipeline)
+    with stage_output(state.debug):
+        result = run_pipeline(catalog, cfg, where=pipeline)
 
     def human() -> None:
         _print_snapshots(result.snapshots)
@@ -770,7 +778,8 @@ def best_of_n_cmd(model: str, prompts_file: str, num_responses: int, backend: st
     cfg = BestOfNConfig(model, Path(prompts_file), Path(output), num_responses, backend,
                         SamplingConfig(num_responses, temperature, SAMPLING.top_p, max_tokens, seed),
                         RankConfig(iteration=0, ranker=ranker, ranker_model=ranker_model), column, generator_name)
-    result = best_of_n(cfg)
+    with stage_output(_debug()):
+        result = best_of_n(cfg)
     emit(result, as_json, lambda: click.echo(
         f"wrote {result['prompts']} outputs of {result['generator']} to {result['output']} "
         f"(candidates and scores: {result['candidates']})"
@@ -835,7 +844,8 @@ def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
     cfg = QuickstartConfig(workdir=Path(workdir))
     if prompts_file:
         cfg = replace(cfg, prompts=Path(prompts_file))
-    report = run_quickstart(cfg)
+    with stage_output(_debug()):
+        report = run_quickstart(cfg)
 
     def human() -> None:
         click.echo(f"workdir:   {report.workdir}")

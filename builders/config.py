@@ -247,6 +247,7 @@ class TrainingSection:
     # one recipe per iteration ({n} is the iteration); the model of iteration n is saved in output_dir
     recipe: str = "train/recipes/iteration_{n}.yaml"
     output_dir: str = "data/models/iteration_{n}"
+    threads: int | None = None  # torch threads while training (None: as the process has them)
 
 
 @dataclass(frozen=True)
@@ -305,8 +306,8 @@ class QuickstartConfig:
     backend: str = "vllm"
     # eager: no graph compilation (start-up 20 s instead of 60 s); 2048 tokens hold every bundled prompt
     vllm: VllmConfig = VllmConfig(enforce_eager=True, max_model_len=2048)
-    # 4 x (24 + 20) <= 210 bundled prompts: the 4th block's test prompts evaluate the final model
-    split: SplitConfig = SplitConfig(iterations=3, train_size=24, test_size=20, seed=42)
+    # 4 x (16 + 16) <= 210 bundled prompts: the 4th block's test prompts evaluate the final model
+    split: SplitConfig = SplitConfig(iterations=3, train_size=16, test_size=16, seed=42)
     # 64 new tokens: room for a short answer (the reward's band is 10-60 words); longer ones are cut and lose
     sampling: SamplingConfig = SamplingConfig(num_responses=5, temperature=0.7, max_tokens=64, seed=42)
     reward: str = "builders.rewards:complete_concise_answer"  # the python ranker's module:function

@@ -24,12 +24,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pyarrow as pa
 
 from builders.catalog import Catalog, Snapshot
 from builders.config import BACKENDS, BATCH_PROMPTS, GenerateConfig, SamplingConfig
+from builders.backends.base import Generator, Request, Sample, call_sampling as _sampling
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity, one_line as _one_line
 from builders.results import SplitOutcome, StageResult
@@ -112,45 +113,6 @@ def validate_generate(cfg: GenerateConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ generators
-@dataclass
-class Request:
-    prompt_id: str
-    prompt: str
-    seed: int
-    text: str | None = None  # rendered with the chat template (transformers / vllm)
-    token_ids: list[int] | None = None
-    prompt_tokens: int | None = None
-
-
-@dataclass
-class Sample:
-    text: str
-    finish_reason: str
-    completion_tokens: int | None
-
-
-class Generator(Protocol):
-    """A backend. `prepare` renders prompts (a Request, or why the prompt is skipped); `generate` returns
-    `sampling.num_responses` samples per request (an empty list: the server refused the prompt as too long).
-    Sampling is passed with every call, so what a stage records is what the engine ran."""
-
-    def prepare(self, prompts: Sequence[tuple[str, str, int]], sampling: SamplingConfig) -> list[Request | str]: ...
-
-    def generate(self, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[Sample]]: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
-
-
-def _sampling(given: SamplingConfig | None, default: SamplingConfig | None) -> SamplingConfig:
-    """The call's sampling; the one a generator was built with only when a direct caller passes none."""
-    chosen = given if given is not None else default
-    if chosen is None:
-        raise InputError("no sampling settings: pass a SamplingConfig to generate()/prepare()")
-    return chosen
-
-
 class _Templated:
     """Shared by the local backends: the tokenizer, its chat template, and the context-length rule."""
 

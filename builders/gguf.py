@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.config import GgufImportConfig
+from builders import scratch as scratch_dirs
 from builders.errors import InputError, IterdpoError
 from builders.models import one_line
 
@@ -80,8 +81,12 @@ def _check(gguf_file: Path, out: Path, overwrite: bool) -> None:
             raise InputError(f"{gguf_file} is not a GGUF file (it does not start with the GGUF magic bytes)")
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"output folder {out} exists and is not empty; pass --overwrite or choose another DIR")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"output folder {out} exists and is not empty; pass --overwrite or choose another DIR")
+        if not (out / SOURCE_FILE).is_file():  # --overwrite replaces an import of ours, never a user's folder
+            raise InputError(f"output folder {out} is not empty and holds no {SOURCE_FILE} (it was not made by "
+                             f"`iterdpo models import-gguf`); choose an empty or new DIR")
     try:
         import gguf  # noqa: F401  (transformers reads GGUF through it)
     except ImportError:
@@ -126,7 +131,8 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike,
     digest = file_sha256(gguf_file)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    scratch_dirs.remove_stale("gguf", out)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{scratch_dirs.prefix('gguf', out)}{os.getpid()}-", dir=out.parent))
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -139,9 +145,13 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike,
                   "architecture": type(model).__name__, "parameters": parameters, "dtype": cfg.dtype,
                   "converted_by": "iterdpo models import-gguf"}
         (scratch / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
-        if out.exists():  # checked above: empty, or --overwrite
-            shutil.rmtree(out)
-        os.replace(scratch, out)
+        if out.exists():  # checked above: empty, or an earlier import (--overwrite): set aside, then removed
+            old = out.parent / f"{scratch_dirs.prefix('gguf', out)}{os.getpid()}-old"
+            os.replace(out, old)
+            os.replace(scratch, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(scratch, out)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

@@ -36,6 +36,13 @@ def weights_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
+def model_ref(model: str) -> str:
+    """How a snapshot records a model: a local folder by its absolute path (the same folder whatever the working
+    directory), a hub id as is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
 def display_name(model: str) -> str:
     """How a model is named in anything published: a hub id as is, a local folder by its name (never a path)."""
     path = Path(model).expanduser()

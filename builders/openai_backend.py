@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from builders.config import OpenAIConfig, SamplingConfig
+from builders.backends.base import Request, Sample, call_sampling as _sampling
 from builders.errors import InputError, IterdpoError
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -65,7 +66,6 @@ def redact(text: str | None, *secrets: str | None) -> str:
 
 class OpenAIGenerator:
     def __init__(self, model: str, sampling: SamplingConfig, chat_template: Path | None, cfg: OpenAIConfig):
-        from builders.generate import Request, Sample  # noqa: F401  (types used below)
 
         validate_openai(cfg)
         self.model, self.cfg = model, cfg
@@ -89,7 +89,6 @@ class OpenAIGenerator:
 
     def prepare(self, prompts: Sequence[tuple[str, str, int]], sampling: SamplingConfig | None = None) -> list:
         """The server renders the chat template; its context limit shows as a refusal (see `_request`)."""
-        from builders.generate import Request
 
         return [Request(pid, prompt, seed) for pid, prompt, seed in prompts]
 
@@ -105,7 +104,6 @@ class OpenAIGenerator:
 
     def generate(self, requests: Sequence, sampling: SamplingConfig | None = None) -> list[list]:
         """Samples per request; an empty list marks a prompt the server rejected as too long."""
-        from builders.generate import _sampling
 
         return asyncio.run(self._generate(requests, _sampling(sampling, self.sampling)))
 
@@ -132,7 +130,6 @@ class OpenAIGenerator:
     async def _request(self, client, req, sampling: SamplingConfig) -> list:
         import httpx
 
-        from builders.generate import Sample
 
         delay = self.cfg.backoff
         last = ""

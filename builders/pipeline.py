@@ -169,7 +169,7 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
         recipe = _formatted(cfg.training.recipe, n, f"{where}: training.recipe")
         output_dir = _formatted(cfg.training.output_dir, n, f"{where}: training.output_dir")
         recipes.setdefault(recipe, output_dir)
-    from train.dpo import check_budget, load_recipe
+    from builders.train import check_budget, load_recipe
 
     warnings = []
     for recipe, output_dir in recipes.items():
@@ -221,16 +221,25 @@ def reusable_model(catalog: Catalog, iteration: int, pairs: list[Snapshot], base
     Metrics and timings are not compared: they differ between two identical trainings."""
     from builders.models import weights_sha256
 
+    import yaml
+
+    from builders.models import model_ref
+    from builders.train import stored_recipe
+
     wanted = sorted(s.id for s in pairs)
     try:
-        current = _recipe_content(recipe.read_text())
-    except OSError:
+        raw = yaml.safe_load(recipe.read_text())
+    except (OSError, yaml.YAMLError):
         return None
+    if not isinstance(raw, dict):
+        return None
+    # compared as training stored it (canonical, secrets redacted), so a recipe with a token still matches
+    current = _recipe_content(stored_recipe({k: v for k, v in raw.items() if k != "env"}, {}))
     for snap in reversed(catalog.list(kind="model", iteration=iteration)):
         if sorted(snap.parents) != wanted:
             continue
         row = catalog.read(snap.id).to_pylist()[0]
-        if row.get("base_model") != base_model or current is None or _recipe_content(row.get("recipe")) != current:
+        if row.get("base_model") != model_ref(base_model) or current is None or _recipe_content(row.get("recipe")) != current:
             continue
         # the folder is shared by every training of the iteration: it may now hold another one's weights
         path = Path(row.get("path") or snap.params.get("path", ""))
@@ -248,7 +257,7 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
     from builders.publish_model import publish_model
     from builders.rank import rank
     from builders.tiny import build_tiny_models
-    from train.dpo import TrainConfig, train
+    from builders.train import TrainConfig, train
 
     warnings = validate_pipeline(cfg, where)  # before anything is registered or built
     if progress:
@@ -285,7 +294,8 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
         model = reusable_model(catalog, n, pairs, policy, recipe)
         if model is None:
             model = train(catalog, TrainConfig(
-                n, recipe, policy, output_dir=Path(cfg.training.output_dir.format(n=n)), overwrite=True),
+                n, recipe, policy, output_dir=Path(cfg.training.output_dir.format(n=n)), overwrite=True,
+                threads=cfg.training.threads),
                 [s.id for s in pairs]).snapshot
         out.snapshots.append(model)
         policy = _model_path(catalog, model)  # the generator of iteration n + 1
@@ -297,7 +307,9 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
     if pub.model_repo_id:  # after the dataset, so each model card names the dataset commit its pairs landed in
         for n in range(1, cfg.split.iterations + 1):
             local = Path(pub.model_local_dir.format(n=n)) if pub.model_local_dir else None  # checked up front
-            out.staged_models.append(publish_model(catalog, PublishModelConfig(
+            staged = publish_model(catalog, PublishModelConfig(
                 pub.model_repo_id.format(n=n), n, dataset_repo=pub.repo_id, local_dir=local, dry_run=pub.dry_run,
-                private=pub.private, license=pub.model_license)).staged.folder)
+                private=pub.private, license=pub.model_license)).staged.folder
+            if staged is not None:  # None: already published, or uploaded from a temporary folder
+                out.staged_models.append(staged)
     return out

@@ -152,7 +152,8 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
         # The reward on test prompts per iteration (cards/rewards.py), as its own block before Provenance.
         from cards.rewards import add_to_card
 
-        card, reward_files = add_to_card(catalog, card, scratch, sorted({it for it, _ in snaps}))
+        pinned = {it: s.parents[0] for (it, split), s in snaps.items() if split == "test" and s.parents}
+        card, reward_files = add_to_card(catalog, card, scratch, sorted({it for it, _ in snaps}), pinned)
         files += reward_files
         (scratch / "README.md").write_text(card)
         files.append("README.md")

@@ -22,7 +22,7 @@ from builders import __version__
 from builders.catalog import Catalog, Snapshot
 from builders.config import PublishModelConfig
 from builders.errors import InputError
-from builders.hub import HubTarget, snapshot_set_id, staging, upload, validate_repo_id
+from builders.hub import HubTarget, recorded, snapshot_set_id, staging, upload, validate_repo_id
 from builders.models import display_name, weights_sha256
 from builders.publish import PublishResult, StagedRepo
 
@@ -113,7 +113,9 @@ def stage_model(catalog: Catalog, cfg: PublishModelConfig) -> tuple[StagedRepo, 
     if weights_sha256(folder) != row["weights_sha256"]:
         raise InputError(f"the weights in {folder} changed since the model snapshot {snap.id[:12]} was registered; "
                          f"train it again or restore them")
-    names = sorted({p.name for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()})
+    # never iterdpo's own marker files (dot files): a downloaded copy must not pass for a folder iterdpo wrote
+    names = sorted({p.name for pattern in MODEL_FILES for p in folder.glob(pattern)
+                    if p.is_file() and not p.name.startswith(".")})
     if not any(n.endswith(".safetensors") for n in names):
         raise InputError(f"{folder} holds no safetensors weights")
     with staging(cfg.local_dir, prefix="iterdpo-publish-model-") as st:
@@ -148,33 +150,50 @@ def _card(catalog: Catalog, cfg: PublishModelConfig, snap: Snapshot, base: str, 
         repo_id=cfg.repo_id, iteration=cfg.iteration, base=display_name(base), base_is_hub=base_is_hub,
         license=cfg.license, datasets=datasets, steps=steps,
         hyperparameters=_hyperparameters(chain[-1].row["recipe"]),
-        rewards=test_reward_table(catalog, list(range(1, cfg.iteration + 2))),
-        drift=_drift(catalog, [s.iteration for s in chain]), prompt_format=prompt_format,
+        rewards=test_reward_table(catalog, list(range(1, cfg.iteration + 2)), {
+            step.iteration: catalog.get(step.pairs["test"]).parents[0] for step in chain
+            if "test" in step.pairs and catalog.get(step.pairs["test"]).parents}),
+        drift=_drift(catalog, chain), prompt_format=prompt_format,
         snapshot=snap.id, version=__version__,
     )
 
 
-def _drift(catalog: Catalog, iterations: list[int]) -> list[dict[str, Any]]:
+def _drift(catalog: Catalog, chain: list[Step]) -> list[dict[str, Any]]:
+    """Chosen vs rejected length of the train pairs each model of the lineage learned from."""
     from cards.stats import pair_stats
 
     out = []
-    for it in iterations:
-        pairs = catalog.newest("pairs", it, "train")
-        if pairs is not None:
-            st = pair_stats(catalog.read(pairs.id))
-            out.append({"iteration": it, "pairs": st["rows"], "chosen": st["chosen_length"]["mean"],
+    for step in chain:
+        if "train" in step.pairs:
+            st = pair_stats(catalog.read(step.pairs["train"]))
+            out.append({"iteration": step.iteration, "pairs": st["rows"], "chosen": st["chosen_length"]["mean"],
                         "rejected": st["rejected_length"]["mean"], "chosen_longer": st["chosen_longer"]})
     return out
 
 
 def publish_model(catalog: Catalog, cfg: PublishModelConfig) -> PublishResult:
-    """Stage the model repo; unless dry-run, upload it as one commit, tag it, and record the publication."""
-    staged, _ = stage_model(catalog, cfg)
-    result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run)
-    if cfg.dry_run:
-        return result
+    """Stage the model repo; unless dry-run, upload it as one commit, tag it, and record the publication. A model
+    already published (and tagged) to that repo revision is found from its snapshot id, before any copying."""
     target = HubTarget(cfg.repo_id, "model", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
                        command="iterdpo publish-model", license=cfg.license)
-    up = upload(catalog, target, staged.folder, staged.files, staged.set_id, staged.snapshots)
+    snap = catalog.newest("model", cfg.iteration)
+    if not cfg.dry_run and snap is not None:
+        validate_repo_id(cfg.repo_id)
+        set_id = snapshot_set_id([snap.id])
+        prior = recorded(catalog, target, set_id)
+        if prior and prior["tag"]:
+            return PublishResult(cfg.repo_id, cfg.revision, StagedRepo(None, [], {"model": snap.id}, set_id),
+                                 already_published=True, commit=prior["commit"], tag=prior["tag"],
+                                 license=cfg.license)
+    staged, _ = stage_model(catalog, cfg)
+    result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run, license=cfg.license)
+    if cfg.dry_run:
+        return result
+    try:
+        up = upload(catalog, target, staged.folder, staged.files, staged.set_id, staged.snapshots)
+    finally:
+        if cfg.local_dir is None:  # a temporary copy of the weights: gone once uploaded (or failed)
+            shutil.rmtree(staged.folder.parent, ignore_errors=True)
+            result.staged.folder = None
     result.already_published, result.commit, result.tag = up.already_published, up.commit, up.tag
     return result

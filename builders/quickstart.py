@@ -16,6 +16,8 @@ what is already there.
 
 from __future__ import annotations
 
+import os
+
 import math
 import time
 from datetime import datetime, timezone
@@ -79,7 +81,8 @@ def pipeline_for(cfg: QuickstartConfig) -> PipelineConfig:
         generation=GenerationSection(model=str(base_model(cfg)), backend=cfg.backend, sampling=cfg.sampling,
                                      vllm=cfg.vllm),
         ranking=RankingSection(ranker="python", ranker_model=cfg.reward),
-        training=TrainingSection(recipe=str(cfg.recipe), output_dir=str(workdir / "models" / "iteration_{n}")),
+        training=TrainingSection(recipe=str(cfg.recipe), output_dir=str(workdir / "models" / "iteration_{n}"),
+                                 threads=os.cpu_count()),
         publish=PublishSection(repo_id=cfg.repo_id, dry_run=True, local_dir=workdir / "hub"),
     )
 

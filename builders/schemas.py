@@ -71,7 +71,7 @@ KINDS: dict[str, Kind] = {
         Kind(
             "model",
             # only what identifies the model, so the same training twice is the same snapshot id: the run's losses
-            # and timings are params (train.dpo)
+            # and timings are params (builders.train)
             pa.schema(
                 [
                     ("path", pa.string()),  # where it is: generate and the pipeline find the model by it

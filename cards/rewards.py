@@ -21,14 +21,17 @@ CARD_ANCHOR = "\n## Provenance"  # the block goes before this heading of the dat
 PLOT = "plots/test_reward_by_iteration.png"
 
 
-def test_reward_table(catalog, iterations: list[int] | None = None) -> list[dict[str, Any]]:
+def test_reward_table(catalog, iterations: list[int] | None = None,
+                      pinned: dict[int, str] | None = None) -> list[dict[str, Any]]:
     """One row per iteration with scored test responses: reward mean and standard error, mean length in tokens,
-    share cut by max_tokens, and who wrote the responses."""
+    share cut by max_tokens, and who wrote the responses. `pinned`: the scores snapshot to read per iteration
+    (those a publication's pairs were built from); otherwise the iteration's newest."""
     rows = []
     wanted = iterations if iterations is not None else sorted(
         {s.iteration for s in catalog.list(kind="scores") if s.split == "test" and s.iteration is not None})
     for n in wanted:
-        scores_snap = catalog.newest("scores", n, "test")
+        scores_snap = (catalog.get(pinned[n]) if pinned and n in pinned
+                       else catalog.newest("scores", n, "test"))
         if scores_snap is None:
             continue
         gen_snap = catalog.get(scores_snap.parents[0])
@@ -98,11 +101,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def add_to_card(catalog, card: str, folder: Path, iterations: list[int]) -> tuple[str, list[str]]:
+def add_to_card(catalog, card: str, folder: Path, iterations: list[int],
+                pinned: dict[int, str] | None = None) -> tuple[str, list[str]]:
     """The dataset card with the reward block inserted before its Provenance section, and the files written
-    (the plot); unchanged when no published iteration (or the one after the last) has scored test responses."""
+    (the plot); unchanged when no published iteration (or the one after the last) has scored test responses.
+    `pinned`: the test scores snapshots the published pairs were built from, per iteration."""
     last = max(iterations) if iterations else 0
-    rows = [r for r in test_reward_table(catalog) if r["iteration"] <= last + 1]
+    rows = test_reward_table(catalog, list(range(1, last + 2)), pinned)
     if not rows:
         return card, []
     (folder / "plots").mkdir(exist_ok=True)

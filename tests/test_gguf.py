@@ -120,5 +120,12 @@ def test_bad_inputs_fail_before_any_work_and_leave_nothing(tiny_gguf, tmp_path, 
         import_gguf(tiny_gguf, tmp_path / "b", GgufImportConfig(dtype="float99"))
     assert not (tmp_path / "b").exists()
 
-    done = import_gguf(tiny_gguf, busy, GgufImportConfig(overwrite=True))  # --overwrite replaces the folder
-    assert (done.folder / "config.json").exists() and not (busy / "notes.txt").exists()
+    # --overwrite never clears a folder the import did not make...
+    result = cli("models", "import-gguf", str(tiny_gguf), str(busy), "--overwrite")
+    assert result.code == 1 and "not made by" in result.err and [p.name for p in busy.iterdir()] == ["notes.txt"]
+    # ...and replaces one it did, whole
+    done = import_gguf(tiny_gguf, tmp_path / "ours")
+    (done.folder / "stale.txt").write_text("old")
+    again = import_gguf(tiny_gguf, tmp_path / "ours", GgufImportConfig(overwrite=True))
+    assert (again.folder / "config.json").exists() and not (again.folder / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".iterdpo-gguf-")]  # no scratch left

@@ -116,7 +116,7 @@ def _one_iteration(tmp: Path, tiny: Path, name: str, recipe: Path | None = None,
 
 def test_run_retrains_when_the_pairs_or_recipe_change_and_reuses_the_model_otherwise(tmp_path, tiny_models,
                                                                                     monkeypatch):
-    import train.dpo
+    import builders.train
 
     trained: list[list[str]] = []  # the pairs each training used
 
@@ -125,8 +125,8 @@ def test_run_retrains_when_the_pairs_or_recipe_change_and_reuses_the_model_other
         trained.append(sorted(result.snapshot.parents))
         return result
 
-    real_train = train.dpo.train
-    monkeypatch.setattr(train.dpo, "train", counting)
+    real_train = builders.train.train
+    monkeypatch.setattr(builders.train, "train", counting)
     catalog = Catalog(tmp_path / "catalog.duckdb")
 
     def run(config: Path) -> tuple[list[str], str]:

@@ -13,7 +13,7 @@ from builders.publish import publish
 from builders.publish_model import publish_model
 from tests.conftest import built_catalog
 from tests.test_publish import TOKEN, hub  # noqa: F401  (the fake Hub fixture)
-from train.dpo import RECIPES, TrainConfig, train
+from builders.train import RECIPES, TrainConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from builders.catalog import Catalog
+from builders.models import weights_sha256
 from builders.config import SamplingConfig
 from builders.errors import InputError
 from tests.conftest import ROOT
 from tests.conftest import built_catalog
-from train.dpo import RECIPES, TrainConfig, load_recipe, train
+from builders.train import RECIPES, TrainConfig, load_recipe, train
 
 TINY = RECIPES / "tiny-cpu.yaml"
 
@@ -198,7 +199,7 @@ def test_pairs_that_trl_drops_are_counted_and_warned(built, tmp_path, tiny_model
 
 
 def test_generation_budget_against_max_length():
-    from train.dpo import check_budget
+    from builders.train import check_budget
 
     # the tiny recipe chooses its truncation explicitly; without that line the check warns with the numbers
     assert check_budget(TINY, max_tokens=4096) is None
@@ -209,7 +210,7 @@ def test_generation_budget_against_max_length():
 
 
 def test_generation_budget_warns_without_an_explicit_truncation(tmp_path):
-    from train.dpo import check_budget
+    from builders.train import check_budget
 
     implicit = _recipe(tmp_path, "implicit.yaml", {"truncation_mode: keep_start\n": ""})
     message = check_budget(implicit, max_tokens=300, prompt_tokens=20)
@@ -222,7 +223,7 @@ def test_generation_budget_warns_without_an_explicit_truncation(tmp_path):
 def test_recipe_secrets_never_reach_the_catalog_or_exports(built, tmp_path, tiny_models, monkeypatch):
     import duckdb
 
-    from train.dpo import stored_recipe
+    from builders.train import stored_recipe
 
     canary = "hf_CANARYsecret0123456789"
     monkeypatch.setenv("ITERDPO_TEST_TOKEN", "unset")  # restored after the test (train sets the recipe's env)
@@ -245,6 +246,9 @@ def test_recipe_secrets_never_reach_the_catalog_or_exports(built, tmp_path, tiny
     assert canary not in dump and canary.encode() not in built.path.read_bytes()
     assert json.dumps(result.to_json()).find(canary) == -1
     assert "hub_token: <redacted>" in stored_recipe({"hub_token": canary, "beta": 0.1}, {})
+    # options that only mention tokens are hyper-parameters, kept as they are (the pipeline compares recipes)
+    kept = stored_recipe({"include_tokens_per_second": True, "pad_token": "<pad>", "max_length": 512}, {})
+    assert "<redacted>" not in kept and "include_tokens_per_second: true" in kept
 
 
 def test_bad_recipe_values_fail_before_the_model_loads(built, tmp_path, cli, catalog_path):
@@ -292,12 +296,24 @@ def test_overwrite_replaces_our_model_folder_but_never_a_users_files(built, tmp_
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
+    (mine / "model-00001-of-00002.safetensors").write_bytes(b"another model's shard")  # loaders would mix it in
     for _ in range(2):  # a user's folder stays theirs, run after run
-        train(built, TrainConfig(1, TINY, model, output_dir=mine, overwrite=True, progress=False))
+        result = train(built, TrainConfig(1, TINY, model, output_dir=mine, overwrite=True, progress=False))
         assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.safetensors").exists()
+        assert not (mine / "model-00001-of-00002.safetensors").exists()
+        assert built.read(result.snapshot.id).column("weights_sha256")[0].as_py() == weights_sha256(mine)
     ours = tmp_path / "ours"
     train(built, TrainConfig(1, TINY, model, output_dir=ours, progress=False))
     (ours / "stale-shard.safetensors").write_bytes(b"old")  # e.g. a shard of an earlier, bigger model
     again = train(built, TrainConfig(1, TINY, model, output_dir=ours, overwrite=True, progress=False))
     assert not (ours / "stale-shard.safetensors").exists() and (ours / "model.safetensors").exists()
     assert len({s.id for s in built.list(kind="model")}) == 2 and again.snapshot.iteration == 1  # mine, ours
+
+
+def test_the_accelerate_launcher_puts_global_options_before_train():
+    from train.dpo import argv
+
+    assert argv(["--iteration", "1"]) == ["train", "--iteration", "1"]
+    assert argv(["--catalog", "c.duckdb", "--iteration", "1"]) == ["--catalog", "c.duckdb", "train", "--iteration", "1"]
+    assert argv(["--catalog=c.duckdb", "--debug", "--iteration", "1"]) == ["--catalog=c.duckdb", "--debug", "train",
+                                                                            "--iteration", "1"]

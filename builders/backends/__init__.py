@@ -1,0 +1,1 @@
+"""Generation backends' shared types (base.py)."""
