@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from builders.config import BACKENDS, RANKERS, LengthControlConfig, RankConfig, SamplingConfig
+from builders.config import LengthControlConfig, RankConfig, SamplingConfig
 from builders.errors import InputError
 
 
@@ -94,16 +94,14 @@ def _write_files(contents: dict[Path, str]) -> None:
 
 def _check_options(cfg: BestOfNConfig) -> SamplingConfig:
     """Every option, before any model is loaded (a bad one must not cost a generation run)."""
-    from builders.generate import validate_sampling
+    from builders.config import GenerateConfig
+    from builders.generate import validate_generate
+    from builders.rank import validate_rank
 
-    if not isinstance(cfg.num_responses, int) or cfg.num_responses < 1:
-        raise InputError(f"--num-responses must be at least 1, not {cfg.num_responses}")
     sampling = replace(cfg.sampling, num_responses=cfg.num_responses)
-    validate_sampling(sampling)
-    if cfg.backend not in BACKENDS:
-        raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
-    if cfg.ranker.ranker not in RANKERS:
-        raise InputError(f"unknown ranker {cfg.ranker.ranker!r}; use one of {', '.join(RANKERS)}")
+    # the stages' own checks: sampling, backend and its options, ranker, dtype, device, batch sizes
+    validate_generate(GenerateConfig(iteration=0, model=cfg.model, backend=cfg.backend, sampling=sampling))
+    validate_rank(cfg.ranker)
     if cfg.generator_name is not None and not cfg.generator_name.strip():
         raise InputError("--generator-name must not be empty")
     if Path(cfg.output).suffix.lower() != ".json":
