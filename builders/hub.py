@@ -13,6 +13,7 @@ HF_TOKEN or `hf auth login`, as huggingface_hub finds it, and is never logged, w
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -120,6 +121,9 @@ class HubTarget:
     max_retries: int = 5  # network errors and 5xx, with exponential backoff
     backoff: float = 1.0
     command: str = "iterdpo publish"  # named in "rerun ... to tag it"
+    # the remote files iterdpo owns (fnmatch patterns; one without a folder: root files only): stale ones are
+    # deleted in the commit, any other file of the repo (a user's eval results, docs) is left alone
+    managed: tuple[str, ...] = ("*",)
     license: str | None = None  # recorded in the commit description
 
 
@@ -170,6 +174,11 @@ def token() -> str | None:
     return get_token()
 
 
+def _owned(path: str, pattern: str) -> bool:
+    """A pattern without a folder matches files at the repo's root only (`*.json`: config.json, not evals/x.json)."""
+    return fnmatch.fnmatchcase(path, pattern) and ("/" in pattern or "/" not in path)
+
+
 def recorded(catalog: Catalog, target: HubTarget, set_id: str) -> dict[str, Any] | None:
     """The catalog's record of this snapshot set's publication to the target repo revision (on this endpoint)."""
     from huggingface_hub import constants
@@ -209,7 +218,8 @@ def upload(catalog: Catalog, target: HubTarget, folder: Path, files: list[str], 
     existing = retry("listing the repo", lambda: api.list_repo_files(repo_id, repo_type=kind, revision=revision),
                      target)
     keep = set(files) | {".gitattributes"}
-    deletes = [CommitOperationDelete(path_in_repo=path) for path in existing if path not in keep]
+    deletes = [CommitOperationDelete(path_in_repo=path) for path in existing
+               if path not in keep and any(_owned(path, pattern) for pattern in target.managed)]
 
     def commit():  # an Add is single-use: new ones on every try
         adds = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files]

@@ -27,6 +27,11 @@ from builders.pairs import TRL_SCHEMA, to_trl
 from builders.schemas import KINDS
 
 
+# what a publication writes: its configs' Parquet files, plots and card (stale ones of earlier publications are
+# deleted; other files in the repo are the user's)
+MANAGED = ("default/*", "trl/*", "plots/*", "README.md")
+
+
 def split_name(split: str, iteration: int) -> str:
     return f"{split}_iteration_{iteration}"
 
@@ -176,7 +181,7 @@ def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
     """Stage the repo; unless dry-run, upload it as one commit, tag it, and record the publication. A snapshot set
     already published (and tagged) to that repo revision is found from its id alone, before any staging."""
     target = HubTarget(cfg.repo_id, "dataset", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
-                       license=cfg.license)
+                       license=cfg.license, managed=MANAGED)
     if not cfg.dry_run:
         validate_repo_id(cfg.repo_id)
         ids = {split_name(split, it): s.id for (it, split), s in published_snapshots(catalog, cfg.iterations).items()}

@@ -175,7 +175,8 @@ def publish_model(catalog: Catalog, cfg: PublishModelConfig) -> PublishResult:
     """Stage the model repo; unless dry-run, upload it as one commit, tag it, and record the publication. A model
     already published (and tagged) to that repo revision is found from its snapshot id, before any copying."""
     target = HubTarget(cfg.repo_id, "model", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
-                       command="iterdpo publish-model", license=cfg.license)
+                       command="iterdpo publish-model", license=cfg.license,
+                       managed=(*MODEL_FILES, "README.md"))
     snap = catalog.newest("model", cfg.iteration)
     if not cfg.dry_run and snap is not None:
         validate_repo_id(cfg.repo_id)

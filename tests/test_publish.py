@@ -336,13 +336,15 @@ def _cfg(tmp_path, **kw) -> PublishConfig:
 
 def test_upload_is_one_commit_then_a_tag_and_republishing_is_a_noop(built, tmp_path, hub):
     hub["files"][".gitattributes"] = b"*.parquet filter=lfs"
-    hub["files"]["old/stale.parquet"] = b"old"
+    hub["files"]["default/train_iteration_9-00000-of-00001.parquet"] = b"old"  # an earlier publication's
+    hub["files"]["evals/alpaca_eval.json"] = b"{}"  # the user's: never deleted
     result = publish(built, _cfg(tmp_path))
     assert len(hub["commits"]) == 1
     ops = hub["commits"][0]
     added = sorted(op["value"]["path"] for op in ops if op["key"] == "file")
     assert added == sorted(result.staged.files)
-    assert [op["value"]["path"] for op in ops if op["key"] == "deletedFile"] == ["old/stale.parquet"]
+    assert [op["value"]["path"] for op in ops if op["key"] == "deletedFile"] == [
+        "default/train_iteration_9-00000-of-00001.parquet"]
     header = next(op["value"] for op in ops if op["key"] == "header")
     assert header["description"].endswith("License: apache-2.0")  # the licence is recorded with the publication
     staged = result.staged.folder

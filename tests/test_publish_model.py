@@ -59,9 +59,13 @@ def test_dry_run_stages_a_model_that_transformers_loads_and_a_card_that_ties_it_
 
 
 def test_upload_is_one_commit_with_a_tag_and_republishing_is_a_noop(trained, tmp_path, hub):  # noqa: F811
+    hub["files"]["model-00002-of-00002.safetensors"] = b"a shard of an earlier, bigger upload"
+    hub["files"]["evals/results.json"] = b"{}"  # the user's
     cfg = PublishModelConfig("me/tiny-iterdpo", 1, local_dir=tmp_path / "m", backoff=0.01)
     result = publish_model(trained, cfg)
     assert len(hub["commits"]) == 1
+    deleted = [op["value"]["path"] for op in hub["commits"][0] if op["key"] == "deletedFile"]
+    assert deleted == ["model-00002-of-00002.safetensors"] and "evals/results.json" in hub["files"]
     added = sorted(op["value"]["path"] for op in hub["commits"][0] if op["key"] == "file")
     assert added == sorted(result.staged.files)
     assert hub["create_body"]["type"] == "model"
