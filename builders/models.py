@@ -46,8 +46,9 @@ def model_ref(model: str) -> str:
 def display_name(model: str) -> str:
     """How a model is named in anything published: a hub id as is, a local folder by its name (never a path)."""
     path = Path(model).expanduser()
-    if path.is_absolute() or path.exists() or model.count("/") > 1 or model.startswith("."):
-        return path.name
+    # a hub id is `name` or `namespace/name` (a dataset's may add `:split`); anything else is a local path
+    if path.is_absolute() or path.exists() or model.count("/") > 1 or model.startswith((".", "~")):
+        return path.name or model
     return model
 
 

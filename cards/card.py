@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from builders.models import display_name
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -33,12 +34,8 @@ def size_category(rows: int) -> str:
 
 
 def display_ref(ref: Any) -> str:
-    """A model or data reference as the card shows it: a hub id as is, a local path by its folder or file name
-    (the card never holds this machine's paths)."""
-    text = str(ref)
-    if os.path.isabs(text) or text.startswith(("./", "../", "~")) or Path(text).exists():
-        return Path(text).name or text
-    return text
+    """A model or data reference as the card shows it (the card never holds this machine's paths)."""
+    return display_name(str(ref))
 
 
 def metadata(splits: list[SplitInfo], features: dict[str, Any], license: str, pretty_name: str) -> dict[str, Any]:
