@@ -132,7 +132,6 @@ class Uploaded:
     already_published: bool
     commit: str | None = None
     tag: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def hub_error(e: Exception) -> tuple[bool, str]:

@@ -11,7 +11,7 @@ logged, written or put in a message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class PublishResult:
     already_published: bool = False
     commit: str | None = None
     tag: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     license: str | None = None
 
     def to_json(self) -> dict[str, Any]:
