@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from builders.rank import LlmBlender, PairRM  # noqa: E402
+from builders.backends.llm_blender import LlmBlender  # noqa: E402
+from builders.backends.pairrm import PairRM  # noqa: E402
 from builders.tiny import build_tiny_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,13 +1,22 @@
-"""Typed configuration: every default of the project lives here, once.
+"""Typed configuration: every config of the project, every default once, each option's help on its field.
 
-The CLI reads its option defaults from these dataclasses, so `--help` and the Python API always agree.
+The CLI builds its options from these fields (default and help, builders/cli/options.py) and `iterdpo run` parses
+pipeline YAML onto the same dataclasses (builders/pipeline.py), so `--help`, the YAML and the Python API agree.
+Configs say how a stage runs, never which iteration it runs on: that is an argument of the stage.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
+from typing import Any
+
+
+def opt(default: Any = MISSING, help: str = "") -> Any:
+    """A config field with its help text (shown by `--help`; TRL's `field(metadata={"help": ...})`)."""
+    return field(default=default, metadata={"help": help})
+
 
 DEFAULT_CATALOG = Path("data") / "catalog.duckdb"
 CATALOG_ENV = "ITERDPO_CATALOG"
@@ -47,10 +56,10 @@ class ImportConfig:
 class SplitConfig:
     """Snorkel-Mistral-PairRM-DPO's splits: 3 iterations of ~20k train prompts, disjoint across iterations."""
 
-    iterations: int = 3
-    train_size: int = 20_000
-    test_size: int = 1_000
-    seed: int = 42
+    iterations: int = opt(3, "Iterations to draw prompt sets for.")
+    train_size: int = opt(20_000, "Train prompts per iteration.")
+    test_size: int = opt(1_000, "Test prompts per iteration (0: none).")
+    seed: int = opt(42, "Seed of the draw: the same pool and options give the same snapshot ids.")
 
 
 @dataclass(frozen=True)
@@ -85,21 +94,22 @@ BACKENDS = ("transformers", "vllm", "openai")
 class SamplingConfig:
     """Snorkel's sampling: 5 responses per prompt at temperature 0.7."""
 
-    num_responses: int = 5
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_tokens: int = 2048
-    seed: int = 42
+    num_responses: int = opt(5, "Responses generated per prompt.")
+    temperature: float = opt(0.7, "Sampling temperature (above 0: the responses must differ to be ranked).")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this probability mass.")
+    max_tokens: int = opt(2048, "New tokens per response, at most.")
+    seed: int = opt(42, "Run seed; each prompt's seed derives from it and the prompt id.")
 
 
 @dataclass(frozen=True)
 class VllmConfig:
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    max_num_seqs: int | None = None  # sequences decoded together (vLLM's default: 256 on CPU, 1024 on big GPUs)
+    tensor_parallel_size: int = opt(1, "vllm: GPUs the model is split across.")
+    dtype: str = opt("auto", "vllm: weights' dtype (auto, half, float16, bfloat16, float, float32).")
+    max_model_len: int | None = opt(None, "vllm: cap the context length (default: the model's).")
+    gpu_memory_utilization: float = opt(0.9, "vllm: share of GPU memory for weights and KV cache.")
+    enforce_eager: bool = opt(False, "vllm: no CUDA graphs / compilation (faster start-up).")
+    # vLLM's default: 256 on CPU, 1024 on big GPUs
+    max_num_seqs: int | None = opt(None, "vllm: sequences decoded together (default: vLLM's).")
     # CPU only: the KV cache's size when VLLM_CPU_KVCACHE_SPACE is unset (capped at a quarter of free memory);
     # vLLM's own default reserves 0.9 of the machine's memory and fails whenever that much is not free.
     cpu_kv_cache_gib: float = 1.0
@@ -107,47 +117,57 @@ class VllmConfig:
 
 @dataclass(frozen=True)
 class OpenAIConfig:
-    base_url: str = "http://127.0.0.1:8000/v1"
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never logged or stored
-    concurrency: int = 8
-    max_retries: int = 5
-    timeout: float = 600.0
-    backoff: float = 1.0  # seconds before the first retry; doubles each time
+    base_url: str = opt("http://127.0.0.1:8000/v1", "openai: the server's /v1 URL (env OPENAI_BASE_URL).")
+    # the key is read from this variable, never logged or stored
+    api_key_env: str = opt("OPENAI_API_KEY", "openai: environment variable holding the API key.")
+    concurrency: int = opt(8, "openai: requests in flight, exactly.")
+    max_retries: int = opt(5, "openai: retries of a request on 429, 5xx, timeouts and connection errors.")
+    timeout: float = opt(600.0, "openai: seconds before a request times out.")
+    backoff: float = opt(1.0, "openai: seconds before the first retry; doubles each time.")
 
 
-# Prompts finished per committed batch: large for vLLM (throughput), small for the CPU fallback (resume granularity).
+# Prompts per backend call: large for vLLM (throughput), small for the CPU fallback (progress); the openai backend
+# keeps `concurrency` requests in flight instead.
 BATCH_PROMPTS = {"vllm": 512, "transformers": 8, "openai": 64}
+SPLITS = ("train", "test")
+# Seconds between commits of finished work to the catalog: a kill -9 loses at most this much work, and a fast
+# scorer pays one DuckDB transaction per few seconds rather than per batch (bench/scale.py).
+COMMIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    iteration: int
-    model: str
-    backend: str = "transformers"
-    splits: tuple[str, ...] = ("train", "test")
+    model: str = opt("mistralai/Mistral-7B-Instruct-v0.2", "Local folder or hub id of the policy model.")
+    backend: str = opt("transformers", "transformers (CPU fallback), vllm (GPUs) or openai (a server).")
+    splits: tuple[str, ...] = opt(SPLITS, "Splits to generate for.")
     sampling: SamplingConfig = SamplingConfig()
-    shard: str | None = None  # "K/N", K in 0..N-1: this run's part of the prompts
-    chat_template: Path | None = None  # a Jinja file, for tokenizers without a chat template
-    batch_prompts: int | None = None  # default: BATCH_PROMPTS[backend]
+    shard: str | None = opt(None, "K/N: generate only this part of the prompts (K in 0..N-1), e.g. a Slurm array "
+                                  "task; merge the shard catalogs with `versions merge`.")
+    chat_template: Path | None = opt(None, "A Jinja chat template file, for tokenizers without one.")
+    batch_prompts: int | None = opt(None, "Prompts per backend call (default: 512 vllm, 8 transformers).")
+    commit_seconds: float = opt(COMMIT_SECONDS, "Seconds between commits of finished prompts (what a kill loses).")
     vllm: VllmConfig = VllmConfig()
     openai: OpenAIConfig = OpenAIConfig()
 
 
 RANKERS = ("pairrm", "llm-blender", "scalar", "python")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
 class RankConfig:
-    iteration: int
-    ranker: str = "pairrm"
-    ranker_model: str = "llm-blender/PairRM"  # a folder or hub id; for `python`, module:function
-    splits: tuple[str, ...] = ("train", "test")
-    device: str | None = None  # default: cuda when available
-    dtype: str = "auto"  # pairrm: float16 on GPU (as PairRM's config says), float32 on CPU
-    batch_prompts: int = 64  # prompts per committed batch (resume granularity)
-    # pairrm: tokens per forward pass (pairs of similar length are batched together); None: 2048 on CPU, where
-    # DeBERTa's O(length^2) attention buffers make bigger batches slower, 32768 on GPU
-    batch_tokens: int | None = None
+    ranker: str = opt("pairrm", "pairrm (PairRM), llm-blender (the reference library), scalar (a sequence-"
+                                "classification reward model) or python (module:function).")
+    ranker_model: str = opt("llm-blender/PairRM", "Folder or hub id (PairRM layout for pairrm/llm-blender); "
+                                                  "module:function for python.")
+    splits: tuple[str, ...] = opt(SPLITS, "Splits to score.")
+    device: str | None = opt(None, "cuda, cpu, cuda:1 ... (default: cuda when available).")
+    # float16 on GPU is what PairRM's config says
+    dtype: str = opt("auto", "pairrm: float16, bfloat16, float32 or auto (float16 on GPU, float32 on CPU).")
+    batch_prompts: int = opt(64, "Prompts per ranker call.")
+    # DeBERTa's O(length^2) attention buffers make bigger batches slower on CPU
+    batch_tokens: int | None = opt(None, "pairrm: tokens per forward pass (default: 2048 on CPU, 32768 on GPU).")
+    commit_seconds: float = opt(COMMIT_SECONDS, "Seconds between commits of scored prompts (what a kill loses).")
 
 
 @dataclass(frozen=True)
@@ -169,23 +189,23 @@ SELECTIONS = ("max-min",)
 class BuildConfig:
     """Snorkel's selection: chosen = top score, rejected = bottom score."""
 
-    iteration: int
-    selection: str = "max-min"
-    length_penalty: float = 0.0  # score - length_penalty * characters, before choosing
-    min_margin: float = 0.0  # drop prompts whose chosen-rejected (penalised) margin is below this
-    keep_ties: bool = False  # ties (no margin at all) are dropped unless this is set
-    allow_partial: bool = False  # build even when some prompts lack generations or scores
+    selection: str = opt("max-min", "max-min: chosen = top score, rejected = bottom score (Snorkel).")
+    length_penalty: float = opt(0.0, "Rank by score - A x length in characters.")
+    min_margin: float = opt(0.0, "Drop prompts whose chosen - rejected margin is below M.")
+    keep_ties: bool = opt(False, "Keep prompts whose best and worst scores are equal.")
+    allow_partial: bool = opt(False, "Build even if some prompts lack generations or scores.")
 
 
 @dataclass(frozen=True)
 class PublishConfig:
     repo_id: str
-    iterations: tuple[int, ...] | None = None  # default: every iteration with pairs
-    local_dir: Path | None = None  # the staged repo folder (kept); default: a temporary folder
-    dry_run: bool = False  # stage only: no token, no network
-    private: bool = False
-    revision: str = "main"  # the branch to commit to
-    license: str = "apache-2.0"  # a Hub licence id, as Snorkel published its dataset; the card names the prompts' own
+    iterations: tuple[int, ...] | None = opt(None, "Iterations to publish (default: every built one).")
+    local_dir: Path | None = opt(None, "Stage the repo folder here (kept); default: a temporary folder.")
+    dry_run: bool = opt(False, "Stage only: no token, no network.")
+    private: bool = opt(False, "Create the repo as private.")
+    revision: str = opt("main", "Branch to commit to.")
+    # as Snorkel published its dataset; the card names the prompts' own
+    license: str = opt("apache-2.0", "The dataset's licence (a Hub licence id), written in the card.")
     max_row_group_bytes: int = 100 * 1000 * 1000  # Arrow bytes per Parquet row group, datasets' MAX_ROW_GROUP_SIZE
     max_retries: int = 5  # network errors and 5xx, with exponential backoff
     backoff: float = 1.0
@@ -197,13 +217,14 @@ PUBLISH_DEFAULTS = PublishConfig(repo_id="")  # the defaults, for the functions 
 @dataclass(frozen=True)
 class PublishModelConfig:
     repo_id: str
-    iteration: int
-    dataset_repo: str | None = None  # default: the repo the catalog published these pairs to, if any
-    local_dir: Path | None = None  # the staged repo folder (kept); default: a temporary folder
-    dry_run: bool = False  # stage only: no token, no network
-    private: bool = False
-    revision: str = "main"  # the branch to commit to
-    license: str = "apache-2.0"  # Mistral-7B-Instruct-v0.2's and SmolLM2's licence; set your base model's
+    dataset_repo: str | None = opt(None, "The dataset repo the card links (default: where the catalog published "
+                                         "these pairs).")
+    local_dir: Path | None = opt(None, "Stage the repo folder here (kept); default: a temporary folder.")
+    dry_run: bool = opt(False, "Stage only: no token, no network.")
+    private: bool = opt(False, "Create the repo as private.")
+    revision: str = opt("main", "Branch to commit to.")
+    # Mistral-7B-Instruct-v0.2's and SmolLM2's licence
+    license: str = opt("apache-2.0", "The model's licence (a Hub licence id): set your base model's.")
     max_retries: int = 5  # network errors and 5xx, with exponential backoff
     backoff: float = 1.0
 
@@ -214,52 +235,45 @@ class PromptSource:
     column: str | None = None
 
 
-@dataclass(frozen=True)
-class GenerationSection:
-    """The generator of iteration 1 and how every iteration samples (later iterations use the trained model)."""
-
-    model: str = "mistralai/Mistral-7B-Instruct-v0.2"
-    backend: str = "vllm"
-    sampling: SamplingConfig = SamplingConfig()
-    vllm: VllmConfig = VllmConfig()
-    openai: OpenAIConfig = OpenAIConfig()
-    chat_template: Path | None = None
+# The training recipes shipped with the project (TRL `trl dpo` YAML), one per iteration of the Snorkel recipe.
+RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
 
 
 @dataclass(frozen=True)
-class RankingSection:
-    ranker: str = "pairrm"
-    ranker_model: str = "llm-blender/PairRM"
-    device: str | None = None
-    dtype: str = "auto"
-
-
-@dataclass(frozen=True)
-class SelectionSection:
-    selection: str = "max-min"
-    length_penalty: float = 0.0
-    min_margin: float = 0.0
-    keep_ties: bool = False
+class TrainConfig:
+    recipe: Path | None = opt(None, "A TRL `trl dpo` YAML recipe (default: train/recipes/iteration_N.yaml).")
+    model: str | None = opt(None, "Base model folder or hub id (default: the recipe's model_name_or_path).")
+    dataset: str | None = opt(None, "A staged dataset folder or hub id (default: the catalog's pairs).")
+    output_dir: Path | None = opt(None, "Where the model is saved (default: the recipe's output_dir).")
+    overwrite: bool = opt(False, "Replace a non-empty output folder that iterdpo did not write.")
+    progress: bool = True  # a progress bar and the pair counts on stderr
+    trainer_logs: bool = False  # the Trainer's own progress bar and metric dicts instead (`--debug`)
+    # On 2 cores a 135M model's DPO step is 1.75x faster with 2 threads than 1; tiny models are faster with 1
+    threads: int | None = opt(None, "torch threads while training (default: as the process has them).")
 
 
 @dataclass(frozen=True)
 class TrainingSection:
-    # one recipe per iteration ({n} is the iteration); the model of iteration n is saved in output_dir
-    recipe: str = "train/recipes/iteration_{n}.yaml"
+    """The pipeline's training: one recipe per iteration ({n} is the iteration); model n is saved in output_dir."""
+
+    recipe: str = str(RECIPES / "iteration_{n}.yaml")
     output_dir: str = "data/models/iteration_{n}"
-    threads: int | None = None  # torch threads while training (None: as the process has them)
+    threads: int | None = TrainConfig.threads
 
 
 @dataclass(frozen=True)
 class PublishSection:
     repo_id: str | None = None  # the dataset repo; None: publish no dataset
-    dry_run: bool = False
-    private: bool = False
+    dry_run: bool = PUBLISH_DEFAULTS.dry_run
+    private: bool = PUBLISH_DEFAULTS.private
     local_dir: Path | None = None
+    revision: str = PUBLISH_DEFAULTS.revision
+    license: str = PUBLISH_DEFAULTS.license
     # the model repo of each iteration ({n} is the iteration, e.g. me/mistral-iterdpo-it{n}); None: no model
     model_repo_id: str | None = None
     model_local_dir: str | None = None  # staged model folders ({n} is the iteration); default: temporary
     model_license: str = PublishModelConfig.license
+    model_revision: str = PublishModelConfig.revision
 
 
 @dataclass(frozen=True)
@@ -273,9 +287,10 @@ class PipelineConfig:
     gguf: str | None = None
     prompts: PromptSource = PromptSource()
     split: SplitConfig = SplitConfig()
-    generation: GenerationSection = GenerationSection()
-    ranking: RankingSection = RankingSection()
-    selection: SelectionSection = SelectionSection()
+    # the generator of iteration 1 and how every iteration samples (later iterations use the trained model)
+    generation: GenerateConfig = GenerateConfig()
+    ranking: RankConfig = RankConfig()
+    selection: BuildConfig = BuildConfig()
     training: TrainingSection = TrainingSection()
     publish: PublishSection = PublishSection()
 
@@ -314,3 +329,18 @@ class QuickstartConfig:
     evaluate_final: bool = True  # the final model answers the next iteration's test prompts, scored the same way
     repo_id: str = "your-username/iterdpo-quickstart"  # only staged (dry run)
     recipe: Path = Path(__file__).resolve().parents[1] / "train" / "recipes" / "quickstart-cpu.yaml"
+
+
+BEST_OF_N = 16  # Snorkel's PairRM best-of-16 at inference time
+
+
+@dataclass(frozen=True)
+class BestOfNConfig:
+    """`best-of-n`: N responses per prompt from `generation`, the ranker's best kept (AlpacaEval model outputs)."""
+
+    prompts: Path
+    output: Path
+    generation: GenerateConfig = GenerateConfig(sampling=SamplingConfig(num_responses=BEST_OF_N))
+    ranker: RankConfig = RankConfig()
+    column: str | None = opt(None, "Column holding the instruction (default: instruction, prompt, ...).")
+    generator_name: str | None = opt(None, "The `generator` name written (default: MODEL-RANKER-best-of-N).")

@@ -2,7 +2,14 @@
 
 
 class IterdpoError(Exception):
-    """Base class: the CLI prints ``Error: <message>`` on one line and exits 1."""
+    """Base class: the CLI prints ``Error: <message>`` on one line and exits 1.
+
+    Messages speak the library's language (config field names such as `num_responses`); `option` names the field
+    a message is about, so the CLI can say `--num-responses` instead where the user typed a flag."""
+
+    def __init__(self, message: str = "", *, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class InputError(IterdpoError):

@@ -35,25 +35,12 @@ import math
 import os
 import statistics
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builders.config import LengthControlConfig, RankConfig, SamplingConfig
+from builders.config import BestOfNConfig, LengthControlConfig, RankConfig
 from builders.errors import InputError
-
-
-@dataclass(frozen=True)
-class BestOfNConfig:
-    model: str
-    prompts: Path
-    output: Path
-    num_responses: int = 16
-    backend: str = "transformers"
-    sampling: SamplingConfig = SamplingConfig(num_responses=16)
-    ranker: RankConfig = RankConfig(iteration=0)
-    column: str | None = None
-    generator_name: str | None = None  # default: the model folder's name + "-pairrm-best-of-N"
 
 
 def candidates_path(output: Path) -> Path:
@@ -67,11 +54,11 @@ def _check_writable(path: Path, what: str) -> None:
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():
-        raise InputError(f"{what} {path}: no such folder {parent}")
+        raise InputError(f"{what} {path}: no such folder {parent}", option="output")
     if path.is_dir():
-        raise InputError(f"{what} {path}: is a folder")
+        raise InputError(f"{what} {path}: is a folder", option="output")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: cannot write in {parent}")
+        raise InputError(f"{what} {path}: cannot write in {parent}", option="output")
 
 
 def _write_files(contents: dict[Path, str]) -> None:
@@ -92,23 +79,20 @@ def _write_files(contents: dict[Path, str]) -> None:
         raise
 
 
-def _check_options(cfg: BestOfNConfig) -> SamplingConfig:
+def _check_options(cfg: BestOfNConfig) -> None:
     """Every option, before any model is loaded (a bad one must not cost a generation run)."""
-    from builders.config import GenerateConfig
     from builders.generate import validate_generate
     from builders.rank import validate_rank
 
-    sampling = replace(cfg.sampling, num_responses=cfg.num_responses)
     # the stages' own checks: sampling, backend and its options, ranker, dtype, device, batch sizes
-    validate_generate(GenerateConfig(iteration=0, model=cfg.model, backend=cfg.backend, sampling=sampling))
+    validate_generate(cfg.generation)
     validate_rank(cfg.ranker)
     if cfg.generator_name is not None and not cfg.generator_name.strip():
-        raise InputError("--generator-name must not be empty")
+        raise InputError("generator_name must not be empty", option="generator_name")
     if Path(cfg.output).suffix.lower() != ".json":
-        raise InputError(f"--output {cfg.output}: must end in .json (AlpacaEval's model_outputs.json)")
-    _check_writable(cfg.output, "--output")
-    _check_writable(candidates_path(cfg.output), "--output's sidecar")
-    return sampling
+        raise InputError(f"output {cfg.output}: must end in .json (AlpacaEval's model_outputs.json)", option="output")
+    _check_writable(cfg.output, "output")
+    _check_writable(candidates_path(cfg.output), "output's sidecar")
 
 
 def _read_rows(cfg: BestOfNConfig) -> tuple[list[str | None], list[str | None]]:
@@ -128,32 +112,33 @@ def _read_rows(cfg: BestOfNConfig) -> tuple[list[str | None], list[str | None]]:
 
 
 def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
-    from builders.config import GenerateConfig
     from builders.generate import make_generator, prompt_seed
     from builders.models import model_identity
     from builders.prompts import prompt_id
     from builders.rank import check_finite, make_ranker
 
-    sampling = _check_options(cfg)
+    _check_options(cfg)
+    gen = cfg.generation
+    sampling = gen.sampling
     instructions, datasets = _read_rows(cfg)
     # generation sees the stripped prompt (as the catalog stores it); the rows keep the instruction verbatim
     keep = [i for i, p in enumerate(instructions) if isinstance(p, str) and p.strip()]
     if not keep:
         raise InputError(f"{cfg.prompts}: no prompts")
     # the models exist (a folder, or a hub id in the cache or on the Hub) before the long part starts
-    if cfg.backend != "openai":
-        model_identity(cfg.model)
+    if gen.backend != "openai":
+        model_identity(gen.model)
     ranker = make_ranker(cfg.ranker) if cfg.ranker.ranker == "python" else None
     if ranker is None:
         model_identity(cfg.ranker.ranker_model)
 
     prompts = list(dict.fromkeys(instructions[i].strip() for i in keep))  # each distinct prompt once
-    generator = make_generator(GenerateConfig(iteration=0, model=cfg.model, backend=cfg.backend, sampling=sampling))
+    generator = make_generator(gen)
     try:
-        prepared = generator.prepare([(prompt_id(p), p, prompt_seed(sampling.seed, prompt_id(p), cfg.num_responses))
-                                      for p in prompts])
+        prepared = generator.prepare([(prompt_id(p), p, prompt_seed(sampling.seed, prompt_id(p),
+                                                                    sampling.num_responses)) for p in prompts], sampling)
         requests = [r for r in prepared if not isinstance(r, str)]
-        answered = dict(zip((r.prompt_id for r in requests), generator.generate(requests)))
+        answered = dict(zip((r.prompt_id for r in requests), generator.generate(requests, sampling)))
     finally:
         generator.close()
     ranked = [(p, [s.text for s in answered[prompt_id(p)]]) for p in prompts if answered.get(prompt_id(p))]
@@ -165,7 +150,7 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
         best = max(range(len(cands)), key=lambda i: (values[i], -i))
         by_prompt[p] = (cands, [float(v) for v in values], best)
 
-    name = cfg.generator_name or f"{Path(cfg.model).name}-{cfg.ranker.ranker}-best-of-{cfg.num_responses}"
+    name = cfg.generator_name or f"{Path(gen.model).name}-{cfg.ranker.ranker}-best-of-{sampling.num_responses}"
     default_dataset = Path(str(cfg.prompts)).stem  # rows that name no dataset: the prompt file's name
     rows, sidecar = [], []
     for i in keep:
@@ -286,7 +271,7 @@ def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | 
              if r["instruction"].strip() in refs]
     if not pairs:
         raise InputError(f"no instruction of {outputs} is in the reference {reference}")
-    scorer = make_ranker(ranker or RankConfig(iteration=0))
+    scorer = make_ranker(ranker or RankConfig())
     scores = scorer.score([p for p, _, _ in pairs], [[o, r] for _, o, r in pairs])
     prefs = [1.0 if s[0] > s[1] else 0.5 if s[0] == s[1] else 0.0 for s in scores]
     n = len(prefs)

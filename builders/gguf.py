@@ -103,7 +103,7 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike,
     _check(gguf_file, out, cfg.overwrite)
     dtype = getattr(torch, cfg.dtype, None)
     if not isinstance(dtype, torch.dtype):
-        raise InputError(f"--dtype {cfg.dtype!r} is not a torch dtype (e.g. bfloat16, float16, float32)")
+        raise InputError(f"dtype {cfg.dtype!r} is not a torch dtype (e.g. bfloat16, float16, float32)", option="dtype")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = str(gguf_file.resolve().parent), gguf_file.name

@@ -81,7 +81,7 @@ def _owned_files(target: Path) -> list[str] | None:
     if not target.exists():
         return None
     if not target.is_dir():
-        raise InputError(f"--local-dir {target} is a file; choose an empty or new folder")
+        raise InputError(f"local_dir {target} is a file; choose an empty or new folder", option="local_dir")
     if not any(target.iterdir()):
         return None
     try:

@@ -1,6 +1,6 @@
 """The pairs stage: chosen = best response, rejected = worst (Snorkel's max-min), in the published schemas.
 
-    build_pairs(catalog, BuildConfig(iteration=1))  -> `pairs` snapshots for train and test
+    build_pairs(catalog, 1, BuildConfig())  -> `pairs` snapshots for train and test
 
 The `default` schema (snorkelai/Snorkel-Mistral-PairRM-DPO-Dataset) is what the catalog stores; the `trl` view
 (conversational prompt / chosen / rejected, which TRL's DPOTrainer loads directly) is derived from it by `to_trl`.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
@@ -18,7 +18,7 @@ import pyarrow as pa
 from builders.catalog import Catalog, Registration, Snapshot
 from builders.config import SELECTIONS, BuildConfig
 from builders.errors import InputError
-from builders.results import SplitOutcome, StageResult
+from builders.stage import SplitResult, StageResult, resolve_inputs
 from builders.schemas import KINDS, MESSAGE
 
 DROP_REASONS = ("tie", "single_distinct", "below_margin", "missing")
@@ -61,22 +61,14 @@ def select(responses: Sequence[str], scores: Sequence[float], cfg: BuildConfig) 
     return best, worst
 
 
-@dataclass
-class BuildSplit(SplitOutcome):
-    drops: dict[str, int] = field(default_factory=dict)
-
-
-class BuildResult(StageResult):
-    pass
-
-
-def _validate(cfg: BuildConfig) -> None:
+def validate_build(cfg: BuildConfig) -> None:
     if cfg.selection not in SELECTIONS:
-        raise InputError(f"unknown selection {cfg.selection!r}; use one of {', '.join(SELECTIONS)}")
+        raise InputError(f"unknown selection {cfg.selection!r}; use one of {', '.join(SELECTIONS)}",
+                         option="selection")
     for name in ("length_penalty", "min_margin"):
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0:
-            raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, not {value}")
+            raise InputError(f"{name} must be a finite number >= 0, not {value}", option=name)
 
 
 def _skipped_prompts(catalog: Catalog, gen: Snapshot) -> set[str]:
@@ -136,26 +128,26 @@ def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig) 
     return pa.Table.from_pydict(rows, schema=KINDS["pairs"].schema), drops, lineage
 
 
-def build_pairs(catalog: Catalog, cfg: BuildConfig, from_refs: Sequence[str] = ()) -> BuildResult:
-    """Select chosen/rejected per prompt for iteration `cfg.iteration` and register its `pairs` snapshots (train and
-    test) in one transaction. Every dropped prompt is counted by reason in the snapshot params."""
-    _validate(cfg)
-    sets = catalog.inputs("scores", cfg.iteration, ("train", "test"), from_refs, "train scores",
-                          f"iterdpo rank --iteration {cfg.iteration}", require_train=True)
-    result = BuildResult(cfg.iteration)
+def build_pairs(catalog: Catalog, iteration: int, cfg: BuildConfig = BuildConfig(),
+                from_refs: Sequence[str] = ()) -> StageResult:
+    """Select chosen/rejected per prompt for `iteration` and register its `pairs` snapshots (train and test) in
+    one transaction. Every dropped prompt is counted by reason in the snapshot params."""
+    validate_build(cfg)
+    sets = resolve_inputs(catalog, "scores", iteration, ("train", "test"), from_refs, require_train=True)
+    result = StageResult("build", iteration)
     items = []
     for split, scores_snap in sets.items():
         table, drops, lineage = _pairs_for_split(catalog, scores_snap, cfg)
         if drops["missing"] and not cfg.allow_partial:
             raise InputError(
-                f"{drops['missing']} of {lineage['prompt_count']} {split} prompts of iteration {cfg.iteration} have "
-                f"no generations or scores; finish `iterdpo generate`/`iterdpo rank`, or pass --allow-partial")
+                f"{drops['missing']} of {lineage['prompt_count']} {split} prompts of iteration {iteration} have "
+                f"no generations or scores; finish generating and ranking them, or set allow_partial", option="allow_partial")
         if table.num_rows == 0:
-            raise InputError(f"no {split} pairs left for iteration {cfg.iteration}: every prompt was dropped ({drops})")
+            raise InputError(f"no {split} pairs left for iteration {iteration}: every prompt was dropped ({drops})")
         params = {"selection": asdict(cfg), "drops": drops, **lineage}
-        params["selection"].pop("iteration")
-        result.splits.append(BuildSplit(split, lineage["prompt_count"], drops))
-        items.append(Registration("pairs", table, iteration=cfg.iteration, split=split, parents=(scores_snap.id,),
+        result.splits.append(SplitResult(split, lineage["prompt_count"], processed=lineage["prompt_count"],
+                                         drops=drops))
+        items.append(Registration("pairs", table, iteration=iteration, split=split, parents=(scores_snap.id,),
                                   params=params))
     for split_result, snap in zip(result.splits, catalog.register_many(items)):
         split_result.snapshot = snap

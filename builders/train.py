@@ -1,6 +1,6 @@
 """DPO training of one iteration with TRL's DPOTrainer, from an alignment-handbook-style recipe (TRL `trl dpo` YAML).
 
-    train(catalog, TrainConfig(iteration=1, recipe=Path("train/recipes/iteration_1.yaml")))
+    train(catalog, 1, TrainConfig(recipe=Path("train/recipes/iteration_1.yaml")))
 
 The dataset is the catalog's pairs of the iteration in the `trl` form (no Hub needed), unless `dataset` names a
 staged folder or a hub id (then the recipe's dataset fields apply). The model is saved at the root of the output
@@ -28,25 +28,9 @@ from typing import Any
 
 from builders import scratch as scratch_dirs
 from builders.catalog import Catalog, Snapshot
+from builders.config import RECIPES, TrainConfig
 from builders.errors import InputError
 from builders.models import model_ref, one_line, weights_sha256
-
-RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    iteration: int
-    recipe: Path | None = None  # default: train/recipes/iteration_N.yaml
-    model: str | None = None  # default: the recipe's model_name_or_path
-    dataset: str | None = None  # default: the catalog's pairs of the iteration
-    output_dir: Path | None = None  # default: the recipe's output_dir
-    overwrite: bool = False
-    progress: bool = True  # a progress bar and the pair counts on stderr
-    trainer_logs: bool = False  # the Trainer's own progress bar and metric dicts instead (`--debug`)
-    # torch threads while training (None: as the process has them, e.g. OMP_NUM_THREADS). On 2 cores a 135M
-    # model's DPO step is 1.75x faster with 2 threads than 1; tiny models are faster with 1 (per-op overhead).
-    threads: int | None = None
 
 
 @dataclass
@@ -171,10 +155,11 @@ def _catalog_dataset(catalog: Catalog, iteration: int, from_refs: Sequence[str] 
 
     from builders.pairs import to_trl
 
-    sets = catalog.inputs("pairs", iteration, ("train", "test"), from_refs, "pairs",
-                          f"iterdpo build --iteration {iteration}", require_train=True)
+    from builders.stage import resolve_inputs
+
+    sets = resolve_inputs(catalog, "pairs", iteration, ("train", "test"), from_refs, require_train=True)
     if "train" not in sets:
-        raise InputError(f"--from names no train pairs of iteration {iteration}")
+        raise InputError(f"the inputs name no train pairs of iteration {iteration}", option="from_refs")
     train, test = sets["train"], sets.get("test")
     train_ds = datasets.Dataset(to_trl(catalog.read(train.id)))
     test_ds = datasets.Dataset(to_trl(catalog.read(test.id))) if test else None
@@ -303,9 +288,9 @@ class _Progress:
         return Progress()
 
 
-def train(catalog: Catalog, cfg: TrainConfig, from_refs: Sequence[str] = ()) -> TrainResult:
+def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), from_refs: Sequence[str] = ()) -> TrainResult:
     """DPO on the iteration's pairs: those named by `from_refs`, else the newest (or `cfg.dataset`)."""
-    recipe_path = Path(cfg.recipe) if cfg.recipe else RECIPES / f"iteration_{cfg.iteration}.yaml"
+    recipe_path = Path(cfg.recipe) if cfg.recipe else RECIPES / f"iteration_{iteration}.yaml"
     overrides: dict[str, Any] = {}
     if cfg.model:
         overrides["model_name_or_path"] = cfg.model
@@ -325,7 +310,7 @@ def train(catalog: Catalog, cfg: TrainConfig, from_refs: Sequence[str] = ()) -> 
         train_ds, test_ds = _hub_dataset(cfg.dataset, script)
         parents: list[str] = []
     else:
-        train_ds, test_ds, parents = _catalog_dataset(catalog, cfg.iteration, from_refs)
+        train_ds, test_ds, parents = _catalog_dataset(catalog, iteration, from_refs)
     if getattr(args.eval_strategy, "value", args.eval_strategy) == "no":
         test_ds = None
 
@@ -399,7 +384,7 @@ def train(catalog: Catalog, cfg: TrainConfig, from_refs: Sequence[str] = ()) -> 
             row = {"path": str(out.resolve()), "weights_sha256": weights,
                    "base_model": model_ref(model_args.model_name_or_path), "recipe": recipe_text,
                    "metrics": json.dumps({k: counts[k] for k in PAIR_COUNTS if k in counts}, sort_keys=True)}
-            snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=cfg.iteration, parents=parents,
+            snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=iteration, parents=parents,
                                     params={"recipe_path": str(recipe_path), "dataset": cfg.dataset or "catalog",
                                             "world_size": trainer.args.world_size, "base_model": row["base_model"],
                                             "metrics": metrics})

@@ -124,7 +124,7 @@ def built_catalog(path: Path, n_prompts: int):
     from builders.rank import rank
 
     catalog = generations_catalog(path, n_prompts=n_prompts)
-    rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:longer_is_better"),
+    rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"),
          progress=False)
-    build_pairs(catalog, BuildConfig(iteration=1))
+    build_pairs(catalog, 1, BuildConfig())
     return catalog

@@ -315,8 +315,8 @@ def _run_config(tmp: Path, tiny: Path, **sections) -> Path:
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"generation__backend": "tensorflow"}, "generation.backend: unknown backend 'tensorflow'"),
-    ({"generation__sampling": {"num_responses": 0}}, "generation.sampling: .*num-responses must be at least 1"),
-    ({"generation__sampling": {"top_p": 1.5}}, "generation.sampling: .*top-p"),
+    ({"generation__sampling": {"num_responses": 0}}, "generation.sampling: num_responses must be at least 1"),
+    ({"generation__sampling": {"top_p": 1.5}}, "generation.sampling: top_p must be in"),
     ({"generation__model": "/nowhere/model"}, "generation.model: model '/nowhere/model'"),
     ({"generation__backend": "openai", "generation__openai": {"concurrency": 0}},
      "generation: .*concurrency must be at least 1"),
@@ -325,7 +325,7 @@ def _run_config(tmp: Path, tiny: Path, **sections) -> Path:
     ({"ranking__dtype": "float128"}, "ranking: .*dtype"),
     ({"ranking__ranker_model": "tests.scorers:no_such"}, "ranking.ranker_model: "),
     ({"selection__selection": "best-of"}, "selection: unknown selection 'best-of'"),
-    ({"selection__length_penalty": -1.0}, "selection: .*length-penalty"),
+    ({"selection__length_penalty": -1.0}, "selection: length_penalty must be"),
     ({"training__recipe": "/nowhere/iteration_{n}.yaml"}, "training.recipe: recipe /nowhere/iteration_1.yaml"),
     ({"training__recipe": "train/recipes/iteration_{it}.yaml"}, "training.recipe .*use \\{n\\}"),
     ({"prompts__source": "/nowhere/prompts.jsonl"}, "prompts.source: /nowhere/prompts.jsonl: no such file"),

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from builders.config import RankConfig, SamplingConfig
+from builders.config import BestOfNConfig, GenerateConfig, RankConfig, SamplingConfig
 from builders.errors import InputError
-from builders.evaluate import BestOfNConfig, best_of_n, evaluate, length_controlled
+from builders.evaluate import best_of_n, evaluate, length_controlled
 
-LONGER = RankConfig(iteration=0, ranker="python", ranker_model="tests.scorers:longer_is_better")
+LONGER = RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better")
 
 
 def test_best_of_n_keeps_the_top_scored_candidate(tmp_path, tiny_models):
     prompts = tmp_path / "alpaca.json"
     prompts.write_text(json.dumps([{"instruction": "Name three colours."}, {"instruction": "What is DPO?"}]))
     out = tmp_path / "model_outputs.json"
-    result = best_of_n(BestOfNConfig(str(tiny_models / "generator"), prompts, out, num_responses=6,
-                                     sampling=SamplingConfig(max_tokens=12, seed=3), ranker=LONGER))
+    result = best_of_n(BestOfNConfig(prompts, out, GenerateConfig(model=str(tiny_models / "generator"), sampling=SamplingConfig(
+        num_responses=6, max_tokens=12, seed=3)), ranker=LONGER))
     rows = json.loads(out.read_text())
     assert result["prompts"] == 2 and [r["instruction"] for r in rows] == ["Name three colours.", "What is DPO?"]
     side = [json.loads(line) for line in Path(result["candidates"]).read_text().splitlines()]
@@ -45,8 +45,8 @@ def test_best_of_n_output_loads_the_way_alpaca_eval_does(tmp_path, tiny_models):
     prompts = tmp_path / "alpaca_eval.json"
     prompts.write_text(json.dumps(inputs))
     out = tmp_path / "model_outputs.json"
-    result = best_of_n(BestOfNConfig(str(tiny_models / "generator"), prompts, out, num_responses=3,
-                                     sampling=SamplingConfig(max_tokens=8, seed=1), ranker=LONGER))
+    result = best_of_n(BestOfNConfig(prompts, out, GenerateConfig(model=str(tiny_models / "generator"), sampling=SamplingConfig(
+        num_responses=3, max_tokens=8, seed=1)), ranker=LONGER))
     assert result["prompts"] == 3 and result["skipped_empty"] == 1
     reference = tmp_path / "reference.json"
     reference.write_text(json.dumps([{"instruction": r["instruction"], "output": f"reference answer {i}",
@@ -166,8 +166,8 @@ def test_best_of_n_api_refuses_a_folder_as_output(tmp_path):
     (tmp_path / "model_outputs.json").mkdir()
     _write(tmp_path / "p.json", [{"instruction": "Say hi."}])
     with pytest.raises(InputError, match="is a folder"):
-        best_of_n(BestOfNConfig("unused", tmp_path / "p.json", tmp_path / "model_outputs.json", ranker=LONGER))
+        best_of_n(BestOfNConfig(tmp_path / "p.json", tmp_path / "model_outputs.json", GenerateConfig(model="unused"), ranker=LONGER))
     (tmp_path / "model_outputs.json").rmdir()
     (tmp_path / "model_outputs.candidates.jsonl").mkdir()  # the sidecar's place is taken
     with pytest.raises(InputError, match="sidecar"):
-        best_of_n(BestOfNConfig("unused", tmp_path / "p.json", tmp_path / "model_outputs.json", ranker=LONGER))
+        best_of_n(BestOfNConfig(tmp_path / "p.json", tmp_path / "model_outputs.json", GenerateConfig(model="unused"), ranker=LONGER))

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -34,11 +33,11 @@ def split_catalog(tmp_path: Path) -> Catalog:
 
 
 def cfg(model: Path, **kw) -> GenerateConfig:
-    return GenerateConfig(iteration=1, model=str(model), sampling=kw.pop("sampling", FAST), **kw)
+    return GenerateConfig(model=str(model), sampling=kw.pop("sampling", FAST), **kw)
 
 
 def test_generations_have_the_row_schema_and_record_how_they_were_made(split_catalog, tiny_models):
-    result = generate(split_catalog, cfg(tiny_models / "generator"), progress=False)
+    result = generate(split_catalog, 1, cfg(tiny_models / "generator"), progress=False)
     assert [s.split for s in result.splits] == ["train", "test"]
     train = result.splits[0].snapshot
     rows = split_catalog.read(train.id)
@@ -58,14 +57,14 @@ def test_generations_have_the_row_schema_and_record_how_they_were_made(split_cat
 
 
 def test_results_do_not_depend_on_batch_size_or_reruns(split_catalog, tiny_models, tmp_path):
-    one = generate(split_catalog, cfg(tiny_models / "generator", batch_prompts=1), progress=False)
+    one = generate(split_catalog, 1, cfg(tiny_models / "generator", batch_prompts=1), progress=False)
     other = Catalog(tmp_path / "other.duckdb")
     import_prompts(other, str(SAMPLE))
     split_prompts(other, SplitConfig(iterations=2, train_size=12, test_size=4, seed=1))
-    many = generate(other, cfg(tiny_models / "generator", batch_prompts=50), progress=False)
+    many = generate(other, 1, cfg(tiny_models / "generator", batch_prompts=50), progress=False)
     assert [s.id for s in one.snapshots] == [s.id for s in many.snapshots]
-    again = generate(split_catalog, cfg(tiny_models / "generator"), progress=False)  # all done: nothing generated
-    assert [s.generated for s in again.splits] == [0, 0]
+    again = generate(split_catalog, 1, cfg(tiny_models / "generator"), progress=False)  # all done: nothing generated
+    assert [s.processed for s in again.splits] == [0, 0]
     assert [s.id for s in again.snapshots] == [s.id for s in one.snapshots]
 
 
@@ -79,18 +78,18 @@ def test_seeds_are_per_prompt_blocks():
 def test_shards_merged_equal_an_unsharded_run(split_catalog, tiny_models, tmp_path):
     reference = Catalog(tmp_path / "ref.duckdb")
     shutil.copy(split_catalog.path, reference.path)
-    full = generate(reference, cfg(tiny_models / "generator", splits=("train",)), progress=False).snapshots[0]
+    full = generate(reference, 1, cfg(tiny_models / "generator", splits=("train",)), progress=False).snapshots[0]
 
     shards = []
     for k in range(3):
         copy = Catalog(tmp_path / f"shard{k}.duckdb")
         shutil.copy(split_catalog.path, copy.path)
-        part = generate(copy, cfg(tiny_models / "generator", splits=("train",), shard=f"{k}/3"), progress=False)
+        part = generate(copy, 1, cfg(tiny_models / "generator", splits=("train",), shard=f"{k}/3"), progress=False)
         assert part.snapshots[0].params["shard"] == f"{k}/3"
         shards.append(copy.path)
     split_catalog.merge(shards)
-    merged = generate(split_catalog, cfg(tiny_models / "generator", splits=("train",)), progress=False)
-    assert merged.splits[0].generated == 0  # every prompt was done by a shard
+    merged = generate(split_catalog, 1, cfg(tiny_models / "generator", splits=("train",)), progress=False)
+    assert merged.splits[0].processed == 0  # every prompt was done by a shard
     assert merged.snapshots[0].id == full.id
     # the full snapshot is the newest complete one; shard snapshots are marked as shards
     assert split_catalog.newest("generations", 1, "train").id == full.id
@@ -107,7 +106,7 @@ def test_shard_partition_covers_every_prompt_once():
 
 
 def test_prompts_too_long_for_the_context_are_skipped_and_counted(split_catalog, tiny_models, tmp_path):
-    from builders.generate import TransformersGenerator
+    from builders.backends.transformers import TransformersGenerator
 
     sampling = SamplingConfig(num_responses=2, max_tokens=8, seed=1)
     prompts = split_catalog.read(split_catalog.newest("prompts", 1, "test").id).to_pylist()
@@ -118,34 +117,34 @@ def test_prompts_too_long_for_the_context_are_skipped_and_counted(split_catalog,
     shutil.copytree(tiny_models / "generator", short)
     config = json.loads((short / "config.json").read_text())
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": lengths[-1] + 7}))
-    result = generate(split_catalog, cfg(short, splits=("test",), sampling=sampling), progress=False)
+    result = generate(split_catalog, 1, cfg(short, splits=("test",), sampling=sampling), progress=False)
     split = result.splits[0]
-    assert split.skipped_too_long == sum(n + 8 > lengths[-1] + 7 for n in lengths) >= 1
-    assert split.snapshot.params["skipped_too_long"] == split.skipped_too_long
+    assert split.skipped == sum(n + 8 > lengths[-1] + 7 for n in lengths) >= 1
+    assert split.snapshot.params["skipped_too_long"] == split.skipped
     assert split.snapshot.params["sampling"]["max_tokens"] == 8  # what the engine ran
-    assert split.snapshot.rows == 2 * (split.prompts - split.skipped_too_long)
+    assert split.snapshot.rows == 2 * (split.prompts - split.skipped)
 
 
 def test_sampling_is_the_stages_not_the_one_a_generator_was_built_with(split_catalog, tiny_models, tmp_path):
-    from builders.generate import TransformersGenerator
+    from builders.backends.transformers import TransformersGenerator
 
     reference = Catalog(tmp_path / "ref.duckdb")
     shutil.copy(split_catalog.path, reference.path)
     built_with = SamplingConfig(num_responses=1, temperature=1.3, max_tokens=2, seed=99)
     given = TransformersGenerator(str(tiny_models / "generator"), built_with)
-    ran = generate(split_catalog, cfg(tiny_models / "generator", splits=("test",)), progress=False, generator=given)
-    own = generate(reference, cfg(tiny_models / "generator", splits=("test",)), progress=False)
+    ran = generate(split_catalog, 1, cfg(tiny_models / "generator", splits=("test",)), progress=False, generator=given)
+    own = generate(reference, 1, cfg(tiny_models / "generator", splits=("test",)), progress=False)
     assert ran.snapshots[0].id == own.snapshots[0].id  # FAST's 3 responses of up to 16 tokens, as recorded
     assert ran.snapshots[0].params["sampling"] == own.snapshots[0].params["sampling"]
 
 
 def test_temperature_0_is_greedy_with_one_response(split_catalog, tiny_models):
     greedy = SamplingConfig(num_responses=1, temperature=0.0, max_tokens=6, seed=1)
-    one = generate(split_catalog, cfg(tiny_models / "generator", splits=("test",), sampling=greedy), progress=False)
+    one = generate(split_catalog, 1, cfg(tiny_models / "generator", splits=("test",), sampling=greedy), progress=False)
     rows = split_catalog.read(one.snapshots[0].id).to_pylist()
     assert len(rows) == 4 and all(r["response_index"] == 0 for r in rows)
     # greedy ignores the seed: another seed gives the same responses
-    other = generate(split_catalog, cfg(tiny_models / "generator", splits=("test",),
+    other = generate(split_catalog, 1, cfg(tiny_models / "generator", splits=("test",),
                                         sampling=SamplingConfig(num_responses=1, temperature=0.0, max_tokens=6,
                                                                 seed=2)), progress=False)
     assert other.snapshots[0].id == one.snapshots[0].id
@@ -156,7 +155,13 @@ import sys
 from builders.catalog import Catalog
 from builders.config import GenerateConfig, SamplingConfig
 from builders.generate import generate
-generate(Catalog(sys.argv[1]), GenerateConfig(iteration=1, model=sys.argv[2], splits=("train",), batch_prompts=1,
+catalog = Catalog(sys.argv[1])
+commit = catalog.add_work
+def add_work(*args, **kwargs):  # the handshake: the test kills this process after the third commit
+    commit(*args, **kwargs)
+    print("committed", flush=True)
+catalog.add_work = add_work
+generate(catalog, 1, GenerateConfig(model=sys.argv[2], splits=("train",), batch_prompts=1, commit_seconds=0,
          sampling=SamplingConfig(num_responses=3, max_tokens=48, seed=7)), progress=False)
 """
 
@@ -165,19 +170,17 @@ def test_kill_9_mid_generation_then_rerun_gives_the_uninterrupted_snapshot(split
     reference = Catalog(tmp_path / "ref.duckdb")
     shutil.copy(split_catalog.path, reference.path)
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(split_catalog.path), str(tiny_models / "generator")],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    key = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        with split_catalog.connect() as con:
-            rows = con.execute("SELECT work_key, count(*) FROM work_units GROUP BY ALL").fetchall()
-        if rows and rows[0][1] >= 3:
-            key = rows[0][0]
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    commits = 0
+    for line in proc.stdout:  # the child prints after each commit; EOF if it dies first
+        commits += line.strip() == "committed"
+        if commits == 3:
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert key is not None, "the run never committed a batch"
+    assert commits == 3, "the run never committed three batches"
+    with split_catalog.connect() as con:
+        key = con.execute("SELECT work_key FROM work_units LIMIT 1").fetchone()[0]
     done_before = len(split_catalog.work_units(key))
     assert 3 <= done_before < 12, "kill the run in the middle"
     assert split_catalog.list(kind="generations") == []  # no snapshot from an unfinished run
@@ -185,10 +188,10 @@ def test_kill_9_mid_generation_then_rerun_gives_the_uninterrupted_snapshot(split
         pass
 
     sampling = SamplingConfig(num_responses=3, max_tokens=48, seed=7)
-    resumed = generate(split_catalog, cfg(tiny_models / "generator", splits=("train",), sampling=sampling),
+    resumed = generate(split_catalog, 1, cfg(tiny_models / "generator", splits=("train",), sampling=sampling),
                        progress=False)
-    assert resumed.splits[0].generated == 12 - done_before
-    full = generate(reference, cfg(tiny_models / "generator", splits=("train",), sampling=sampling), progress=False)
+    assert resumed.splits[0].processed == 12 - done_before
+    full = generate(reference, 1, cfg(tiny_models / "generator", splits=("train",), sampling=sampling), progress=False)
     assert resumed.snapshots[0].id == full.snapshots[0].id
 
 
@@ -196,24 +199,24 @@ def test_kill_9_mid_generation_then_rerun_gives_the_uninterrupted_snapshot(split
 def test_bad_inputs_are_clear_errors(split_catalog, tiny_models, tmp_path):
     model = tiny_models / "generator"
     with pytest.raises(InputError, match="cannot be loaded"):
-        generate(split_catalog, cfg(tmp_path / "nope"), progress=False)
+        generate(split_catalog, 1, cfg(tmp_path / "nope"), progress=False)
     with pytest.raises(InputError, match="cannot be loaded"):
-        generate(split_catalog, cfg("someone/unknown-model"), progress=False)
-    with pytest.raises(InputError, match="num-responses must be at least 1"):
-        generate(split_catalog, cfg(model, sampling=SamplingConfig(num_responses=0)), progress=False)
+        generate(split_catalog, 1, cfg("someone/unknown-model"), progress=False)
+    with pytest.raises(InputError, match="num_responses must be at least 1"):
+        generate(split_catalog, 1, cfg(model, sampling=SamplingConfig(num_responses=0)), progress=False)
     for value in (float("nan"), float("inf"), -0.5):
-        with pytest.raises(InputError, match="--temperature must be a number, 0 or more"):
-            generate(split_catalog, cfg(model, sampling=SamplingConfig(temperature=value)), progress=False)
-    with pytest.raises(InputError, match="--temperature 0 is greedy decoding: its 5 responses would be identical"):
-        generate(split_catalog, cfg(model, sampling=SamplingConfig(temperature=0.0)), progress=False)
-    with pytest.raises(InputError, match="--top-p must be in"):
-        generate(split_catalog, cfg(model, sampling=SamplingConfig(top_p=float("nan"))), progress=False)
-    with pytest.raises(InputError, match="--batch-prompts must be at least 1, not -1"):
-        generate(split_catalog, cfg(model, batch_prompts=-1), progress=False)
+        with pytest.raises(InputError, match="temperature must be a number, 0 or more"):
+            generate(split_catalog, 1, cfg(model, sampling=SamplingConfig(temperature=value)), progress=False)
+    with pytest.raises(InputError, match="temperature 0 is greedy decoding: its 5 responses would be identical"):
+        generate(split_catalog, 1, cfg(model, sampling=SamplingConfig(temperature=0.0)), progress=False)
+    with pytest.raises(InputError, match="top_p must be in"):
+        generate(split_catalog, 1, cfg(model, sampling=SamplingConfig(top_p=float("nan"))), progress=False)
+    with pytest.raises(InputError, match="batch_prompts must be at least 1, not -1"):
+        generate(split_catalog, 1, cfg(model, batch_prompts=-1), progress=False)
     with pytest.raises(InputError, match="shard must look like K/N"):
-        generate(split_catalog, cfg(model, shard="half"), progress=False)
-    with pytest.raises(InputError, match="iteration 3 has no prompt sets"):
-        generate(split_catalog, GenerateConfig(iteration=3, model=str(model), sampling=FAST), progress=False)
+        generate(split_catalog, 1, cfg(model, shard="half"), progress=False)
+    with pytest.raises(InputError, match="iteration 3 has no prompts snapshot"):
+        generate(split_catalog, 3, GenerateConfig(model=str(model), sampling=FAST), progress=False)
     assert split_catalog.list(kind="generations") == []
 
 
@@ -227,10 +230,10 @@ def test_a_tokenizer_without_chat_template_needs_one(split_catalog, tiny_models,
         template = (bare / "chat_template.jinja").read_text()
         (bare / "chat_template.jinja").unlink()
     assert template
-    with pytest.raises(InputError, match="no chat template; pass --chat-template FILE"):
-        generate(split_catalog, cfg(bare), progress=False)
+    with pytest.raises(InputError, match="no chat template; give a chat_template file"):
+        generate(split_catalog, 1, cfg(bare), progress=False)
     (tmp_path / "mistral.jinja").write_text(template)
-    result = generate(split_catalog, cfg(bare, chat_template=tmp_path / "mistral.jinja", splits=("test",)),
+    result = generate(split_catalog, 1, cfg(bare, chat_template=tmp_path / "mistral.jinja", splits=("test",)),
                       progress=False)
     assert result.snapshots[0].rows == 4 * 3
 
@@ -318,7 +321,7 @@ def fake_server():
 
 
 def _openai_cfg(url: str, model: str = "served-model", **kw) -> GenerateConfig:
-    return GenerateConfig(iteration=1, model=model, backend="openai", splits=("train",), sampling=FAST,
+    return GenerateConfig(model=model, backend="openai", splits=("train",), sampling=FAST,
                           batch_prompts=4, openai=OpenAIConfig(base_url=url, backoff=0.01, **kw))
 
 
@@ -329,14 +332,14 @@ def test_openai_backend_retries_then_keeps_finished_prompts(split_catalog, fake_
     script.update(fail_first=2)  # two 500s, then fine: retried transparently
     script.update(fail_after=6)  # then the server breaks for good after 6 answers
     with pytest.raises(IterdpoError, match="failed 3 times .*rerun to continue") as err:
-        generate(split_catalog, _openai_cfg(url, max_retries=2), progress=False)
+        generate(split_catalog, 1, _openai_cfg(url, max_retries=2), progress=False)
     assert "sk-secret" not in str(err.value)
     assert all(a == "Bearer sk-secret-value" for a in script["auth"])
     with split_catalog.connect() as con:
         keys = [k for k, in con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()]
     assert len(keys) == 1 and len(split_catalog.work_units(keys[0])) == 4  # the first full batch is kept
     script.update(fail_after=None)
-    resumed = generate(split_catalog, _openai_cfg(url), progress=False).snapshots[0]
+    resumed = generate(split_catalog, 1, _openai_cfg(url), progress=False).snapshots[0]
     rows = split_catalog.read(resumed.id).to_pylist()
     assert len(rows) == 36
     assert all(r["response"] == f"answer {prompt_seed(7, r['prompt_id'], 3) + r['response_index']}" for r in rows)
@@ -353,9 +356,9 @@ def test_openai_backend_refused_and_unreachable(split_catalog, fake_server, monk
     monkeypatch.setattr("builders.generate.model_identity", lambda model: {"model": model})
     script.update(fail_first=10**6, status=401)
     with pytest.raises(IterdpoError, match="HTTP 401"):
-        generate(split_catalog, _openai_cfg(url), progress=False)
+        generate(split_catalog, 1, _openai_cfg(url), progress=False)
     with pytest.raises(IterdpoError, match="failed 2 times \\(ConnectError\\)"):
-        generate(split_catalog, _openai_cfg("http://127.0.0.1:9/v1", max_retries=1), progress=False)
+        generate(split_catalog, 1, _openai_cfg("http://127.0.0.1:9/v1", max_retries=1), progress=False)
 
 
 CANARY = "canary-7f3a9c1e5b2d"
@@ -368,7 +371,7 @@ def test_openai_errors_never_show_the_api_key(split_catalog, fake_server, monkey
     monkeypatch.setattr("builders.generate.model_identity", lambda model: {"model": model})
     script.update(echo=422)
     with pytest.raises(IterdpoError, match="answered HTTP 422: .*bad request") as err:
-        generate(split_catalog, _openai_cfg(url, api_key_env="MY_KEY"), progress=False)
+        generate(split_catalog, 1, _openai_cfg(url, api_key_env="MY_KEY"), progress=False)
     assert script["auth"] and all(a == f"Bearer {key}" for a in script["auth"])  # the key was sent...
     assert CANARY not in str(err.value) and "Bearer ***" in str(err.value)  # ...and is not in the message
 

@@ -17,36 +17,36 @@ from tests.conftest import generations_catalog as _generations_catalog
 
 
 def test_max_min_picks_top_and_bottom():
-    cfg = BuildConfig(iteration=1)
+    cfg = BuildConfig()
     assert select(["a", "bb", "ccc"], [0.1, 0.9, -0.5], cfg) == (1, 2)
     # equal top scores: the lower response index wins, deterministically
     assert select(["a", "b", "c"], [1.0, 1.0, 0.0], cfg) == (0, 2)
 
 
 def test_ties_distinctness_margin_and_length_penalty():
-    cfg = BuildConfig(iteration=1)
+    cfg = BuildConfig()
     assert select(["a", "b"], [0.3, 0.3], cfg) == "tie"
-    assert select(["a", "b"], [0.3, 0.3], BuildConfig(iteration=1, keep_ties=True)) == (0, 1)
+    assert select(["a", "b"], [0.3, 0.3], BuildConfig(keep_ties=True)) == (0, 1)
     assert select(["same", "same", "same"], [1.0, 0.0, 2.0], cfg) == "single_distinct"
-    assert select(["a", "b"], [0.30, 0.25], BuildConfig(iteration=1, min_margin=0.1)) == "below_margin"
+    assert select(["a", "b"], [0.30, 0.25], BuildConfig(min_margin=0.1)) == "below_margin"
     # a long answer with a slightly higher score loses once length is penalised
     long, short = "x" * 1000, "y" * 10
     assert select([long, short], [1.0, 0.9], cfg) == (0, 1)
-    assert select([long, short], [1.0, 0.9], BuildConfig(iteration=1, length_penalty=0.001)) == (1, 0)
+    assert select([long, short], [1.0, 0.9], BuildConfig(length_penalty=0.001)) == (1, 0)
     # the worst-scored response copies the best: the rejected one must differ from the chosen one
     assert select(["good", "good", "bad"], [2.0, -1.0, 0.5], cfg) == (0, 2)
 
 
 def _scored_catalog(path: Path, **kw) -> Catalog:
     catalog = _generations_catalog(path, **kw)
-    rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:longer_is_better"),
+    rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"),
          progress=False)
     return catalog
 
 
 def test_build_registers_the_snorkel_schema_and_counts_drops(tmp_path):
     catalog = _scored_catalog(tmp_path / "c.duckdb")
-    result = build_pairs(catalog, BuildConfig(iteration=1))
+    result = build_pairs(catalog, 1, BuildConfig())
     snap = result.snapshots[0]
     assert (snap.kind, snap.iteration, snap.split) == ("pairs", 1, "train")
     table = catalog.read(snap.id)
@@ -83,22 +83,22 @@ def test_missing_generations_need_allow_partial(tmp_path):
     g = catalog.register("generations", gens, iteration=1, split="train", parents=[p.id])
     catalog.register("scores", scores, iteration=1, split="train", parents=[g.id])
     with pytest.raises(InputError, match="1 of 7 train prompts of iteration 1 have no generations or scores.*"
-                                         "--allow-partial"):
-        build_pairs(catalog, BuildConfig(iteration=1))
+                                         "allow_partial"):
+        build_pairs(catalog, 1, BuildConfig())
     assert catalog.list(kind="pairs") == []
-    partial = build_pairs(catalog, BuildConfig(iteration=1, allow_partial=True)).snapshots[0]
+    partial = build_pairs(catalog, 1, BuildConfig(allow_partial=True)).snapshots[0]
     assert partial.params["drops"]["missing"] == 1 and partial.params["selection"]["allow_partial"] is True
     assert partial.rows + sum(partial.params["drops"].values()) == 7
 
 
 def test_bad_build_options_and_missing_scores(tmp_path):
     catalog = _generations_catalog(tmp_path / "c.duckdb")
-    with pytest.raises(InputError, match="no train scores.*iterdpo rank --iteration 1"):
-        build_pairs(catalog, BuildConfig(iteration=1))
-    with pytest.raises(InputError, match="min-margin must be a finite number >= 0"):
-        build_pairs(catalog, BuildConfig(iteration=1, min_margin=-1))
+    with pytest.raises(InputError, match="has no scores.*rank first .iterdpo rank --iteration 1"):
+        build_pairs(catalog, 1, BuildConfig())
+    with pytest.raises(InputError, match="min_margin must be a finite number >= 0"):
+        build_pairs(catalog, 1, BuildConfig(min_margin=-1))
     with pytest.raises(InputError, match="unknown selection"):
-        build_pairs(catalog, BuildConfig(iteration=1, selection="best-of-random"))
+        build_pairs(catalog, 1, BuildConfig(selection="best-of-random"))
 
 
 def test_cli_build_prints_drops(cli, tmp_path, catalog_path):

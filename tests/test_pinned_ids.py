@@ -47,17 +47,17 @@ def test_a_small_pipeline_gives_the_pinned_snapshot_ids(tmp_path, tiny_models):
     catalog = Catalog(tmp_path / "catalog.duckdb")
     import_prompts(catalog, str(SAMPLE))
     split_prompts(catalog, SplitConfig(iterations=1, train_size=4, test_size=2, seed=5))
-    generate(catalog, GenerateConfig(iteration=1, model=str(tiny_models / "generator"), backend="transformers",
+    generate(catalog, 1, GenerateConfig(model=str(tiny_models / "generator"), backend="transformers",
                                      sampling=SamplingConfig(num_responses=3, max_tokens=16, seed=5)), progress=False)
     got: dict[str, object] = {"prompts": _ids(catalog, "prompts"), "generations": _ids(catalog, "generations")}
     seen: set[str] = set()
     for name, cfg in {
-        "pairrm": RankConfig(iteration=1, ranker="pairrm", ranker_model=str(tiny_models / "ranker")),
-        "python": RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:longer_is_better"),
+        "pairrm": RankConfig(ranker="pairrm", ranker_model=str(tiny_models / "ranker")),
+        "python": RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"),
     }.items():
-        rank(catalog, cfg, progress=False)
+        rank(catalog, 1, cfg, progress=False)
         scores = {s.split: s.id for s in catalog.list(kind="scores") if s.id not in seen}
-        build_pairs(catalog, BuildConfig(iteration=1), from_refs=list(scores.values()))
+        build_pairs(catalog, 1, BuildConfig(), from_refs=list(scores.values()))
         pairs = {s.split: s.id for s in catalog.list(kind="pairs") if s.id not in seen}
         got[f"scores/{name}"], got[f"pairs/{name}"] = scores, pairs
         seen |= {*scores.values(), *pairs.values()}

@@ -102,7 +102,7 @@ def _local_catalog(path, tiny_models, source) -> Catalog:
         for i in range(3)]), iteration=1, split="train", parents=[gen.id],
         params={"ranker_model": str(tiny_models / "ranker"), "ranker_model_sha256": "cd" * 32})
     assert scores.rows == 24
-    build_pairs(catalog, BuildConfig(iteration=1))
+    build_pairs(catalog, 1, BuildConfig())
     return catalog
 
 

@@ -22,7 +22,7 @@ def trained(tmp_path_factory, tiny_models) -> Catalog:
     model trained on them."""
     root = tmp_path_factory.mktemp("pm")
     catalog = built_catalog(root / "c.duckdb", n_prompts=8)
-    train(catalog, TrainConfig(1, RECIPES / "tiny-cpu.yaml", str(tiny_models / "generator"),
+    train(catalog, 1, TrainConfig(RECIPES / "tiny-cpu.yaml", str(tiny_models / "generator"),
                                output_dir=root / "models" / "iteration_1"))
     staged = publish(catalog, PublishConfig("me/iterative-dpo", local_dir=root / "ds", dry_run=True)).staged
     catalog.record_publication(staged.set_id, "me/iterative-dpo", "main", "c0ffee" * 6 + "ab", staged.set_id,
@@ -34,7 +34,7 @@ def test_dry_run_stages_a_model_that_transformers_loads_and_a_card_that_ties_it_
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = publish_model(trained, PublishModelConfig("me/tiny-iterdpo", 1, local_dir=tmp_path / "m", dry_run=True))
+    result = publish_model(trained, 1, PublishModelConfig("me/tiny-iterdpo", local_dir=tmp_path / "m", dry_run=True))
     folder = result.staged.folder
     assert "model.safetensors" in result.staged.files and "config.json" in result.staged.files
     assert "training_args.bin" not in result.staged.files  # a pickle: never published
@@ -61,8 +61,8 @@ def test_dry_run_stages_a_model_that_transformers_loads_and_a_card_that_ties_it_
 def test_upload_is_one_commit_with_a_tag_and_republishing_is_a_noop(trained, tmp_path, hub):  # noqa: F811
     hub["files"]["model-00002-of-00002.safetensors"] = b"a shard of an earlier, bigger upload"
     hub["files"]["evals/results.json"] = b"{}"  # the user's
-    cfg = PublishModelConfig("me/tiny-iterdpo", 1, local_dir=tmp_path / "m", backoff=0.01)
-    result = publish_model(trained, cfg)
+    cfg = PublishModelConfig("me/tiny-iterdpo", local_dir=tmp_path / "m", backoff=0.01)
+    result = publish_model(trained, 1, cfg)
     assert len(hub["commits"]) == 1
     deleted = [op["value"]["path"] for op in hub["commits"][0] if op["key"] == "deletedFile"]
     assert deleted == ["model-00002-of-00002.safetensors"] and "evals/results.json" in hub["files"]
@@ -71,7 +71,7 @@ def test_upload_is_one_commit_with_a_tag_and_republishing_is_a_noop(trained, tmp
     assert hub["create_body"]["type"] == "model"
     assert [t for t, _ in hub["tags"]] == [result.commit] and result.tag == result.staged.set_id
     before = len(hub["requests"])
-    again = publish_model(trained, cfg)
+    again = publish_model(trained, 1, cfg)
     assert again.already_published and again.commit == result.commit and len(hub["requests"]) == before
     for path in [trained.path, *result.staged.folder.rglob("*")]:
         if path.is_file():
@@ -81,7 +81,7 @@ def test_upload_is_one_commit_with_a_tag_and_republishing_is_a_noop(trained, tmp
 def test_401_records_nothing(trained, tmp_path, hub):  # noqa: F811
     hub["status_always"] = 401
     with pytest.raises(IterdpoError, match="HTTP 401"):
-        publish_model(trained, PublishModelConfig("me/other-model", 1, local_dir=tmp_path / "m", backoff=0.01))
+        publish_model(trained, 1, PublishModelConfig("me/other-model", local_dir=tmp_path / "m", backoff=0.01))
     assert hub["commits"] == [] and not [p for p in trained.publications() if p["repo_id"] == "me/other-model"]
 
 
@@ -89,9 +89,9 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, cli, catalog_path):
     import shutil
 
     with pytest.raises(InputError, match="iteration 2 has no trained model"):
-        publish_model(trained, PublishModelConfig("me/x", 2, dry_run=True))
+        publish_model(trained, 2, PublishModelConfig("me/x", dry_run=True))
     with pytest.raises(InputError, match="invalid repo id"):
-        publish_model(trained, PublishModelConfig("no-namespace", 1, dry_run=True))
+        publish_model(trained, 1, PublishModelConfig("no-namespace", dry_run=True))
     shutil.copy(trained.path, catalog_path)
     out = cli("publish-model", "me/x", "--iteration", "3", "--dry-run")
     assert out.code == 1 and len(out.err.strip().splitlines()) == 1

@@ -10,7 +10,9 @@ import pytest
 
 from builders.config import RankConfig
 from builders.errors import InputError, IterdpoError
-from builders.rank import LlmBlender, PairRM, rank
+from builders.backends.llm_blender import LlmBlender
+from builders.backends.pairrm import PairRM
+from builders.rank import rank
 from tests.conftest import generations_catalog as _generations_catalog, text
 
 @pytest.fixture(scope="module")
@@ -81,23 +83,23 @@ def test_rank_snapshot_ids_do_not_depend_on_batch_options(tmp_path, short_ranker
     ids = set()
     for name, batch_prompts, batch_tokens in (("a", 64, None), ("b", 1, 16), ("c", 4, 200)):
         catalog = _generations_catalog(tmp_path / f"{name}.duckdb")
-        cfg = RankConfig(iteration=1, ranker_model=str(short_ranker), batch_prompts=batch_prompts,
+        cfg = RankConfig(ranker_model=str(short_ranker), batch_prompts=batch_prompts,
                          batch_tokens=batch_tokens)
-        ids.add(rank(catalog, cfg, progress=False).snapshots[0].id)
+        ids.add(rank(catalog, 1, cfg, progress=False).snapshots[0].id)
     assert len(ids) == 1
 
 
 def test_on_gpu_the_batch_options_are_part_of_the_resume_key(tmp_path, short_ranker, monkeypatch):
     # GPU kernels may change with the batch shape (not bit-identical there): a resumed run must not mix options
     ranker = PairRM(str(short_ranker), device="cpu")
-    monkeypatch.setattr("builders.rank._device", lambda device: "cuda")
+    monkeypatch.setattr("builders.rank.device_for", lambda device: "cuda")
     catalog = _generations_catalog(tmp_path / "c.duckdb")
-    first = rank(catalog, RankConfig(iteration=1, ranker_model=str(short_ranker), batch_prompts=2, batch_tokens=64),
+    first = rank(catalog, 1, RankConfig(ranker_model=str(short_ranker), batch_prompts=2, batch_tokens=64),
                  progress=False, ranker=ranker)
     assert (first.snapshots[0].params["batch_prompts"], first.snapshots[0].params["batch_tokens"]) == (2, 64)
-    other = rank(catalog, RankConfig(iteration=1, ranker_model=str(short_ranker), batch_prompts=3, batch_tokens=64),
+    other = rank(catalog, 1, RankConfig(ranker_model=str(short_ranker), batch_prompts=3, batch_tokens=64),
                  progress=False, ranker=ranker)
-    assert other.splits[0].ranked == 6  # nothing reused from the run with other batch options
+    assert other.splits[0].processed == 6  # nothing reused from the run with other batch options
 
 
 def test_forward_passes_are_n_times_n_minus_1(tiny_models):
@@ -119,15 +121,15 @@ def test_ranker_folder_without_llm_blender_config(tmp_path, tiny_models):
 # ------------------------------------------------------------------------------------------------------ the stage
 def test_rank_stage_registers_scores_and_is_resumable(tmp_path, tiny_models):
     catalog = _generations_catalog(tmp_path / "c.duckdb")
-    cfg = RankConfig(iteration=1, ranker_model=str(tiny_models / "ranker"), batch_prompts=2)
-    first = rank(catalog, cfg, progress=False)
+    cfg = RankConfig(ranker_model=str(tiny_models / "ranker"), batch_prompts=2)
+    first = rank(catalog, 1, cfg, progress=False)
     snap = first.snapshots[0]
     assert snap.kind == "scores" and snap.rows == 24 and snap.params["ranker"] == "pairrm"
     assert snap.parents == [catalog.newest("generations", 1, "train").id]
-    again = rank(catalog, cfg, progress=False)
-    assert again.splits[0].ranked == 0 and again.snapshots[0].id == snap.id
+    again = rank(catalog, 1, cfg, progress=False)
+    assert again.splits[0].processed == 0 and again.snapshots[0].id == snap.id
     # same scores as the reference library, through the whole stage
-    blender = rank(catalog, RankConfig(iteration=1, ranker="llm-blender", ranker_model=str(tiny_models / "ranker")),
+    blender = rank(catalog, 1, RankConfig(ranker="llm-blender", ranker_model=str(tiny_models / "ranker")),
                    progress=False).snapshots[0]
     a = catalog.read(snap.id).column("score").to_pylist()
     b = catalog.read(blender.id).column("score").to_pylist()
@@ -136,7 +138,7 @@ def test_rank_stage_registers_scores_and_is_resumable(tmp_path, tiny_models):
 
 def test_python_scorer_and_its_bad_outputs(tmp_path):
     catalog = _generations_catalog(tmp_path / "c.duckdb")
-    ok = rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:longer_is_better"),
+    ok = rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"),
               progress=False).snapshots[0]
     rows = catalog.read(ok.id).to_pylist()
     gens = {(r["prompt_id"], r["response_index"]): r["response"]
@@ -144,17 +146,17 @@ def test_python_scorer_and_its_bad_outputs(tmp_path):
     assert all(r["score"] == len(gens[(r["prompt_id"], r["response_index"])]) for r in rows)
     first_prompt = rows[0]["prompt_id"]
     with pytest.raises(IterdpoError, match=f"non-finite score \\(nan\\) for prompt {first_prompt}"):
-        rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:nan_for_second"),
+        rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:nan_for_second"),
              progress=False)
     with pytest.raises(InputError, match="returned 23 scores for 24 responses"):
-        rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:too_few"), progress=False)
+        rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:too_few"), progress=False)
     with pytest.raises(InputError, match="must return a list of numbers"):
-        rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:not_numbers"),
+        rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:not_numbers"),
              progress=False)
     with pytest.raises(InputError, match="cannot be imported"):
-        rank(catalog, RankConfig(iteration=1, ranker="python", ranker_model="tests.scorers:nope"), progress=False)
+        rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:nope"), progress=False)
     with pytest.raises(InputError, match="unknown ranker 'gpt4'"):
-        rank(catalog, RankConfig(iteration=1, ranker="gpt4"), progress=False)
+        rank(catalog, 1, RankConfig(ranker="gpt4"), progress=False)
     assert len(catalog.list(kind="scores")) == 1
 
 
@@ -169,7 +171,7 @@ def test_scalar_reward_model(tmp_path, tiny_models):
     DebertaV2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     AutoTokenizer.from_pretrained(backbone).save_pretrained(tmp_path / "rm")
     catalog = _generations_catalog(tmp_path / "c.duckdb")
-    snap = rank(catalog, RankConfig(iteration=1, ranker="scalar", ranker_model=str(tmp_path / "rm")),
+    snap = rank(catalog, 1, RankConfig(ranker="scalar", ranker_model=str(tmp_path / "rm")),
                 progress=False).snapshots[0]
     scores = catalog.read(snap.id).column("score").to_pylist()
     assert len(scores) == 24 and len(set(scores)) > 12
@@ -181,7 +183,7 @@ def test_scalar_ranker_refuses_a_model_without_a_trained_head(tmp_path, tiny_mod
     for folder in (tiny_models / "ranker", tiny_models / "ranker" / "backbone"):
         with pytest.raises(InputError, match="weights are missing from its checkpoint and would be random "
                                              "\\(classifier"):
-            rank(catalog, RankConfig(iteration=1, ranker="scalar", ranker_model=str(folder)), progress=False)
+            rank(catalog, 1, RankConfig(ranker="scalar", ranker_model=str(folder)), progress=False)
     assert catalog.list(kind="scores") == []
 
 
@@ -218,4 +220,4 @@ def test_cli_rank_without_generations_is_one_line(cli):
     assert cli("prompts", "split", "--iterations", "1", "--train-size", "5", "--test-size", "0").code == 0
     result = cli("rank", "--iteration", "1")
     assert result.code == 1 and len(result.err.splitlines()) == 1
-    assert "iteration 1 has no generations" in result.err and "run `iterdpo generate --iteration 1` first" in result.err
+    assert "iteration 1 has no generations" in result.err and "generate first (iterdpo generate --iteration 1)" in result.err

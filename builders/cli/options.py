@@ -1,0 +1,120 @@
+"""Options built from the config fields: the default and the help text live on the field (builders/config.py),
+so `--help`, the Python API and the pipeline YAML cannot disagree."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def example(*commands: str) -> str:
+    """A help epilog: every command's --help ends with a runnable example."""
+    return "\b\nExample:\n" + "\n".join(f"  {c}" for c in commands)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(f"{cls.__name__} has no field {name}")
+
+
+def _click_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) and len(args) == 1:
+        tp = args[0]
+    if tp is Path:
+        return click.Path(dir_okay=False, path_type=Path)
+    return tp if tp in (int, float, str) else None
+
+
+def field_option(cls: type, name: str, *decls: str, choices: tuple[str, ...] | None = None, **overrides: Any):
+    """`click.option` for field `name` of config `cls`: flag `--name-with-dashes` (or `decls`), the field's
+    default (shown) and help. A bool field with a False default becomes a flag."""
+    f = _field(cls, name)
+    hints = typing.get_type_hints(cls)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": default}
+    if hints[name] is bool and default is False:
+        kw["is_flag"] = True
+    else:
+        kw["show_default"] = default is not None
+        if choices:
+            kw["type"] = click.Choice(choices)
+        elif (tp := _click_type(hints[name])) is not None:
+            kw["type"] = tp
+    kw.update(overrides)
+    return click.option(*(decls or (flag_name(name),)), name, **kw)
+
+
+def config_from(cls: type, values: dict[str, Any], **nested: Any) -> Any:
+    """Config `cls` from the parsed options that name its fields; an option left unset (None) and the fields no
+    option names keep the config's defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in values.items() if k in names and k not in nested and v is not None}
+    return cls(**kw, **nested)
+
+
+def compose(*decorators):
+    """Several option decorators as one (applied so that --help lists them in the given order)."""
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+def sampling_options(num_responses_default: int | None = None):
+    from builders.config import SamplingConfig
+
+    extra = {"default": num_responses_default} if num_responses_default is not None else {}
+    return compose(field_option(SamplingConfig, "num_responses", **extra),
+                   *(field_option(SamplingConfig, n) for n in ("temperature", "top_p", "max_tokens", "seed")))
+
+
+def backend_options():
+    """The generation backend and its engines' options (vllm, openai)."""
+    from builders.config import BACKENDS, GenerateConfig, OpenAIConfig, VllmConfig
+
+    return compose(
+        field_option(GenerateConfig, "backend", choices=BACKENDS),
+        field_option(GenerateConfig, "chat_template"),
+        field_option(GenerateConfig, "batch_prompts"),
+        *(field_option(VllmConfig, n) for n in ("tensor_parallel_size", "dtype", "max_model_len",
+                                                "gpu_memory_utilization", "enforce_eager", "max_num_seqs")),
+        field_option(OpenAIConfig, "base_url", default=None, show_default=False,
+                     help=f"openai: the server's /v1 URL (env OPENAI_BASE_URL; default {OpenAIConfig.base_url})."),
+        *(field_option(OpenAIConfig, n) for n in ("api_key_env", "concurrency", "max_retries")),
+    )
+
+
+def ranker_options(with_batches: bool = True):
+    from builders.config import RANKERS, RankConfig
+
+    names = ("device", "dtype", "batch_prompts", "batch_tokens") if with_batches else ()
+    return compose(field_option(RankConfig, "ranker", choices=RANKERS), field_option(RankConfig, "ranker_model"),
+                   *(field_option(RankConfig, n) for n in names))
+
+
+def generate_config(values: dict[str, Any], **fixed: Any):
+    """GenerateConfig from a command's parsed options (sampling, backend and engine options)."""
+    import os
+
+    from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, VllmConfig
+
+    base_url = values.get("base_url") or os.environ.get("OPENAI_BASE_URL") or OpenAIConfig.base_url
+    return config_from(GenerateConfig, {**values, **fixed}, sampling=config_from(SamplingConfig, values),
+                       vllm=config_from(VllmConfig, values),
+                       openai=config_from(OpenAIConfig, {**values, "base_url": base_url}))

@@ -1,0 +1,178 @@
+"""The stage kernel: what every resumable stage does around its model work, written once.
+
+    inputs = resolve_inputs(catalog, "prompts", iteration, splits, from_refs)
+    done = run_resumable(catalog, Work(key, "generations", iteration, split, params), todo, produce, ...)
+    snapshot = register_work(catalog, work, units, parents, params)
+
+`produce(todo)` yields `Finished` items (the units it completed, their rows) as soon as it has them; the kernel
+commits them to the catalog's work area by time (`commit_seconds`) rather than per batch, so a fast scorer is not
+slowed by one DuckDB transaction per 64 prompts and a slow model loses at most a few seconds of work to a kill -9.
+A backend that keeps requests in flight (openai) keeps them in flight while the kernel commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from builders.catalog import Catalog, Snapshot
+from builders.errors import InputError
+from builders.schemas import KINDS
+
+# Each input kind, and the stage that makes it (named in the error when an iteration has none).
+LABELS = {"prompts": "prompt sets", "generations": "generations", "scores": "scores", "pairs": "pairs"}
+MAKERS = {"prompts": ("split prompts", "prompts split"), "generations": ("generate", "generate --iteration {n}"),
+          "scores": ("rank", "rank --iteration {n}"), "pairs": ("build pairs", "build --iteration {n}")}
+
+
+def _make_first(kind: str, iteration: int) -> str:
+    verb, command = MAKERS[kind]
+    return f"{verb} first (iterdpo {command.format(n=iteration)})"
+
+
+def resolve_inputs(catalog: Catalog, kind: str, iteration: int, splits: Sequence[str], from_refs: Sequence[str] = (),
+                   require_train: bool = False) -> dict[str, Snapshot]:
+    """A stage's input snapshots per split: those named in `from_refs` (checked), else the newest complete one
+    of `kind` for each split of `iteration`."""
+    if from_refs:
+        chosen = {}
+        for ref in from_refs:
+            snap = catalog.get(ref)
+            if snap.kind != kind or snap.iteration != iteration or snap.split is None:
+                raise InputError(f"input {ref}: a {kind} snapshot of iteration {iteration} is needed, not "
+                                 f"{snap.kind} (iteration {snap.iteration}, split {snap.split})", option="from_refs")
+            chosen[snap.split] = snap
+        return chosen
+    found = {s: snap for s in splits if (snap := catalog.newest(kind, iteration, s)) is not None}
+    if not found:
+        raise InputError(f"iteration {iteration} has no {LABELS[kind]} in catalog {catalog.path}; "
+                         f"{_make_first(kind, iteration)}")
+    if require_train and "train" in splits and "train" not in found:
+        raise InputError(f"iteration {iteration} has no train {LABELS[kind]}; {_make_first(kind, iteration)}")
+    return found
+
+
+def work_key(spec: Mapping[str, Any]) -> str:
+    """Everything that determines a stage's rows (never the batch size, shard or machine), hashed."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Finished:
+    """Units a producer completed: `units` maps each to None or its info (e.g. {"skipped": "too_long"});
+    `rows` holds their rows; `tokens` counts generated tokens (progress and summary)."""
+
+    units: dict[str, Any]
+    rows: pa.Table
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Work:
+    """One split's work area in the catalog."""
+
+    key: str
+    kind: str
+    iteration: int
+    split: str
+    params: Mapping[str, Any] = field(default_factory=dict)  # recorded when the work begins (e.g. the backend)
+
+
+@dataclass
+class SplitResult:
+    """A stage's work on one split."""
+
+    split: str
+    prompts: int  # units of this split (of this shard)
+    processed: int = 0  # done in this run (the rest were done before)
+    skipped: int = 0  # too long for the model's context
+    drops: dict[str, int] = field(default_factory=dict)  # build: prompts dropped, by reason
+    snapshot: Snapshot | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"split": self.split, "prompts": self.prompts, "processed": self.processed, "skipped": self.skipped,
+                "drops": self.drops, "snapshot": self.snapshot.to_json() if self.snapshot else None}
+
+
+@dataclass
+class StageResult:
+    """What generate, rank and build return (and `--json` prints)."""
+
+    stage: str
+    iteration: int
+    splits: list[SplitResult] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0  # generate: completion tokens produced in this run
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        return [s.snapshot for s in self.splits if s.snapshot]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "iteration": self.iteration, "seconds": round(self.seconds, 2),
+                "tokens": self.tokens, "splits": [s.to_json() for s in self.splits]}
+
+
+def run_resumable(catalog: Catalog, work: Work, todo: Sequence[str], produce: Callable[[Sequence[str]], Iterable[Finished]],
+                  *, commit_seconds: float, progress: bool, desc: str) -> tuple[int, int]:
+    """Run `produce` over the units not yet done and commit what it finishes, at most every `commit_seconds`
+    (0: every item) and at the end. Returns (units finished, tokens). What was committed survives any kill."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="prompt", desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True)
+    pending: list[Finished] = []
+    finished = tokens = 0
+    last = t0 = time.perf_counter()
+
+    def commit() -> None:
+        nonlocal last
+        if pending:
+            units = {u: info for item in pending for u, info in item.units.items()}
+            rows = pa.concat_tables([item.rows for item in pending])
+            catalog.add_work(work.key, work.kind, rows, units, iteration=work.iteration, split=work.split,
+                             params=work.params)
+            pending.clear()
+        last = time.perf_counter()
+
+    failed_commit = False
+    try:
+        for item in produce(todo):
+            pending.append(item)
+            finished += len(item.units)
+            tokens += item.tokens
+            bar.update(len(item.units))
+            if tokens:
+                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+            if time.perf_counter() - last >= commit_seconds:
+                failed_commit = True
+                commit()
+                failed_commit = False
+    finally:
+        try:
+            if not failed_commit:
+                commit()  # what was finished is kept, also when the producer failed or the user pressed Ctrl-C
+        finally:
+            bar.close()
+    return finished, tokens
+
+
+def register_work(catalog: Catalog, work: Work, units: Sequence[str], parents: Sequence[str],
+                  params: Mapping[str, Any]) -> Snapshot:
+    """The snapshot of a finished work area: its rows for `units` (all of them: this shard's), registered."""
+    return catalog.register(work.kind, catalog.work_rows(work.key, units=units), iteration=work.iteration,
+                            split=work.split, parents=list(parents), params=dict(params))
+
+
+def empty_rows(kind: str) -> pa.Table:
+    return KINDS[kind].schema.empty_table()
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
