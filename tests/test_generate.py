@@ -215,7 +215,7 @@ def test_bad_inputs_are_clear_errors(split_catalog, tiny_models, tmp_path):
         generate(split_catalog, 1, cfg(model, batch_prompts=-1), progress=False)
     with pytest.raises(InputError, match="shard must look like K/N"):
         generate(split_catalog, 1, cfg(model, shard="half"), progress=False)
-    with pytest.raises(InputError, match="iteration 3 has no prompts snapshot"):
+    with pytest.raises(InputError, match="iteration 3 has no prompt sets.*split prompts first"):
         generate(split_catalog, 3, GenerateConfig(model=str(model), sampling=FAST), progress=False)
     assert split_catalog.list(kind="generations") == []
 

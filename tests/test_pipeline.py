@@ -120,8 +120,8 @@ def test_run_retrains_when_the_pairs_or_recipe_change_and_reuses_the_model_other
 
     trained: list[list[str]] = []  # the pairs each training used
 
-    def counting(catalog, cfg, from_refs=()):
-        result = real_train(catalog, cfg, from_refs)
+    def counting(catalog, iteration, cfg, from_refs=()):
+        result = real_train(catalog, iteration, cfg, from_refs)
         trained.append(sorted(result.snapshot.parents))
         return result
 

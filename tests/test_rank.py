@@ -27,7 +27,7 @@ def _assert_close(a, b, tol=1e-5):
         assert max(abs(u - v) for u, v in zip(x, y)) <= tol, (x, y)
 
 
-@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 12, 16])
+@pytest.mark.parametrize("n", [2, 3, 5, 16])  # Snorkel generates 5; best-of-n ranks 16
 def test_pairrm_equals_llm_blender_for_2_to_16_candidates(rankers, n):
     native, reference = rankers
     rng = random.Random(n)
@@ -63,18 +63,18 @@ def short_ranker(tiny_models, tmp_path_factory):
 def test_pairrm_scores_are_bit_identical_whatever_the_batching(short_ranker):
     ranker = PairRM(str(short_ranker), device="cpu")
     rng = random.Random(5)
-    prompts = [text(rng, rng.choice([3, 14, 40])) for _ in range(8)]
+    prompts = [text(rng, rng.choice([3, 14, 40])) for _ in range(6)]
     cands = [[text(rng, rng.randint(2, 40)) for _ in range(5)] for _ in prompts]
     src, cand_ids = ranker.encode(max(prompts, key=len), cands[0])
     assert len(src) == 40 and max(len(c) for c in cand_ids) == 24  # some inputs really are truncated
     reference = ranker.score(prompts, cands)
-    for batch_tokens in (16, 100, 300, 10**6):  # one pass per pair ... everything in one pass
+    for batch_tokens in (16, 300):  # one pass per pair; several widths per pass (the default holds them all)
         ranker.batch_tokens = batch_tokens
         assert ranker.score(prompts, cands) == reference
-        for size in (1, 3):  # other prompts in the same call (rank's --batch-prompts)
-            got = [s for at in range(0, len(prompts), size) for s in ranker.score(prompts[at:at + size],
-                                                                                 cands[at:at + size])]
-            assert got == reference
+    for size in (1, 3):  # other prompts in the same call (rank's --batch-prompts)
+        got = [s for at in range(0, len(prompts), size) for s in ranker.score(prompts[at:at + size],
+                                                                             cands[at:at + size])]
+        assert got == reference
     # the score of C - C^T sums to zero over the candidates
     assert all(abs(sum(s)) < 1e-5 for s in reference)
 

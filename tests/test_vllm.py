@@ -51,10 +51,10 @@ def test_vllm_backend_generates_reproducibly_whatever_the_batching(tiny_models, 
     # built with other sampling: the stage passes its own with every call, and that is what runs and is recorded
     engine = VllmGenerator(str(model), SamplingConfig(num_responses=1, max_tokens=2, seed=0), None, cfg.vllm)
     try:
-        a = generate(_catalog(tmp_path / "a.duckdb"), cfg, progress=False, generator=engine)
+        a = generate(_catalog(tmp_path / "a.duckdb"), 1, cfg, progress=False, generator=engine)
         from dataclasses import replace
 
-        b = generate(_catalog(tmp_path / "b.duckdb"), replace(cfg, batch_prompts=5), progress=False, generator=engine)
+        b = generate(_catalog(tmp_path / "b.duckdb"), 1, replace(cfg, batch_prompts=5), progress=False, generator=engine)
     finally:
         engine.close()
     import torch.distributed as dist
