@@ -39,10 +39,11 @@ SCHEMA_VERSION = 1
 class _Attached:
     alias: str
     read_only: bool
-    users: int
+    users: list[int]  # the thread of each unit of work using it
 
 
 _LOCK = threading.RLock()
+_RELEASED = threading.Condition(_LOCK)
 _INSTANCES: dict[str, duckdb.DuckDBPyConnection] = {}
 _ATTACHED: dict[str, _Attached] = {}
 _ALIASES = itertools.count(1)
@@ -68,8 +69,9 @@ _INHERITED: list[duckdb.DuckDBPyConnection] = []
 
 
 def _forget_after_fork() -> None:
-    global _LOCK
+    global _LOCK, _RELEASED
     _LOCK = threading.RLock()
+    _RELEASED = threading.Condition(_LOCK)
     _INHERITED.extend(_INSTANCES.values())  # kept, never closed: closing would wait for threads the child lacks
     _INSTANCES.clear()
     _ATTACHED.clear()
@@ -164,19 +166,22 @@ class Store:
             self.require()
         elif not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        key = self._key
+        key, me = self._key, threading.get_ident()
+        deadline = time.monotonic() + self.config.lock_timeout
         with _LOCK:
             instance = _instance(self.config.memory_limit)
-            attached = _ATTACHED.get(key)
-            if attached is not None:  # already open in this process (a nested or concurrent unit of work)
-                if attached.read_only and not read_only:
+            # a write waits for this process's other threads to finish reading (the file is attached read-only)
+            while (attached := _ATTACHED.get(key)) is not None and attached.read_only and not read_only:
+                if me in attached.users or time.monotonic() >= deadline:
                     raise CatalogError(f"catalog {self.path} is being read in this process; it cannot be written "
                                        f"before that read ends")
-                attached.users += 1
+                _RELEASED.wait(deadline - time.monotonic())
+            if attached is not None:  # already open in this process (a nested or concurrent unit of work)
+                attached.users.append(me)
                 return _cursor(instance, attached.alias)
             alias = f"iterdpo_{next(_ALIASES)}"
             self._attach(instance, alias, read_only)
-            attached = _ATTACHED[key] = _Attached(alias, read_only, 1)
+            attached = _ATTACHED[key] = _Attached(alias, read_only, [me])
             con = _cursor(instance, alias)
             try:
                 self._check_schema(con, read_only)
@@ -219,10 +224,14 @@ class Store:
             attached = _ATTACHED.get(key)
             if attached is None:
                 return
-            attached.users -= 1
-            if attached.users == 0:
+            me = threading.get_ident()
+            attached.users.remove(me if me in attached.users else attached.users[-1])
+            if not attached.users:
                 del _ATTACHED[key]
-                _run(_instance(self.config.memory_limit), f"DETACH {attached.alias}")
+                try:
+                    _run(_instance(self.config.memory_limit), f"DETACH {attached.alias}")
+                finally:
+                    _RELEASED.notify_all()
 
     def _check_schema(self, con: duckdb.DuckDBPyConnection, read_only: bool = False) -> None:
         try:  # the common case in one cheap query
