@@ -37,6 +37,7 @@ SCHEMA_VERSION = 1
 # survive a fork).
 @dataclass
 class _Attached:
+    instance: duckdb.DuckDBPyConnection
     alias: str
     read_only: bool
     users: list[int]  # the thread of each unit of work using it
@@ -178,10 +179,10 @@ class Store:
                 _RELEASED.wait(deadline - time.monotonic())
             if attached is not None:  # already open in this process (a nested or concurrent unit of work)
                 attached.users.append(me)
-                return _cursor(instance, attached.alias)
+                return _cursor(attached.instance, attached.alias)
             alias = f"iterdpo_{next(_ALIASES)}"
             self._attach(instance, alias, read_only)
-            attached = _ATTACHED[key] = _Attached(alias, read_only, [me])
+            attached = _ATTACHED[key] = _Attached(instance, alias, read_only, [me])
             con = _cursor(instance, alias)
             try:
                 self._check_schema(con, read_only)
@@ -229,7 +230,7 @@ class Store:
             if not attached.users:
                 del _ATTACHED[key]
                 try:
-                    _run(_instance(self.config.memory_limit), f"DETACH {attached.alias}")
+                    _run(attached.instance, f"DETACH {attached.alias}")
                 finally:
                     _RELEASED.notify_all()
 
