@@ -42,6 +42,7 @@ test: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/catalog.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/commit.py
 	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python bench/generate.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/rank.py
 

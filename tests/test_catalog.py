@@ -225,6 +225,50 @@ def test_kill_during_registration_leaves_the_catalog_clean(catalog: Catalog):
     assert count(catalog, "rows_generations") == 6  # the killed transaction's rows are gone
 
 
+_ADD_WORK_THEN_HANG = textwrap.dedent("""
+    import sys, time
+    import builders.catalog as c
+    from tests.test_catalog import gens, pids
+    original = c.Catalog._insert_rows
+    def slow(self, con, k, table, hashes):
+        out = original(self, con, k, table, hashes)
+        print("inserted", flush=True)
+        time.sleep(60)
+        return out
+    c.Catalog._insert_rows = slow
+    c.Catalog(sys.argv[1]).add_work("key", "generations", gens(pids(2, start=2)), {p: None for p in pids(2, start=2)})
+""")
+
+
+def test_a_killed_commit_of_work_leaves_nothing_and_every_replay_lands_once(catalog: Catalog):
+    def state() -> tuple[int, int, int]:
+        return tuple(count(catalog, t) for t in ("rows_generations", "work_rows", "work_units"))
+
+    key, first = "key", {p: None for p in pids(2)}
+    catalog.add_work(key, "generations", gens(pids(2)), first)
+    # this process lives on between its transactions without holding the file: another one commits (and dies)
+    proc = _spawn(_ADD_WORK_THEN_HANG, str(catalog.path))
+    assert proc.stdout.readline().strip() == "inserted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert state() == (6, 6, 2) and set(catalog.work_units(key)) == set(pids(2))
+    # the killed batch committed again lands once; replaying it, or an older batch, changes nothing
+    batch = {p: None for p in pids(2, start=2)}
+    for _ in range(2):
+        catalog.add_work(key, "generations", gens(pids(2, start=2)), batch)
+    catalog.add_work(key, "generations", gens(pids(2)), first)
+    assert state() == (12, 12, 4)
+    # a unit without rows (a skipped prompt), replayed; rows already stored, committed under another work key
+    skipped = {pids(1, start=9)[0]: {"skipped": "too_long"}}
+    for _ in range(2):
+        catalog.add_work(key, "generations", gens(pids(1)).slice(0, 0), skipped)
+    catalog.add_work("other", "generations", gens(pids(1)), {pids(1)[0]: None})
+    assert state() == (12, 15, 6)
+    assert catalog.work_units(key)[pids(1, start=9)[0]] == {"skipped": "too_long"}
+    assert catalog.work_rows("other").equals(catalog.work_rows(key, units=pids(1)))
+    assert catalog.verify()["ok"]
+
+
 def test_two_concurrent_writers_both_land(catalog: Catalog):
     # each holds the file for a second inside its transaction; the other waits for it, then lands too
     a = _spawn(_REGISTER_SLOWLY, str(catalog.path), "300", "1.0")

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from builders.catalog.hashing import row_hashes, sort_order
-from builders.catalog.store import Store, _all, _arrow, _now, _one, _rows_table, _run, _sql_str
+from builders.catalog.store import Store, _all, _arrow, _key_range, _now, _one, _rows_table, _run
 from builders.errors import CatalogError, NotFound
 from builders.schemas import conform, kind as get_kind
 
@@ -62,18 +62,35 @@ class Work(Store):
                       _now()])
             elif known[0] != k.name:
                 raise CatalogError(f"work {work_key[:12]} holds {known[0]} rows, not {k.name}")
-            self._insert_rows(con, k, table, hashes)
-            self._insert_members(
-                con, k, "INSERT INTO work_rows SELECT ?, r.row_id", [work_key], hashes,
-                where=f"r.row_id NOT IN (SELECT row_id FROM work_rows WHERE work_key = '{_sql_str(work_key)}')")
-            con.register("_u", pa.table({
+            ids, existed = self._insert_rows(con, k, table, hashes)
+            row_ids = set(ids.values())
+            if existed:  # only rows stored before this transaction can already belong to the work (a replay)
+                old = pa.table({"row_id": pa.array([ids[h] for h in existed], pa.int64())})
+                where, params = _key_range(old, "row_id", "w")
+                con.register("_old", old)
+                row_ids -= {r[0] for r in _all(con, "SELECT w.row_id FROM work_rows w SEMI JOIN _old o "
+                                                    f"ON w.row_id = o.row_id WHERE w.work_key = ? AND {where}",
+                                               [work_key, *params])}
+                con.unregister("_old")
+            if row_ids:
+                con.register("_ids", pa.table({"row_id": pa.array(sorted(row_ids), pa.int64())}))
+                _run(con, "INSERT INTO work_rows SELECT ?, row_id FROM _ids", [work_key])
+                con.unregister("_ids")
+            batch_units = pa.table({
                 "unit": pa.array(list(units), pa.string()),
                 "info": pa.array([None if v is None else json.dumps(v, sort_keys=True) for v in units.values()],
                                  pa.string()),
-            }))
-            _run(con, "INSERT INTO work_units SELECT ?, u.unit, u.info FROM _u u "
-                      "ANTI JOIN (SELECT unit FROM work_units WHERE work_key = ?) d ON u.unit = d.unit",
-                 [work_key, work_key])
+            })
+            con.register("_u", batch_units)
+            if existed or not _units_have_new_rows(units, table):
+                # a replay (its rows were stored before) or units without rows: skip the units already done
+                _run(con, "INSERT INTO work_units SELECT ?, u.unit, u.info FROM _u u "
+                          "ANTI JOIN (SELECT unit FROM work_units WHERE work_key = ?) d ON u.unit = d.unit",
+                     [work_key, work_key])
+            else:
+                # every unit has rows in this batch, none stored before: no unit can be done already (a batch
+                # committed before under this work key would have stored these rows), so no need to scan for them
+                _run(con, "INSERT INTO work_units SELECT ?, unit, info FROM _u", [work_key])
             con.unregister("_u")
 
     def work_rows(self, work_key: str, units: Iterable[str] | None = None, unit_column: str = "prompt_id") -> pa.Table:
@@ -94,3 +111,10 @@ class Work(Store):
         if units is not None:
             table = table.filter(pc.is_in(table.column(unit_column), pa.array(sorted(set(units)), pa.string())))
         return table
+
+
+def _units_have_new_rows(units: Mapping[str, Any], table: pa.Table, unit_column: str = "prompt_id") -> bool:
+    """Whether every unit has rows in `table` (units are prompt ids, as in `work_rows`)."""
+    if unit_column not in table.column_names or table.num_rows == 0:
+        return False
+    return set(units) <= set(table.column(unit_column).to_pylist())
