@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,19 @@ class Registration:
     split: str | None = None
     parents: tuple[str, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
+
+
+def _key_ranges(keys: list[Any], counts: list[int], size: int) -> Iterator[tuple[Any, Any]]:
+    """Consecutive (first, last) leading keys, in order, each range holding about `size` rows (never splitting
+    one key's rows, so a range can hold more when one key has more rows than that)."""
+    start, held = 0, 0
+    for i, n in enumerate(counts):
+        if held and held + n > size:
+            yield keys[start], keys[i - 1]
+            start, held = i, 0
+        held += n
+    if held:
+        yield keys[start], keys[-1]
 
 
 def _looks_like_prefix(ref: str) -> bool:
@@ -260,16 +274,56 @@ class Snapshots(Store):
         with self.connect(read_only=True) as con:
             return conform(_arrow(con, self._select_rows(k), [snap.id]), k)
 
-    def iter_batches(self, ref: str, batch_rows: int | None = None, with_hash: bool = False) -> Iterator[pa.RecordBatch]:
-        """Stream a snapshot's rows in canonical order (bounded memory for large snapshots)."""
+    def read_batches(self, ref: str, batch_rows: int | None = None, *, columns: Sequence[str] | None = None,
+                     with_hash: bool = False) -> Iterator[pa.RecordBatch]:
+        """Stream a snapshot's rows in canonical order as record batches of `batch_rows` rows (default
+        `chunk_rows`; the last one may be shorter), with the kind's declared types, optionally only `columns`
+        and/or with each row's stored `row_hash` first.
+
+        Memory stays bounded by the batch size however large the snapshot: rows are fetched one range of leading
+        keys (e.g. prompt ids) at a time, each range a small sorted query on a connection opened for it alone, so
+        neither DuckDB (a read-only file cannot spill a sort) nor Python ever holds the whole snapshot, and no
+        connection is held between batches (a consumer may write to the catalog meanwhile)."""
         snap = self.get(ref)
         k = get_kind(snap.kind)
-        schema = k.schema.insert(0, pa.field("row_hash", pa.binary())) if with_hash else k.schema
+        size = max(1, batch_rows or self.config.chunk_rows)
+        names = list(columns) if columns is not None else k.columns
+        unknown = [c for c in names if c not in k.columns]
+        if unknown:
+            raise InputError(f"{k.name} rows have no column(s) {', '.join(unknown)}; columns are {', '.join(k.columns)}")
+        fields = ([pa.field("row_hash", pa.binary())] if with_hash else []) + [k.schema.field(c) for c in names]
+        schema = pa.schema(fields)
+        lead, order = k.key[0], ", ".join(f"r.{c}" for c in k.key)
+        members = (f"FROM snapshot_rows s JOIN {_rows_table(k.name)} r ON s.row_id = r.row_id "
+                   f"WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)")
+        with self._reading() as con:
+            groups = _arrow(con, f"SELECT r.{lead} AS k, count(*) AS n {members} GROUP BY 1 ORDER BY 1", [snap.id])
+        select = f"SELECT {', '.join('r.' + f.name for f in fields)}"
+        pending: list[pa.Table] = []
+        held = 0
+        for lo, hi in _key_ranges(groups.column("k").to_pylist(), groups.column("n").to_pylist(), size):
+            with self._reading() as con:
+                part = _arrow(con, f"{select} {members} AND r.{lead} BETWEEN ? AND ? ORDER BY {order}",
+                              [snap.id, lo, hi])
+            pending.append(part.rename_columns(schema.names).cast(schema))
+            held += part.num_rows
+            while held >= size:  # batches of exactly `size` rows, whatever the ranges' sizes
+                table = pa.concat_tables(pending)
+                yield table.slice(0, size).combine_chunks().to_batches()[0]
+                rest = table.slice(size)
+                pending, held = ([rest] if rest.num_rows else []), rest.num_rows
+        if held:
+            yield pa.concat_tables(pending).combine_chunks().to_batches()[0]
+
+    def iter_batches(self, ref: str, batch_rows: int | None = None, with_hash: bool = False) -> Iterator[pa.RecordBatch]:
+        """Stream a snapshot's rows in canonical order (bounded memory for large snapshots): see read_batches."""
+        return self.read_batches(ref, batch_rows, with_hash=with_hash)
+
+    @contextmanager
+    def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self.connect(read_only=True) as con:
-            reader = con.sql(self._select_rows(k, with_hash), params=[snap.id]).to_arrow_reader(
-                batch_rows or self.config.chunk_rows)
-            for batch in reader:
-                yield batch.cast(schema)
+            _run(con, f"SET memory_limit = '{self.config.read_memory_limit}'")
+            yield con
 
     # ------------------------------------------------------------------------------------------------------- tags
     def tag(self, ref: str, name: str, force: bool = False) -> Snapshot:
