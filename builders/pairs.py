@@ -24,6 +24,9 @@ from builders.results import SplitOutcome, StageResult
 from builders.schemas import KINDS, MESSAGE
 
 DROP_REASONS = ("tie", "single_distinct", "below_margin", "missing")
+# pairs rows are built and spooled in batches of about this many characters of text (a row repeats the prompt
+# three times and holds every response): bounds build's memory however many prompts an iteration has
+_SPOOL_CHARS = 16 * 2**20
 
 TRL_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
@@ -135,7 +138,7 @@ def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig,
     drops["skipped_too_long"] = 0
     schema = KINDS["pairs"].schema
     rows: dict[str, list] = {name: [] for name in schema.names}
-    prompt_count = kept = 0
+    prompt_count = kept = held = 0
     for batch in catalog.read_batches(prompts_snap.id, columns=("prompt_id", "prompt")):
         prompt_count += batch.num_rows
         for pid, prompt in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
@@ -163,16 +166,27 @@ def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig,
             rows["all_rm_scores"].append(vals)
             rows["score_chosen"].append(vals[best])
             rows["score_rejected"].append(vals[worst])
-        if rows["prompt_id"]:
-            kept += len(rows["prompt_id"])
-            sink.write_table(pa.Table.from_pydict(rows, schema=schema))
-            rows = {name: [] for name in schema.names}
+            held += 3 * len(prompt) + sum(map(len, resp)) + len(resp[best]) + len(resp[worst])
+            if held >= _SPOOL_CHARS:
+                kept += _flush(rows, sink)
+                held = 0
+    kept += _flush(rows, sink)
     lineage = {"scores": scores_snap.id, "generations": gen.id, "prompts": prompts_snap.id,
                "prompt_count": prompt_count,
                "generator": {k: gen.params.get(k) for k in ("model", "model_sha256", "revision", "backend", "sampling")
                              if k in gen.params},
                "ranker": {k: v for k, v in scores_snap.params.items() if k.startswith("ranker")}}
     return kept, drops, lineage
+
+
+def _flush(rows: dict[str, list], sink: pa.ipc.RecordBatchStreamWriter) -> int:
+    """Write the pairs rows held so far to `sink` and empty them; return how many there were."""
+    n = len(rows["prompt_id"])
+    if n:
+        sink.write_table(pa.Table.from_pydict(rows, schema=KINDS["pairs"].schema))
+        for column in rows.values():
+            column.clear()
+    return n
 
 
 def _spooled(path: Path) -> Iterator[pa.RecordBatch]:
