@@ -76,15 +76,15 @@ def build_catalog(path: Path, prompts: int, seed: int = 0, chunk: int = 2_000) -
     cat.register("scores", scores(), iteration=1, split="train", parents=[g.id], params={"ranker": "bench"})
 
 
-# each command in a fresh interpreter, so that its peak RSS is its own
+# each command in a fresh interpreter, so that its peak RSS is its own; in this order (verify checks the pairs too)
 COMMANDS = {
     "export": "from builders.export import export_snapshot; "
               "export_snapshot(cat, 'generations:1:train', work / 'generations.parquet')",
     "export-jsonl": "from builders.export import export_snapshot; "
                     "export_snapshot(cat, 'generations:1:train', work / 'generations.jsonl')",
-    "verify": "assert cat.verify()['ok']",
     "build": "from builders.config import BuildConfig; from builders.pairs import build_pairs; "
              "print(build_pairs(cat, BuildConfig(iteration=1)).splits[0].snapshot.id, file=sys.stderr)",
+    "verify": "assert cat.verify()['ok']",
     "export-pairs": "from builders.export import export_snapshot; "
                     "export_snapshot(cat, 'pairs:1:train', work / 'pairs.parquet')",
     "publish": "from builders.config import PublishConfig; from builders.publish import publish; "

@@ -15,6 +15,10 @@ from builders.catalog.store import _one, _rows_table, _run
 from builders.schemas import KINDS, Kind, kind as get_kind
 
 
+# rows hashed per batch by verify: pairs rows are ~10 kB each
+_VERIFY_ROWS = 1_000
+
+
 class Upkeep(Snapshots):
     """Verification and garbage collection."""
 
@@ -50,7 +54,7 @@ class Upkeep(Snapshots):
     def _rehash(self, sid: str, seen: dict[str, int]) -> Iterator[bytes]:
         """A snapshot's recomputed row hashes in canonical order, batch by batch; counts rows and mismatches with
         the stored hashes into `seen`."""
-        for batch in self.read_batches(sid, with_hash=True):
+        for batch in self.read_batches(sid, _VERIFY_ROWS, with_hash=True):
             table = pa.Table.from_batches([batch])
             hashes = row_hashes(table.drop_columns(["row_hash"]))
             seen["rows"] += len(hashes)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from builders import __version__
@@ -24,6 +27,8 @@ from builders.errors import InputError, NotFound
 from builders.schemas import KINDS, SPLITS, Kind, conform, kind as get_kind
 
 _MIN_PREFIX = 4
+# rows per batch as a snapshot streams out of DuckDB unsorted (read_batches)
+_STREAM_ROWS = 1024
 # KIND (its newest snapshot without an iteration, e.g. the prompt pool), KIND:N (iteration N) or KIND:N:SPLIT
 _SELECTOR = re.compile(r"(?P<kind>[a-z]+)(?::(?P<iteration>\d+)(?::(?P<split>train|test))?)?")
 
@@ -64,19 +69,6 @@ class Registration:
     split: str | None = None
     parents: tuple[str, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
-
-
-def _key_ranges(keys: list[Any], counts: list[int], size: int) -> Iterator[tuple[Any, Any]]:
-    """Consecutive (first, last) leading keys, in order, each range holding about `size` rows (never splitting
-    one key's rows, so a range can hold more when one key has more rows than that)."""
-    start, held = 0, 0
-    for i, n in enumerate(counts):
-        if held and held + n > size:
-            yield keys[start], keys[i - 1]
-            start, held = i, 0
-        held += n
-    if held:
-        yield keys[start], keys[-1]
 
 
 def _looks_like_prefix(ref: str) -> bool:
@@ -280,10 +272,10 @@ class Snapshots(Store):
         `chunk_rows`; the last one may be shorter), with the kind's declared types, optionally only `columns`
         and/or with each row's stored `row_hash` first.
 
-        Memory stays bounded by the batch size however large the snapshot: rows are fetched one range of leading
-        keys (e.g. prompt ids) at a time, each range a small sorted query on a connection opened for it alone, so
-        neither DuckDB (a read-only file cannot spill a sort) nor Python ever holds the whole snapshot, and no
-        connection is held between batches (a consumer may write to the catalog meanwhile)."""
+        Memory stays bounded by a batch however large the snapshot: a read-only file cannot spill DuckDB's sort,
+        so only the row ids are sorted (small); the rows themselves stream out once, unsorted, into one temporary
+        Arrow file per output batch (by canonical position), and each file is then sorted and yielded in turn.
+        No connection is held while the caller has a batch (it may write to the catalog meanwhile)."""
         snap = self.get(ref)
         k = get_kind(snap.kind)
         size = max(1, batch_rows or self.config.chunk_rows)
@@ -291,29 +283,52 @@ class Snapshots(Store):
         unknown = [c for c in names if c not in k.columns]
         if unknown:
             raise InputError(f"{k.name} rows have no column(s) {', '.join(unknown)}; columns are {', '.join(k.columns)}")
-        fields = ([pa.field("row_hash", pa.binary())] if with_hash else []) + [k.schema.field(c) for c in names]
-        schema = pa.schema(fields)
-        lead, order = k.key[0], ", ".join(f"r.{c}" for c in k.key)
+        schema = pa.schema(([pa.field("row_hash", pa.binary())] if with_hash else []) + [k.schema.field(c) for c in names])
+        cols = ", ".join(f"r.{c}" for c in schema.names)
+        order = ", ".join(f"r.{c}" for c in k.key)
         members = (f"FROM snapshot_rows s JOIN {_rows_table(k.name)} r ON s.row_id = r.row_id "
                    f"WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)")
-        with self._reading() as con:
-            groups = _arrow(con, f"SELECT r.{lead} AS k, count(*) AS n {members} GROUP BY 1 ORDER BY 1", [snap.id])
-        select = f"SELECT {', '.join('r.' + f.name for f in fields)}"
-        pending: list[pa.Table] = []
-        held = 0
-        for lo, hi in _key_ranges(groups.column("k").to_pylist(), groups.column("n").to_pylist(), size):
+        if snap.rows <= size:  # one batch: sorted by DuckDB in one small query
             with self._reading() as con:
-                part = _arrow(con, f"{select} {members} AND r.{lead} BETWEEN ? AND ? ORDER BY {order}",
-                              [snap.id, lo, hi])
-            pending.append(part.rename_columns(schema.names).cast(schema))
-            held += part.num_rows
-            while held >= size:  # batches of exactly `size` rows, whatever the ranges' sizes
-                table = pa.concat_tables(pending)
-                yield table.slice(0, size).combine_chunks().to_batches()[0]
-                rest = table.slice(size)
-                pending, held = ([rest] if rest.num_rows else []), rest.num_rows
-        if held:
-            yield pa.concat_tables(pending).combine_chunks().to_batches()[0]
+                table = _arrow(con, f"SELECT {cols} {members} ORDER BY {order}", [snap.id])
+            if table.num_rows:
+                yield table.rename_columns(schema.names).cast(schema).combine_chunks().to_batches()[0]
+            return
+        with self._reading() as con:
+            ids = _arrow(con, f"SELECT r.row_id {members} ORDER BY {order}", [snap.id]).column(0).to_numpy()
+        position = np.full(int(ids.max()) + 1, -1, np.int64)
+        position[ids] = np.arange(len(ids))
+        spill = schema.append(pa.field("_pos", pa.int64()))
+        with tempfile.TemporaryDirectory(prefix="iterdpo-read-") as tmp:
+            sinks: dict[int, tuple[Any, pa.ipc.RecordBatchStreamWriter]] = {}
+            try:
+                with self._reading() as con:
+                    reader = con.sql(f"SELECT r.row_id, {cols} {members}", params=[snap.id]).to_arrow_reader(
+                        min(size, _STREAM_ROWS))
+                    for batch in reader:
+                        pos = position[batch.column(0).to_numpy(zero_copy_only=False)]
+                        bucket = pos // size
+                        by_bucket = np.argsort(bucket, kind="stable")
+                        pos, bucket = pos[by_bucket], bucket[by_bucket]
+                        part = (pa.Table.from_batches([batch]).take(pa.array(by_bucket)).drop_columns(["row_id"])
+                                .rename_columns(schema.names).append_column("_pos", pa.array(pos)).cast(spill))
+                        cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(bucket)]
+                        for lo, hi in zip(cuts[:-1], cuts[1:]):
+                            b = int(bucket[lo])
+                            if b not in sinks:
+                                f = pa.OSFile(f"{tmp}/{b}.arrows", "wb")
+                                sinks[b] = (f, pa.ipc.new_stream(f, spill))
+                            sinks[b][1].write_table(part.slice(lo, hi - lo))
+            finally:
+                for f, writer in sinks.values():
+                    writer.close()
+                    f.close()
+            for b in sorted(sinks):
+                with pa.OSFile(f"{tmp}/{b}.arrows") as f, pa.ipc.open_stream(f) as reader:
+                    table = reader.read_all()
+                table = table.sort_by("_pos").drop_columns(["_pos"]).combine_chunks()
+                Path(f"{tmp}/{b}.arrows").unlink()
+                yield table.to_batches()[0]
 
     def iter_batches(self, ref: str, batch_rows: int | None = None, with_hash: bool = False) -> Iterator[pa.RecordBatch]:
         """Stream a snapshot's rows in canonical order (bounded memory for large snapshots): see read_batches."""
