@@ -274,8 +274,9 @@ class Snapshots(Store):
 
         Memory stays bounded by a batch however large the snapshot: a read-only file cannot spill DuckDB's sort,
         so only the row ids are sorted (small); the rows themselves stream out once, unsorted, into one temporary
-        Arrow file per output batch (by canonical position), and each file is then sorted and yielded in turn.
-        No connection is held while the caller has a batch (it may write to the catalog meanwhile)."""
+        Arrow file per output batch (by canonical position, under TMPDIR: as much disk as the snapshot's Arrow
+        size, removed as it is read), and each file is then sorted and yielded in turn. No connection is held
+        while the caller has a batch (it may write to the catalog meanwhile)."""
         snap = self.get(ref)
         k = get_kind(snap.kind)
         size = max(1, batch_rows or self.config.chunk_rows)
@@ -296,6 +297,8 @@ class Snapshots(Store):
             return
         with self._reading() as con:
             ids = _arrow(con, f"SELECT r.row_id {members} ORDER BY {order}", [snap.id]).column(0).to_numpy()
+        if not len(ids):
+            return
         position = np.full(int(ids.max()) + 1, -1, np.int64)
         position[ids] = np.arange(len(ids))
         spill = schema.append(pa.field("_pos", pa.int64()))
