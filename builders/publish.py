@@ -103,7 +103,9 @@ class ParquetOut:
     whole table): its Features in the `huggingface` schema metadata, content-defined chunking, page index, and row
     groups of `num_rows * max_row_group_bytes // nbytes` rows (at most `max_row_group_bytes` of Arrow data, as
     datasets sizes them; the Hub's viewer refuses row groups past ~286 MiB). Only one row group is held at a time.
-    Rows may be written in batches of any size; the file is the same."""
+    Rows may be written in batches of any size; the file is the same, byte for byte, as datasets writes from one
+    table of those rows with that `nbytes`. (Summed over batches, `nbytes` counts each batch's own validity and
+    offset buffers: a few kB more than one table's, which can move a row group boundary by a row.)"""
 
     def __init__(self, path: Path, schema: pa.Schema, num_rows: int, nbytes: int,
                  max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes):
@@ -125,13 +127,14 @@ class ParquetOut:
         self.held += table.num_rows
         while self.held >= self.rows_per_group:
             held = pa.concat_tables(self.pending)
-            self.writer.write_table(held.slice(0, self.rows_per_group))  # one row group per call, as datasets
+            # one row group per call, as datasets; in one chunk, as datasets' table is (pages depend on chunks)
+            self.writer.write_table(held.slice(0, self.rows_per_group).combine_chunks())
             rest = held.slice(self.rows_per_group)
             self.pending, self.held = ([rest] if rest.num_rows else []), rest.num_rows
 
     def close(self) -> None:
         if self.held:
-            self.writer.write_table(pa.concat_tables(self.pending))
+            self.writer.write_table(pa.concat_tables(self.pending).combine_chunks())
             self.pending, self.held = [], 0
         self.writer.add_key_value_metadata({"content_defined_chunking": json.dumps(self.cdc)})
         self.writer.close()
