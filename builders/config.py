@@ -33,6 +33,9 @@ class CatalogConfig:
     # DuckDB's own memory cap (it spills past it). 512MB keeps registering 1.2 GB of pairs under 2 GB RSS;
     # 1GB is ~25% faster there but peaks at 3 GB (bench/catalog.py).
     memory_limit: str = "512MB"
+    # DuckDB's cap while streaming a snapshot out (read_batches, which sorts only row ids: a read-only file cannot
+    # spill): a low cap keeps DuckDB from caching the whole file (bench/memory.py).
+    read_memory_limit: str = "256MB"
 
     @classmethod
     def from_env(cls, path: str | os.PathLike | None = None) -> "CatalogConfig":

@@ -15,7 +15,8 @@ from builders.schemas import kind as get_kind
 
 def export_snapshot(catalog: Catalog, ref: str, path: Path) -> dict[str, Any]:
     """Write snapshot `ref` to `path` (JSONL when it ends in .jsonl, else Parquet). The file appears whole or not
-    at all: rows stream to a temporary file beside it, which is renamed at the end."""
+    at all: rows stream batch by batch (bounded memory: one Parquet row group per batch) to a temporary file beside
+    it, which is renamed at the end."""
     import pyarrow.parquet as pq
 
     snap = catalog.get(ref)
@@ -29,14 +30,14 @@ def export_snapshot(catalog: Catalog, ref: str, path: Path) -> dict[str, Any]:
     try:
         if path.suffix.lower() == ".jsonl":
             with open(tmp, "w", encoding="utf-8") as f:
-                for batch in catalog.iter_batches(snap.id):
+                for batch in catalog.read_batches(snap.id):
                     for row in batch.to_pylist():
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     rows += batch.num_rows
             fmt = "jsonl"
         else:
             with pq.ParquetWriter(tmp, k.schema) as writer:
-                for batch in catalog.iter_batches(snap.id):
+                for batch in catalog.read_batches(snap.id):
                     writer.write_batch(batch)
                     rows += batch.num_rows
             fmt = "parquet"

@@ -9,8 +9,10 @@ The `default` schema (snorkelai/Snorkel-Mistral-PairRM-DPO-Dataset) is what the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -22,6 +24,9 @@ from builders.stage import SplitResult, StageResult, resolve_inputs
 from builders.schemas import KINDS, MESSAGE
 
 DROP_REASONS = ("tie", "single_distinct", "below_margin", "missing")
+# pairs rows are built and spooled in batches of about this many characters of text (a row repeats the prompt
+# three times and holds every response): bounds build's memory however many prompts an iteration has
+_SPOOL_CHARS = 16 * 2**20
 
 TRL_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
@@ -78,54 +83,108 @@ def _skipped_prompts(catalog: Catalog, gen: Snapshot) -> set[str]:
     return {pid for pid, info in units.items() if info and info.get("skipped")}
 
 
-def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig) -> tuple[pa.Table, dict[str, int], dict[str, Any]]:
+def _groups(batches: Iterable[pa.RecordBatch], value: str) -> Iterator[tuple[str, dict[int, Any]]]:
+    """(prompt_id, {response_index: value}) per prompt, from rows streaming in canonical order."""
+    pid, acc = None, {}
+    for batch in batches:
+        for p, idx, v in zip(*(batch.column(c).to_pylist() for c in ("prompt_id", "response_index", value))):
+            if value == "score" and not math.isfinite(v):
+                raise InputError(f"score of prompt {p} response {idx} is not finite ({v})")
+            if p != pid:
+                if pid is not None:
+                    yield pid, acc
+                pid, acc = p, {}
+            acc[idx] = v
+    if pid is not None:
+        yield pid, acc
+
+
+class _Cursor:
+    """One prompt's group at a time from a stream in prompt_id order, for a merge join with the prompts."""
+
+    def __init__(self, groups: Iterator[tuple[str, dict[int, Any]]]):
+        self.groups = groups
+        self.head = next(groups, None)
+
+    def take(self, pid: str) -> dict[int, Any]:
+        # prompt ids order the same in Python and DuckDB (code points = UTF-8 bytes)
+        while self.head is not None and self.head[0] < pid:
+            self.head = next(self.groups, None)
+        if self.head is not None and self.head[0] == pid:
+            found, self.head = self.head[1], next(self.groups, None)
+            return found
+        return {}
+
+
+def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig,
+                     sink: pa.ipc.RecordBatchStreamWriter) -> tuple[int, dict[str, int], dict[str, Any]]:
+    """Write the split's pairs rows to `sink` in canonical order, batch by batch: prompts, generations and scores
+    stream in prompt_id order and are merged one prompt at a time, so memory stays bounded by a batch."""
     gen = catalog.get(scores_snap.parents[0])
     prompts_snap = catalog.get(gen.parents[0])
-    prompts = catalog.read(prompts_snap.id)
-    texts: dict[str, dict[int, str]] = {}
-    gens = catalog.read(gen.id)
-    for pid, idx, text in zip(*(gens.column(c).to_pylist() for c in ("prompt_id", "response_index", "response"))):
-        texts.setdefault(pid, {})[idx] = text
-    scored: dict[str, dict[int, float]] = {}
-    sc = catalog.read(scores_snap.id)
-    for pid, idx, value in zip(*(sc.column(c).to_pylist() for c in ("prompt_id", "response_index", "score"))):
-        if not math.isfinite(value):
-            raise InputError(f"score of prompt {pid} response {idx} is not finite ({value})")
-        scored.setdefault(pid, {})[idx] = value
+    texts = _Cursor(_groups(catalog.read_batches(gen.id, columns=("prompt_id", "response_index", "response")),
+                            "response"))
+    scored = _Cursor(_groups(catalog.read_batches(scores_snap.id), "score"))
     skipped = _skipped_prompts(catalog, gen)
     drops = {reason: 0 for reason in DROP_REASONS}
     drops["skipped_too_long"] = 0
-    rows: dict[str, list] = {name: [] for name in KINDS["pairs"].columns}
-    for pid, prompt in zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()):
-        if pid in skipped and pid not in texts:
-            drops["skipped_too_long"] += 1
-            continue
-        responses, values = texts.get(pid, {}), scored.get(pid, {})
-        if not responses or set(responses) != set(values):
-            drops["missing"] += 1
-            continue
-        order = sorted(responses)
-        resp = [responses[i] for i in order]
-        vals = [values[i] for i in order]
-        picked = select(resp, vals, cfg)
-        if isinstance(picked, str):
-            drops[picked] += 1
-            continue
-        best, worst = picked
-        rows["prompt_id"].append(pid)
-        rows["prompt"].append(prompt)
-        rows["chosen"].append([{"content": prompt, "role": "user"}, {"content": resp[best], "role": "assistant"}])
-        rows["rejected"].append([{"content": prompt, "role": "user"}, {"content": resp[worst], "role": "assistant"}])
-        rows["all_generated_responses"].append(resp)
-        rows["all_rm_scores"].append(vals)
-        rows["score_chosen"].append(vals[best])
-        rows["score_rejected"].append(vals[worst])
+    schema = KINDS["pairs"].schema
+    rows: dict[str, list] = {name: [] for name in schema.names}
+    prompt_count = kept = held = 0
+    for batch in catalog.read_batches(prompts_snap.id, columns=("prompt_id", "prompt")):
+        prompt_count += batch.num_rows
+        for pid, prompt in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
+            responses, values = texts.take(pid), scored.take(pid)
+            if pid in skipped and not responses:
+                drops["skipped_too_long"] += 1
+                continue
+            if not responses or set(responses) != set(values):
+                drops["missing"] += 1
+                continue
+            order = sorted(responses)
+            resp = [responses[i] for i in order]
+            vals = [values[i] for i in order]
+            picked = select(resp, vals, cfg)
+            if isinstance(picked, str):
+                drops[picked] += 1
+                continue
+            best, worst = picked
+            rows["prompt_id"].append(pid)
+            rows["prompt"].append(prompt)
+            rows["chosen"].append([{"content": prompt, "role": "user"}, {"content": resp[best], "role": "assistant"}])
+            rows["rejected"].append([{"content": prompt, "role": "user"},
+                                     {"content": resp[worst], "role": "assistant"}])
+            rows["all_generated_responses"].append(resp)
+            rows["all_rm_scores"].append(vals)
+            rows["score_chosen"].append(vals[best])
+            rows["score_rejected"].append(vals[worst])
+            held += 3 * len(prompt) + sum(map(len, resp)) + len(resp[best]) + len(resp[worst])
+            if held >= _SPOOL_CHARS:
+                kept += _flush(rows, sink)
+                held = 0
+    kept += _flush(rows, sink)
     lineage = {"scores": scores_snap.id, "generations": gen.id, "prompts": prompts_snap.id,
-               "prompt_count": prompts.num_rows,
+               "prompt_count": prompt_count,
                "generator": {k: gen.params.get(k) for k in ("model", "model_sha256", "revision", "backend", "sampling")
                              if k in gen.params},
                "ranker": {k: v for k, v in scores_snap.params.items() if k.startswith("ranker")}}
-    return pa.Table.from_pydict(rows, schema=KINDS["pairs"].schema), drops, lineage
+    return kept, drops, lineage
+
+
+def _flush(rows: dict[str, list], sink: pa.ipc.RecordBatchStreamWriter) -> int:
+    """Write the pairs rows held so far to `sink` and empty them; return how many there were."""
+    n = len(rows["prompt_id"])
+    if n:
+        sink.write_table(pa.Table.from_pydict(rows, schema=KINDS["pairs"].schema))
+        for column in rows.values():
+            column.clear()
+    return n
+
+
+def _spooled(path: Path) -> Iterator[pa.RecordBatch]:
+    """The pairs rows spooled to `path`, read back one batch at a time (not memory-mapped: bounded RSS)."""
+    with pa.OSFile(str(path)) as f, pa.ipc.open_stream(f) as reader:
+        yield from reader
 
 
 def build_pairs(catalog: Catalog, iteration: int, cfg: BuildConfig = BuildConfig(),
@@ -136,19 +195,26 @@ def build_pairs(catalog: Catalog, iteration: int, cfg: BuildConfig = BuildConfig
     sets = resolve_inputs(catalog, "scores", iteration, ("train", "test"), from_refs, require_train=True)
     result = StageResult("build", iteration)
     items = []
-    for split, scores_snap in sets.items():
-        table, drops, lineage = _pairs_for_split(catalog, scores_snap, cfg)
-        if drops["missing"] and not cfg.allow_partial:
-            raise InputError(
-                f"{drops['missing']} of {lineage['prompt_count']} {split} prompts of iteration {iteration} have "
-                f"no generations or scores; finish generating and ranking them, or set allow_partial", option="allow_partial")
-        if table.num_rows == 0:
-            raise InputError(f"no {split} pairs left for iteration {iteration}: every prompt was dropped ({drops})")
-        params = {"selection": asdict(cfg), "drops": drops, **lineage}
-        result.splits.append(SplitResult(split, lineage["prompt_count"], processed=lineage["prompt_count"],
-                                         drops=drops))
-        items.append(Registration("pairs", table, iteration=iteration, split=split, parents=(scores_snap.id,),
-                                  params=params))
-    for split_result, snap in zip(result.splits, catalog.register_many(items)):
-        split_result.snapshot = snap
+    # Each split's pairs are spooled to a temporary Arrow file as they are built, and registered from it once every
+    # split has passed its checks: bounded memory, and bad input registers nothing. (Registration holds the
+    # catalog open for writing, so it cannot read the inputs meanwhile.)
+    with tempfile.TemporaryDirectory(prefix="iterdpo-pairs-") as tmp:
+        for split, scores_snap in sets.items():
+            spool = Path(tmp) / f"{split}.arrows"
+            with pa.OSFile(str(spool), "wb") as f, pa.ipc.new_stream(f, KINDS["pairs"].schema) as sink:
+                kept, drops, lineage = _pairs_for_split(catalog, scores_snap, cfg, sink)
+            if drops["missing"] and not cfg.allow_partial:
+                raise InputError(
+                    f"{drops['missing']} of {lineage['prompt_count']} {split} prompts of iteration {iteration} have "
+                    f"no generations or scores; finish generating and ranking them, or set allow_partial",
+                    option="allow_partial")
+            if kept == 0:
+                raise InputError(f"no {split} pairs left for iteration {iteration}: every prompt was dropped ({drops})")
+            params = {"selection": asdict(cfg), "drops": drops, **lineage}
+            result.splits.append(SplitResult(split, lineage["prompt_count"], processed=lineage["prompt_count"],
+                                             drops=drops))
+            items.append(Registration("pairs", _spooled(spool), iteration=iteration, split=split,
+                                      parents=(scores_snap.id,), params=params))
+        for split_result, snap in zip(result.splits, catalog.register_many(items)):
+            split_result.snapshot = snap
     return result

@@ -11,6 +11,7 @@ logged, written or put in a message.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from builders.schemas import KINDS
 # what a publication writes: its configs' Parquet files, plots and card (stale ones of earlier publications are
 # deleted; other files in the repo are the user's)
 MANAGED = ("default/*", "trl/*", "plots/*", "README.md")
+# pairs rows read per batch while staging (~10 kB each)
+_BATCH_ROWS = 1_000
 
 
 def split_name(split: str, iteration: int) -> str:
@@ -89,22 +92,67 @@ def _features() -> dict[str, Any]:
 
 
 def write_parquet(table: pa.Table, path: Path, max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes) -> int:
-    """Write `table` as `datasets` writes Parquet (`Dataset.to_parquet`: its Features in the `huggingface` schema
-    metadata, content-defined chunking, page index) in row groups of at most `max_row_group_bytes` of Arrow data,
-    as datasets sizes them (the Hub's viewer refuses row groups past ~286 MiB). Returns `num_bytes` as datasets
-    computes it when it loads the file: the Arrow size of what it reads, one batch per row group."""
+    """Write `table` as `datasets` writes Parquet (see ParquetOut); returns `num_bytes` as datasets computes it."""
+    with ParquetOut(path, table.schema, table.num_rows, table.nbytes, max_row_group_bytes) as out:
+        out.write(table)
+    return num_bytes(path)
+
+
+class ParquetOut:
+    """A Parquet file written batch by batch exactly as `datasets` writes one (`Dataset.to_parquet`, which holds the
+    whole table): its Features in the `huggingface` schema metadata, content-defined chunking, page index, and row
+    groups of `num_rows * max_row_group_bytes // nbytes` rows (at most `max_row_group_bytes` of Arrow data, as
+    datasets sizes them; the Hub's viewer refuses row groups past ~286 MiB). Only one row group is held at a time.
+    Rows may be written in batches of any size; the file is the same, byte for byte, as datasets writes from one
+    table of those rows with that `nbytes`. (Summed over batches, `nbytes` counts each batch's own validity and
+    offset buffers: a few kB more than one table's, which can move a row group boundary by a row.)"""
+
+    def __init__(self, path: Path, schema: pa.Schema, num_rows: int, nbytes: int,
+                 max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes):
+        from datasets import Features, config
+        from datasets.arrow_writer import get_parquet_column_options
+
+        features = Features.from_arrow_schema(schema)
+        self.schema = features.arrow_schema
+        self.rows_per_group = max(1, num_rows * max_row_group_bytes // nbytes) if nbytes else 1
+        self.cdc = config.DEFAULT_CDC_OPTIONS
+        self.writer = pq.ParquetWriter(str(path), schema=self.schema, use_content_defined_chunking=self.cdc,
+                                       write_page_index=True, **get_parquet_column_options(features, self.schema))
+        self.pending: list[pa.Table] = []
+        self.held = 0
+
+    def write(self, rows: pa.Table | pa.RecordBatch) -> None:
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_batches([rows])
+        self.pending.append(table)
+        self.held += table.num_rows
+        while self.held >= self.rows_per_group:
+            held = pa.concat_tables(self.pending)
+            # one row group per call, as datasets; in one chunk, as datasets' table is (pages depend on chunks)
+            self.writer.write_table(held.slice(0, self.rows_per_group).combine_chunks())
+            rest = held.slice(self.rows_per_group)
+            self.pending, self.held = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self.held:
+            self.writer.write_table(pa.concat_tables(self.pending).combine_chunks())
+            self.pending, self.held = [], 0
+        self.writer.add_key_value_metadata({"content_defined_chunking": json.dumps(self.cdc)})
+        self.writer.close()
+
+    def __enter__(self) -> "ParquetOut":
+        return self
+
+    def __exit__(self, exc_type, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.writer.close()  # the file is discarded with the scratch folder
+
+
+def num_bytes(path: Path) -> int:
+    """`num_bytes` of a Parquet file as datasets computes it when it loads the file: the Arrow size of what it reads,
+    one batch per row group."""
     import datasets
-
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    rows_per_group = max(1, table.num_rows * max_row_group_bytes // table.nbytes) if table.nbytes else 1
-    quiet = are_progress_bars_disabled()
-    disable_progress_bars()  # a bar per file is noise; staging reports once
-    try:
-        datasets.Dataset(table).to_parquet(str(path), batch_size=rows_per_group)
-    finally:
-        if not quiet:
-            enable_progress_bars()
     from datasets.arrow_writer import ArrowWriter
     from datasets.table import table_cast
 
@@ -119,13 +167,44 @@ def write_parquet(table: pa.Table, path: Path, max_row_group_bytes: int = PUBLIS
     return writer.finalize()[1]
 
 
+def _stage_split(catalog: Catalog, snap: Snapshot, folder: Path, name: str,
+                 max_row_group_bytes: int) -> tuple[list[str], dict[str, int], dict[str, Any], dict[str, list[float]]]:
+    """Write one split's files of both configs, streaming the pairs snapshot (sizes and statistics first, then the
+    rows of each file), so memory is bounded by a row group. Returns the files, num_bytes per config, the split's statistics and
+    its scores (for the plots)."""
+    from cards.stats import pair_stats_of
+
+    rows, nbytes = 0, {"default": 0, "trl": 0}
+    lengths: dict[str, list[float]] = {"chosen": [], "rejected": []}
+    scores: dict[str, list[float]] = {"score_chosen": [], "score_rejected": []}
+    for batch in catalog.read_batches(snap.id, _BATCH_ROWS):
+        table = pa.Table.from_batches([batch])
+        rows += table.num_rows
+        nbytes["default"] += table.nbytes
+        nbytes["trl"] += to_trl(table).nbytes
+        for column, out in lengths.items():
+            out.extend(float(len(conv[-1]["content"])) for conv in table.column(column).to_pylist())
+        for column, out in scores.items():
+            out.extend(table.column(column).to_pylist())
+    schemas = {"default": KINDS["pairs"].schema, "trl": TRL_SCHEMA}
+    files = {config: f"{config}/{name}-00000-of-00001.parquet" for config in schemas}
+    for config in schemas:
+        (folder / config).mkdir(exist_ok=True)
+    for config, schema in schemas.items():  # one file per pass: one row group held at a time
+        with ParquetOut(folder / files[config], schema, rows, nbytes[config], max_row_group_bytes) as out:
+            for batch in catalog.read_batches(snap.id, _BATCH_ROWS):
+                table = pa.Table.from_batches([batch])
+                out.write(table if config == "default" else to_trl(table))
+    stats = pair_stats_of(lengths["chosen"], lengths["rejected"], scores["score_chosen"], scores["score_rejected"])
+    return list(files.values()), {c: num_bytes(folder / f) for c, f in files.items()}, stats, scores
+
+
 def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | None, local_dir: Path | None,
                license: str = PUBLISH_DEFAULTS.license,
                max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes) -> StagedRepo:
     """Write the repo folder. It is built in a scratch folder and moved into place, so it is whole or absent."""
     from cards import plots
     from cards.card import SplitInfo, render
-    from cards.stats import pair_stats
 
     validate_repo_id(repo_id)
     snaps = published_snapshots(catalog, iterations)
@@ -133,17 +212,11 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
         scratch, files, infos, score_data = st.folder, st.files, [], {}
         for (it, split), snap in snaps.items():
             name = split_name(split, it)
-            table = catalog.read(snap.id)
-            num_bytes = {}
-            for config, data in (("default", table), ("trl", to_trl(table))):
-                rel = f"{config}/{name}-00000-of-00001.parquet"
-                (scratch / config).mkdir(exist_ok=True)
-                num_bytes[config] = write_parquet(data, scratch / rel, max_row_group_bytes)
-                files.append(rel)
-            infos.append(SplitInfo(name, it, table.num_rows, snap.params.get("prompt_count", table.num_rows),
-                                   num_bytes, snap.params.get("drops", {}), pair_stats(table), snap.id, snap.params))
-            score_data[name] = {"score_chosen": table.column("score_chosen").to_pylist(),
-                                "score_rejected": table.column("score_rejected").to_pylist()}
+            written, num_bytes_, stats, score_data[name] = _stage_split(catalog, snap, scratch, name,
+                                                                        max_row_group_bytes)
+            files += written
+            infos.append(SplitInfo(name, it, stats["rows"], snap.params.get("prompt_count", stats["rows"]),
+                                   num_bytes_, snap.params.get("drops", {}), stats, snap.id, snap.params))
         (scratch / "plots").mkdir()
         plots.score_distributions(score_data, scratch / "plots" / "score_distributions.png")
         plots.length_by_iteration({i.iteration: i.stats for i in infos if i.name.startswith("train_")},

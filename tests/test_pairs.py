@@ -71,6 +71,23 @@ def test_build_registers_the_snorkel_schema_and_counts_drops(tmp_path):
     assert [m["role"] for m in first["chosen"]] == ["assistant"] == [m["role"] for m in first["rejected"]]
 
 
+def test_build_streamed_in_small_batches_registers_the_same_pairs(tmp_path, monkeypatch):
+    """Build reads its inputs and spools its pairs batch by batch: tiny batches give the same snapshot id."""
+    import dataclasses
+
+    import builders.pairs as pairs
+
+    catalog = _scored_catalog(tmp_path / "c.duckdb", n_prompts=12)
+    whole = build_pairs(catalog, BuildConfig(iteration=1)).snapshots[0]
+    other = tmp_path / "other.duckdb"
+    _scored_catalog(other, n_prompts=12)
+    monkeypatch.setattr(pairs, "_SPOOL_CHARS", 1)  # one pairs row per spooled batch
+    small = Catalog(other, dataclasses.replace(catalog.config, path=other, chunk_rows=2))
+    streamed = build_pairs(small, BuildConfig(iteration=1)).snapshots[0]
+    assert streamed.id == whole.id and streamed.params["drops"] == whole.params["drops"]
+    assert small.read(streamed.id).equals(catalog.read(whole.id))
+
+
 def test_missing_generations_need_allow_partial(tmp_path):
     source = _scored_catalog(tmp_path / "c.duckdb")
     prompts = source.read(source.newest("prompts", 1, "train").id)

@@ -3,6 +3,7 @@ belong to no snapshot and no work in progress, left by interrupted registrations
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import duckdb
@@ -12,6 +13,10 @@ from builders.catalog.hashing import row_hashes, snapshot_id
 from builders.catalog.snapshots import Snapshots
 from builders.catalog.store import _one, _rows_table, _run
 from builders.schemas import KINDS, Kind, kind as get_kind
+
+
+# rows hashed per batch by verify: pairs rows are ~10 kB each
+_VERIFY_ROWS = 1_000
 
 
 class Upkeep(Snapshots):
@@ -25,18 +30,13 @@ class Upkeep(Snapshots):
         snaps = self.list()
         for snap in snaps:
             k = get_kind(snap.kind)
-            stored: list[bytes] = []
-            recomputed: list[bytes] = []
-            for batch in self.iter_batches(snap.id, with_hash=True):
-                table = pa.Table.from_batches([batch])
-                stored.extend(table.column("row_hash").to_pylist())
-                recomputed.extend(row_hashes(table.drop_columns(["row_hash"])))
-            if len(stored) != snap.rows:
-                problems.append(f"{snap.id[:12]}: {snap.rows} rows recorded, {len(stored)} stored")
-            bad = sum(1 for x, y in zip(stored, recomputed) if x != y)
-            if bad:
-                problems.append(f"{snap.id[:12]}: {bad} rows do not match their hash")
-            sid = snapshot_id(k.name, snap.iteration, snap.split, recomputed)
+            # chunk by chunk: the id is hashed as the rows stream past, so memory stays bounded by a batch
+            seen = {"rows": 0, "bad": 0}
+            sid = snapshot_id(k.name, snap.iteration, snap.split, self._rehash(snap.id, seen))
+            if seen["rows"] != snap.rows:
+                problems.append(f"{snap.id[:12]}: {snap.rows} rows recorded, {seen['rows']} stored")
+            if seen["bad"]:
+                problems.append(f"{snap.id[:12]}: {seen['bad']} rows do not match their hash")
             if sid != snap.id:
                 problems.append(f"{snap.id[:12]}: recomputed id is {sid[:12]}")
         with self.connect(read_only=True) as con:
@@ -50,6 +50,16 @@ class Upkeep(Snapshots):
                                for k in KINDS.values())
         return {"catalog": str(self.path), "snapshots": len(snaps), "ok": not problems, "problems": problems,
                 "unreferenced_rows": unreferenced}
+
+    def _rehash(self, sid: str, seen: dict[str, int]) -> Iterator[bytes]:
+        """A snapshot's recomputed row hashes in canonical order, batch by batch; counts rows and mismatches with
+        the stored hashes into `seen`."""
+        for batch in self.read_batches(sid, _VERIFY_ROWS, with_hash=True):
+            table = pa.Table.from_batches([batch])
+            hashes = row_hashes(table.drop_columns(["row_hash"]))
+            seen["rows"] += len(hashes)
+            seen["bad"] += sum(1 for x, y in zip(table.column("row_hash").to_pylist(), hashes) if x != y)
+            yield from hashes
 
     # --------------------------------------------------------------------------------------------------------- gc
     def gc(self, dry_run: bool = False) -> dict[str, Any]:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from builders import __version__
@@ -23,6 +27,8 @@ from builders.errors import InputError, NotFound
 from builders.schemas import KINDS, SPLITS, Kind, conform, kind as get_kind
 
 _MIN_PREFIX = 4
+# rows per batch as a snapshot streams out of DuckDB unsorted (read_batches)
+_STREAM_ROWS = 1024
 # KIND (its newest snapshot without an iteration, e.g. the prompt pool), KIND:N (iteration N) or KIND:N:SPLIT
 _SELECTOR = re.compile(r"(?P<kind>[a-z]+)(?::(?P<iteration>\d+)(?::(?P<split>train|test))?)?")
 
@@ -241,16 +247,82 @@ class Snapshots(Store):
         with self.connect(read_only=True) as con:
             return conform(_arrow(con, self._select_rows(k), [snap.id]), k)
 
-    def iter_batches(self, ref: str, batch_rows: int | None = None, with_hash: bool = False) -> Iterator[pa.RecordBatch]:
-        """Stream a snapshot's rows in canonical order (bounded memory for large snapshots)."""
+    def read_batches(self, ref: str, batch_rows: int | None = None, *, columns: Sequence[str] | None = None,
+                     with_hash: bool = False) -> Iterator[pa.RecordBatch]:
+        """Stream a snapshot's rows in canonical order as record batches of `batch_rows` rows (default
+        `chunk_rows`; the last one may be shorter), with the kind's declared types, optionally only `columns`
+        and/or with each row's stored `row_hash` first.
+
+        Memory stays bounded by a batch however large the snapshot: a read-only file cannot spill DuckDB's sort,
+        so only the row ids are sorted (small); the rows themselves stream out once, unsorted, into one temporary
+        Arrow file per output batch (by canonical position, under TMPDIR: as much disk as the snapshot's Arrow
+        size, removed as it is read), and each file is then sorted and yielded in turn. No connection is held
+        while the caller has a batch (it may write to the catalog meanwhile)."""
         snap = self.get(ref)
         k = get_kind(snap.kind)
-        schema = k.schema.insert(0, pa.field("row_hash", pa.binary())) if with_hash else k.schema
+        size = max(1, batch_rows or self.config.chunk_rows)
+        names = list(columns) if columns is not None else k.columns
+        unknown = [c for c in names if c not in k.columns]
+        if unknown:
+            raise InputError(f"{k.name} rows have no column(s) {', '.join(unknown)}; columns are {', '.join(k.columns)}")
+        schema = pa.schema(([pa.field("row_hash", pa.binary())] if with_hash else []) + [k.schema.field(c) for c in names])
+        cols = ", ".join(f"r.{c}" for c in schema.names)
+        order = ", ".join(f"r.{c}" for c in k.key)
+        members = (f"FROM snapshot_rows s JOIN {_rows_table(k.name)} r ON s.row_id = r.row_id "
+                   f"WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)")
+        if snap.rows <= size:  # one batch: sorted by DuckDB in one small query
+            with self._reading() as con:
+                table = _arrow(con, f"SELECT {cols} {members} ORDER BY {order}", [snap.id])
+            if table.num_rows:
+                yield table.rename_columns(schema.names).cast(schema).combine_chunks().to_batches()[0]
+            return
+        with self._reading() as con:
+            ids = _arrow(con, f"SELECT r.row_id {members} ORDER BY {order}", [snap.id]).column(0).to_numpy()
+        if not len(ids):
+            return
+        position = np.full(int(ids.max()) + 1, -1, np.int64)
+        position[ids] = np.arange(len(ids))
+        spill = schema.append(pa.field("_pos", pa.int64()))
+        with tempfile.TemporaryDirectory(prefix="iterdpo-read-") as tmp:
+            sinks: dict[int, tuple[Any, pa.ipc.RecordBatchStreamWriter]] = {}
+            try:
+                with self._reading() as con:
+                    reader = con.sql(f"SELECT r.row_id, {cols} {members}", params=[snap.id]).to_arrow_reader(
+                        min(size, _STREAM_ROWS))
+                    for batch in reader:
+                        pos = position[batch.column(0).to_numpy(zero_copy_only=False)]
+                        bucket = pos // size
+                        by_bucket = np.argsort(bucket, kind="stable")
+                        pos, bucket = pos[by_bucket], bucket[by_bucket]
+                        part = (pa.Table.from_batches([batch]).take(pa.array(by_bucket)).drop_columns(["row_id"])
+                                .rename_columns(schema.names).append_column("_pos", pa.array(pos)).cast(spill))
+                        cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(bucket)]
+                        for lo, hi in zip(cuts[:-1], cuts[1:]):
+                            b = int(bucket[lo])
+                            if b not in sinks:
+                                f = pa.OSFile(f"{tmp}/{b}.arrows", "wb")
+                                sinks[b] = (f, pa.ipc.new_stream(f, spill))
+                            sinks[b][1].write_table(part.slice(lo, hi - lo))
+            finally:
+                for f, writer in sinks.values():
+                    writer.close()
+                    f.close()
+            for b in sorted(sinks):
+                with pa.OSFile(f"{tmp}/{b}.arrows") as f, pa.ipc.open_stream(f) as reader:
+                    table = reader.read_all()
+                table = table.sort_by("_pos").drop_columns(["_pos"]).combine_chunks()
+                Path(f"{tmp}/{b}.arrows").unlink()
+                yield table.to_batches()[0]
+
+    def iter_batches(self, ref: str, batch_rows: int | None = None, with_hash: bool = False) -> Iterator[pa.RecordBatch]:
+        """Stream a snapshot's rows in canonical order (bounded memory for large snapshots): see read_batches."""
+        return self.read_batches(ref, batch_rows, with_hash=with_hash)
+
+    @contextmanager
+    def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self.connect(read_only=True) as con:
-            reader = con.sql(self._select_rows(k, with_hash), params=[snap.id]).to_arrow_reader(
-                batch_rows or self.config.chunk_rows)
-            for batch in reader:
-                yield batch.cast(schema)
+            _run(con, f"SET memory_limit = '{self.config.read_memory_limit}'")
+            yield con
 
     # ------------------------------------------------------------------------------------------------------- tags
     def tag(self, ref: str, name: str, force: bool = False) -> Snapshot:
