@@ -78,12 +78,12 @@ def test_build_streamed_in_small_batches_registers_the_same_pairs(tmp_path, monk
     import builders.pairs as pairs
 
     catalog = _scored_catalog(tmp_path / "c.duckdb", n_prompts=12)
-    whole = build_pairs(catalog, BuildConfig(iteration=1)).snapshots[0]
+    whole = build_pairs(catalog, 1, BuildConfig()).snapshots[0]
     other = tmp_path / "other.duckdb"
     _scored_catalog(other, n_prompts=12)
     monkeypatch.setattr(pairs, "_SPOOL_CHARS", 1)  # one pairs row per spooled batch
     small = Catalog(other, dataclasses.replace(catalog.config, path=other, chunk_rows=2))
-    streamed = build_pairs(small, BuildConfig(iteration=1)).snapshots[0]
+    streamed = build_pairs(small, 1, BuildConfig()).snapshots[0]
     assert streamed.id == whole.id and streamed.params["drops"] == whole.params["drops"]
     assert small.read(streamed.id).equals(catalog.read(whole.id))
 
