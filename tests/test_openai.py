@@ -94,6 +94,7 @@ def server():
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", state
     httpd.shutdown()
+    httpd.server_close()
 
 
 def catalog_with(path: Path, train: int, test: int = 0) -> Catalog:
