@@ -243,7 +243,10 @@ def _finish(requests: Sequence[Request], answered: Sequence[Sequence[Sample]], u
             raise IterdpoError(f"the backend returned {len(outs)} responses for prompt {req.prompt_id}, not {n}")
         kept.append(req)
         samples.append(outs)
-    return Finished(units, _rows(kept, samples), sum(s.completion_tokens or 0 for outs in samples for s in outs))
+    # a server's usage total counts even where the rows cannot say which sample had how many (n > 1)
+    tokens = sum(req.completion_tokens if req.completion_tokens is not None else
+                 sum(s.completion_tokens or 0 for s in outs) for req, outs in zip(kept, samples))
+    return Finished(units, _rows(kept, samples), tokens)
 
 
 def _produce(generator: Generator, cfg: GenerateConfig, todo: list[tuple[str, str]]) -> Iterator[Finished]:

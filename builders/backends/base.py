@@ -21,6 +21,7 @@ class Request:
     text: str | None = None  # rendered with the chat template (transformers / vllm)
     token_ids: list[int] | None = None
     prompt_tokens: int | None = None
+    completion_tokens: int | None = None  # a server's total over all samples (openai `usage`), when given
 
 
 @dataclass

@@ -1,0 +1,262 @@
+"""The openai backend keeps the server busy: exactly `concurrency` requests in flight, also while the stage commits;
+the server's token counts land in the rows and the summary; failures keep finished prompts and leak no secret."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from builders.backends.openai import OpenAIGenerator
+from builders.catalog import Catalog
+from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, SplitConfig
+from builders.errors import IterdpoError
+from builders.generate import generate, prompt_seed
+from builders.prompts import import_prompts, split_prompts
+from tests.conftest import ROOT, SAMPLE
+
+ONE = SamplingConfig(num_responses=1, temperature=0.7, max_tokens=16, seed=3)
+THREE = SamplingConfig(num_responses=3, temperature=0.7, max_tokens=16, seed=3)
+KEY = "sk-test-7f3a9c1e5b2d"
+
+
+def tokens_of(seed: int) -> int:
+    """The fake server's completion tokens for the choice with this seed."""
+    return 5 + seed % 7
+
+
+class _Slow(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server with a latency: counts requests in flight and the connections they came on."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+    state: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, payload: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        try:
+            self.wfile.write(payload)
+        except OSError:  # the client cancelled the request (it was stopped): nothing to answer
+            pass
+
+    def do_POST(self):
+        st = self.state
+        try:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        except ValueError:  # a request cancelled while it was being sent
+            return
+        with st["lock"]:
+            st["calls"] += 1
+            st["ports"].add(self.client_address[1])
+            st["in_flight"] += 1
+            st["max_in_flight"] = max(st["max_in_flight"], st["in_flight"])
+            if st["in_flight"] >= st["hold_until"]:
+                st["full"].set()
+            fail = st["fail_after"] is not None and st["ok"] >= st["fail_after"]
+            st["ok"] += not fail
+        try:
+            # the first requests wait until `hold_until` are in (or 5 s): a slow connect on a busy machine must
+            # not make a client that does keep them all in flight look as if it did not
+            st["full"].wait(5)
+            time.sleep(st["latency"])
+        finally:
+            with st["lock"]:
+                st["in_flight"] -= 1
+        if fail:  # the error body echoes the key, as some proxies do
+            return self._send(503, json.dumps({"error": f"overloaded ({self.headers['Authorization']})"}).encode())
+        seeds = [body["seed"] + i for i in range(body["n"])]
+        choices = [{"index": i, "message": {"role": "assistant", "content": f"answer {s} " + "word " * (s % 5)},
+                    "finish_reason": "stop"} for i, s in enumerate(seeds)]
+        usage = {"prompt_tokens": 20, "completion_tokens": sum(tokens_of(s) for s in seeds)}
+        self._send(200, json.dumps({"choices": choices, "usage": usage}).encode())
+
+
+@pytest.fixture
+def server():
+    state = {"lock": threading.Lock(), "calls": 0, "ok": 0, "in_flight": 0, "max_in_flight": 0, "ports": set(),
+             "latency": 0.1, "fail_after": None, "hold_until": 1, "full": threading.Event()}
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Slow,), {"state": state}))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def catalog_with(path: Path, train: int, test: int = 0) -> Catalog:
+    catalog = Catalog(path)
+    import_prompts(catalog, str(SAMPLE))
+    split_prompts(catalog, SplitConfig(iterations=1, train_size=train, test_size=test, seed=1))
+    return catalog
+
+
+def openai_cfg(url: str, concurrency: int, model: str = "served-model", sampling=ONE, **kw) -> GenerateConfig:
+    splits = kw.pop("splits", ("train",))
+    return GenerateConfig(model=model, backend="openai", splits=splits, sampling=sampling,
+                          commit_seconds=kw.pop("commit_seconds", 5.0),
+                          openai=OpenAIConfig(base_url=url, concurrency=concurrency, backoff=0.01, **kw))
+
+
+@pytest.fixture(autouse=True)
+def served_name(monkeypatch):
+    """A served model name needs no hub lookup."""
+    from builders import models
+
+    real = models.model_identity
+    monkeypatch.setattr("builders.generate.model_identity",
+                        lambda m, revision=None: real(m) if Path(m).exists() else {"model": m})
+
+
+def no_loop_thread() -> bool:
+    return not any(t.name == "iterdpo-openai" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("concurrency,prompts", [(8, 40), (32, 12)])
+def test_exactly_concurrency_requests_in_flight_on_one_set_of_connections(tmp_path, server, concurrency, prompts):
+    url, state = server
+    state["hold_until"] = min(concurrency, prompts)
+    catalog = catalog_with(tmp_path / "c.duckdb", prompts, 8)
+    result = generate(catalog, 1, openai_cfg(url, concurrency, splits=("train", "test")), progress=False)
+    assert [s.processed for s in result.splits] == [prompts, 8]
+    assert state["max_in_flight"] == min(concurrency, prompts)  # honoured exactly, never a batch's worth
+    # one client for the stage: both splits reuse the same keep-alive connections, one per request slot
+    assert len(state["ports"]) == min(concurrency, prompts)
+    assert state["calls"] == prompts + 8 and no_loop_thread()
+
+
+def test_requests_keep_flowing_while_the_stage_commits(tmp_path, server, monkeypatch):
+    url, state = server
+    catalog = catalog_with(tmp_path / "c.duckdb", 16)
+    real_add = Catalog.add_work
+    during: list[tuple[int, int]] = []  # (most in flight, requests sent) while the first commit ran
+
+    def slow_add_work(self, *args, **kw):
+        if not during:  # a first commit of 0.3 s (a big catalog): the server must not idle meanwhile
+            calls, seen = state["calls"], 0
+            for _ in range(30):
+                time.sleep(0.01)
+                seen = max(seen, state["in_flight"])
+            during.append((seen, state["calls"] - calls))
+        return real_add(self, *args, **kw)
+
+    monkeypatch.setattr(Catalog, "add_work", slow_add_work)
+    result = generate(catalog, 1, openai_cfg(url, 4, commit_seconds=0), progress=False)
+    seen, sent = during[0]
+    assert seen == 4 and sent >= 4  # all four slots busy, and new requests went out during the commit
+    assert state["max_in_flight"] == 4 and state["calls"] == 16 and result.splits[0].processed == 16
+
+
+def test_server_token_counts_land_in_rows_and_summary(tmp_path, server, tiny_models):
+    url, state = server
+    catalog = catalog_with(tmp_path / "c.duckdb", 6)
+    one = generate(catalog, 1, openai_cfg(url, 4), progress=False)
+    rows = catalog.read(one.snapshots[0].id).to_pylist()
+    assert all(r["completion_tokens"] == tokens_of(prompt_seed(3, r["prompt_id"], 1)) for r in rows)
+    assert all(r["prompt_tokens"] == 20 for r in rows)
+    assert one.tokens == sum(r["completion_tokens"] for r in rows) > 0  # the summary's tok/s
+
+    # n > 1: usage is a total over the choices; a served name has no tokenizer, so rows say null, never a guess
+    three = generate(catalog, 1, openai_cfg(url, 4, sampling=THREE), progress=False)
+    rows = catalog.read(three.snapshots[0].id).to_pylist()
+    assert len(rows) == 18 and all(r["completion_tokens"] is None for r in rows)
+    seeds = [prompt_seed(3, r["prompt_id"], 3) + r["response_index"] for r in rows]
+    assert three.tokens == sum(tokens_of(s) for s in seeds)  # the server's totals, still counted
+
+    # a local model folder: the rows are counted with its tokenizer; the summary is still the server's total
+    from transformers import AutoTokenizer
+
+    model = tiny_models / "generator"
+    local = generate(catalog, 1, openai_cfg(url, 4, model=str(model), sampling=THREE), progress=False)
+    rows = catalog.read(local.snapshots[0].id).to_pylist()
+    tok = AutoTokenizer.from_pretrained(model)
+    assert all(r["completion_tokens"] == len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1
+               for r in rows)
+    assert local.tokens == three.tokens
+
+
+def test_a_failing_server_keeps_finished_prompts_and_a_rerun_matches_an_uninterrupted_run(tmp_path, server,
+                                                                                         monkeypatch):
+    url, state = server
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    broken = catalog_with(tmp_path / "broken.duckdb", 12)
+    state["fail_after"] = 5
+    with pytest.raises(IterdpoError) as err:
+        generate(broken, 1, openai_cfg(url, 4, max_retries=1), progress=False)
+    message = str(err.value)
+    assert "failed 2 times (HTTP 503)" in message and "rerun to continue" in message
+    assert KEY not in message and "\n" not in message
+    assert no_loop_thread()  # nothing left running
+    with broken.connect() as con:
+        (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
+    assert len(broken.work_units(key)) == 5  # every answered prompt was committed
+
+    state["fail_after"] = None
+    calls = state["calls"]
+    resumed = generate(broken, 1, openai_cfg(url, 4), progress=False)
+    assert resumed.splits[0].processed == 7 and state["calls"] - calls == 7
+    whole = generate(catalog_with(tmp_path / "whole.duckdb", 12), 1, openai_cfg(url, 3), progress=False)
+    assert resumed.snapshots[0].id == whole.snapshots[0].id
+
+
+def test_stopping_early_cancels_what_is_in_flight(server, caplog):
+    url, state = server
+    gen = OpenAIGenerator("served-model", ONE, None, OpenAIConfig(base_url=url, concurrency=4))
+    prompts = [(f"{i:064x}", f"prompt {i}", 100 + i) for i in range(40)]
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        stream = gen.stream(prompts, ONE)
+        first = [next(stream) for _ in range(3)]
+        t0 = time.perf_counter()
+        stream.close()  # the stage was interrupted (GeneratorExit)
+        assert time.perf_counter() - t0 < 2 and no_loop_thread()
+        calls = state["calls"]
+        time.sleep(0.3)
+        assert state["calls"] == calls and calls < 12  # nothing more was sent
+        assert [r.prompt_id for r, _ in first] and all(len(s) == 1 for _, s in first)
+        # the generator still works afterwards (a fresh loop), and `generate` answers in the order asked
+        requests = gen.prepare(prompts[:10], ONE)
+        answers = gen.generate(requests, ONE)
+        assert [a[0].text.split()[1] for a in answers] == [str(100 + i) for i in range(10)]
+        gen.close()
+        assert no_loop_thread()
+    assert not [r for r in caplog.records if r.name == "asyncio"]  # no "Task was destroyed" or loop errors
+
+
+def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, server, tiny_models):
+    url, state = server
+    state["latency"] = 0.2
+    db = tmp_path / "c.duckdb"
+    catalog_with(db, 60)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "builders.cli", "--catalog", str(db), "generate", "--iteration", "1",
+         "--model", str(tiny_models / "generator"), "--backend", "openai", "--base-url", url,
+         "--concurrency", "4", "--num-responses", "1", "--split", "train"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 60
+    while state["ok"] < 12 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.perf_counter()
+    out, err = proc.communicate(timeout=20)
+    assert time.perf_counter() - t0 < 5, "the interrupted run hung"
+    assert proc.returncode == 130 and "Interrupted; finished work is kept" in err, err
+    assert "Traceback" not in err and "Task was destroyed" not in err and "Exception ignored" not in err, err
+    catalog = Catalog(db)
+    with catalog.connect() as con:
+        (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
+    # the answers the stage had taken are kept (those still queued when the signal came are asked again)
+    assert 1 <= len(catalog.work_units(key)) < 60
