@@ -56,7 +56,7 @@ def main() -> None:
     hf = TransformersGenerator(str(model), sampling)
     hf_start = time.perf_counter() - t0
     t0 = time.perf_counter()
-    hf_run = generate(fresh_catalog(root, "hf", args.prompts), base, progress=False, generator=hf)
+    hf_run = generate(fresh_catalog(root, "hf", args.prompts), 1, base, progress=False, generator=hf)
     hf_wall = time.perf_counter() - t0
     hf_rate = hf_run.tokens / hf_wall
 
