@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +69,22 @@ def _data_ids(catalog: Catalog) -> list[tuple]:
     return sorted(((s.kind, s.iteration, s.split, s.id) for s in catalog.list() if s.kind != "model"), key=str)
 
 
+_KILLABLE = """
+import sys
+from builders.catalog import Catalog
+from builders.catalog.work import Work
+from builders.pipeline import load_pipeline, run_pipeline
+commit = Work.add_work
+def add_work(self, key, kind, *args, **kwargs):
+    commit(self, key, kind, *args, **kwargs)
+    if kind == "generations" and kwargs.get("iteration") == 2:
+        print("committed", flush=True)
+Work.add_work = add_work
+cfg = load_pipeline(sys.argv[1])
+run_pipeline(Catalog(cfg.catalog), cfg, progress=False)
+"""
+
+
 def test_kill_9_in_iteration_2_generation_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_models):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir()
@@ -78,25 +93,18 @@ def test_kill_9_in_iteration_2_generation_then_rerun_matches_an_uninterrupted_ru
                              progress=False)
     assert len(reference.models) == 2
     pipeline = _pipeline(run_dir, tiny_models)
+    doc = yaml.safe_load(pipeline.read_text())
+    doc["generation"].update(batch_prompts=1, commit_seconds=0)  # a commit per prompt: a kill lands mid-split
+    pipeline.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "builders.cli", "run", str(pipeline)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    catalog = Catalog(run_dir / "catalog.duckdb")
-    killed_mid = False
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-        if not catalog.exists():
-            continue
-        with catalog.connect() as con:
-            units = con.execute("SELECT count(*) FROM work_units u JOIN work w USING (work_key) "
-                                "WHERE w.kind = 'generations' AND w.iteration = 2").fetchall()[0][0]
-        if units >= 1:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_mid = True
-            break
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(pipeline)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # the handshake: the child prints a line after each commit of iteration 2's generations
+    killed_mid = proc.stdout.readline().strip() == "committed"
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert killed_mid, "the run finished before iteration 2's generation could be interrupted"
+    assert killed_mid, "the run ended before iteration 2's generation committed anything"
+    catalog = Catalog(run_dir / "catalog.duckdb")
     assert catalog.newest("generations", 2, "train") is None or catalog.newest("generations", 2, "test") is None
     resumed = run_pipeline(catalog, load_pipeline(pipeline), progress=False)
     assert len(resumed.models) == 2
