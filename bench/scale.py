@@ -154,8 +154,13 @@ def generate_args(iteration: int, server: FakeServer, concurrency: int, shard: s
     return args + (["--shard", shard] if shard else [])
 
 
-def split_prompts(result: dict) -> list[int]:
-    return [s["prompts"] for s in result["splits"]]
+def split_prompts(result: dict | None, requests: int) -> list[int]:
+    """Prompts per split from `generate --json`; the splits run one after the other, so each has its own ideal.
+    Should that output change, one request per prompt (n responses each) gives the total."""
+    try:
+        return [int(s["prompts"]) for s in result["splits"]]
+    except (KeyError, TypeError, ValueError):
+        return [requests]
 
 
 def latency_run(runner: Runner, catalog: Path, server: FakeServer, concurrency: int, max_prompts: int,
@@ -166,9 +171,9 @@ def latency_run(runner: Runner, catalog: Path, server: FakeServer, concurrency: 
     server.reset()
     row = runner.run(catalog, generate_args(1, server, concurrency, f"0/{parts}" if parts > 1 else None),
                      label, 0)
-    counts = split_prompts(row["result"])
-    ideal = sum(math.ceil(n / concurrency) for n in counts) * latency_ms / 1000
     stats = server.stats()
+    counts = split_prompts(row["result"], stats["requests"])
+    ideal = sum(math.ceil(n / concurrency) for n in counts) * latency_ms / 1000
     # a split smaller than --concurrency cannot fill the window: expect what it can reach
     return {"label": label, "concurrency": concurrency, "latency_ms": latency_ms, "prompts": sum(counts),
             "reachable_in_flight": min(concurrency, max(counts)),
@@ -265,10 +270,12 @@ def goals(results: list[dict], tolerance: float) -> list[dict]:
              f"{g['latency_ms']:.0f} ms, {at})")
     flights = [g for r in results for g in r["generation"]]
     for c in sorted({g["concurrency"] for g in flights}):
-        seen = [g["max_in_flight"] for g in flights if g["concurrency"] == c]
-        reach = [g["reachable_in_flight"] for g in flights if g["concurrency"] == c]
+        runs = [(r["size"], g) for r in results for g in r["generation"] if g["concurrency"] == c]
+        seen = [g["max_in_flight"] for _, g in runs]
+        reach = [g["reachable_in_flight"] for _, g in runs]
         goal(f"max requests in flight = --concurrency {c}", seen == reach,
-             f"max in flight {', '.join(map(str, seen))} of {', '.join(map(str, reach))} reachable (sizes {', '.join(str(r['size']) for r in results for g in r['generation'] if g['concurrency'] == c)})")
+             f"max in flight {', '.join(map(str, seen))} of {', '.join(map(str, reach))} reachable "
+             f"(sizes {', '.join(str(n) for n, _ in runs)})")
     if big is small:
         goal("CPU per prompt at the large size <= at the small size, every stage", None, "needs two sizes")
     else:
@@ -290,7 +297,8 @@ def goals(results: list[dict], tolerance: float) -> list[dict]:
              + ", ".join(f"{st} {a:.3f} -> {b:.3f} ms/prompt ({q:.2f}x)" for q, st, a, b in sorted(ratios)[::-1][:3]))
     rows = {r["stage"]: r for r in big["stages"]}
     growth = [f"{name} {rows[f'{name} 1']['cpu_ms_per_prompt']:.3f} -> "
-              f"{rows[f'{name} {ITERATIONS}']['cpu_ms_per_prompt']:.3f} ms/prompt" for name in ("generate", "rank", "build")]
+              f"{rows[f'{name} {ITERATIONS}']['cpu_ms_per_prompt']:.3f} ms/prompt"
+              for name in ("generate", "rank", "build")]
     goal(f"(not a goal) CPU per prompt, iteration 1 -> {ITERATIONS} at {big['size']}, as the catalog grows", "INFO",
          ", ".join(growth))
     fam = per_family(big["stages"])
@@ -322,8 +330,8 @@ def print_report(report: dict) -> None:
               f"{'ratio':>6} {'-start-up':>10} {'CPU s':>7} {'requests':>9} {'max in flight':>14}")
         for g in r["generation"]:
             print(f"{g['label']:<12} {g['prompts']:>8} {g['concurrency']:>5} {g['latency_ms']:>6.0f}ms "
-                  f"{g['wall_s']:>8.2f} {g['ideal_s']:>8.2f} {g['ratio']:>6.2f} {g['ratio_after_startup']:>10.2f} {g['cpu_s']:>7.2f} "
-                  f"{g['requests']:>9} {g['max_in_flight']:>14}")
+                  f"{g['wall_s']:>8.2f} {g['ideal_s']:>8.2f} {g['ratio']:>6.2f} {g['ratio_after_startup']:>10.2f} "
+                  f"{g['cpu_s']:>7.2f} {g['requests']:>9} {g['max_in_flight']:>14}")
     print(f"\n## Goals (issue 16; {report['cpus']} CPUs here, 1-minute load average {report['load_average'][0]} "
           f"at the start, {report['load_average'][1]} at the end)\n")
     for g in report["goals"]:
