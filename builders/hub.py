@@ -57,9 +57,11 @@ class Staging:
 
 
 @contextlib.contextmanager
-def staging(local_dir: Path | None, prefix: str = "iterdpo-publish-") -> Iterator[Staging]:
+def staging(local_dir: Path | None, prefix: str = "iterdpo-publish-",
+            stamp: dict[str, Any] | None = None) -> Iterator[Staging]:
     """Yield a scratch folder; when the block ends without error its files are moved into `local_dir` (default: a
-    new temporary folder). The block appends every file it writes to `files`."""
+    new temporary folder). The block appends every file it writes to `files`. `stamp` (what decided the content,
+    e.g. the snapshot set id) is recorded in the marker with each file's size, for `staged_as`."""
     target = Path(local_dir) if local_dir else Path(tempfile.mkdtemp(prefix=prefix)) / "repo"
     owned = _owned_files(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,10 +71,33 @@ def staging(local_dir: Path | None, prefix: str = "iterdpo-publish-") -> Iterato
     try:
         st = Staging(scratch, target)
         yield st
-        (scratch / MARKER).write_text(json.dumps({"files": sorted(st.files)}, indent=1) + "\n")
+        marker: dict[str, Any] = {"files": sorted(st.files)}
+        if stamp is not None:
+            marker.update(stamp=stamp, sizes={f: (scratch / f).stat().st_size for f in st.files})
+        (scratch / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
         _place(scratch, target, owned)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def staged_as(local_dir: Path | None, stamp: dict[str, Any]) -> list[str] | None:
+    """The files of `local_dir` when an earlier staging with this same stamp left them all in place (same sizes);
+    None when the folder must be staged (again). Staging the same snapshots twice is then a no-op in seconds."""
+    if local_dir is None:
+        return None
+    try:
+        marker = json.loads((Path(local_dir) / MARKER).read_text())
+        if marker.get("stamp") != json.loads(json.dumps(stamp)):  # as stored: tuples become lists
+            return None
+        sizes = marker["sizes"]
+        files = list(marker["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for rel in files:
+        path = Path(local_dir) / rel
+        if not path.is_file() or path.stat().st_size != sizes.get(rel):
+            return None
+    return files
 
 
 def _owned_files(target: Path) -> list[str] | None:

@@ -23,7 +23,7 @@ from builders import __version__
 from builders.catalog import Catalog, Snapshot
 from builders.config import PUBLISH_DEFAULTS, PublishConfig
 from builders.errors import InputError
-from builders.hub import HubTarget, recorded, snapshot_set_id, staging, upload, validate_repo_id
+from builders.hub import HubTarget, recorded, snapshot_set_id, staged_as, staging, upload, validate_repo_id
 from builders.pairs import TRL_SCHEMA, to_trl
 from builders.schemas import KINDS
 
@@ -208,7 +208,14 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
 
     validate_repo_id(repo_id)
     snaps = published_snapshots(catalog, iterations)
-    with staging(local_dir) as st:
+    ids = {split_name(split, it): s.id for (it, split), s in snaps.items()}
+    set_id = snapshot_set_id(list(ids.values()))
+    # what decides the folder's content: the same stamp on a folder staged before means nothing to redo
+    stamp = {"repo_id": repo_id, "set_id": set_id, "license": license, "max_row_group_bytes": max_row_group_bytes,
+             "iterdpo": __version__}
+    if (files := staged_as(local_dir, stamp)) is not None:
+        return StagedRepo(Path(local_dir), sorted(files), ids, set_id)
+    with staging(local_dir, stamp=stamp) as st:
         scratch, files, infos, score_data = st.folder, st.files, [], {}
         for (it, split), snap in snaps.items():
             name = split_name(split, it)
@@ -222,8 +229,6 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
         plots.length_by_iteration({i.iteration: i.stats for i in infos if i.name.startswith("train_")},
                                   scratch / "plots" / "length_by_iteration.png")
         files += ["plots/score_distributions.png", "plots/length_by_iteration.png"]
-        ids = {i.name: i.snapshot for i in infos}
-        set_id = snapshot_set_id(list(ids.values()))
         split_params = _split_params(catalog, snaps)
         card = render(repo_id, infos, _features(), set_id, __version__, split_params, license)
         # The reward on test prompts per iteration (cards/rewards.py), as its own block before Provenance.

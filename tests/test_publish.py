@@ -205,6 +205,20 @@ def test_restaging_replaces_only_iterdpos_own_files(built, tmp_path):
     assert ".iterdpo-staged.json" not in second.files  # the marker is local: never uploaded
 
 
+def test_staging_the_same_snapshots_again_is_a_no_op_until_the_folder_or_options_change(built, tmp_path):
+    staged = tmp_path / "staged"
+    first = publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True)).staged
+    mtimes = {f: (staged / f).stat().st_mtime_ns for f in first.files}
+    again = publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True)).staged
+    assert (again.files, again.set_id, again.snapshots) == (first.files, first.set_id, first.snapshots)
+    assert {f: (staged / f).stat().st_mtime_ns for f in first.files} == mtimes  # nothing rewritten
+    (staged / "README.md").write_text("edited by hand\n")  # a damaged folder is staged again
+    publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True))
+    assert (staged / "README.md").read_text().startswith("---")
+    other = publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True, license="mit")).staged
+    assert "license: mit" in (staged / "README.md").read_text() and other.files == first.files
+
+
 def test_scratch_folders_of_a_killed_staging_are_removed(built, tmp_path):
     import subprocess
 
