@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-
 from pathlib import Path
 
 import click
 
 from builders.cli.app import State, cli
-from builders.cli.options import (
-    example, field_option, json_option,
-)
+from builders.cli.options import example, field_option, json_option
 from builders.cli.render import emit, print_snapshots
 from builders.config import SplitConfig
 

@@ -7,11 +7,16 @@ from pathlib import Path
 import click
 
 from builders.cli.app import State, cli
-from builders.cli.options import (
-    config_from, example, field_option, json_option,
-)
+from builders.cli.options import compose, config_from, example, field_option, json_option
 from builders.cli.render import emit
 from builders.config import PublishConfig, PublishModelConfig
+
+
+def repo_options(config: type):
+    """The staging and Hub options that publish and publish-model share (their configs have the same fields)."""
+    return compose(field_option(config, "local_dir", type=click.Path(file_okay=False, path_type=Path)),
+                   *(field_option(config, name) for name in ("dry_run", "private", "revision")),
+                   field_option(config, "license", "--license"))
 
 
 # ---------------------------------------------------------------------------------------------------------- publish
@@ -19,18 +24,15 @@ from builders.config import PublishConfig, PublishModelConfig
     "iterdpo publish me/ultrafeedback-iterative-dpo --iterations 1 --local-dir staged --dry-run"))
 @click.argument("repo_id")
 @click.option("--iterations", default=None, help="Comma-separated iterations, e.g. 1,2,3 (default: every built one).")
-@field_option(PublishConfig, "local_dir", type=click.Path(file_okay=False, path_type=Path))
-@field_option(PublishConfig, "dry_run")
-@field_option(PublishConfig, "private")
-@field_option(PublishConfig, "revision")
-@field_option(PublishConfig, "license", "--license")
+@repo_options(PublishConfig)
 @json_option
 @click.pass_obj
 def publish_cmd(state: State, repo_id: str, iterations: str | None, as_json: bool, **options) -> None:
     """Publish the built pairs as a Hub dataset repo: configs `default` and `trl`, splits train_iteration_N /
     test_iteration_N, a dataset card with the recipe, statistics and plots.
 
-    One commit, tagged with the snapshot set id; publishing the same snapshots again is a no-op. The token comes
+    One commit, tagged with the snapshot set id; publishing the same snapshots again is a no-op (and so is staging
+    them into the same --local-dir again). The token comes
     from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub.
     """
     from builders.publish import publish
@@ -74,11 +76,7 @@ def _print_publication(result, repo_id: str, revision: str, as_json: bool) -> No
 @click.argument("repo_id")
 @click.option("--iteration", type=int, required=True, help="Publish the model trained on this iteration's pairs.")
 @field_option(PublishModelConfig, "dataset_repo")
-@field_option(PublishModelConfig, "local_dir", type=click.Path(file_okay=False, path_type=Path))
-@field_option(PublishModelConfig, "dry_run")
-@field_option(PublishModelConfig, "private")
-@field_option(PublishModelConfig, "revision")
-@field_option(PublishModelConfig, "license", "--license")
+@repo_options(PublishModelConfig)
 @json_option
 @click.pass_obj
 def publish_model_cmd(state: State, repo_id: str, iteration: int, as_json: bool, **options) -> None:

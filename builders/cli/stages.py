@@ -9,8 +9,7 @@ import click
 
 from builders.cli.app import State, _debug, cli, stage_output
 from builders.cli.options import (
-    backend_options, config_from, example, field_option, generate_config, json_option, ranker_options,
-    sampling_options,
+    backend_options, config_from, example, field_option, generate_config, json_option, ranker_options, sampling_options,
 )
 from builders.cli.render import emit, print_snapshots
 from builders.config import SELECTIONS, SPLITS, BuildConfig, GenerateConfig, QuickstartConfig, RankConfig, TrainConfig
