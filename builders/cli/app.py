@@ -21,6 +21,7 @@ from builders.cli.options import example, flag_name
 from builders.config import CATALOG_ENV, DEFAULT_CATALOG
 from builders.errors import IterdpoError
 
+
 @dataclass
 class State:
     catalog_path: str | None
@@ -100,7 +101,7 @@ def stage_output(debug: bool):
         os.close(devnull)
 
 
-def _debug() -> bool:
+def debug_flag() -> bool:
     """--debug, for commands that do not take the group's state."""
     state = click.get_current_context().find_root().obj
     return bool(state and state.debug)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from builders.cli.app import State, _debug, cli, stage_output
+from builders.cli.app import State, debug_flag, cli, stage_output
 from builders.cli.options import (
     backend_options, config_from, example, field_option, generate_config, json_option, ranker_options, sampling_options,
 )
@@ -206,7 +206,7 @@ def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
     cfg = QuickstartConfig(workdir=Path(workdir))
     if prompts_file:
         cfg = replace(cfg, prompts=Path(prompts_file))
-    with stage_output(_debug()):
+    with stage_output(debug_flag()):
         report = run_quickstart(cfg)
 
     def human() -> None:

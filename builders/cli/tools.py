@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from builders.cli.app import _debug, cli, stage_output
+from builders.cli.app import debug_flag, cli, stage_output
 from builders.cli.options import (
     backend_options, config_from, example, field_option, generate_config, json_option, ranker_options, sampling_options,
 )
@@ -95,7 +95,7 @@ def best_of_n_cmd(model: str, prompts_file: str, output: str, column: str | None
 
     cfg = BestOfNConfig(Path(prompts_file), Path(output), generate_config(options, model=model),
                         config_from(RankConfig, options), column, generator_name)
-    with stage_output(_debug()):
+    with stage_output(debug_flag()):
         result = best_of_n(cfg)
     emit(result, as_json, lambda: click.echo(
         f"wrote {result['prompts']} outputs of {result['generator']} to {result['output']} "
