@@ -250,3 +250,21 @@ def test_unknown_executor_is_an_error_in_the_api_and_the_pipeline(tmp_path):
     (tmp_path / "p.yaml").write_text("generation:\n  scale_out:\n    executor: ray\n    replicas: 0\n")
     with pytest.raises(InputError, match="generation: replicas must be at least 1, not 0"):
         validate_pipeline(load_pipeline(tmp_path / "p.yaml"), "p.yaml")
+
+
+def test_a_pipeline_on_ray_is_validated_without_starting_replicas(tiny_models, tmp_path, monkeypatch):
+    from builders.backends import ray as ray_backend
+    from builders.pipeline import load_pipeline, validate_pipeline
+
+    def no_replicas(*args, **kwargs):
+        raise AssertionError("validation started Ray replicas")
+
+    monkeypatch.setattr(ray_backend.RayPool, "__init__", no_replicas)
+    (tmp_path / "p.yaml").write_text(
+        f"generation:\n  model: {tiny_models / 'generator'}\n  scale_out: {{executor: ray, replicas: 4}}\n"
+        f"ranking:\n  ranker: python\n  ranker_model: tests.scorers:longer_is_better\n"
+        f"  scale_out: {{executor: ray, replicas: 4, ray_address: auto}}\n"
+        f"training:\n  recipe: {ROOT / 'train' / 'recipes' / 'tiny-cpu.yaml'}\n")
+    cfg = load_pipeline(tmp_path / "p.yaml")
+    assert cfg.ranking.scale_out == ExecutorConfig(executor="ray", replicas=4, ray_address="auto")
+    validate_pipeline(cfg, "p.yaml")

@@ -271,8 +271,11 @@ class RayPool:
                 fill(slot)
                 yield item
         finally:
-            for ref in inflight:
-                ray.cancel(ref, force=False)
+            for ref in inflight:  # queued chunks of a failed or interrupted run: nobody will read them
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - the actors are killed next anyway
+                    pass
 
     def close(self) -> None:
         import ray
