@@ -117,6 +117,31 @@ def test_a_replica_killed_mid_run_is_replaced_and_the_run_ends_with_the_local_sn
     assert result.splits[0].processed == 12
 
 
+def test_a_node_lost_mid_run_leaves_its_chunks_to_the_other_replicas(cluster, tmp_path, capsys):
+    """A third node joins, one replica runs there; the node goes away after the first commit. Its chunks go to the
+    two replicas left (its replacement finds no room and is never needed) and the run ends with the local ids."""
+    cfg = RankConfig(ranker="python", ranker_model="tests.scorers:slow_longer_is_better", batch_prompts=1,
+                     commit_seconds=0)
+    local = rank(generations_catalog(tmp_path / "local.duckdb", n_prompts=12), 1, cfg, progress=False)
+    node = cluster.add_node(num_cpus=1, object_store_memory=80 * MB)
+    cluster.wait_for_nodes()
+    catalog = generations_catalog(tmp_path / "c.duckdb", n_prompts=12)
+    commit, removed = catalog.add_work, []
+
+    def add_work(*args, **kwargs):
+        commit(*args, **kwargs)
+        if not removed:
+            cluster.remove_node(node)
+            removed.append(len(catalog.work_units(_work_key(catalog))))
+
+    catalog.add_work = add_work
+    result = rank(catalog, 1, replace(cfg, scale_out=ExecutorConfig(executor="ray", replicas=3)), progress=False)
+    assert removed and removed[0] < 12
+    assert result.executor["replaced_replicas"] == 1 and result.executor["resubmitted_chunks"] >= 1
+    assert "rank replica" in capsys.readouterr().err
+    assert [s.id for s in result.snapshots] == [s.id for s in local.snapshots]
+
+
 _DRIVER = """
 import json, sys
 from builders.catalog import Catalog

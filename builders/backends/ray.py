@@ -11,9 +11,9 @@ completes (ray.wait), so `run_resumable` commits it through the one work path. W
 An actor runs the local producer (`generate._produce`, `rank._produce`) on its chunk, so the rows are the local
 run's: seeds come from (seed, prompt_id), never from where or with what a prompt ran.
 
-Failures: Ray restarts a crashed actor (`max_restarts`) and retries its tasks; an actor that is gone for good
-(`ray.kill`, restarts used up) is replaced by a new one and its chunks are resubmitted, up to `ATTEMPTS` times per
-chunk. Committed work is in the catalog, so a killed driver reruns the same command and resumes.
+Failures: a lost actor (its process crashed, its node went away, `ray.kill`) has its chunks resubmitted to the
+live actors at once, up to `ATTEMPTS` times per chunk, and a new actor replaces it, taking chunks once its backend
+has loaded. Committed work is in the catalog, so a killed driver reruns the same command and resumes.
 
 Own actor, not `ray.data.llm`: its vLLM processor takes sampling params per row but not our seed rule with
 `n` samples per request, our prepare step (chat template, too-long prompts skipped and counted) or the other
@@ -42,7 +42,6 @@ from builders.errors import InputError, IterdpoError
 from builders.models import one_line
 from builders.stage import Finished, chunks
 
-RESTARTS = 2  # Ray restarts a crashed actor (lost node, OOM kill) this often, retrying its in-flight tasks
 ATTEMPTS = 3  # a chunk whose actor is gone for good goes to a new actor at most this often, then the run fails
 DEPTH = 2  # chunks queued per actor: it starts the next while the driver commits the last
 INSTALL = "pip install 'iterdpo[ray]'"
@@ -193,8 +192,8 @@ class RayPool:
 
     def _spawn(self, slot: int):
         name = f"iterdpo-{self.what}-{self._run_id}-{slot}.{next(self._names)}"
-        return self._cls.options(name=name, max_restarts=RESTARTS, max_task_retries=RESTARTS,
-                                 **self.options).remote(self.build)
+        # no Ray restarts: a lost actor's chunks go to the live ones at once, rather than wait on its restart
+        return self._cls.options(name=name, max_restarts=0, **self.options).remote(self.build)
 
     @staticmethod
     def _get(refs):
@@ -220,27 +219,48 @@ class RayPool:
 
     def stream(self, fn: Callable[[Any, Any], Finished], payloads: Sequence[Any], size: Callable[[Any], int]
                ) -> Iterator[Finished]:
-        """fn(backend, payload) on the replicas, each result yielded as it completes (any order)."""
+        """fn(backend, payload) on the replicas, each result yielded as it completes (any order). A lost replica's
+        chunks go back to the front of the queue, for the live replicas; its replacement takes chunks once its
+        backend is loaded (on a cluster with no room for it, the others finish the run)."""
         import ray
         from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
         queue = deque(range(len(payloads)))
-        inflight: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, actor generation, payload index)
+        work: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, actor generation, payload index)
+        probes: dict[Any, tuple[int, int]] = {}  # a replacement's describe() -> (slot, generation): ready when done
         load = [0] * len(self.actors)
+        ready = [True] * len(self.actors)
         attempts = [0] * len(payloads)
 
         def fill(slot: int) -> None:
-            while queue and load[slot] < DEPTH:
+            while queue and ready[slot] and load[slot] < DEPTH:
                 i = queue.popleft()
-                inflight[self.actors[slot].run.remote(fn, payloads[i])] = (slot, self.generation[slot], i)
+                work[self.actors[slot].run.remote(fn, payloads[i])] = (slot, self.generation[slot], i)
                 load[slot] += 1
+
+        def replace_actor(slot: int, error: BaseException) -> None:
+            print(f"Warning: {self.what} replica {slot} lost ({type(error).__name__}); its chunks go to the other "
+                  f"replicas and a new replica starts", file=sys.stderr, flush=True)
+            ray.kill(self.actors[slot], no_restart=True)
+            self.actors[slot] = self._spawn(slot)
+            self.generation[slot] += 1
+            self.replaced += 1
+            load[slot], ready[slot] = 0, False
+            probes[self.actors[slot].describe.remote()] = (slot, self.generation[slot])
 
         for slot in range(len(self.actors)):
             fill(slot)
         try:
-            while inflight:
-                (ref,), _ = ray.wait(list(inflight), num_returns=1)
-                slot, gen, i = inflight.pop(ref)
+            while work or (queue and probes):
+                (ref,), _ = ray.wait([*work, *probes], num_returns=1)
+                if ref in probes:
+                    slot, gen = probes.pop(ref)
+                    if gen == self.generation[slot]:
+                        self._get(ref)  # the backend loaded (or its own error)
+                        ready[slot] = True
+                        fill(slot)
+                    continue
+                slot, gen, i = work.pop(ref)
                 current = gen == self.generation[slot]
                 if current:
                     load[slot] -= 1
@@ -256,22 +276,17 @@ class RayPool:
                                            f"kept: rerun the same command to continue") from None
                     queue.appendleft(i)
                     self.resubmitted += 1
-                    if current:  # the first loss seen from this actor: replace it (its other chunks come back too)
-                        print(f"Warning: {self.what} replica {slot} lost ({type(e).__name__}); a new one takes its "
-                              f"chunks", file=sys.stderr, flush=True)
-                        ray.kill(self.actors[slot], no_restart=True)
-                        self.actors[slot] = self._spawn(slot)
-                        self.generation[slot] += 1
-                        self.replaced += 1
-                        load[slot] = 0
-                    fill(slot)
+                    if current:  # the first loss seen from this actor (its other chunks come back too)
+                        replace_actor(slot, e)
+                    for other in range(len(self.actors)):
+                        fill(other)
                     continue
                 self.units[slot] += len(item.units)
                 self.nodes.add(node)
                 fill(slot)
                 yield item
         finally:
-            for ref in inflight:  # queued chunks of a failed or interrupted run: nobody will read them
+            for ref in [*work, *probes]:  # chunks of a failed or interrupted run: nobody will read them
                 try:
                     ray.cancel(ref)
                 except Exception:  # noqa: BLE001 - the actors are killed next anyway
