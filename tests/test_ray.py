@@ -266,6 +266,20 @@ def test_bad_executor_options_fail_before_any_work(cli, catalog_path, tiny_model
     assert _state(catalog_path) == before and not (tmp_path / "out.json").exists()
 
 
+def test_an_unreachable_cluster_is_one_line_at_once(catalog_path):
+    """Ray retries an unreachable address for minutes; the command says so at once (a fresh process: this one is
+    already connected to the file's cluster, which a stage reuses)."""
+    generations_catalog(catalog_path, n_prompts=2)
+    before = _state(catalog_path)
+    out = subprocess.run([sys.executable, "-m", "builders.cli", "--catalog", str(catalog_path), "rank", "--iteration",
+                          "1", "--ranker", "python", "--ranker-model", "tests.scorers:longer_is_better",
+                          "--executor", "ray", "--ray-address", "127.0.0.1:1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stdout == "" and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("Error: cannot reach Ray at 127.0.0.1:1")
+    assert _state(catalog_path) == before
+
+
 def test_unknown_executor_is_an_error_in_the_api_and_the_pipeline(tmp_path):
     from builders.pipeline import load_pipeline, validate_pipeline
 

@@ -86,6 +86,7 @@ def session(ex: ExecutorConfig) -> Iterator[None]:
             kw: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
             if address == "local":
                 kw["include_dashboard"] = False
+            _reachable(address)
             try:
                 ray.init(address=address, **kw)
             except (ConnectionError, ValueError, RuntimeError) as e:
@@ -98,6 +99,20 @@ def session(ex: ExecutorConfig) -> Iterator[None]:
         if _session["depth"] == 0 and _session["owned"]:
             ray.shutdown()
             _session["owned"] = False
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """HOST:PORT (or ray://HOST:PORT) accepts connections: Ray itself retries an unreachable address for minutes."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # auto, local: Ray answers at once
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise IterdpoError(f"cannot reach Ray at {address}: {e.strerror or type(e).__name__}; is `ray start` "
+                           f"running there?") from None
 
 
 def cluster_gpus(ex: ExecutorConfig) -> float:

@@ -31,8 +31,6 @@ def print_snapshots(snaps) -> None:
         click.echo(snapshot_line(s))
 
 
-
-
 def print_executor(stats: dict[str, Any] | None) -> None:
     """The ray executor's line: replicas, nodes, the work split, start-up and losses."""
     if not stats:
