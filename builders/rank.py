@@ -46,11 +46,18 @@ def validate_rank(cfg: RankConfig) -> None:
         raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
     if cfg.batch_tokens is not None and (not isinstance(cfg.batch_tokens, int) or cfg.batch_tokens < 1):
         raise InputError(f"batch_tokens must be at least 1, not {cfg.batch_tokens}", option="batch_tokens")
-    if cfg.ranker != "python":
+    if cfg.ranker != "python" and cfg.scale_out.executor == "local":  # on Ray, the device is the replicas'
         check_device(cfg.device)
+    from builders.backends.ray import validate_executor
+
+    validate_executor(cfg.scale_out)
 
 
 def make_ranker(cfg: RankConfig) -> Ranker:
+    if cfg.scale_out.executor == "ray":  # replicas of the ranker below on Ray actors
+        from builders.backends.ray import RayRanker
+
+        return RayRanker(cfg)
     if cfg.ranker == "pairrm":
         from builders.backends.pairrm import PairRM
 
@@ -103,37 +110,55 @@ def rank(catalog: Catalog, iteration: int, cfg: RankConfig = RankConfig(), from_
     result = StageResult("rank", iteration)
     start = time.perf_counter()
     settings: dict[str, Any] = {"ranker": cfg.ranker, "dtype": cfg.dtype}
-    if cfg.ranker == "pairrm" and not device_for(cfg.device).startswith("cpu"):
+    if cfg.ranker == "pairrm" and _on_gpu(cfg):
         # PairRM's scores are bit-identical across batch options on CPU (tested); GPU kernels may change with the
         # batch shape, so there the batch options are part of the key and a resumed run cannot mix them
         settings.update(batch_prompts=cfg.batch_prompts, batch_tokens=cfg.batch_tokens)
-    for split, gen in sets.items():
-        key = work_key({"stage": "rank", "generations": gen.id, **identity, **settings})
-        gens = catalog.read(gen.id)
-        prompts_snap = catalog.get(gen.parents[0])
-        prompt_text = dict(zip(*(catalog.read(prompts_snap.id).column(c).to_pylist() for c in ("prompt_id", "prompt"))))
-        order, by = grouped(gens)
-        done = catalog.work_units(key)
-        todo = [pid for pid in order if pid not in done]
-        split_result = SplitResult(split, len(order))
-        if todo and ranker is None:
-            ranker = make_ranker(cfg)
-        work = Work(key, "scores", iteration, split, {"ranker": ranker.describe() if ranker is not None else {}})
-        if todo:
-            split_result.processed, _ = run_resumable(
-                catalog, work, todo, lambda pids: _produce(ranker, pids, prompt_text, by, cfg.batch_prompts),
-                commit_seconds=cfg.commit_seconds, progress=progress, desc=f"rank it{iteration} {split}")
-        described = ranker.describe() if ranker is not None else catalog.work_params(key).get("ranker", {})
-        params = {**identity, **described, "generations": gen.id, "work_key": key,
-                  **{k: v for k, v in settings.items() if k.startswith("batch_")}}
-        split_result.snapshot = register_work(catalog, work, order, [gen.id], params)
-        result.splits.append(split_result)
+    owned = ranker is None
+    try:
+        for split, gen in sets.items():
+            key = work_key({"stage": "rank", "generations": gen.id, **identity, **settings})
+            gens = catalog.read(gen.id)
+            prompts_snap = catalog.get(gen.parents[0])
+            prompt_text = dict(zip(*(catalog.read(prompts_snap.id).column(c).to_pylist()
+                                     for c in ("prompt_id", "prompt"))))
+            order, by = grouped(gens)
+            done = catalog.work_units(key)
+            todo = [pid for pid in order if pid not in done]
+            split_result = SplitResult(split, len(order))
+            if todo and ranker is None:
+                ranker = make_ranker(cfg)
+            work = Work(key, "scores", iteration, split, {"ranker": ranker.describe() if ranker is not None else {}})
+            if todo:
+                split_result.processed, _ = run_resumable(
+                    catalog, work, todo, lambda pids: _produce(ranker, pids, prompt_text, by, cfg.batch_prompts),
+                    commit_seconds=cfg.commit_seconds, progress=progress, desc=f"rank it{iteration} {split}")
+            described = ranker.describe() if ranker is not None else catalog.work_params(key).get("ranker", {})
+            params = {**identity, **described, "generations": gen.id, "work_key": key,
+                      **{k: v for k, v in settings.items() if k.startswith("batch_")}}
+            split_result.snapshot = register_work(catalog, work, order, [gen.id], params)
+            result.splits.append(split_result)
+    finally:
+        if owned and hasattr(ranker, "close"):  # Ray replicas give their GPUs back
+            ranker.close()
     result.seconds = time.perf_counter() - start
+    result.executor = getattr(ranker, "stats", None)
     return result
+
+
+def _on_gpu(cfg: RankConfig) -> bool:
+    if cfg.scale_out.executor == "ray":
+        from builders.backends.ray import ranker_on_gpu
+
+        return ranker_on_gpu(cfg)
+    return not device_for(cfg.device).startswith("cpu")
 
 
 def _produce(ranker: Ranker, todo: Sequence[str], prompt_text: dict[str, str],
              by: dict[str, list[tuple[int, str]]], batch_prompts: int) -> Iterator[Finished]:
+    if hasattr(ranker, "produce"):  # the ray executor: replicas of the local ranker run this on chunks
+        yield from ranker.produce(todo, prompt_text, by, batch_prompts)
+        return
     for chunk in chunks(todo, batch_prompts):
         scores = ranker.score([prompt_text[p] for p in chunk], [[t for _, t in by[p]] for p in chunk])
         rows: dict[str, list] = {"prompt_id": [], "response_index": [], "score": []}

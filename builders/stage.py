@@ -109,6 +109,7 @@ class StageResult:
     splits: list[SplitResult] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0  # generate: completion tokens produced in this run
+    executor: dict[str, Any] | None = None  # the ray executor: replicas, nodes, the work split, start-up seconds
 
     @property
     def snapshots(self) -> list[Snapshot]:
@@ -116,7 +117,8 @@ class StageResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "iteration": self.iteration, "seconds": round(self.seconds, 2),
-                "tokens": self.tokens, "splits": [s.to_json() for s in self.splits]}
+                "tokens": self.tokens, "splits": [s.to_json() for s in self.splits],
+                **({"executor": self.executor} if self.executor else {})}
 
 
 def run_resumable(catalog: Catalog, work: Work, todo: Sequence[str], produce: Callable[[Sequence[str]], Iterable[Finished]],

@@ -15,3 +15,11 @@ def too_few(prompts, responses):
 
 def not_numbers(prompts, responses):
     return ["good"] * len(responses)
+
+
+def slow_longer_is_better(prompts, responses):
+    """longer_is_better at a model's pace (0.2 s a call): a run long enough to be killed in the middle."""
+    import time
+
+    time.sleep(0.2)
+    return longer_is_better(prompts, responses)

@@ -100,6 +100,14 @@ def backend_options():
     )
 
 
+def executor_options():
+    """Where the model work runs: this process, or replicas on Ray (builders/backends/ray.py)."""
+    from builders.config import EXECUTORS, ExecutorConfig
+
+    return compose(field_option(ExecutorConfig, "executor", choices=EXECUTORS),
+                   field_option(ExecutorConfig, "replicas"), field_option(ExecutorConfig, "ray_address"))
+
+
 def ranker_options(with_batches: bool = True):
     from builders.config import RANKERS, RankConfig
 
@@ -112,9 +120,17 @@ def generate_config(values: dict[str, Any], **fixed: Any):
     """GenerateConfig from a command's parsed options (sampling, backend and engine options)."""
     import os
 
-    from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, VllmConfig
+    from builders.config import ExecutorConfig, GenerateConfig, OpenAIConfig, SamplingConfig, VllmConfig
 
     base_url = values.get("base_url") or os.environ.get("OPENAI_BASE_URL") or OpenAIConfig.base_url
     return config_from(GenerateConfig, {**values, **fixed}, sampling=config_from(SamplingConfig, values),
                        vllm=config_from(VllmConfig, values),
-                       openai=config_from(OpenAIConfig, {**values, "base_url": base_url}))
+                       openai=config_from(OpenAIConfig, {**values, "base_url": base_url}),
+                       scale_out=config_from(ExecutorConfig, values))
+
+
+def rank_config(values: dict[str, Any], **fixed: Any):
+    """RankConfig from a command's parsed options (ranker and executor options)."""
+    from builders.config import ExecutorConfig, RankConfig
+
+    return config_from(RankConfig, {**values, **fixed}, scale_out=config_from(ExecutorConfig, values))

@@ -9,9 +9,10 @@ import click
 
 from builders.cli.app import State, debug_flag, cli, stage_output
 from builders.cli.options import (
-    backend_options, config_from, example, field_option, generate_config, json_option, ranker_options, sampling_options,
+    backend_options, config_from, example, executor_options, field_option, generate_config, json_option,
+    rank_config, ranker_options, sampling_options,
 )
-from builders.cli.render import emit, print_snapshots
+from builders.cli.render import emit, print_executor, print_snapshots
 from builders.config import SELECTIONS, SPLITS, BuildConfig, GenerateConfig, QuickstartConfig, RankConfig, TrainConfig
 
 
@@ -26,6 +27,7 @@ from builders.config import SELECTIONS, SPLITS, BuildConfig, GenerateConfig, Qui
 @click.option("--from", "from_refs", multiple=True, help="Prompt snapshot(s) to use (default: the newest per split).")
 @backend_options()
 @field_option(GenerateConfig, "commit_seconds")
+@executor_options()
 @json_option
 @click.pass_obj
 def generate_cmd(state: State, iteration: int, split: str | None, from_refs: tuple[str, ...], as_json: bool,
@@ -48,6 +50,7 @@ def generate_cmd(state: State, iteration: int, split: str | None, from_refs: tup
                        f"long) -> snapshot {s.snapshot.id[:12]} ({s.snapshot.rows} responses)")
         rate = result.tokens / result.seconds if result.seconds else 0.0
         click.echo(f"done in {result.seconds:.1f}s, {result.tokens:,} completion tokens ({rate:,.0f} tok/s)")
+        print_executor(result.executor)
 
     emit(result.to_json(), as_json, human)
 
@@ -60,6 +63,7 @@ def generate_cmd(state: State, iteration: int, split: str | None, from_refs: tup
 @click.option("--split", type=click.Choice(SPLITS), default=None, help="Only this split (default: both).")
 @click.option("--from", "from_refs", multiple=True, help="Generations snapshot(s) to score (default: newest per split).")
 @field_option(RankConfig, "commit_seconds")
+@executor_options()
 @json_option
 @click.pass_obj
 def rank_cmd(state: State, iteration: int, split: str | None, from_refs: tuple[str, ...], as_json: bool,
@@ -71,7 +75,7 @@ def rank_cmd(state: State, iteration: int, split: str | None, from_refs: tuple[s
     """
     from builders.rank import rank
 
-    cfg = config_from(RankConfig, {**options, "splits": (split,) if split else SPLITS})
+    cfg = rank_config(options, splits=(split,) if split else SPLITS)
     with stage_output(state.debug):
         result = rank(state.catalog(), iteration, cfg, from_refs)
 
@@ -80,6 +84,7 @@ def rank_cmd(state: State, iteration: int, split: str | None, from_refs: tuple[s
             click.echo(f"{s.split}: {s.prompts} prompts ({s.processed} scored now) -> snapshot {s.snapshot.id[:12]} "
                        f"({s.snapshot.rows} scores)")
         click.echo(f"done in {result.seconds:.1f}s")
+        print_executor(result.executor)
 
     emit(result.to_json(), as_json, human)
 

@@ -9,7 +9,8 @@ import click
 
 from builders.cli.app import debug_flag, cli, stage_output
 from builders.cli.options import (
-    backend_options, config_from, example, field_option, generate_config, json_option, ranker_options, sampling_options,
+    backend_options, example, executor_options, field_option, generate_config, json_option,
+    rank_config, ranker_options, sampling_options,
 )
 from builders.cli.render import emit
 from builders.config import BEST_OF_N, BestOfNConfig, GgufImportConfig, RankConfig, TinyConfig
@@ -77,6 +78,7 @@ def models_import_gguf(gguf_file: str, directory: str, dtype: str, overwrite: bo
 @field_option(BestOfNConfig, "column")
 @ranker_options(with_batches=False)
 @field_option(BestOfNConfig, "generator_name")
+@executor_options()
 @click.option("--output", required=True, type=click.Path(dir_okay=False),
               help="model_outputs.json to write (its folder must exist); the sidecar OUTPUT_STEM.candidates.jsonl "
                    "goes beside it.")
@@ -94,7 +96,7 @@ def best_of_n_cmd(model: str, prompts_file: str, output: str, column: str | None
     from builders.evaluate import best_of_n
 
     cfg = BestOfNConfig(Path(prompts_file), Path(output), generate_config(options, model=model),
-                        config_from(RankConfig, options), column, generator_name)
+                        rank_config(options), column, generator_name)
     with stage_output(debug_flag()):
         result = best_of_n(cfg)
     emit(result, as_json, lambda: click.echo(
