@@ -257,6 +257,16 @@ def test_gc_keeps_the_rows_that_stored_pairs_refer_to(tmp_path):
     snap = build_pairs(catalog, 1, BuildConfig()).snapshots[0]
     rows = catalog.read(snap.id)
     referenced = sum(len(r) for r in rows.column("all_generated_responses").to_pylist())
+    # a referenced row that is gone (a damaged file) is reported by verify, and a read says what is wrong
+    import shutil
+
+    from builders.errors import CatalogError
+    broken = Catalog(shutil.copy(catalog.path, tmp_path / "broken.duckdb"))
+    with broken.connect() as con:
+        con.execute("DELETE FROM rows_generations WHERE row_id = (SELECT min(row_id) FROM rows_generations)").fetchall()
+    assert [p for p in broken.verify()["problems"] if p.startswith(snap.id[:12]) and "not in the catalog" in p]
+    with pytest.raises(CatalogError, match="refer to generations rows that are not in the catalog"):
+        broken.read(snap.id)
 
     def drop(kind: str) -> None:  # as if the snapshot were gone: its rows belong to no snapshot
         with catalog.connect() as con:

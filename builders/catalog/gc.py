@@ -12,6 +12,7 @@ import pyarrow as pa
 from builders.catalog.hashing import row_hashes, snapshot_id
 from builders.catalog.snapshots import Snapshots
 from builders.catalog.store import _one, _rows_table, _run, has_refs
+from builders.errors import CatalogError
 from builders.schemas import KINDS, Kind, kind as get_kind
 
 
@@ -32,7 +33,11 @@ class Upkeep(Snapshots):
             k = get_kind(snap.kind)
             # chunk by chunk: the id is hashed as the rows stream past, so memory stays bounded by a batch
             seen = {"rows": 0, "bad": 0}
-            sid = snapshot_id(k.name, snap.iteration, snap.split, self._rehash(snap.id, seen))
+            try:
+                sid = snapshot_id(k.name, snap.iteration, snap.split, self._rehash(snap.id, seen))
+            except CatalogError as e:  # pairs rows referring to rows that are gone cannot be rebuilt
+                problems.append(f"{snap.id[:12]}: {e}")
+                continue
             if seen["rows"] != snap.rows:
                 problems.append(f"{snap.id[:12]}: {snap.rows} rows recorded, {seen['rows']} stored")
             if seen["bad"]:

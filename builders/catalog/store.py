@@ -477,7 +477,7 @@ def expand_pairs(con: duckdb.DuckDBPyConnection, table: pa.Table) -> pa.Table:
             con.unregister("_ids")
         taken = found.column(1).take(pc.index_in(wanted, value_set=found.column(0).combine_chunks()))
         if taken.null_count:
-            raise CatalogError(f"{taken.null_count} pairs rows' texts refer to {kind} rows that are not in the "
+            raise CatalogError(f"{taken.null_count} texts of pairs rows refer to {kind} rows that are not in the "
                                f"catalog (see `iterdpo versions verify`)")
         return taken.combine_chunks().cast(pa.string())
 
