@@ -287,3 +287,42 @@ def test_gc_keeps_the_rows_that_stored_pairs_refer_to(tmp_path):
     assert report["rows_removed_by_kind"]["pairs"] == rows.num_rows
     assert report["rows_removed_by_kind"]["generations"] == referenced
     assert report["rows_removed_by_kind"]["prompts"] == rows.num_rows
+
+
+_BUILD_THEN_HANG = """
+import sys, time
+import builders.catalog as c
+from builders.config import BuildConfig
+from builders.pairs import build_pairs
+original = c.Catalog._insert_rows
+def slow(self, *args):
+    out = original(self, *args)
+    print("inserted", flush=True)
+    time.sleep(60)
+    return out
+c.Catalog._insert_rows = slow
+build_pairs(c.Catalog(sys.argv[1]), 1, BuildConfig())
+"""
+
+
+def test_a_build_killed_while_storing_referencing_rows_leaves_the_catalog_as_before(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    catalog, _ = _long_catalog(tmp_path / "c.duckdb", n_prompts=6, chars=50)
+    before = [s.id for s in catalog.list()]
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD_THEN_HANG, str(catalog.path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "inserted"  # pairs rows in, their transaction not committed
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert [s.id for s in catalog.list()] == before and _stored_texts(catalog) == (0, 0)
+    assert catalog.verify()["ok"] and catalog.verify()["unreferenced_rows"] == 0
+    snap = build_pairs(catalog, 1, BuildConfig()).snapshots[0]  # and a rerun completes
+    assert _stored_texts(catalog) == (snap.rows, 0) and catalog.verify()["ok"]

@@ -369,7 +369,7 @@ class Store:
         responses = part.column("all_generated_responses").combine_chunks()
         same_count = pc.equal(pc.list_value_length(responses).fill_null(-1),
                               pc.list_value_length(refs.column("response_refs").combine_chunks()))
-        ok = same_count.to_numpy(zero_copy_only=False).copy()
+        ok = same_count.fill_null(False).to_numpy(zero_copy_only=False).copy()
         ok &= pc.greater(pc.list_value_length(responses).fill_null(0), 0).to_numpy(zero_copy_only=False)
         if not ok.any():
             return ok
@@ -393,8 +393,8 @@ class Store:
 
     def _by_reference(self, con: duckdb.DuckDBPyConnection, rows: pa.Table, refs: pa.Table,
                       hashes: list[bytes]) -> pa.Table:
-        """`rows` (pairs) with REFS beside them: a row whose references rebuild it exactly (its rebuilt full row
-        has its hash, so every referenced text is byte-identical and present) is stored by reference, any other
+        """`rows` (pairs) with REFS beside them: a row whose references rebuild it exactly (every referenced row
+        is present and holds the same text, byte for byte: _references_match) is stored by reference, any other
         row (no references, a missing or different text) in full."""
         refs = refs.cast(REF_SCHEMA)
         count = pc.list_value_length(refs.column("response_refs")).fill_null(0)
