@@ -83,7 +83,7 @@ COMMANDS = {
     "export-jsonl": "from builders.export import export_snapshot; "
                     "export_snapshot(cat, 'generations:1:train', work / 'generations.jsonl')",
     "build": "from builders.config import BuildConfig; from builders.pairs import build_pairs; "
-             "print(build_pairs(cat, BuildConfig(iteration=1)).splits[0].snapshot.id, file=sys.stderr)",
+             "print(build_pairs(cat, 1, BuildConfig()).splits[0].snapshot.id, file=sys.stderr)",
     "verify": "assert cat.verify()['ok']",
     "export-pairs": "from builders.export import export_snapshot; "
                     "export_snapshot(cat, 'pairs:1:train', work / 'pairs.parquet')",

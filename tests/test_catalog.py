@@ -22,6 +22,7 @@ from builders.catalog import SCHEMA_VERSION, Catalog, snapshot_id, row_hashes
 from builders.config import CatalogConfig, SplitConfig
 from builders.errors import CatalogBusy, CatalogError, InputError, NotFound
 from builders.prompts import import_prompts, split_prompts
+from builders.schemas import KINDS
 from tests.conftest import ROOT, SAMPLE
 
 
@@ -479,3 +480,53 @@ def test_reads_never_create_a_catalog_and_share_the_file_with_other_readers(tmp_
         reader.kill()
         reader.wait()
     assert catalog.tag(snap.id, "first").tags == ["first"]
+
+
+# ---------------------------------------------------------------------------------------------- schema migration
+def test_a_catalog_of_schema_1_reads_unchanged_and_is_upgraded_in_place_by_its_first_write(tmp_path: Path):
+    """tests/data/catalog_v1.duckdb.gz: written by iterdpo at 2314c0e (schema 1: pairs rows in full), holding
+    prompts, generations and scores of two prompts (a: r0 1.0, r1 0.0; b: s0 0.5, s1 2.0) and their pairs."""
+    import gzip
+
+    old = tmp_path / "v1.duckdb"
+    old.write_bytes(gzip.decompress((ROOT / "tests" / "data" / "catalog_v1.duckdb.gz").read_bytes()))
+    pairs_id = "874afccd04882dc1ffb7f2dde7dd5aa28aba1f51b6e7f089c9234b28013797bf"
+
+    def turn(prompt: str, answer: str) -> list[dict[str, str]]:
+        return [{"content": prompt, "role": "user"}, {"content": answer, "role": "assistant"}]
+
+    expected = pa.Table.from_pylist([
+        {"prompt_id": "a", "prompt": "P a", "chosen": turn("P a", "r0"), "rejected": turn("P a", "r1"),
+         "all_generated_responses": ["r0", "r1"], "all_rm_scores": [1.0, 0.0], "score_chosen": 1.0,
+         "score_rejected": 0.0},
+        {"prompt_id": "b", "prompt": "P b", "chosen": turn("P b", "s1"), "rejected": turn("P b", "s0"),
+         "all_generated_responses": ["s0", "s1"], "all_rm_scores": [0.5, 2.0], "score_chosen": 2.0,
+         "score_rejected": 0.5}], schema=KINDS["pairs"].schema)
+    assert Catalog(tmp_path / "fresh.duckdb").register("pairs", expected, iteration=1, split="train").id == pairs_id
+
+    def version(path: Path) -> str:
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            return con.execute("SELECT value FROM iterdpo_meta WHERE key = 'schema_version'").fetchone()[0]
+        finally:
+            con.close()
+
+    catalog = Catalog(old)
+    # reads (and a merge from it) never write it: they read schema 1 as it is
+    raw = old.read_bytes()
+    assert catalog.read("pairs:1:train").equals(expected) and catalog.get("pairs:1:train").id == pairs_id
+    assert pa.Table.from_batches(list(catalog.read_batches(pairs_id, 1))).equals(expected)
+    assert catalog.verify()["ok"]
+    merged = Catalog(tmp_path / "merged.duckdb")
+    merged.merge([old])
+    assert merged.read(pairs_id).equals(expected) and merged.verify()["ok"]
+    assert old.read_bytes() == raw and version(old) == "1"
+
+    # the first write upgrades it in place, once; its rows stay as they are
+    catalog.tag(pairs_id, "v1-pairs")
+    assert version(old) == str(SCHEMA_VERSION) == "2"
+    assert catalog.read("v1-pairs").equals(expected) and catalog.verify()["ok"]
+    from builders.config import BuildConfig
+    from builders.pairs import build_pairs
+    assert build_pairs(catalog, 1, BuildConfig()).snapshots[0].id == pairs_id  # the same rows again: a no-op
+    assert [s.id for s in catalog.list(kind="pairs")] == [pairs_id]

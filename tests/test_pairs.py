@@ -124,3 +124,205 @@ def test_cli_build_prints_drops(cli, tmp_path, catalog_path):
     assert out.code == 1 and "no train pairs left for iteration 1" in out.err
     ok = cli("build", "--iteration", "1", "--json")
     assert ok.code == 0 and ok.json()["splits"][0]["snapshot"]["kind"] == "pairs"
+
+
+# ------------------------------------------------------------------------------- pairs refer to the rows they come from
+def _long_catalog(path: Path, n_prompts: int = 200, n: int = 4, chars: int = 6000) -> tuple[Catalog, int]:
+    """Prompts, generations of long responses and scores of iteration 1 (train); also the responses' text bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def texts(count: int, length: int) -> list[str]:
+        letters = rng.integers(97, 123, (count, length), dtype=np.uint8)
+        return [row.tobytes().decode() for row in letters]
+
+    prompts = [f"{i} {t}" for i, t in enumerate(texts(n_prompts, 300))]
+    ids = [f"{i:064x}" for i in range(n_prompts)]
+    catalog = Catalog(path)
+    p = catalog.register("prompts", pa.table({"prompt_id": ids, "prompt": prompts, "source": ["t"] * n_prompts}),
+                         iteration=1, split="train")
+    responses = texts(n_prompts * n, chars)
+    gens = pa.table({"prompt_id": [i for i in ids for _ in range(n)],
+                     "response_index": pa.array(list(range(n)) * n_prompts, pa.int32()), "response": responses,
+                     "finish_reason": ["stop"] * (n_prompts * n),
+                     "prompt_tokens": pa.array([3] * (n_prompts * n), pa.int32()),
+                     "completion_tokens": pa.array([9] * (n_prompts * n), pa.int32())})
+    g = catalog.register("generations", gens, iteration=1, split="train", parents=[p.id])
+    catalog.register("scores", gens.select(["prompt_id", "response_index"]).append_column(
+        "score", pa.array(rng.normal(size=n_prompts * n))), iteration=1, split="train", parents=[g.id])
+    return catalog, sum(len(r.encode()) for r in responses)
+
+
+def _stored_texts(catalog: Catalog) -> tuple[int, int]:
+    """(pairs rows stored by reference, pairs rows stored in full)."""
+    with catalog.connect(read_only=True) as con:
+        return con.execute("SELECT count(prompt_ref), count(prompt) FROM rows_pairs").fetchone()
+
+
+def test_build_stores_each_text_once_and_every_reader_sees_the_full_rows(tmp_path):
+    import shutil
+
+    from builders.export import export_snapshot
+
+    catalog, text_bytes = _long_catalog(tmp_path / "refs.duckdb")
+    shutil.copy(catalog.path, tmp_path / "full.duckdb")
+    before = catalog.path.stat().st_size
+    snap = build_pairs(catalog, 1, BuildConfig()).snapshots[0]
+    grown = catalog.path.stat().st_size - before
+    assert _stored_texts(catalog) == (snap.rows, 0)
+    rows = catalog.read(snap.id)
+
+    # the same rows registered in full (a user's table): same id, same rows, and the catalog grows by their texts
+    full = Catalog(tmp_path / "full.duckdb")
+    size = full.path.stat().st_size
+    same = full.register("pairs", rows, iteration=1, split="train", parents=snap.parents)
+    assert same.id == snap.id and _stored_texts(full) == (0, snap.rows)
+    assert grown < 0.2 * text_bytes < full.path.stat().st_size - size
+    assert full.read(snap.id).equals(rows)
+
+    # streamed (one batch and many), with hashes, exported, verified, in the trl form: exactly the full rows
+    for batch_rows in (7, 10_000):
+        streamed = pa.Table.from_batches(list(catalog.read_batches(snap.id, batch_rows, with_hash=True)))
+        assert streamed.equals(pa.Table.from_batches(list(full.read_batches(snap.id, batch_rows, with_hash=True))))
+        assert streamed.drop_columns(["row_hash"]).equals(rows)
+    for name in ("pairs.parquet", "pairs.jsonl"):
+        export_snapshot(catalog, snap.id, tmp_path / f"refs-{name}")
+        export_snapshot(full, snap.id, tmp_path / f"full-{name}")
+        assert (tmp_path / f"refs-{name}").read_bytes() == (tmp_path / f"full-{name}").read_bytes()
+    assert catalog.verify()["ok"] and catalog.verify()["unreferenced_rows"] == 0
+    assert to_trl(rows).equals(to_trl(full.read(snap.id)))
+    assert catalog.diff(snap.id, snap.id)["unchanged"] == snap.rows
+
+    # a rerun stores nothing new; a merge into an empty catalog brings the referenced rows along
+    assert build_pairs(catalog, 1, BuildConfig()).snapshots[0].id == snap.id
+    merged = Catalog(tmp_path / "merged.duckdb")
+    merged.merge([catalog.path])
+    assert merged.read(snap.id).equals(rows) and merged.verify()["ok"]
+    assert _stored_texts(merged) == (snap.rows, 0)
+
+
+def _with_references(catalog: Catalog, rows: pa.Table) -> pa.Table:
+    """`rows` (pairs of iteration 1) with the references build would give them."""
+    from builders.catalog import REF_SCHEMA
+
+    prompts = catalog.read_batches(catalog.newest("prompts", 1, "train").id, columns=("prompt_id",), with_hash=True)
+    prompt_hash = {p: h for b in prompts for p, h in zip(b.column("prompt_id").to_pylist(),
+                                                         b.column("row_hash").to_pylist())}
+    gens = catalog.read_batches(catalog.newest("generations", 1, "train").id,
+                                columns=("prompt_id", "response_index"), with_hash=True)
+    gen_hashes: dict[str, list[bytes]] = {}
+    for b in gens:
+        for p, h in zip(b.column("prompt_id").to_pylist(), b.column("row_hash").to_pylist()):
+            gen_hashes.setdefault(p, []).append(h)
+    listed = rows.to_pylist()
+    refs = {"prompt_ref": [prompt_hash[r["prompt_id"]] for r in listed],
+            "response_refs": [gen_hashes[r["prompt_id"]] for r in listed],
+            "chosen_ref": [r["all_generated_responses"].index(r["chosen"][1]["content"]) for r in listed],
+            "rejected_ref": [r["all_generated_responses"].index(r["rejected"][1]["content"]) for r in listed]}
+    for name in REF_SCHEMA.names:
+        rows = rows.append_column(REF_SCHEMA.field(name), pa.array(refs[name], REF_SCHEMA.field(name).type))
+    return rows
+
+
+def test_pairs_whose_texts_are_not_in_the_catalog_are_stored_in_full(tmp_path):
+    catalog, _ = _long_catalog(tmp_path / "c.duckdb", n_prompts=6, chars=50)
+    rows = catalog.read(build_pairs(catalog, 1, BuildConfig()).snapshots[0].id)
+    # other texts (a user's table of iteration 2): no row of the catalog holds them
+    mine = rows.set_column(1, "prompt", pa.array([p + "!" for p in rows.column("prompt").to_pylist()]))
+    mine = mine.set_column(2, "chosen", pa.array([[{"content": c[0]["content"] + "!", "role": "user"}, c[1]]
+                                                   for c in rows.column("chosen").to_pylist()], mine.schema.field(2).type))
+    # references beside rows whose texts differ from the referenced ones: only the exact rows are stored by reference
+    edited = rows.to_pylist()
+    edited[0]["all_generated_responses"][0] += " (edited)"
+    edited[1]["chosen"][1]["content"] = edited[1]["all_generated_responses"][-1] + "x"
+    edited[2]["score_chosen"] = 99.0
+    edited = pa.Table.from_pylist(edited, schema=rows.schema)
+    referencing = _with_references(catalog, rows)
+    for i, name in enumerate(rows.column_names):
+        referencing = referencing.set_column(i, name, edited.column(name))
+    before = _stored_texts(catalog)
+    a = catalog.register("pairs", mine, iteration=2, split="train")
+    b = catalog.register("pairs", referencing, iteration=3, split="train")
+    assert catalog.read(a.id).equals(mine) and catalog.read(b.id).equals(edited)
+    assert b.id == Catalog(tmp_path / "other.duckdb").register("pairs", edited, iteration=3, split="train").id
+    # mine: in full; edited: rows 0 and 1 in full (texts differ), row 2 by reference (only a score differs), the
+    # others are iteration 1's rows (stored already)
+    assert _stored_texts(catalog) == (before[0] + 1, before[1] + mine.num_rows + 2)
+    assert catalog.verify()["ok"]
+
+
+def test_gc_keeps_the_rows_that_stored_pairs_refer_to(tmp_path):
+    catalog, _ = _long_catalog(tmp_path / "c.duckdb", n_prompts=6, chars=50)
+    snap = build_pairs(catalog, 1, BuildConfig()).snapshots[0]
+    rows = catalog.read(snap.id)
+    referenced = sum(len(r) for r in rows.column("all_generated_responses").to_pylist())
+    # a referenced row that is gone (a damaged file) is reported by verify, and a read says what is wrong
+    import shutil
+
+    from builders.errors import CatalogError
+    broken = Catalog(shutil.copy(catalog.path, tmp_path / "broken.duckdb"))
+    with broken.connect() as con:
+        con.execute("DELETE FROM rows_generations WHERE row_id = (SELECT min(row_id) FROM rows_generations)").fetchall()
+    assert [p for p in broken.verify()["problems"] if p.startswith(snap.id[:12]) and "not in the catalog" in p]
+    with pytest.raises(CatalogError, match="refer to generations rows that are not in the catalog"):
+        broken.read(snap.id)
+
+    def drop(kind: str) -> None:  # as if the snapshot were gone: its rows belong to no snapshot
+        with catalog.connect() as con:
+            con.execute("DELETE FROM snapshot_rows WHERE seq = (SELECT seq FROM snapshots WHERE id = ?)",
+                        [catalog.newest(kind, 1, "train").id]).fetchall()
+
+    drop("prompts")
+    drop("generations")
+    report = catalog.gc()
+    n_gens = catalog.newest("generations", 1, "train").rows
+    assert report["rows_removed_by_kind"]["generations"] == n_gens - referenced
+    assert report["rows_removed_by_kind"]["prompts"] == 6 - rows.num_rows
+    assert catalog.read(snap.id).equals(rows)
+    assert not [p for p in catalog.verify()["problems"] if p.startswith(snap.id[:12])]
+    # once no snapshot holds the pairs either, their rows go, and then the rows they referred to
+    drop("pairs")
+    report = catalog.gc()
+    assert report["rows_removed_by_kind"]["pairs"] == rows.num_rows
+    assert report["rows_removed_by_kind"]["generations"] == referenced
+    assert report["rows_removed_by_kind"]["prompts"] == rows.num_rows
+
+
+_BUILD_THEN_HANG = """
+import sys, time
+import builders.catalog as c
+from builders.config import BuildConfig
+from builders.pairs import build_pairs
+original = c.Catalog._insert_rows
+def slow(self, *args):
+    out = original(self, *args)
+    print("inserted", flush=True)
+    time.sleep(60)
+    return out
+c.Catalog._insert_rows = slow
+build_pairs(c.Catalog(sys.argv[1]), 1, BuildConfig())
+"""
+
+
+def test_a_build_killed_while_storing_referencing_rows_leaves_the_catalog_as_before(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    catalog, _ = _long_catalog(tmp_path / "c.duckdb", n_prompts=6, chars=50)
+    before = [s.id for s in catalog.list()]
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD_THEN_HANG, str(catalog.path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "inserted"  # pairs rows in, their transaction not committed
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert [s.id for s in catalog.list()] == before and _stored_texts(catalog) == (0, 0)
+    assert catalog.verify()["ok"] and catalog.verify()["unreferenced_rows"] == 0
+    snap = build_pairs(catalog, 1, BuildConfig()).snapshots[0]  # and a rerun completes
+    assert _stored_texts(catalog) == (snap.rows, 0) and catalog.verify()["ok"]

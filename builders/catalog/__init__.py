@@ -21,10 +21,10 @@ from builders.catalog.hashing import row_hashes, snapshot_id, sort_order
 from builders.catalog.merge import Merge
 from builders.catalog.publications import Publications
 from builders.catalog.snapshots import Registration, Snapshot, Snapshots
-from builders.catalog.store import SCHEMA_VERSION, Store
+from builders.catalog.store import REF_SCHEMA, SCHEMA_VERSION, Store
 from builders.catalog.work import Work
 
-__all__ = ["SCHEMA_VERSION", "Catalog", "Registration", "Snapshot", "row_hashes", "snapshot_id", "sort_order"]
+__all__ = ["REF_SCHEMA", "SCHEMA_VERSION", "Catalog", "Registration", "Snapshot", "row_hashes", "snapshot_id", "sort_order"]
 
 
 class Catalog(Upkeep, Snapshots, Work, Merge, Publications, Store):

@@ -11,7 +11,8 @@ import pyarrow as pa
 
 from builders.catalog.hashing import row_hashes, snapshot_id
 from builders.catalog.snapshots import Snapshots
-from builders.catalog.store import _one, _rows_table, _run
+from builders.catalog.store import _one, _rows_table, _run, has_refs
+from builders.errors import CatalogError
 from builders.schemas import KINDS, Kind, kind as get_kind
 
 
@@ -32,7 +33,11 @@ class Upkeep(Snapshots):
             k = get_kind(snap.kind)
             # chunk by chunk: the id is hashed as the rows stream past, so memory stays bounded by a batch
             seen = {"rows": 0, "bad": 0}
-            sid = snapshot_id(k.name, snap.iteration, snap.split, self._rehash(snap.id, seen))
+            try:
+                sid = snapshot_id(k.name, snap.iteration, snap.split, self._rehash(snap.id, seen))
+            except CatalogError as e:  # pairs rows referring to rows that are gone cannot be rebuilt
+                problems.append(f"{snap.id[:12]}: {e}")
+                continue
             if seen["rows"] != snap.rows:
                 problems.append(f"{snap.id[:12]}: {snap.rows} rows recorded, {seen['rows']} stored")
             if seen["bad"]:
@@ -46,7 +51,8 @@ class Upkeep(Snapshots):
                 problems.append(f"{dangling} parent links name snapshots that are not in the catalog")
             # rows of interrupted registrations: in no snapshot and no work; harmless, reused by a retry,
             # removed by `versions gc`
-            unreferenced = sum(_one(con, f"SELECT count(*) {_unreferenced(k)}", [k.name, k.name])[0]
+            refs = has_refs(con)
+            unreferenced = sum(_one(con, f"SELECT count(*) {_unreferenced(k, refs)}", [k.name, k.name])[0]
                                for k in KINDS.values())
         return {"catalog": str(self.path), "snapshots": len(snaps), "ok": not problems, "problems": problems,
                 "unreferenced_rows": unreferenced}
@@ -70,12 +76,14 @@ class Upkeep(Snapshots):
         removed: dict[str, int] = {}
         with self.transaction() as con:
             before = _free_bytes(con)
-            for k in KINDS.values():
+            # pairs first: the prompts and generations rows that only removed pairs rows referred to go too
+            for k in sorted(KINDS.values(), key=lambda k: k.name != "pairs"):
                 n = _one(con, f"SELECT count(*) {_unreferenced(k)}", [k.name, k.name])[0]
                 if n and not dry_run:
                     _run(con, f"DELETE FROM {_rows_table(k.name)} WHERE row_id IN (SELECT r.row_id "
                               f"{_unreferenced(k)})", [k.name, k.name])
                 removed[k.name] = n
+            removed = {k: removed[k] for k in KINDS}
         freed = 0
         if not dry_run and any(removed.values()):
             with self.connect() as con:  # a checkpoint returns the deleted rows' blocks to the file's free list
@@ -85,12 +93,16 @@ class Upkeep(Snapshots):
                 "rows_removed_by_kind": removed, "bytes_freed": freed, "file_bytes": self.path.stat().st_size}
 
 
-def _unreferenced(k: Kind) -> str:
-    """FROM clause of a kind's rows in no snapshot and no work (parameters: the kind name, twice)."""
+def _unreferenced(k: Kind, refs: bool = True) -> str:
+    """FROM clause of a kind's rows in no snapshot, no work, and (prompts, generations) not referred to by a stored
+    pairs row (parameters: the kind name, twice). `refs`: the file has references (schema 2)."""
+    referred = {"prompts": "SELECT prompt_ref AS h FROM rows_pairs WHERE prompt_ref IS NOT NULL",
+                "generations": "SELECT unnest(response_refs) AS h FROM rows_pairs WHERE prompt_ref IS NOT NULL"}
+    by_pairs = f" ANTI JOIN ({referred[k.name]}) refd ON r.row_hash = refd.h" if refs and k.name in referred else ""
     return f"""FROM {_rows_table(k.name)} r
         ANTI JOIN (SELECT row_id FROM snapshot_rows s JOIN snapshots n ON s.seq = n.seq WHERE n.kind = ?
                    UNION ALL SELECT row_id FROM work_rows w JOIN work k ON w.work_key = k.work_key
-                   WHERE k.kind = ?) used ON r.row_id = used.row_id"""
+                   WHERE k.kind = ?) used ON r.row_id = used.row_id{by_pairs}"""
 
 
 def _free_bytes(con: duckdb.DuckDBPyConnection) -> int:

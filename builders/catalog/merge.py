@@ -9,7 +9,7 @@ from typing import Any
 
 import duckdb
 
-from builders.catalog.store import Store, _all, _first_line, _one, _rows_table, _run, _sql_str
+from builders.catalog.store import REFS, Store, _all, _first_line, _one, _rows_table, _run, _sql_str, has_refs
 from builders.errors import CatalogError, InputError
 from builders.schemas import KINDS
 
@@ -55,12 +55,15 @@ class Merge(Store):
 
     def _merge_from_src(self, con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         counts: dict[str, Any] = {"rows": 0}
+        # every row of the source comes along, so the rows that its pairs rows refer to (by hash) do too; a version 1
+        # source (read as it is) has no references
+        src_refs = has_refs(con, "src")
         for k in KINDS.values():
             rt = _rows_table(k.name)
-            cols = ", ".join(["row_hash", *k.columns])
+            cols = ["row_hash", *k.columns, *(REFS if k.name == "pairs" and src_refs else ())]
             counts["rows"] += _one(con, f"""
-                INSERT INTO {rt} SELECT (SELECT coalesce(max(row_id), 0) FROM {rt}) + row_number() OVER (ORDER BY s.row_id),
-                       {', '.join('s.' + c for c in cols.split(', '))}
+                INSERT INTO {rt} BY NAME SELECT (SELECT coalesce(max(row_id), 0) FROM {rt})
+                       + row_number() OVER (ORDER BY s.row_id) AS row_id, {', '.join('s.' + c for c in cols)}
                 FROM src.{rt} s ANTI JOIN {rt} r ON s.row_hash = r.row_hash""")[0]
         # new snapshots, numbered after ours in their source order
         counts["snapshots"] = _one(con, """

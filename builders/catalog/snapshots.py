@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from builders import __version__
 from builders.catalog.hashing import row_hashes, snapshot_id, sort_order
-from builders.catalog.store import Store, _all, _arrow, _batches, _now, _one, _rows_table, _run
+from builders.catalog.store import (REF_SCHEMA, REFERENCED, REFS, Store, _all, _arrow, _batches, _now, _one,
+                                    _rows_table, _run, expand_pairs, ref_columns)
 from builders.errors import InputError, NotFound
 from builders.schemas import KINDS, SPLITS, Kind, conform, kind as get_kind
 
@@ -61,7 +62,12 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Registration:
-    """One snapshot to register: rows of a kind, where they belong, and how they were made."""
+    """One snapshot to register: rows of a kind, where they belong, and how they were made.
+
+    Pairs rows may carry the REFS columns (builders.catalog.store) beside their own: the row_hash of the prompts
+    row and of each generations row (in response order) that hold their texts, and the positions of chosen and
+    rejected among them. A row whose references rebuild it byte for byte is stored by reference (its texts once, in
+    those rows); any other row in full. Nothing else changes: the id and row hashes are the full rows'."""
 
     kind: str
     rows: pa.Table | pa.RecordBatchReader | Iterable[pa.RecordBatch]  # a table, or batches streamed in bounded memory
@@ -125,16 +131,22 @@ class Snapshots(Store):
         k = get_kind(item.kind)
         keys, hashes = [], []
         for batch in _batches(item.rows, self.config.chunk_rows):
+            refs = batch.select(list(REFS)) if k.name == "pairs" and "prompt_ref" in batch.column_names else None
             table = conform(batch, k)
             batch_hashes = row_hashes(table)
             con.begin()
             try:
-                self._insert_rows(con, k, table, batch_hashes)
+                if refs is None:
+                    self._insert_rows(con, k, table, batch_hashes)
+                else:
+                    self._insert_rows(con, k, table, batch_hashes, refs)
             except BaseException:
                 con.rollback()
                 raise
             con.commit()
-            keys.append(table.select(list(k.key)))
+            # a copy: a batch read from an Arrow stream is one buffer, which a slice of it would keep alive (the
+            # whole snapshot's rows in memory by the end)
+            keys.append(table.select(list(k.key)).take(pa.array(np.arange(table.num_rows))))
             hashes.extend(batch_hashes)
         key_table = pa.concat_tables(keys) if keys else k.schema.empty_table().select(list(k.key))
         order = sort_order(key_table, k).to_pylist()
@@ -234,18 +246,18 @@ class Snapshots(Store):
             )
             return self._get(con, row[0]) if row else None
 
-    def _select_rows(self, k: Kind, with_hash: bool = False) -> str:
-        cols = ("r.row_hash, " if with_hash else "") + ", ".join(f"r.{c}" for c in k.columns)
-        order = ", ".join(f"r.{c}" for c in k.key)
-        return (f"SELECT {cols} FROM snapshot_rows s JOIN {_rows_table(k.name)} r ON s.row_id = r.row_id "
-                f"WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?) ORDER BY {order}")
-
     def read(self, ref: str) -> pa.Table:
         """The rows of a snapshot, in canonical order, with the kind's declared schema."""
         snap = self.get(ref)
         k = get_kind(snap.kind)
         with self.connect(read_only=True) as con:
-            return conform(_arrow(con, self._select_rows(k), [snap.id]), k)
+            cols = ", ".join(f"r.{c}" for c in k.columns) + (f", {ref_columns(con)}" if k.name == "pairs" else "")
+            table = _arrow(con, f"SELECT {cols} FROM snapshot_rows s JOIN {_rows_table(k.name)} r "
+                                f"ON s.row_id = r.row_id WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?) "
+                                f"ORDER BY {', '.join(f'r.{c}' for c in k.key)}", [snap.id])
+            if k.name == "pairs":
+                table = expand_pairs(con, table)
+            return conform(table, k)
 
     def read_batches(self, ref: str, batch_rows: int | None = None, *, columns: Sequence[str] | None = None,
                      with_hash: bool = False) -> Iterator[pa.RecordBatch]:
@@ -266,13 +278,22 @@ class Snapshots(Store):
         if unknown:
             raise InputError(f"{k.name} rows have no column(s) {', '.join(unknown)}; columns are {', '.join(k.columns)}")
         schema = pa.schema(([pa.field("row_hash", pa.binary())] if with_hash else []) + [k.schema.field(c) for c in names])
+        # pairs rows stored by reference are rebuilt batch by batch (expand_pairs), from their REFS columns
+        refd = k.name == "pairs" and any(c in REFERENCED for c in names)
+        wide = pa.schema([*schema, *REF_SCHEMA]) if refd else schema
         cols = ", ".join(f"r.{c}" for c in schema.names)
         order = ", ".join(f"r.{c}" for c in k.key)
         members = (f"FROM snapshot_rows s JOIN {_rows_table(k.name)} r ON s.row_id = r.row_id "
                    f"WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)")
+
+        def full(table: pa.Table, con: duckdb.DuckDBPyConnection) -> pa.Table:
+            return expand_pairs(con, table.cast(wide)) if refd else table
+
         if snap.rows <= size:  # one batch: sorted by DuckDB in one small query
             with self._reading() as con:
-                table = _arrow(con, f"SELECT {cols} {members} ORDER BY {order}", [snap.id])
+                extra = f", {ref_columns(con)}" if refd else ""
+                table = _arrow(con, f"SELECT {cols}{extra} {members} ORDER BY {order}", [snap.id])
+                table = full(table.rename_columns(wide.names), con)
             if table.num_rows:
                 yield table.rename_columns(schema.names).cast(schema).combine_chunks().to_batches()[0]
             return
@@ -282,12 +303,13 @@ class Snapshots(Store):
             return
         position = np.full(int(ids.max()) + 1, -1, np.int64)
         position[ids] = np.arange(len(ids))
-        spill = schema.append(pa.field("_pos", pa.int64()))
+        spill = wide.append(pa.field("_pos", pa.int64()))
         with tempfile.TemporaryDirectory(prefix="iterdpo-read-") as tmp:
             sinks: dict[int, tuple[Any, pa.ipc.RecordBatchStreamWriter]] = {}
             try:
                 with self._reading() as con:
-                    reader = con.sql(f"SELECT r.row_id, {cols} {members}", params=[snap.id]).to_arrow_reader(
+                    extra = f", {ref_columns(con)}" if refd else ""
+                    reader = con.sql(f"SELECT r.row_id, {cols}{extra} {members}", params=[snap.id]).to_arrow_reader(
                         min(size, _STREAM_ROWS))
                     for batch in reader:
                         pos = position[batch.column(0).to_numpy(zero_copy_only=False)]
@@ -295,7 +317,7 @@ class Snapshots(Store):
                         by_bucket = np.argsort(bucket, kind="stable")
                         pos, bucket = pos[by_bucket], bucket[by_bucket]
                         part = (pa.Table.from_batches([batch]).take(pa.array(by_bucket)).drop_columns(["row_id"])
-                                .rename_columns(schema.names).append_column("_pos", pa.array(pos)).cast(spill))
+                                .rename_columns(wide.names).append_column("_pos", pa.array(pos)).cast(spill))
                         cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(bucket)]
                         for lo, hi in zip(cuts[:-1], cuts[1:]):
                             b = int(bucket[lo])
@@ -310,9 +332,12 @@ class Snapshots(Store):
             for b in sorted(sinks):
                 with pa.OSFile(f"{tmp}/{b}.arrows") as f, pa.ipc.open_stream(f) as reader:
                     table = reader.read_all()
-                table = table.sort_by("_pos").drop_columns(["_pos"]).combine_chunks()
+                table = table.sort_by("_pos").drop_columns(["_pos"])
                 Path(f"{tmp}/{b}.arrows").unlink()
-                yield table.to_batches()[0]
+                if refd:
+                    with self._reading() as con:
+                        table = full(table, con)
+                yield table.cast(schema).combine_chunks().to_batches()[0]
 
     def iter_batches(self, ref: str, batch_rows: int | None = None, with_hash: bool = False) -> Iterator[pa.RecordBatch]:
         """Stream a snapshot's rows in canonical order (bounded memory for large snapshots): see read_batches."""

@@ -20,15 +20,31 @@ from pathlib import Path
 from typing import Any, Self
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from builders import __version__
 from builders.config import CATALOG_ENV, CatalogConfig
 from builders.errors import CatalogBusy, CatalogError
+from builders.catalog.hashing import row_hashes
 from builders.schemas import KINDS, Kind
 
-SCHEMA_VERSION = 1
+# 2: pairs rows may refer to the prompts and generations rows that hold their texts (REFS) instead of repeating them
+SCHEMA_VERSION = 2
+
+# A pairs row built from catalog rows stores, instead of its prompt, chosen, rejected and all_generated_responses
+# (NULL), the row_hash of the prompts row holding its prompt, the row_hash of each generations row holding its
+# responses (in response order), and the positions of chosen and rejected among them; reads rebuild the full row
+# (expand_pairs), and its stored row_hash is still the full row's. Hashes, not row ids: they stay valid across
+# `merge`, which copies every row of a source, so the referenced rows always come along.
+REFS = {"prompt_ref": "BLOB", "response_refs": "BLOB[]", "chosen_ref": "INTEGER", "rejected_ref": "INTEGER"}
+REF_SCHEMA = pa.schema([("prompt_ref", pa.binary()), ("response_refs", pa.list_(pa.binary())),
+                        ("chosen_ref", pa.int32()), ("rejected_ref", pa.int32())])
+# the columns a referencing row leaves NULL
+REFERENCED = ("prompt", "chosen", "rejected", "all_generated_responses")
+# pairs rows rebuilt at a time to check their references (~10 kB each)
+_CHECK_ROWS = 1_000
 
 
 # One in-memory DuckDB instance per process (and memory limit), to which the catalog file is attached for each
@@ -252,6 +268,15 @@ class Store:
                 f"catalog {self.path} has schema version {version}, newer than this iterdpo {__version__} "
                 f"understands ({SCHEMA_VERSION}); upgrade iterdpo"
             )
+        if version == 1:
+            # in place, once, at the first write: version 1 has only full rows, which stay valid as they are.
+            # A read-only open reads it as it is (has_refs is False), so a source of `merge` is never written.
+            if not read_only:
+                con.begin()
+                _add_ref_columns(con)
+                _run(con, "UPDATE iterdpo_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+                con.commit()
+            return
         if version < SCHEMA_VERSION:
             raise CatalogError(f"catalog {self.path} has an unknown schema version {version}")
 
@@ -264,6 +289,7 @@ class Store:
             con.register("_empty", empty)
             _run(con, f"CREATE TABLE {_rows_table(k.name)} AS SELECT * FROM _empty")
             con.unregister("_empty")
+        _add_ref_columns(con)
         _run(con, 
             "INSERT INTO iterdpo_meta VALUES ('schema_version', ?), ('created_by', ?)",
             [str(SCHEMA_VERSION), f"iterdpo {__version__}"],
@@ -302,9 +328,10 @@ class Store:
         con.unregister("_members")
 
     def _insert_rows(self, con: duckdb.DuckDBPyConnection, k: Kind, table: pa.Table,
-                     hashes: list[bytes]) -> tuple[dict[bytes, int], set[bytes]]:
+                     hashes: list[bytes], refs: pa.Table | None = None) -> tuple[dict[bytes, int], set[bytes]]:
         """Store rows not stored yet (content addressing: a row is stored once however many snapshots hold it).
-        Returns the row id of every hash, and the hashes that were stored before.
+        Returns the row id of every hash, and the hashes that were stored before. `refs` (pairs only: REFS columns
+        beside `table`'s rows) lets rows be stored by reference (see _by_reference).
 
         One scan of the stored hashes (a semi join, built on the batch) finds the rows already stored; new rows are
         appended with ids numbered here, so that nothing else in the transaction has to look rows up again."""
@@ -324,11 +351,210 @@ class Store:
             for h, row_id in zip((hashes[i] for i in fresh), new_ids):
                 ids[h] = row_id
             rows = table.take(pa.array(fresh, pa.int64()))
-            rows = _with_hash(rows, [hashes[i] for i in fresh]).add_column(0, "row_id", pa.array(new_ids, pa.int64()))
+            fresh_hashes = [hashes[i] for i in fresh]
+            if refs is not None:
+                rows = self._by_reference(con, rows, refs.take(pa.array(fresh, pa.int64())), fresh_hashes)
+            rows = _with_hash(rows, fresh_hashes).add_column(0, "row_id", pa.array(new_ids, pa.int64()))
             con.register("_new", rows)
-            _run(con, f"INSERT INTO {rt} SELECT * FROM _new")
+            _run(con, f"INSERT INTO {rt} BY NAME SELECT * FROM _new")  # by name: the REFS columns are optional
             con.unregister("_new")
         return ids, existed
+
+    def _references_match(self, con: duckdb.DuckDBPyConnection, part: pa.Table, refs: pa.Table,
+                          hashes: list[bytes]) -> np.ndarray:
+        """Per row: whether the row is exactly what its references rebuild. Its chosen and rejected are its prompt
+        and the referenced responses (the row assembled from its own texts has its hash), and each referenced row
+        holds the same text: that row's stored hash, recomputed with this row's text in place of its own, is
+        unchanged (so the long texts of the referenced rows need not be read)."""
+        responses = part.column("all_generated_responses").combine_chunks()
+        same_count = pc.equal(pc.list_value_length(responses).fill_null(-1),
+                              pc.list_value_length(refs.column("response_refs").combine_chunks()))
+        ok = same_count.fill_null(False).to_numpy(zero_copy_only=False).copy()
+        ok &= pc.greater(pc.list_value_length(responses).fill_null(0), 0).to_numpy(zero_copy_only=False)
+        if not ok.any():
+            return ok
+        keep = pa.array(np.flatnonzero(ok), pa.int64())
+        part, refs = part.take(keep), refs.take(keep)
+        prompt = part.column("prompt").combine_chunks()
+        responses = part.column("all_generated_responses").combine_chunks()
+        assembled = _assemble(prompt, responses, refs.column("chosen_ref"), refs.column("rejected_ref"))
+        whole = part.select([c for c in part.column_names if c not in assembled])
+        for name, column in assembled.items():
+            whole = whole.append_column(name, column.cast(part.schema.field(name).type))
+        good = np.array([a == b for a, b in zip(row_hashes(whole.select(part.column_names)),
+                                                 (hashes[i] for i in keep.to_pylist()))])
+        good &= _same_texts(con, "prompts", "prompt", refs.column("prompt_ref").combine_chunks(), prompt)
+        flat = _same_texts(con, "generations", "response", pc.list_flatten(refs.column("response_refs")),
+                           pc.list_flatten(responses))
+        lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False)
+        good &= np.logical_and.reduceat(flat, np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+        ok[ok] = good
+        return ok
+
+    def _by_reference(self, con: duckdb.DuckDBPyConnection, rows: pa.Table, refs: pa.Table,
+                      hashes: list[bytes]) -> pa.Table:
+        """`rows` (pairs) with REFS beside them: a row whose references rebuild it exactly (every referenced row
+        is present and holds the same text, byte for byte: _references_match) is stored by reference, any other
+        row (no references, a missing or different text) in full."""
+        refs = refs.cast(REF_SCHEMA)
+        count = pc.list_value_length(refs.column("response_refs")).fill_null(0)
+        candidate = pc.is_valid(refs.column("prompt_ref"))
+        for index in ("chosen_ref", "rejected_ref"):  # positions within the references (else stored in full)
+            value = refs.column(index).fill_null(-1)
+            candidate = pc.and_(candidate, pc.and_(pc.greater_equal(value, 0), pc.less(value, count)))
+        candidate = candidate.to_numpy(zero_copy_only=False)
+        if not candidate.any():
+            return rows
+        exact = np.zeros(rows.num_rows, dtype=bool)
+        candidates = np.flatnonzero(candidate)
+        # a slice at a time: the assembled rows are held only for the check
+        for lo in range(0, len(candidates), _CHECK_ROWS):
+            at = pa.array(candidates[lo : lo + _CHECK_ROWS], pa.int64())
+            part, ref = rows.take(at), refs.take(at)
+            exact[at.to_numpy()] = self._references_match(con, part, ref, [hashes[i] for i in at.to_pylist()])
+        if not exact.any():
+            return rows
+        keep = pa.array(exact)
+        out = rows
+        for name in REFERENCED:
+            col = out.column(name)
+            out = out.set_column(out.column_names.index(name), name,
+                                 pc.if_else(keep, pa.nulls(len(col), col.type), col))
+        for name in REF_SCHEMA.names:
+            col = refs.column(name)
+            out = out.append_column(name, pc.if_else(keep, col, pa.nulls(len(col), col.type)))
+        return out
+
+
+def _add_ref_columns(con: duckdb.DuckDBPyConnection) -> None:
+    for name, sql_type in REFS.items():
+        _run(con, f"ALTER TABLE {_rows_table('pairs')} ADD COLUMN {name} {sql_type}")
+
+
+def has_refs(con: duckdb.DuckDBPyConnection, database: str | None = None) -> bool:
+    """Whether this catalog's pairs rows can hold references (schema 2; a version 1 file opened read-only cannot)."""
+    where = "database_name = current_database()" if database is None else f"database_name = '{_sql_str(database)}'"
+    return bool(_one(con, f"SELECT count(*) FROM duckdb_columns() WHERE {where} AND table_name = ? "
+                          f"AND column_name = 'prompt_ref'", [_rows_table("pairs")])[0])
+
+
+def ref_columns(con: duckdb.DuckDBPyConnection, alias: str = "r") -> str:
+    """The REFS columns of `alias` (a rows_pairs) for a SELECT list; NULLs where the file has none (version 1)."""
+    if has_refs(con):
+        return ", ".join(f"{alias}.{name}" for name in REFS)
+    return ", ".join(f"NULL::{sql_type} AS {name}" for name, sql_type in REFS.items())
+
+
+def expand_pairs(con: duckdb.DuckDBPyConnection, table: pa.Table) -> pa.Table:
+    """`table` (pairs columns, any others such as row_hash, and the REFS columns) with every referencing row
+    rebuilt in full from the rows it refers to, and the REFS columns dropped. Row order is kept. A referenced row
+    that is not in the catalog is a CatalogError."""
+    out_names = [c for c in table.column_names if c not in REFS]
+    refd = pc.is_valid(table.column("prompt_ref")).to_numpy(zero_copy_only=False)
+    if not refd.any():
+        return table.select(out_names)
+    at = np.flatnonzero(refd)
+    part = table.take(pa.array(at, pa.int64()))
+    prompt_refs = part.column("prompt_ref").combine_chunks()
+    response_refs = part.column("response_refs").combine_chunks()
+    flat_refs = pc.list_flatten(response_refs)
+
+    def texts(kind: str, column: str, wanted: pa.Array) -> pa.Array:
+        # the row ids first (a scan of the hashes only), then the texts of those ids: the rows of a batch are
+        # stored near each other, so the id range lets DuckDB skip the other blocks of (long) texts
+        rt = _rows_table(kind)
+        con.register("_wanted", pa.table({"h": pc.unique(wanted)}))
+        try:
+            ids = _arrow(con, f"SELECT r.row_id FROM {rt} r SEMI JOIN _wanted w ON r.row_hash = w.h")
+        finally:
+            con.unregister("_wanted")
+        where, params = _key_range(ids, "row_id", "r")
+        con.register("_ids", ids)
+        try:
+            found = _arrow(con, f"SELECT r.row_hash, r.{column} FROM {rt} r SEMI JOIN _ids i ON r.row_id = i.row_id "
+                                f"WHERE {where}", params)
+        finally:
+            con.unregister("_ids")
+        taken = found.column(1).take(pc.index_in(wanted, value_set=found.column(0).combine_chunks()))
+        if taken.null_count:
+            raise CatalogError(f"{taken.null_count} texts of pairs rows refer to {kind} rows that are not in the "
+                               f"catalog (see `iterdpo versions verify`)")
+        return taken.combine_chunks().cast(pa.string())
+
+    prompt = texts("prompts", "prompt", prompt_refs)
+    responses = texts("generations", "response", flat_refs)
+    offsets = response_refs.offsets
+    if response_refs.offset or offsets[0].as_py():
+        offsets = pc.subtract(offsets, offsets[0])
+    built = _assemble(prompt, pa.ListArray.from_arrays(offsets, responses), part.column("chosen_ref"),
+                      part.column("rejected_ref"))
+    full = pa.array(np.flatnonzero(~refd), pa.int64())
+    columns = []
+    for name in out_names:
+        col = table.column(name)
+        if name in built:
+            rebuilt = built[name].cast(col.type)
+            merged = pa.concat_arrays([col.combine_chunks().take(full), rebuilt]) if len(full) else rebuilt
+            columns.append(merged)
+        else:
+            columns.append(col)
+    # rows were split into full ones, then rebuilt ones: put the rebuilt columns back in the table's order
+    order = np.empty(len(refd), dtype=np.int64)
+    order[np.concatenate([np.flatnonzero(~refd), at])] = np.arange(len(refd))
+    order = pa.array(order)
+    return pa.Table.from_arrays([c.take(order) if name in built else c for name, c in zip(out_names, columns)],
+                                names=out_names)
+
+
+def _assemble(prompt: pa.Array, responses: pa.ListArray, chosen: pa.ChunkedArray | pa.Array,
+              rejected: pa.ChunkedArray | pa.Array) -> dict[str, pa.Array]:
+    """The REFERENCED columns of pairs rows from their texts: prompt, chosen and rejected ([{prompt, user},
+    {the response at the position, assistant}]) and all_generated_responses."""
+    n = len(prompt)
+    offsets = responses.offsets
+    if responses.offset or offsets[0].as_py():
+        offsets = pc.subtract(offsets, offsets[0])
+    flat = pc.list_flatten(responses)
+    pairs_offsets = pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32))
+    roles = _interleave(pa.array(["user"] * n), pa.array(["assistant"] * n))
+
+    def turn(index) -> pa.Array:
+        if isinstance(index, pa.ChunkedArray):
+            index = index.combine_chunks()
+        answer = flat.take(pc.add(offsets.slice(0, n), index.cast(pa.int32())))
+        messages = pa.StructArray.from_arrays([_interleave(prompt, answer), roles], names=["content", "role"])
+        return pa.ListArray.from_arrays(pairs_offsets, messages)
+
+    return {"prompt": prompt, "chosen": turn(chosen), "rejected": turn(rejected),
+            "all_generated_responses": pa.ListArray.from_arrays(offsets, flat.cast(pa.string()))}
+
+
+def _same_texts(con: duckdb.DuckDBPyConnection, kind: str, column: str, refs: pa.Array, texts: pa.Array) -> np.ndarray:
+    """Per reference: whether the `kind` row of that hash is stored and holds `texts` (byte for byte): its other
+    (short) columns are read and its hash recomputed with the text."""
+    k = KINDS[kind]
+    rt = _rows_table(kind)
+    con.register("_wanted", pa.table({"h": pc.unique(refs)}))
+    try:
+        others = ", ".join(f"r.{c}" for c in k.columns if c != column)
+        stored = _arrow(con, f"SELECT r.row_hash, {others} FROM {rt} r SEMI JOIN _wanted w ON r.row_hash = w.h")
+    finally:
+        con.unregister("_wanted")
+    at = pc.index_in(refs, value_set=stored.column(0).combine_chunks())
+    found = at.is_valid().to_numpy(zero_copy_only=False)
+    if not found.any():
+        return found
+    rows = stored.take(at.fill_null(0))
+    table = pa.table({c: (texts if c == column else rows.column(c)) for c in k.columns}).cast(k.schema)
+    same = np.array([a == b for a, b in zip(row_hashes(table), refs.to_pylist())])
+    return found & same
+
+
+def _interleave(a: pa.Array, b: pa.Array) -> pa.Array:
+    """a0, b0, a1, b1, ..."""
+    both = pa.concat_arrays([a.cast(pa.string()), b.cast(pa.string())])
+    n = len(a)
+    return both.take(pa.array(np.stack([np.arange(n), np.arange(n) + n], axis=1).reshape(-1)))
 
 
 def _key_range(table: pa.Table, column: str, alias: str) -> tuple[str, list]:

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from builders.catalog.hashing import row_hashes, sort_order
-from builders.catalog.store import Store, _all, _arrow, _key_range, _now, _one, _rows_table, _run
+from builders.catalog.store import (Store, _all, _arrow, _key_range, _now, _one, _rows_table, _run, expand_pairs,
+                                    ref_columns)
 from builders.errors import CatalogError, NotFound
 from builders.schemas import conform, kind as get_kind
 
@@ -100,13 +101,15 @@ class Work(Store):
             if row is None:
                 raise NotFound(f"no work {work_key[:12]} in catalog {self.path}")
             k = get_kind(row[0])
-            cols = ", ".join(f"r.{c}" for c in k.columns)
+            cols = ", ".join(f"r.{c}" for c in k.columns) + (f", {ref_columns(con)}" if k.name == "pairs" else "")
             table = _arrow(
                 con,
                 f"SELECT {cols} FROM work_rows w JOIN {_rows_table(k.name)} r ON w.row_id = r.row_id "
                 f"WHERE w.work_key = ? ORDER BY {', '.join('r.' + c for c in k.key)}",
                 [work_key],
             )
+            if k.name == "pairs":  # a row stored by reference by a registration is shared with the work
+                table = expand_pairs(con, table)
         table = conform(table, k)
         if units is not None:
             table = table.filter(pc.is_in(table.column(unit_column), pa.array(sorted(set(units)), pa.string())))
