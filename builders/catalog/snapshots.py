@@ -25,7 +25,7 @@ from builders.catalog.hashing import row_hashes, snapshot_id, sort_order
 from builders.catalog.store import (REF_SCHEMA, REFERENCED, REFS, Store, _all, _arrow, _batches, _now, _one,
                                     _rows_table, _run, expand_pairs, ref_columns)
 from builders.errors import InputError, NotFound
-from builders.schemas import KINDS, SPLITS, Kind, conform, kind as get_kind
+from builders.schemas import KINDS, SPLITS, conform, kind as get_kind
 
 _MIN_PREFIX = 4
 # rows per batch as a snapshot streams out of DuckDB unsorted (read_batches)
