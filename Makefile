@@ -37,8 +37,11 @@ install: $(BIN)/.installed
 quickstart: install
 	HF_HUB_OFFLINE=1 $(BIN)/iterdpo quickstart --workdir $(WORKDIR)
 
+# two workers, a test file each (its module fixtures built once): 4 minutes on 2 cores instead of 6.5
+TEST_WORKERS ?= 2
+
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/catalog.py
