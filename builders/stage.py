@@ -23,7 +23,6 @@ import pyarrow as pa
 
 from builders.catalog import Catalog, Snapshot
 from builders.errors import InputError
-from builders.schemas import KINDS
 
 # Each input kind, and the stage that makes it (named in the error when an iteration has none).
 LABELS = {"prompts": "prompt sets", "generations": "generations", "scores": "scores", "pairs": "pairs"}
@@ -169,10 +168,6 @@ def register_work(catalog: Catalog, work: Work, units: Sequence[str], parents: S
     """The snapshot of a finished work area: its rows for `units` (all of them: this shard's), registered."""
     return catalog.register(work.kind, catalog.work_rows(work.key, units=units), iteration=work.iteration,
                             split=work.split, parents=list(parents), params=dict(params))
-
-
-def empty_rows(kind: str) -> pa.Table:
-    return KINDS[kind].schema.empty_table()
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
