@@ -120,7 +120,7 @@ def make_generator(cfg: GenerateConfig) -> Generator:
     if cfg.scale_out.executor == "ray":  # replicas of the backend below on Ray actors
         from builders.backends.ray import RayGenerator
 
-        return RayGenerator(cfg)
+        return RayGenerator(cfg, make_generator, _produce)
     if cfg.backend == "transformers":
         from builders.backends.transformers import TransformersGenerator
 

@@ -57,7 +57,7 @@ def make_ranker(cfg: RankConfig) -> Ranker:
     if cfg.scale_out.executor == "ray":  # replicas of the ranker below on Ray actors
         from builders.backends.ray import RayRanker
 
-        return RayRanker(cfg)
+        return RayRanker(cfg, make_ranker, _produce)
     if cfg.ranker == "pairrm":
         from builders.backends.pairrm import PairRM
 

@@ -309,11 +309,16 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # a client that gave up (its requests cancelled after a failure): expected here, not worth a traceback
+
+
 @pytest.fixture
 def fake_server():
     script = {"calls": 0, "ok": 0, "auth": []}
     handler = type("Handler", (_FakeOpenAI,), {"script": script})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _QuietServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1", script

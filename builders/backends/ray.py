@@ -326,11 +326,10 @@ def _node() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- generation
-def _generate_chunk(generator: Any, payload: tuple[GenerateConfig, list[tuple[str, str]]]) -> tuple[Finished, str]:
-    from builders.generate import _produce
-
+def _generate_chunk(produce: Callable, generator: Any, payload: tuple[GenerateConfig, list[tuple[str, str]]]
+                    ) -> tuple[Finished, str]:
     cfg, chunk = payload
-    return _merge(list(_produce(generator, cfg, chunk))), _node()
+    return _merge(list(produce(generator, cfg, chunk))), _node()
 
 
 def _generator_resources(cfg: GenerateConfig, gpus: float) -> dict[str, float]:
@@ -340,19 +339,19 @@ def _generator_resources(cfg: GenerateConfig, gpus: float) -> dict[str, float]:
 
 
 class RayGenerator:
-    """A generator whose work runs on Ray replicas of the local one (`produce` replaces prepare + generate)."""
+    """A generator whose work runs on Ray replicas of the local one (`produce` replaces prepare + generate).
+    The stage passes its own `make_generator` and local `produce`, which the replicas run (by reference)."""
 
-    def __init__(self, cfg: GenerateConfig):
-        from builders.generate import make_generator
-
+    def __init__(self, cfg: GenerateConfig, make_generator: Callable, local_produce: Callable):
         self.cfg = replace(cfg, scale_out=ExecutorConfig())  # what each replica runs: the local backend
+        self.local_produce = local_produce
         self.pool = RayPool(cfg.scale_out, partial(make_generator, self.cfg),
                             partial(_generator_resources, cfg), "generate")
 
     def produce(self, todo: Sequence[tuple[str, str]]) -> Iterator[Finished]:
         size = self.cfg.batch_prompts or BATCH_PROMPTS[self.cfg.backend]
         payloads = [(self.cfg, list(c)) for c in chunks(list(todo), size)]
-        yield from self.pool.stream(_generate_chunk, payloads, lambda p: len(p[1]))
+        yield from self.pool.stream(partial(_generate_chunk, self.local_produce), payloads, lambda p: len(p[1]))
 
     def describe(self) -> dict[str, Any]:
         return self.pool.describe()
@@ -366,12 +365,10 @@ class RayGenerator:
 
 
 # ------------------------------------------------------------------------------------------------------- ranking
-def _rank_chunk(ranker: Any, payload: tuple[list[str], dict[str, str], dict[str, list[tuple[int, str]]], int]
-                ) -> tuple[Finished, str]:
-    from builders.rank import _produce
-
+def _rank_chunk(produce: Callable, ranker: Any,
+                payload: tuple[list[str], dict[str, str], dict[str, list[tuple[int, str]]], int]) -> tuple[Finished, str]:
     todo, prompt_text, by, batch_prompts = payload
-    return _merge(list(_produce(ranker, todo, prompt_text, by, batch_prompts))), _node()
+    return _merge(list(produce(ranker, todo, prompt_text, by, batch_prompts))), _node()
 
 
 def _ranker_resources(cfg: RankConfig, gpus: float) -> dict[str, float]:
@@ -387,11 +384,11 @@ def ranker_on_gpu(cfg: RankConfig) -> bool:
 
 
 class RayRanker:
-    """A ranker whose work runs on Ray replicas of the local one."""
+    """A ranker whose work runs on Ray replicas of the local one (the stage passes its `make_ranker` and local
+    `produce`, which the replicas run)."""
 
-    def __init__(self, cfg: RankConfig):
-        from builders.rank import make_ranker
-
+    def __init__(self, cfg: RankConfig, make_ranker: Callable, local_produce: Callable):
+        self.local_produce = local_produce
         self.cfg = replace(cfg, scale_out=ExecutorConfig())
         self.pool = RayPool(cfg.scale_out, partial(make_ranker, self.cfg), partial(_ranker_resources, cfg), "rank")
 
@@ -399,7 +396,7 @@ class RayRanker:
                 batch_prompts: int) -> Iterator[Finished]:
         payloads = [(list(c), {p: prompt_text[p] for p in c}, {p: by[p] for p in c}, batch_prompts)
                     for c in chunks(list(todo), batch_prompts)]
-        yield from self.pool.stream(_rank_chunk, payloads, lambda p: len(p[0]))
+        yield from self.pool.stream(partial(_rank_chunk, self.local_produce), payloads, lambda p: len(p[0]))
 
     def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         """The Ranker protocol (best-of-n): scores in the prompts' order, computed on the replicas."""

@@ -5,6 +5,9 @@ printing; the commands are in data.py (prompts, versions), stages.py, hub.py and
 """
 
 from builders.cli.app import cli, main
-from builders.cli import data, hub, stages, tools  # noqa: F401  (they register their commands on `cli`)
+import builders.cli.data  # noqa: F401  (the command modules register their commands on `cli`)
+import builders.cli.hub  # noqa: F401
+import builders.cli.stages  # noqa: F401
+import builders.cli.tools  # noqa: F401
 
 __all__ = ["cli", "main"]

@@ -1,4 +1,3 @@
-from builders.cli.app import main
-from builders.cli import data, hub, stages, tools  # noqa: F401
+from builders.cli import main
 
 main()
