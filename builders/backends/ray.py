@@ -338,7 +338,23 @@ def _generator_resources(cfg: GenerateConfig, gpus: float) -> dict[str, float]:
     return {"num_cpus": 1, "num_gpus": cfg.vllm.tensor_parallel_size if cfg.backend == "vllm" else 1}
 
 
-class RayGenerator:
+class _Replicated:
+    """What a backend on Ray replicas says of itself, and how it gives them back."""
+
+    pool: RayPool
+
+    def describe(self) -> dict[str, Any]:
+        return self.pool.describe()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.pool.stats
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class RayGenerator(_Replicated):
     """A generator whose work runs on Ray replicas of the local one (`produce` replaces prepare + generate).
     The stage passes its own `make_generator` and local `produce`, which the replicas run (by reference)."""
 
@@ -352,16 +368,6 @@ class RayGenerator:
         size = self.cfg.batch_prompts or BATCH_PROMPTS[self.cfg.backend]
         payloads = [(self.cfg, list(c)) for c in chunks(list(todo), size)]
         yield from self.pool.stream(partial(_generate_chunk, self.local_produce), payloads, lambda p: len(p[1]))
-
-    def describe(self) -> dict[str, Any]:
-        return self.pool.describe()
-
-    @property
-    def stats(self) -> dict[str, Any]:
-        return self.pool.stats
-
-    def close(self) -> None:
-        self.pool.close()
 
 
 # ------------------------------------------------------------------------------------------------------- ranking
@@ -383,7 +389,7 @@ def ranker_on_gpu(cfg: RankConfig) -> bool:
     return cfg.ranker != "python" and cluster_gpus(cfg.scale_out) > 0
 
 
-class RayRanker:
+class RayRanker(_Replicated):
     """A ranker whose work runs on Ray replicas of the local one (the stage passes its `make_ranker` and local
     `produce`, which the replicas run)."""
 
@@ -408,12 +414,3 @@ class RayRanker:
                 got.setdefault(pid, []).append(score)
         return [got.get(k, []) for k in keys]
 
-    def describe(self) -> dict[str, Any]:
-        return self.pool.describe()
-
-    @property
-    def stats(self) -> dict[str, Any]:
-        return self.pool.stats
-
-    def close(self) -> None:
-        self.pool.close()
