@@ -91,13 +91,6 @@ def _features() -> dict[str, Any]:
             "trl": Features.from_arrow_schema(TRL_SCHEMA)._to_yaml_list()}
 
 
-def write_parquet(table: pa.Table, path: Path, max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes) -> int:
-    """Write `table` as `datasets` writes Parquet (see ParquetOut); returns `num_bytes` as datasets computes it."""
-    with ParquetOut(path, table.schema, table.num_rows, table.nbytes, max_row_group_bytes) as out:
-        out.write(table)
-    return num_bytes(path)
-
-
 class ParquetOut:
     """A Parquet file written batch by batch exactly as `datasets` writes one (`Dataset.to_parquet`, which holds the
     whole table): its Features in the `huggingface` schema metadata, content-defined chunking, page index, and row

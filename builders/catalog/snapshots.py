@@ -339,10 +339,6 @@ class Snapshots(Store):
                         table = full(table, con)
                 yield table.cast(schema).combine_chunks().to_batches()[0]
 
-    def iter_batches(self, ref: str, batch_rows: int | None = None, with_hash: bool = False) -> Iterator[pa.RecordBatch]:
-        """Stream a snapshot's rows in canonical order (bounded memory for large snapshots): see read_batches."""
-        return self.read_batches(ref, batch_rows, with_hash=with_hash)
-
     @contextmanager
     def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self.connect(read_only=True) as con:
