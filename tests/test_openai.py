@@ -1,5 +1,6 @@
 """The openai backend keeps the server busy: exactly `concurrency` requests in flight, also while the stage commits;
-the server's token counts land in the rows and the summary; failures keep finished prompts and leak no secret."""
+the server's token counts land in the rows and the summary; failures keep finished prompts and leak no secret; a
+served model name needs neither the Hub nor a local tokenizer."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def tokens_of(seed: int) -> int:
     return 5 + seed % 7
 
 
+SERVED = {"id": "served-model", "object": "model", "owned_by": "fake", "root": "org/base-model", "parent": None,
+          "max_model_len": 4096}
+
+
 class _Slow(BaseHTTPRequestHandler):
     """An OpenAI-compatible server with a latency: counts requests in flight and the connections they came on."""
 
@@ -52,6 +57,12 @@ class _Slow(BaseHTTPRequestHandler):
             self.wfile.write(payload)
         except OSError:  # the client cancelled the request (it was stopped): nothing to answer
             pass
+
+    def do_GET(self):
+        if self.path.endswith("/models"):  # as vLLM answers: `created` is the time of the call, permissions fresh
+            entry = {**SERVED, "created": int(time.time()), "permission": [{"id": f"modelperm-{time.time_ns()}"}]}
+            return self._send(200, json.dumps({"object": "list", "data": [entry]}).encode())
+        self._send(404, b"{}")
 
     def do_POST(self):
         st = self.state
@@ -111,16 +122,6 @@ def openai_cfg(url: str, concurrency: int, model: str = "served-model", sampling
                           openai=OpenAIConfig(base_url=url, concurrency=concurrency, backoff=0.01, **kw))
 
 
-@pytest.fixture(autouse=True)
-def served_name(monkeypatch):
-    """A served model name needs no hub lookup."""
-    from builders import models
-
-    real = models.model_identity
-    monkeypatch.setattr("builders.generate.model_identity",
-                        lambda m, revision=None: real(m) if Path(m).exists() else {"model": m})
-
-
 def no_loop_thread() -> bool:
     return not any(t.name == "iterdpo-openai" for t in threading.enumerate())
 
@@ -173,6 +174,8 @@ def test_server_token_counts_land_in_rows_and_summary(tmp_path, server, tiny_mod
     three = generate(catalog, 1, openai_cfg(url, 4, sampling=THREE), progress=False)
     rows = catalog.read(three.snapshots[0].id).to_pylist()
     assert len(rows) == 18 and all(r["completion_tokens"] is None for r in rows)
+    params = three.snapshots[0].params
+    assert params["model"] == "served-model" and "null" in params["token_counts"]  # and the params say why
     seeds = [prompt_seed(3, r["prompt_id"], 3) + r["response_index"] for r in rows]
     assert three.tokens == sum(tokens_of(s) for s in seeds)  # the server's totals, still counted
 
@@ -186,6 +189,10 @@ def test_server_token_counts_land_in_rows_and_summary(tmp_path, server, tiny_mod
     assert all(r["completion_tokens"] == len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1
                for r in rows)
     assert local.tokens == three.tokens
+    params = local.snapshots[0].params
+    assert "tokenizer" in params["token_counts"] and params["model_sha256"]
+    # the server serves another name than the folder's path: recorded as such, not an error
+    assert params["server_model"] is None and "does not list" in params["server_model_note"]
 
 
 def test_a_failing_server_keeps_finished_prompts_and_a_rerun_matches_an_uninterrupted_run(tmp_path, server,
@@ -260,3 +267,45 @@ def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, serve
         (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
     # the answers the stage had taken are kept (those still queued when the signal came are asked again)
     assert 1 <= len(catalog.work_units(key)) < 60
+
+
+def test_a_served_name_needs_no_hub_no_model_folder_and_no_tokenizer(cli, server, tmp_path, monkeypatch,
+                                                                      catalog_path):
+    import huggingface_hub
+    import transformers
+
+    url, state = server
+
+    def looked_up(*args, **kwargs):
+        raise AssertionError(f"looked up {args}: a served name is the server's")
+
+    with monkeypatch.context() as m:
+        for name in ("snapshot_download", "model_info", "hf_hub_download"):
+            m.setattr(huggingface_hub, name, looked_up)
+        m.setattr(transformers.AutoTokenizer, "from_pretrained", looked_up)
+        assert cli("prompts", "import", SAMPLE).code == 0
+        assert cli("prompts", "split", "--iterations", "1", "--train-size", "4", "--test-size", "0").code == 0
+        done = cli("generate", "--iteration", "1", "--model", "served-model", "--backend", "openai",
+                   "--base-url", url, "--num-responses", "2", "--json")
+    assert done.code == 0, done.err
+    snap = done.json()["splits"][0]["snapshot"]
+    params = snap["params"]
+    # the served name, and what the server says of it, less what changes per call (vLLM's created, permission)
+    assert params["model"] == "served-model" and "revision" not in params and "model_sha256" not in params
+    assert params["server_model"] == {k: v for k, v in SERVED.items() if k != "object"}
+    # n = 2: usage is one total per prompt, and there is no tokenizer to split it: null, and the params say so
+    assert "null" in params["token_counts"]
+    rows = Catalog(catalog_path).read(snap["id"]).to_pylist()
+    assert len(rows) == 8 and all(r["completion_tokens"] is None and r["prompt_tokens"] == 20 for r in rows)
+    assert done.json()["tokens"] == sum(tokens_of(prompt_seed(42, r["prompt_id"], 2) + r["response_index"])
+                                        for r in rows)
+
+    # the dataset card names the served model
+    assert cli("rank", "--iteration", "1", "--ranker", "python",
+               "--ranker-model", "tests.scorers:longer_is_better").code == 0
+    assert cli("build", "--iteration", "1").code == 0
+    staged = tmp_path / "staged"
+    published = cli("publish", "me/served-dpo", "--iterations", "1", "--local-dir", staged, "--dry-run")
+    assert published.code == 0, published.err
+    card = (staged / "README.md").read_text()
+    assert "| 1 | `served-model` |" in card and "responses generated by `served-model`" in card

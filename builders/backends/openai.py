@@ -1,7 +1,8 @@
 """The `openai` generation backend: any OpenAI-compatible chat-completions server (vLLM serve, TGI, Together).
 
 Bounded concurrency, retries with exponential backoff on 429, 5xx, timeouts and connection errors; the API key is
-read from an environment variable and appears in no log line, error, catalog row or file.
+read from an environment variable and appears in no log line, error, catalog row or file. `model` is a local folder
+(its tokenizer counts what `usage` cannot) or the name the server serves (nothing is looked up for it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from builders.errors import InputError, IterdpoError
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 TOO_LONG_HINTS = ("context length", "maximum context", "too long", "max_model_len", "context_length")
+MODELS_TIMEOUT = 10.0  # seconds for GET /models: what it tells is recorded, never needed, so it may not hold us up
+# fields of a /models entry that change from call to call (vLLM stamps `created` with the time of the call and
+# gives each permission a fresh id), or say nothing
+VOLATILE = ("created", "permission", "object")
 
 
 class ServerError(IterdpoError):
@@ -92,8 +97,9 @@ class OpenAIGenerator:
                 self.template = Path(chat_template).read_text()
             except OSError as e:
                 raise InputError(f"chat_template {chat_template}: {e.strerror}", option="chat_template") from None
-        self._local = Path(model).exists()  # a local model folder: its tokenizer can count what usage cannot
+        self._local = Path(model).expanduser().exists()  # a local folder: its tokenizer can count what usage cannot
         self._tok: Any = None
+        self._served: dict[str, Any] | None = None  # what GET /models said about the model, asked once
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -105,11 +111,45 @@ class OpenAIGenerator:
         return [Request(pid, prompt, seed) for pid, prompt, seed in prompts]
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"backend": "openai", "base_url": redact(self.cfg.base_url)}
+        out: dict[str, Any] = {"backend": "openai", "base_url": redact(self.cfg.base_url), **self.server_model(),
+                               "token_counts": TOKEN_COUNTS["local" if self._local else "served"]}
         if self.template:
             out.update(chat_template=self.template,
                        chat_template_sha256=hashlib.sha256(self.template.encode()).hexdigest())
         return out
+
+    def server_model(self) -> dict[str, Any]:
+        """What the server reports about the model (its GET /models entry, less what changes per call), asked
+        once: for a served name it is all the snapshot can say about the weights behind it. Never an error (not
+        every server has the endpoint): `server_model` is then null and `server_model_note` says why."""
+        if self._served is None:
+            self._served = self._ask_models()
+        return self._served
+
+    def _ask_models(self) -> dict[str, Any]:
+        import httpx
+
+        def note(text: str) -> dict[str, Any]:
+            return {"server_model": None, "server_model_note": text}
+
+        try:
+            resp = httpx.get(self.cfg.base_url.rstrip("/") + "/models",
+                             headers={"Authorization": f"Bearer {self._key}"} if self._key else {},
+                             timeout=min(self.cfg.timeout, MODELS_TIMEOUT))
+        except httpx.HTTPError as e:
+            return note(f"GET /models: {type(e).__name__}")
+        if resp.status_code != 200:
+            return note(f"GET /models: HTTP {resp.status_code}")
+        try:
+            listed = [m for m in resp.json()["data"] if isinstance(m, dict)]
+        except (ValueError, KeyError, TypeError):
+            return note("GET /models: not a model list")
+        for entry in listed:
+            if entry.get("id") == self.model:
+                return {"server_model": {k: v for k, v in entry.items() if k not in VOLATILE}}
+        ids = [str(m.get("id")) for m in listed]
+        more = f", ... ({len(ids)} in all)" if len(ids) > 5 else ""
+        return note(f"GET /models does not list {self.model!r} (it lists {', '.join(ids[:5]) or 'none'}{more})")
 
     def close(self) -> None:
         """Cancels whatever is still in flight, closes the client and stops the loop's thread."""
@@ -307,6 +347,17 @@ class OpenAIGenerator:
                 delay *= 2
         raise ServerError(f"server {redact(self.cfg.base_url)} failed {self.cfg.max_retries + 1} times ({last}); "
                           f"finished prompts are kept, rerun to continue")
+
+
+# how the rows' token counts were made, recorded with the snapshot (a null count is never a guess)
+TOKEN_COUNTS = {
+    "local": "prompt_tokens and completion_tokens from the server's usage; with num_responses > 1, usage is one "
+             "total for a prompt's responses, so each row's completion_tokens is counted with the model folder's "
+             "tokenizer (null if it has none)",
+    "served": "prompt_tokens and completion_tokens from the server's usage; with num_responses > 1, usage is one "
+              "total for a prompt's responses and a served name has no local tokenizer, so each row's "
+              "completion_tokens is null (the stage's token total still counts usage)",
+}
 
 
 def _count(value: Any) -> int | None:
