@@ -1,6 +1,6 @@
 """The openai backend keeps the server busy: exactly `concurrency` requests in flight, also while the stage commits;
-the server's token counts land in the rows and the summary; failures keep finished prompts and leak no secret; a
-served model name needs neither the Hub nor a local tokenizer."""
+the server's token counts land in the rows and the summary; failures (a server that never answers included) keep
+finished prompts and leak no secret; a served model name needs neither the Hub nor a local tokenizer."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, SplitC
 from builders.errors import IterdpoError
 from builders.generate import generate, prompt_seed
 from builders.prompts import import_prompts, split_prompts
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, run_iterdpo
 
 ONE = SamplingConfig(num_responses=1, temperature=0.7, max_tokens=16, seed=3)
 THREE = SamplingConfig(num_responses=3, temperature=0.7, max_tokens=16, seed=3)
@@ -40,7 +40,9 @@ SERVED = {"id": "served-model", "object": "model", "owned_by": "fake", "root": "
 
 
 class _Slow(BaseHTTPRequestHandler):
-    """An OpenAI-compatible server with a latency: counts requests in flight and the connections they came on."""
+    """An OpenAI-compatible server with a latency: counts requests in flight and the connections they came on.
+    After `hang_after` answers it accepts requests and never answers them (`trickle`: sends the headers, then a
+    byte now and then, so that no single read waits long), until `release` is set."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
     state: dict = {}
@@ -64,6 +66,24 @@ class _Slow(BaseHTTPRequestHandler):
             return self._send(200, json.dumps({"object": "list", "data": [entry]}).encode())
         self._send(404, b"{}")
 
+    def _hang(self) -> None:
+        st = self.state
+        if not st["trickle"]:
+            st["release"].wait(60)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        deadline = time.monotonic() + 30  # a bound, so a client that would wait forever fails the test, not hangs it
+        try:
+            while time.monotonic() < deadline and not st["release"].wait(0.2):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+        except OSError:  # the client gave up on it
+            pass
+        self.close_connection = True  # the body cut short: a client still waiting fails, it does not time out
+
     def do_POST(self):
         st = self.state
         try:
@@ -78,7 +98,13 @@ class _Slow(BaseHTTPRequestHandler):
             if st["in_flight"] >= st["hold_until"]:
                 st["full"].set()
             fail = st["fail_after"] is not None and st["ok"] >= st["fail_after"]
-            st["ok"] += not fail
+            hang = st["hang_after"] is not None and st["ok"] >= st["hang_after"]
+            st["ok"] += not fail and not hang
+            st["hung"] += hang
+        if hang:
+            with st["lock"]:
+                st["in_flight"] -= 1
+            return self._hang()
         try:
             # the first requests wait until `hold_until` are in (or 5 s): a slow connect on a busy machine must
             # not make a client that does keep them all in flight look as if it did not
@@ -99,11 +125,13 @@ class _Slow(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     state = {"lock": threading.Lock(), "calls": 0, "ok": 0, "in_flight": 0, "max_in_flight": 0, "ports": set(),
-             "latency": 0.1, "fail_after": None, "hold_until": 1, "full": threading.Event()}
+             "latency": 0.1, "fail_after": None, "hold_until": 1, "full": threading.Event(),
+             "hang_after": None, "hung": 0, "trickle": False, "release": threading.Event()}
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Slow,), {"state": state}))
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", state
+    state["release"].set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -267,6 +295,62 @@ def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, serve
         (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
     # the answers the stage had taken are kept (those still queued when the signal came are asked again)
     assert 1 <= len(catalog.work_units(key)) < 60
+
+
+def test_a_server_that_never_answers_fails_in_one_line_after_the_retries_and_a_rerun_resumes(tmp_path, server):
+    url, state = server
+    state["hang_after"] = 5  # it accepts the 6th request and every later one, and never answers them
+    db = tmp_path / "c.duckdb"
+    catalog_with(db, 12)
+    command = ("--catalog", db, "generate", "--iteration", "1", "--model", "served-model", "--backend", "openai",
+               "--base-url", url, "--concurrency", "4", "--num-responses", "1", "--split", "train",
+               "--request-timeout", "1", "--max-retries", "1", "--json")
+    failed = run_iterdpo(*command, timeout=300)  # hung for good before the option existed (600 s an attempt)
+    assert failed.returncode == 1 and failed.stdout == "", failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"Error: the server at {url} did not answer within 1 s (--request-timeout) after 2 attempts; "
+        f"finished prompts are kept, rerun to resume")
+    assert "Traceback" not in failed.stderr, failed.stderr
+    assert state["hung"] >= 2  # the request that gave up was sent twice: retried like other failures
+    catalog = Catalog(db)
+    with catalog.connect() as con:
+        (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
+    assert len(catalog.work_units(key)) == 5 and catalog.list(kind="generations") == []
+
+    state.update(hang_after=None)
+    calls = state["calls"]
+    resumed = run_iterdpo(*command, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    split = json.loads(resumed.stdout)["splits"][0]
+    assert split["processed"] == 7 and state["calls"] - calls == 7 and split["snapshot"]["rows"] == 12
+
+
+def test_the_request_timeout_bounds_the_whole_request_not_each_read(server):
+    url, state = server
+    state.update(hang_after=0, trickle=True)  # headers at once, then a byte every 0.2 s: no read waits 1 s
+    gen = OpenAIGenerator("served-model", ONE, None,
+                          OpenAIConfig(base_url=url, concurrency=2, max_retries=0, request_timeout=1))
+    with pytest.raises(IterdpoError) as err:
+        list(gen.stream([(f"{i:064x}", f"prompt {i}", i) for i in range(3)], ONE))
+    assert str(err.value) == (f"the server at {url} did not answer within 1 s (request_timeout) after 1 attempt; "
+                              f"finished prompts are kept, rerun to resume")
+    assert err.value.option == "request_timeout" and no_loop_thread()
+
+
+def test_the_request_timeout_option_is_checked_before_any_work(cli, server, catalog_path):
+    url, state = server
+    help_text = cli("generate", "--help").out
+    assert "--request-timeout" in help_text and "300" in help_text  # a default well below the old 600 s
+    assert cli("prompts", "import", SAMPLE).code == 0
+    assert cli("prompts", "split", "--iterations", "1", "--train-size", "3", "--test-size", "0").code == 0
+    for value in ("0", "-1", "nan"):
+        bad = cli("generate", "--iteration", "1", "--model", "served-model", "--backend", "openai",
+                  "--base-url", url, "--request-timeout", value)
+        assert bad.code == 1 and bad.err.startswith("Error: --request-timeout must be a positive number of seconds")
+        assert bad.err.count("\n") == 1, bad.err
+    assert state["calls"] == 0
+    with Catalog(catalog_path).connect() as con:
+        assert con.execute("SELECT count(*) FROM work_units").fetchone() == (0,)
 
 
 def test_a_served_name_needs_no_hub_no_model_folder_and_no_tokenizer(cli, server, tmp_path, monkeypatch,

@@ -1,8 +1,9 @@
 """The `openai` generation backend: any OpenAI-compatible chat-completions server (vLLM serve, TGI, Together).
 
-Bounded concurrency, retries with exponential backoff on 429, 5xx, timeouts and connection errors; the API key is
-read from an environment variable and appears in no log line, error, catalog row or file. `model` is a local folder
-(its tokenizer counts what `usage` cannot) or the name the server serves (nothing is looked up for it).
+Bounded concurrency, retries with exponential backoff on 429, 5xx, timeouts and connection errors; each request is
+bounded as a whole by `request_timeout` (a server that accepts and never answers costs that, per attempt); the API
+key is read from an environment variable and appears in no log line, error, catalog row or file. `model` is a local
+folder (its tokenizer counts what `usage` cannot) or the name the server serves (nothing is looked up for it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ MODELS_TIMEOUT = 10.0  # seconds for GET /models: what it tells is recorded, nev
 # fields of a /models entry that change from call to call (vLLM stamps `created` with the time of the call and
 # gives each permission a fresh id), or say nothing
 VOLATILE = ("created", "permission", "object")
+TIMED_OUT = "timed out"
 
 
 class ServerError(IterdpoError):
@@ -49,8 +51,9 @@ def validate_openai(cfg: OpenAIConfig) -> None:
         raise InputError(f"concurrency must be at least 1, not {cfg.concurrency}", option="concurrency")
     if not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
         raise InputError(f"max_retries must be 0 or more, not {cfg.max_retries}", option="max_retries")
-    if not isinstance(cfg.timeout, (int, float)) or not math.isfinite(cfg.timeout) or cfg.timeout <= 0:
-        raise InputError(f"the request timeout must be a positive number of seconds, not {cfg.timeout}")
+    t = cfg.request_timeout
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        raise InputError(f"request_timeout must be a positive number of seconds, not {t}", option="request_timeout")
     if not isinstance(cfg.backoff, (int, float)) or not math.isfinite(cfg.backoff) or cfg.backoff < 0:
         raise InputError(f"the retry backoff must be 0 or more seconds, not {cfg.backoff}")
 
@@ -135,7 +138,7 @@ class OpenAIGenerator:
         try:
             resp = httpx.get(self.cfg.base_url.rstrip("/") + "/models",
                              headers={"Authorization": f"Bearer {self._key}"} if self._key else {},
-                             timeout=min(self.cfg.timeout, MODELS_TIMEOUT))
+                             timeout=min(self.cfg.request_timeout, MODELS_TIMEOUT))
         except httpx.HTTPError as e:
             return note(f"GET /models: {type(e).__name__}")
         if resp.status_code != 200:
@@ -263,7 +266,7 @@ class OpenAIGenerator:
             c = self.cfg.concurrency
             # limits apply to a proxy from the environment; the direct route has its own transport (see there)
             self._client = httpx.AsyncClient(
-                headers={"Authorization": f"Bearer {self._key}"} if self._key else {}, timeout=self.cfg.timeout,
+                headers={"Authorization": f"Bearer {self._key}"} if self._key else {}, timeout=self.cfg.request_timeout,
                 limits=httpx.Limits(max_connections=c, max_keepalive_connections=c), transport=_slot_transport(c))
         client = self._client
         pending = collections.deque(todo)
@@ -309,12 +312,17 @@ class OpenAIGenerator:
         import httpx
 
 
-        delay = self.cfg.backoff
+        delay, timeout = self.cfg.backoff, self.cfg.request_timeout
+        attempts = self.cfg.max_retries + 1
         last = ""
-        for attempt in range(self.cfg.max_retries + 1):
+        for attempt in range(attempts):
             try:
-                resp = await client.post(self.url, json=self._body(req, sampling))
-            except (httpx.TimeoutException, httpx.TransportError) as e:
+                # the whole request: httpx's timeout bounds each read, so a server that trickles bytes, or
+                # answers the connect and then nothing, would hold a slot for as long as it likes
+                resp = await _within(timeout, client.post(self.url, json=self._body(req, sampling)))
+            except (asyncio.TimeoutError, httpx.TimeoutException):
+                last = TIMED_OUT
+            except httpx.TransportError as e:
                 last = type(e).__name__
             else:
                 if resp.status_code == 200:
@@ -345,7 +353,11 @@ class OpenAIGenerator:
             if attempt < self.cfg.max_retries:
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay *= 2
-        raise ServerError(f"server {redact(self.cfg.base_url)} failed {self.cfg.max_retries + 1} times ({last}); "
+        if last == TIMED_OUT:
+            raise ServerError(f"the server at {redact(self.cfg.base_url)} did not answer within {timeout:g} s "
+                              f"(request_timeout) after {attempts} attempt{'s' if attempts > 1 else ''}; finished "
+                              f"prompts are kept, rerun to resume", option="request_timeout")
+        raise ServerError(f"server {redact(self.cfg.base_url)} failed {attempts} times ({last}); "
                           f"finished prompts are kept, rerun to continue")
 
 
@@ -363,6 +375,15 @@ TOKEN_COUNTS = {
 def _count(value: Any) -> int | None:
     """A token count from `usage`, or None when the server gave none (never a guess)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+async def _within(seconds: float, awaitable) -> Any:
+    """`awaitable`, or asyncio.TimeoutError after `seconds`. asyncio.timeout where there is one (3.11+): 3.11's
+    wait_for can swallow a cancellation that lands as the request ends, and a worker told to stop would go on."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 _SLOT: contextvars.ContextVar[int] = contextvars.ContextVar("iterdpo_openai_slot", default=0)
