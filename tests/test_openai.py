@@ -104,6 +104,7 @@ class _Slow(BaseHTTPRequestHandler):
         if hang:
             with st["lock"]:
                 st["in_flight"] -= 1
+            st["hanging"].release()  # a handshake: one more request held
             return self._hang()
         try:
             # the first requests wait until `hold_until` are in (or 5 s): a slow connect on a busy machine must
@@ -126,7 +127,8 @@ class _Slow(BaseHTTPRequestHandler):
 def server():
     state = {"lock": threading.Lock(), "calls": 0, "ok": 0, "in_flight": 0, "max_in_flight": 0, "ports": set(),
              "latency": 0.1, "fail_after": None, "hold_until": 1, "full": threading.Event(),
-             "hang_after": None, "hung": 0, "trickle": False, "release": threading.Event()}
+             "hang_after": None, "hung": 0, "hanging": threading.Semaphore(0), "trickle": False,
+             "release": threading.Event()}
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Slow,), {"state": state}))
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -270,31 +272,56 @@ def test_stopping_early_cancels_what_is_in_flight(server, caplog):
     assert not [r for r in caplog.records if r.name == "asyncio"]  # no "Task was destroyed" or loop errors
 
 
-def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, server, tiny_models):
+# `iterdpo` itself, with a handshake: a line on the given file descriptor after each commit of finished prompts (the
+# stage sends stdout and stderr below Python to /dev/null, so the line goes to a pipe of its own)
+_CLI_WITH_HANDSHAKE = """
+import os, sys
+from builders.catalog import Catalog
+fd = int(sys.argv.pop(1))
+commit = Catalog.add_work
+def add_work(self, *args, **kwargs):
+    commit(self, *args, **kwargs)
+    os.write(fd, b"committed\\n")
+Catalog.add_work = add_work
+from builders.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, server):
     url, state = server
-    state["latency"] = 0.2
+    state["hang_after"] = 12  # then every request hangs: only cancelling them lets the run end
     db = tmp_path / "c.duckdb"
     catalog_with(db, 60)
+    read, write = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "builders.cli", "--catalog", str(db), "generate", "--iteration", "1",
-         "--model", str(tiny_models / "generator"), "--backend", "openai", "--base-url", url,
-         "--concurrency", "4", "--num-responses", "1", "--split", "train"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 60
-    while state["ok"] < 12 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    t0 = time.perf_counter()
-    out, err = proc.communicate(timeout=20)
-    assert time.perf_counter() - t0 < 5, "the interrupted run hung"
+        [sys.executable, "-c", _CLI_WITH_HANDSHAKE, str(write), "--catalog", str(db), "generate", "--iteration", "1",
+         "--model", "served-model", "--backend", "openai", "--base-url", url, "--concurrency", "4",
+         "--num-responses", "1", "--split", "train", "--commit-seconds", "0", "--request-timeout", "3600"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=(write,),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(write)
+    commits = 0
+    with open(read) as handshake:
+        for line in handshake:  # EOF if the run ends first
+            commits += line.strip() == "committed"
+            if commits == 12:
+                break
+        assert commits == 12, proc.communicate(timeout=60)[1]
+        # and the server holds the 4 requests the slots sent next
+        assert all(state["hanging"].acquire(timeout=60) for _ in range(4)), "no requests in flight"
+        proc.send_signal(signal.SIGINT)
+        try:  # the 4 requests in flight would hold it for an hour: only cancelling them ends it
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("the interrupted run hung on its requests in flight")
     assert proc.returncode == 130 and "Interrupted; finished work is kept" in err, err
     assert "Traceback" not in err and "Task was destroyed" not in err and "Exception ignored" not in err, err
     catalog = Catalog(db)
     with catalog.connect() as con:
         (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
-    # the answers the stage had taken are kept (those still queued when the signal came are asked again)
-    assert 1 <= len(catalog.work_units(key)) < 60
+    assert len(catalog.work_units(key)) == 12  # every answered prompt, and nothing else
 
 
 def test_a_server_that_never_answers_fails_in_one_line_after_the_retries_and_a_rerun_resumes(tmp_path, server):
