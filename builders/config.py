@@ -125,7 +125,10 @@ class OpenAIConfig:
     api_key_env: str = opt("OPENAI_API_KEY", "openai: environment variable holding the API key.")
     concurrency: int = opt(8, "openai: requests in flight, exactly.")
     max_retries: int = opt(5, "openai: retries of a request on 429, 5xx, timeouts and connection errors.")
-    timeout: float = opt(600.0, "openai: seconds before a request times out.")
+    # bounds a whole request (connect, send, every byte of the answer): a server that accepts and never answers
+    # costs this, times max_retries + 1, not forever; a long max_tokens on a slow server may need more
+    request_timeout: float = opt(300.0, "openai: seconds a request may take in all (connect to last byte of the "
+                                        "answer) before it is retried like other failures.")
     backoff: float = opt(1.0, "openai: seconds before the first retry; doubles each time.")
 
 

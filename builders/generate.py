@@ -31,7 +31,7 @@ from builders.backends.base import Generator, Request, Sample
 from builders.catalog import Catalog, Snapshot
 from builders.config import BACKENDS, BATCH_PROMPTS, GenerateConfig, SamplingConfig
 from builders.errors import InputError, IterdpoError
-from builders.models import model_identity, one_line as _one_line
+from builders.models import model_identity, one_line as _one_line, served_identity
 from builders.schemas import KINDS
 from builders.stage import Finished, SplitResult, StageResult, Work, chunks, register_work, resolve_inputs, \
     run_resumable, work_key as _hash_key
@@ -185,7 +185,8 @@ def generate(catalog: Catalog, iteration: int, cfg: GenerateConfig, from_refs: S
     validate_generate(cfg)
     shard = parse_shard(cfg.shard)
     sets = resolve_inputs(catalog, "prompts", iteration, cfg.splits, from_refs, require_train=True)
-    identity = model_identity(cfg.model)
+    # a served name (openai) is the server's to resolve: no Hub or disk lookup, which would fail for it
+    identity = served_identity(cfg.model) if cfg.backend == "openai" else model_identity(cfg.model)
     producer = _model_snapshot(catalog, identity)
     given = generator.describe().get("chat_template_sha256") if generator is not None else None
     template_sha = given or _template_sha(cfg)

@@ -96,7 +96,7 @@ def backend_options():
                                                 "gpu_memory_utilization", "enforce_eager", "max_num_seqs")),
         field_option(OpenAIConfig, "base_url", default=None, show_default=False,
                      help=f"openai: the server's /v1 URL (env OPENAI_BASE_URL; default {OpenAIConfig.base_url})."),
-        *(field_option(OpenAIConfig, n) for n in ("api_key_env", "concurrency", "max_retries")),
+        *(field_option(OpenAIConfig, n) for n in ("api_key_env", "concurrency", "max_retries", "request_timeout")),
     )
 
 
