@@ -111,9 +111,10 @@ def validate_generate(cfg: GenerateConfig) -> None:
         from builders.backends.openai import validate_openai
 
         validate_openai(cfg.openai)
-    from builders.backends.ray import validate_executor
+    from builders.backends.ray import check_generate_executor, validate_executor
 
     validate_executor(cfg.scale_out)
+    check_generate_executor(cfg)  # an unreachable address, or replicas this machine cannot hold
 
 
 # ------------------------------------------------------------------------------------------------------ generators

@@ -107,7 +107,7 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     def check(section: str, call, *args) -> Any:
         try:
             return call(*args)
-        except InputError as e:
+        except IterdpoError as e:  # an InputError, or the environment (e.g. a Ray address nobody answers at)
             raise InputError(f"{where}: {section}: {e}") from None
 
     # prompts and split: a local source is read now, so a split larger than the pool fails here too

@@ -49,9 +49,10 @@ def validate_rank(cfg: RankConfig) -> None:
     check_commit_seconds(cfg.commit_seconds)
     if cfg.ranker != "python" and cfg.scale_out.executor == "local":  # on Ray, the device is the replicas'
         check_device(cfg.device)
-    from builders.backends.ray import validate_executor
+    from builders.backends.ray import check_rank_executor, validate_executor
 
     validate_executor(cfg.scale_out)
+    check_rank_executor(cfg)  # the device on the replicas, an unreachable address, replicas that do not fit
 
 
 def make_ranker(cfg: RankConfig) -> Ranker:
