@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -314,9 +315,9 @@ def test_a_pipeline_on_ray_is_validated_without_starting_replicas(tiny_models, t
 
 
 # ------------------------------------------------------------- checks that need Ray's view, before the first snapshot
-def _fresh(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+def _fresh(*args, timeout: float = 120, **env_vars: str) -> subprocess.CompletedProcess:
     """`iterdpo ARGS` in a new process, not connected to this file's cluster (a stage would reuse that one)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env_vars}
     return subprocess.run([sys.executable, "-m", "builders.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -328,13 +329,20 @@ def _one_line_error(out: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize("command", ["generate", "rank"])
 def test_more_replicas_than_this_machines_cpus_is_one_line_before_any_work(catalog_path, tiny_models, command):
-    """A local Ray can never hold them: said up front, from the CPU count, without starting Ray."""
+    """A local Ray can never hold them: said up front, from the CPU count, without starting Ray (it writes its
+    session folder under RAY_TMPDIR when it starts)."""
     generations_catalog(catalog_path, n_prompts=2)
     before = _state(catalog_path)
     stage = {"generate": ["generate", "--iteration", "1", "--model", tiny_models / "generator"],
              "rank": ["rank", "--iteration", "1", "--ranker", "python", "--ranker-model",
                       "tests.scorers:longer_is_better"]}[command]
-    err = _one_line_error(_fresh("--catalog", catalog_path, *stage, "--executor", "ray", "--replicas", "4096"))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="iterdpo-ray-", dir="/tmp"))  # short: Ray's socket paths must fit
+    try:
+        err = _one_line_error(_fresh("--catalog", catalog_path, *stage, "--executor", "ray", "--replicas", "4096",
+                                     RAY_TMPDIR=str(ray_tmp)))
+        assert not any(ray_tmp.rglob("session_*")), "Ray was started to say so"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert re.match(r"Error: --replicas 4096 need 4096 CPUs; this machine's Ray has \d+ CPUs: use fewer replicas",
                     err), err
     assert _state(catalog_path) == before
