@@ -7,10 +7,14 @@ Configs say how a stage runs, never which iteration it runs on: that is an argum
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from builders.errors import InputError
 
 
 def opt(default: Any = MISSING, help: str = "") -> Any:
@@ -157,6 +161,14 @@ SPLITS = ("train", "test")
 COMMIT_SECONDS = 5.0
 
 
+def check_commit_seconds(value: Any) -> None:
+    """generate's and rank's commit interval: finite and 0 or more (0: every finished batch). A negative value would
+    act as 0 unannounced, and NaN or infinity would commit nothing until the end: a kill loses the whole run."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InputError(f"commit_seconds must be a finite number of seconds, 0 or more (0: commit every finished "
+                         f"batch), not {value}", option="commit_seconds")
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     model: str = opt("mistralai/Mistral-7B-Instruct-v0.2", "Local folder or hub id of the policy model.")
@@ -237,6 +249,40 @@ class PublishConfig:
 
 PUBLISH_DEFAULTS = PublishConfig(repo_id="")  # the defaults, for the functions and options that take them
 
+# git's rules for a ref name (git check-ref-format), which a Hub branch must follow: no control characters, space,
+# ~ ^ : ? * [ \, "..", "@{" or "//"; no part starting with "."; no leading "-" or "/", no trailing "/", "." or ".lock"
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(^|/)\.")
+
+
+def check_revision(revision: Any) -> None:
+    """The Hub branch to commit to, by git's ref-name rules: checked before staging (a dry run never asks the Hub)."""
+    if (not isinstance(revision, str) or not revision or revision == "@" or _BAD_REF.search(revision)
+            or revision.startswith(("-", "/")) or revision.endswith(("/", ".", ".lock"))):
+        raise InputError(f"revision {revision!r} is not a branch name (e.g. main, dev, ablation/beta-0.1)",
+                         option="revision")
+
+
+def check_license(license_: Any) -> None:
+    """A Hub licence id (apache-2.0, mit, cc-by-4.0, other, ...): one word, as the card's YAML metadata needs it."""
+    if not isinstance(license_, str) or not license_.strip() or any(c.isspace() for c in license_):
+        raise InputError(f"license {license_!r} is not a licence id (e.g. apache-2.0, mit, cc-by-4.0)",
+                         option="license")
+
+
+def validate_publish(cfg: "PublishConfig | PublishModelConfig") -> None:
+    """The options publish and publish-model share (and the dataset's iterations), before anything is staged. An
+    empty tuple of iterations names none; None means every built one."""
+    iterations = getattr(cfg, "iterations", None)
+    if iterations is not None:
+        if not iterations:
+            raise InputError("iterations names no iteration; give e.g. 1,2,3, or leave it out to publish every "
+                             "built one", option="iterations")
+        bad = [it for it in iterations if isinstance(it, bool) or not isinstance(it, int) or it < 1]
+        if bad:
+            raise InputError(f"iterations must be numbers 1 or more, not {bad[0]}", option="iterations")
+    check_revision(cfg.revision)
+    check_license(cfg.license)
+
 
 @dataclass(frozen=True)
 class PublishModelConfig:
@@ -274,6 +320,14 @@ class TrainConfig:
     trainer_logs: bool = False  # the Trainer's own progress bar and metric dicts instead (`--debug`)
     # On 2 cores a 135M model's DPO step is 1.75x faster with 2 threads than 1; tiny models are faster with 1
     threads: int | None = opt(None, "torch threads while training (default: as the process has them).")
+
+
+def check_threads(threads: Any) -> None:
+    """Training's torch threads: None (as the process has them) or a positive count; torch refuses anything else,
+    and only after the model and data have loaded."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be at least 1 (or unset: as the process has them), not {threads}",
+                         option="threads")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from builders.backends.base import Generator, Request, Sample
 from builders.catalog import Catalog, Snapshot
-from builders.config import BACKENDS, BATCH_PROMPTS, GenerateConfig, SamplingConfig
+from builders.config import BACKENDS, BATCH_PROMPTS, GenerateConfig, SamplingConfig, check_commit_seconds
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity, one_line as _one_line, served_identity
 from builders.schemas import KINDS
@@ -95,6 +95,7 @@ def validate_generate(cfg: GenerateConfig) -> None:
     parse_shard(cfg.shard)
     if cfg.batch_prompts is not None and (not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1):
         raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
+    check_commit_seconds(cfg.commit_seconds)
     if cfg.backend == "vllm":
         v = cfg.vllm
         if v.tensor_parallel_size < 1:
@@ -110,9 +111,10 @@ def validate_generate(cfg: GenerateConfig) -> None:
         from builders.backends.openai import validate_openai
 
         validate_openai(cfg.openai)
-    from builders.backends.ray import validate_executor
+    from builders.backends.ray import check_generate_executor, validate_executor
 
     validate_executor(cfg.scale_out)
+    check_generate_executor(cfg)  # an unreachable address, or replicas this machine cannot hold
 
 
 # ------------------------------------------------------------------------------------------------------ generators

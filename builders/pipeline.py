@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
-from builders.config import BACKENDS, RANKERS, ExecutorConfig, PipelineConfig, PublishConfig, PublishModelConfig, TrainConfig
-from builders.errors import InputError
+from builders.config import BACKENDS, RANKERS, ExecutorConfig, PipelineConfig, PublishConfig, PublishModelConfig, \
+    TrainConfig, check_license, check_revision, check_threads
+from builders.errors import InputError, IterdpoError
 
 
 # --------------------------------------------------------------------------------------------------------- parsing
@@ -106,7 +107,7 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     def check(section: str, call, *args) -> Any:
         try:
             return call(*args)
-        except InputError as e:
+        except IterdpoError as e:  # an InputError, or the environment (e.g. a Ray address nobody answers at)
             raise InputError(f"{where}: {section}: {e}") from None
 
     # prompts and split: a local source is read now, so a split larger than the pool fails here too
@@ -151,6 +152,10 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
         check("ranking.ranker_model", ranker_identity, rank_cfg)
 
     check("selection", validate_build, cfg.selection)
+    for key in ("revision", "model_revision"):
+        check(f"publish.{key}", check_revision, getattr(cfg.publish, key))
+    for key in ("license", "model_license"):
+        check(f"publish.{key}", check_license, getattr(cfg.publish, key))
     if cfg.publish.repo_id is not None:
         check("publish.repo_id", validate_repo_id, cfg.publish.repo_id)
     if cfg.publish.model_repo_id is not None:
@@ -160,6 +165,7 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
             if cfg.publish.model_local_dir is not None:
                 _formatted(cfg.publish.model_local_dir, n, f"{where}: publish.model_local_dir")
 
+    check("training.threads", check_threads, cfg.training.threads)
     # recipes last: parsing them imports TRL (seconds); each distinct file is parsed once, as training will
     recipes = {}
     for n in range(1, sp.iterations + 1):

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from builders.backends.base import Ranker, check_device, device_for
 from builders.catalog import Catalog
-from builders.config import DTYPES, RANKERS, RankConfig
+from builders.config import DTYPES, RANKERS, RankConfig, check_commit_seconds
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity
 from builders.stage import Finished, SplitResult, StageResult, Work, chunks, register_work, resolve_inputs, \
@@ -46,11 +46,13 @@ def validate_rank(cfg: RankConfig) -> None:
         raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
     if cfg.batch_tokens is not None and (not isinstance(cfg.batch_tokens, int) or cfg.batch_tokens < 1):
         raise InputError(f"batch_tokens must be at least 1, not {cfg.batch_tokens}", option="batch_tokens")
+    check_commit_seconds(cfg.commit_seconds)
     if cfg.ranker != "python" and cfg.scale_out.executor == "local":  # on Ray, the device is the replicas'
         check_device(cfg.device)
-    from builders.backends.ray import validate_executor
+    from builders.backends.ray import check_rank_executor, validate_executor
 
     validate_executor(cfg.scale_out)
+    check_rank_executor(cfg)  # the device on the replicas, an unreachable address, replicas that do not fit
 
 
 def make_ranker(cfg: RankConfig) -> Ranker:

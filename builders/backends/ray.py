@@ -68,6 +68,80 @@ def validate_executor(ex: ExecutorConfig) -> None:
         raise InputError(f"the ray executor needs Ray, which is not installed: {INSTALL}")
 
 
+def _address(ex: ExecutorConfig) -> str:
+    """Where a session goes: the option, else RAY_ADDRESS, else a new local instance ("local")."""
+    return ex.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def _runs_here(ex: ExecutorConfig) -> bool:
+    """Whether the replicas will run on a Ray instance the stage starts on this machine (not a cluster the process
+    is already connected to, nor one at an address)."""
+    import ray
+
+    return not ray.is_initialized() and _address(ex) == "local"
+
+
+def preflight(ex: ExecutorConfig, resources: Callable[[float], dict[str, float]]) -> None:
+    """The executor checks that need Ray's view, made before any input is read and without starting Ray (a
+    socket connect or a CPU count, under a second): an address that does not answer; replicas that the instance a
+    run starts on this machine cannot hold. A cluster (an address, or the process's own connection) is checked by
+    the pool once connected: a cluster can grow, so there a shortfall is a warning."""
+    if ex.executor != "ray":
+        return
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = _address(ex)
+    if address != "local":
+        _reachable(address)
+        return
+    try:
+        from ray._private.utils import get_num_cpus  # what a local ray.init gives itself (cgroup limits included)
+
+        cpus = float(get_num_cpus())
+    except Exception:  # noqa: BLE001 - a private helper: fall back to the plain count
+        cpus = float(os.cpu_count() or 1)
+    gpus = cluster_gpus(ex)
+    _check_capacity(ex, resources(gpus), {"CPU": cpus, "GPU": gpus}, local=True)
+
+
+def check_generate_executor(cfg: GenerateConfig) -> None:
+    preflight(cfg.scale_out, partial(_generator_resources, cfg))
+
+
+def check_rank_executor(cfg: RankConfig) -> None:
+    """The ranker's device on the replicas, then `preflight`."""
+    ex = cfg.scale_out
+    if ex.executor != "ray":
+        return
+    if cfg.ranker != "python" and cfg.device is not None:
+        if _runs_here(ex):  # the replicas run on this machine: its devices, in the local path's words
+            from builders.backends.base import check_device
+
+            check_device(cfg.device)
+        if ":" in cfg.device:  # Ray shows each actor only the GPU it was given, as cuda:0
+            raise InputError(f"device {cfg.device}: on the ray executor every replica is given a GPU of its own; "
+                             f"use cuda (or cpu)", option="device")
+    preflight(ex, partial(_ranker_resources, cfg))
+
+
+def _check_capacity(ex: ExecutorConfig, options: dict[str, float], total: dict[str, float], local: bool) -> None:
+    """Replicas that need more CPUs or GPUs than Ray has: an error on an instance of this machine (it never grows),
+    a warning on a cluster (nodes may join; the replicas wait for them)."""
+    need = {k: v * ex.replicas for k, v in (("CPU", options["num_cpus"]), ("GPU", options["num_gpus"])) if v}
+    short = {k: v for k, v in need.items() if v > total.get(k, 0)}
+    if not short:
+        return
+    have = ", ".join(f"{total.get(k, 0):g} {k}s" for k in need)
+    wanted = ", ".join(f"{v:g} {k}s" for k, v in need.items())
+    if local:
+        raise InputError(f"replicas {ex.replicas} need {wanted}; this machine's Ray has {have}: use fewer "
+                         f"replicas or join a cluster (ray_address)", option="replicas")
+    print(f"Warning: the Ray cluster has {have} now; {ex.replicas} replicas need {wanted}: they wait for "
+          f"nodes to join", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------------------------------------- session
 _session = {"depth": 0, "owned": False}
 
@@ -82,7 +156,7 @@ def session(ex: ExecutorConfig) -> Iterator[None]:
     if _session["depth"] == 0:
         _session["owned"] = not ray.is_initialized()
         if _session["owned"]:
-            address = ex.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+            address = _address(ex)
             kw: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
             if address == "local":
                 kw["include_dashboard"] = False
@@ -121,7 +195,7 @@ def cluster_gpus(ex: ExecutorConfig) -> float:
 
     if ray.is_initialized():
         return ray.cluster_resources().get("GPU", 0)
-    if (ex.ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+    if _address(ex) == "local":
         import torch
 
         return torch.cuda.device_count()
@@ -174,7 +248,7 @@ class RayPool:
             self.init_seconds = time.perf_counter() - start
             total = ray.cluster_resources()
             self.options = resources(total.get("GPU", 0))
-            self._check_capacity(total)
+            _check_capacity(ex, self.options, total, local=_session["owned"] and _address(ex) == "local")
             self._cls = ray.remote(_Replica)
             self._run_id = uuid.uuid4().hex[:8]
             self._names = itertools.count()
@@ -190,20 +264,6 @@ class RayPool:
         except BaseException:
             self.close()
             raise
-
-    def _check_capacity(self, total: dict[str, float]) -> None:
-        need = {k: v * self.ex.replicas for k, v in (("CPU", self.options["num_cpus"]),
-                                                        ("GPU", self.options["num_gpus"])) if v}
-        short = {k: v for k, v in need.items() if v > total.get(k, 0)}
-        if not short:
-            return
-        have = ", ".join(f"{total.get(k, 0):g} {k}s" for k in need)
-        wanted = ", ".join(f"{v:g} {k}s" for k, v in need.items())
-        if _session["owned"] and self.ex.ray_address is None and not os.environ.get("RAY_ADDRESS"):
-            raise InputError(f"replicas {self.ex.replicas} need {wanted}; this machine's Ray has {have}: use fewer "
-                             f"replicas or join a cluster (ray_address)", option="replicas")
-        print(f"Warning: the Ray cluster has {have} now; {self.ex.replicas} replicas need {wanted}: they wait for "
-              f"nodes to join", file=sys.stderr, flush=True)
 
     def _spawn(self, slot: int):
         name = f"iterdpo-{self.what}-{self._run_id}-{slot}.{next(self._names)}"
@@ -379,7 +439,10 @@ def _rank_chunk(produce: Callable, ranker: Any,
 
 def _ranker_resources(cfg: RankConfig, gpus: float) -> dict[str, float]:
     on_cpu = cfg.ranker == "python" or (cfg.device or "").startswith("cpu")
-    return {"num_cpus": 1, "num_gpus": 0 if on_cpu or not gpus else 1}
+    # --device cuda asks for GPUs even where the cluster has none now (the capacity check says so): a replica
+    # without one would fail inside Ray
+    wants_gpu = not on_cpu and (cfg.device or "").startswith("cuda")
+    return {"num_cpus": 1, "num_gpus": 1 if wants_gpu or (not on_cpu and gpus) else 0}
 
 
 def ranker_on_gpu(cfg: RankConfig) -> bool:
