@@ -2,14 +2,14 @@
 
     generate(catalog, 1, GenerateConfig(..., scale_out=ExecutorConfig(executor="ray", replicas=8)))
 
-The stage resolves the units its work area still lacks, as for a local run; `RayGenerator` / `RayRanker` stand in
-for the local backend: `replicas` actors each build that same backend from the same config (make_generator /
-make_ranker with the local executor), and the driver feeds them chunks of the todo list (`batch_prompts` units each,
-two queued per actor so an actor never waits for the driver's commit) and yields each chunk's `Finished` as it
-completes (ray.wait), so `run_resumable` commits it through the one work path. Workers never touch the catalog.
+The stage resolves the units its work area still lacks, as for a local run, and builders/executor.py:producer
+gives it a `Replicated` backend in place of the local one: `replicas` actors each build that same local backend
+(the stage's `build`), and the driver feeds them chunks of the work items (`chunk` items each, two queued per actor
+so an actor never waits for the driver's commit) and yields each chunk's `Finished` as it completes (ray.wait), so
+`run_stage` commits it through the one work path. Workers never touch the catalog.
 
-An actor runs the local producer (`generate._produce`, `rank._produce`) on its chunk, so the rows are the local
-run's: seeds come from (seed, prompt_id), never from where or with what a prompt ran.
+An actor runs the stage's local `run` (`generate._produce`, `rank._produce`) on its chunk, so the rows are the
+local run's: seeds come from (seed, prompt_id), never from where or with what a prompt ran.
 
 Failures: a lost actor (its process crashed, its node went away, `ray.kill`) has its chunks resubmitted to the
 live actors at once, up to `ATTEMPTS` times per chunk, and a new actor replaces it, taking chunks once its backend
@@ -33,14 +33,13 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from builders.config import BATCH_PROMPTS, EXECUTORS, ExecutorConfig, GenerateConfig, RankConfig
+from builders.config import EXECUTORS, ExecutorConfig, GenerateConfig, RankConfig
 from builders.errors import InputError, IterdpoError
 from builders.models import one_line
-from builders.stage import Finished, chunks
+from builders.stage import Finished, Producer, chunks
 
 ATTEMPTS = 3  # a chunk whose actor is gone for good goes to a new actor at most this often, then the run fails
 DEPTH = 2  # chunks queued per actor: it starts the next while the driver commits the last
@@ -107,7 +106,7 @@ def preflight(ex: ExecutorConfig, resources: Callable[[float], dict[str, float]]
 
 
 def check_generate_executor(cfg: GenerateConfig) -> None:
-    preflight(cfg.scale_out, partial(_generator_resources, cfg))
+    preflight(cfg.scale_out, partial(generator_resources, cfg))
 
 
 def check_rank_executor(cfg: RankConfig) -> None:
@@ -123,7 +122,7 @@ def check_rank_executor(cfg: RankConfig) -> None:
         if ":" in cfg.device:  # Ray shows each actor only the GPU it was given, as cuda:0
             raise InputError(f"device {cfg.device}: on the ray executor every replica is given a GPU of its own; "
                              f"use cuda (or cpu)", option="device")
-    preflight(ex, partial(_ranker_resources, cfg))
+    preflight(ex, partial(ranker_resources, cfg))
 
 
 def _check_capacity(ex: ExecutorConfig, options: dict[str, float], total: dict[str, float], local: bool) -> None:
@@ -385,59 +384,40 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-# ---------------------------------------------------------------------------------------------------- generation
-def _generate_chunk(produce: Callable, generator: Any, payload: tuple[GenerateConfig, list[tuple[str, str]]]
-                    ) -> tuple[Finished, str]:
-    cfg, chunk = payload
-    return _merge(list(produce(generator, cfg, chunk))), _node()
+# ------------------------------------------------------------------------------------------------------ producer
+def _run_chunk(run: Callable, backend: Any, payload: list[Any]) -> tuple[Finished, str]:
+    return _merge(list(run(backend, payload))), _node()
 
 
-def _generator_resources(cfg: GenerateConfig, gpus: float) -> dict[str, float]:
-    if cfg.backend == "openai" or not gpus:
-        return {"num_cpus": 1, "num_gpus": 0}
-    return {"num_cpus": 1, "num_gpus": cfg.vllm.tensor_parallel_size if cfg.backend == "vllm" else 1}
+class Replicated:
+    """A stage's backend on Ray: `replicas` actors each hold the local backend `build` makes and run the local
+    `run` on chunks of the work items; the driver yields each chunk's `Finished` as it completes."""
 
+    def __init__(self, ex: ExecutorConfig, build: Callable[[], Any], run: Callable, chunk: int,
+                 resources: Callable[[float], dict[str, float]], label: str):
+        self.run, self.chunk = run, chunk
+        self.pool = RayPool(ex, build, resources, label)
 
-class _Replicated:
-    """What a backend on Ray replicas says of itself, and how it gives them back."""
-
-    pool: RayPool
+    def produce(self, items: Sequence[Any]) -> Iterator[Finished]:
+        payloads = [list(c) for c in chunks(list(items), self.chunk)]
+        yield from self.pool.stream(partial(_run_chunk, self.run), payloads, len)
 
     def describe(self) -> dict[str, Any]:
         return self.pool.describe()
-
-    @property
-    def stats(self) -> dict[str, Any]:
-        return self.pool.stats
 
     def close(self) -> None:
         self.pool.close()
 
 
-class RayGenerator(_Replicated):
-    """A generator whose work runs on Ray replicas of the local one (`produce` replaces prepare + generate).
-    The stage passes its own `make_generator` and local `produce`, which the replicas run (by reference)."""
-
-    def __init__(self, cfg: GenerateConfig, make_generator: Callable, local_produce: Callable):
-        self.cfg = replace(cfg, scale_out=ExecutorConfig())  # what each replica runs: the local backend
-        self.local_produce = local_produce
-        self.pool = RayPool(cfg.scale_out, partial(make_generator, self.cfg),
-                            partial(_generator_resources, cfg), "generate")
-
-    def produce(self, todo: Sequence[tuple[str, str]]) -> Iterator[Finished]:
-        size = self.cfg.batch_prompts or BATCH_PROMPTS[self.cfg.backend]
-        payloads = [(self.cfg, list(c)) for c in chunks(list(todo), size)]
-        yield from self.pool.stream(partial(_generate_chunk, self.local_produce), payloads, lambda p: len(p[1]))
+def generator_resources(cfg: GenerateConfig, gpus: float) -> dict[str, float]:
+    """What one generation replica takes on a cluster with `gpus` GPUs."""
+    if cfg.backend == "openai" or not gpus:
+        return {"num_cpus": 1, "num_gpus": 0}
+    return {"num_cpus": 1, "num_gpus": cfg.vllm.tensor_parallel_size if cfg.backend == "vllm" else 1}
 
 
-# ------------------------------------------------------------------------------------------------------- ranking
-def _rank_chunk(produce: Callable, ranker: Any,
-                payload: tuple[list[str], dict[str, str], dict[str, list[tuple[int, str]]], int]) -> tuple[Finished, str]:
-    todo, prompt_text, by, batch_prompts = payload
-    return _merge(list(produce(ranker, todo, prompt_text, by, batch_prompts))), _node()
-
-
-def _ranker_resources(cfg: RankConfig, gpus: float) -> dict[str, float]:
+def ranker_resources(cfg: RankConfig, gpus: float) -> dict[str, float]:
+    """What one ranking replica takes on a cluster with `gpus` GPUs."""
     on_cpu = cfg.ranker == "python" or (cfg.device or "").startswith("cpu")
     # --device cuda asks for GPUs even where the cluster has none now (the capacity check says so): a replica
     # without one would fail inside Ray
@@ -445,35 +425,15 @@ def _ranker_resources(cfg: RankConfig, gpus: float) -> dict[str, float]:
     return {"num_cpus": 1, "num_gpus": 1 if wants_gpu or (not on_cpu and gpus) else 0}
 
 
+def replicated(ex: ExecutorConfig, build: Callable[[], Any], run: Callable, *, chunk: int,
+               resources: Callable[[float], dict[str, float]], label: str) -> Producer:
+    """The executor's Producer on Ray (builders/executor.py:producer)."""
+    return Producer(partial(Replicated, ex, build, run, chunk, resources, label), Replicated.produce,
+                    lambda backend: backend.pool.stats)
+
+
 def ranker_on_gpu(cfg: RankConfig) -> bool:
     """Whether the replicas score on GPUs (then PairRM's batch options enter the work key, as locally)."""
     if cfg.device is not None:
         return not cfg.device.startswith("cpu")
     return cfg.ranker != "python" and cluster_gpus(cfg.scale_out) > 0
-
-
-class RayRanker(_Replicated):
-    """A ranker whose work runs on Ray replicas of the local one (the stage passes its `make_ranker` and local
-    `produce`, which the replicas run)."""
-
-    def __init__(self, cfg: RankConfig, make_ranker: Callable, local_produce: Callable):
-        self.local_produce = local_produce
-        self.cfg = replace(cfg, scale_out=ExecutorConfig())
-        self.pool = RayPool(cfg.scale_out, partial(make_ranker, self.cfg), partial(_ranker_resources, cfg), "rank")
-
-    def produce(self, todo: Sequence[str], prompt_text: dict[str, str], by: dict[str, list[tuple[int, str]]],
-                batch_prompts: int) -> Iterator[Finished]:
-        payloads = [(list(c), {p: prompt_text[p] for p in c}, {p: by[p] for p in c}, batch_prompts)
-                    for c in chunks(list(todo), batch_prompts)]
-        yield from self.pool.stream(partial(_rank_chunk, self.local_produce), payloads, lambda p: len(p[0]))
-
-    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
-        """The Ranker protocol (best-of-n): scores in the prompts' order, computed on the replicas."""
-        keys = [str(i) for i in range(len(prompts))]
-        by = {k: list(enumerate(c)) for k, c in zip(keys, candidates)}
-        got: dict[str, list[float]] = {}
-        for item in self.produce(keys, dict(zip(keys, prompts)), by, self.cfg.batch_prompts):
-            for pid, score in zip(item.rows.column("prompt_id").to_pylist(), item.rows.column("score").to_pylist()):
-                got.setdefault(pid, []).append(score)
-        return [got.get(k, []) for k in keys]
-
