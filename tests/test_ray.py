@@ -377,13 +377,13 @@ def test_a_device_index_on_ray_is_refused(cli, catalog_path, tiny_models):
 def test_ray_replicas_ask_for_a_gpu_when_the_device_is_cuda():
     """On a cluster without GPUs now, --device cuda replicas wait for GPU nodes (with a warning) instead of
     starting on CPUs and failing there."""
-    from builders.backends.ray import _ranker_resources
+    from builders.backends.ray import ranker_resources
 
     cuda = RankConfig(ranker="pairrm", device="cuda", scale_out=RAY2)
-    assert _ranker_resources(cuda, gpus=0) == {"num_cpus": 1, "num_gpus": 1}
-    assert _ranker_resources(replace(cuda, device=None), gpus=0)["num_gpus"] == 0
-    assert _ranker_resources(replace(cuda, device="cpu"), gpus=4)["num_gpus"] == 0
-    assert _ranker_resources(replace(cuda, device=None), gpus=4)["num_gpus"] == 1
+    assert ranker_resources(cuda, gpus=0) == {"num_cpus": 1, "num_gpus": 1}
+    assert ranker_resources(replace(cuda, device=None), gpus=0)["num_gpus"] == 0
+    assert ranker_resources(replace(cuda, device="cpu"), gpus=4)["num_gpus"] == 0
+    assert ranker_resources(replace(cuda, device=None), gpus=4)["num_gpus"] == 1
 
 
 def _pipeline_yaml(tmp_path: Path, tiny: Path, generation: dict, ranking: dict) -> Path:
