@@ -395,3 +395,20 @@ def test_publish_options_that_name_nothing_fail_before_anything_is_staged(cli, c
     if good is not None:  # the same command with a good value stages the folder
         assert cli(*target, option, good, "--dry-run", "--local-dir", staged).code == 0
         assert (staged / "README.md").exists()
+
+
+def test_the_catalog_flag_wins_over_the_pipelines_catalog_key(tmp_path, catalog_path, cli, monkeypatch):
+    import builders.pipeline
+    from builders.errors import InputError
+
+    def where_it_would_run(catalog, cfg, where):
+        raise InputError(f"would run on {catalog.path}")
+
+    monkeypatch.setattr(builders.pipeline, "run_pipeline", where_it_would_run)
+    monkeypatch.setenv("ITERDPO_CATALOG", str(tmp_path / "from-env.duckdb"))
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"catalog: {tmp_path / 'from-yaml.duckdb'}\n")
+    assert f"would run on {catalog_path}" in cli("run", pipeline).err  # the flag typed for this command
+    assert "from-yaml.duckdb" in cli("run", pipeline, catalog=None).err  # the file's key beats the environment
+    pipeline.write_text("split: {iterations: 1}\n")
+    assert "from-env.duckdb" in cli("run", pipeline, catalog=None).err

@@ -168,14 +168,15 @@ def run_cmd(state: State, pipeline: str, as_json: bool) -> None:
     The whole config is checked first (backends, sampling, rankers, selection, recipes, prompt source, models):
     a bad value fails before anything is registered. Resumable: every finished step is skipped, so after a crash
     rerun the same command; an iteration is trained again only when its pairs, base model or recipe changed. The
-    config's `catalog` key, if set, wins over --catalog. pipelines/snorkel.yaml reproduces
-    Snorkel-Mistral-PairRM-DPO.
+    catalog: the global --catalog if given, else the config's `catalog` key, else ITERDPO_CATALOG or the default.
+    pipelines/snorkel.yaml reproduces Snorkel-Mistral-PairRM-DPO.
     """
     from builders.catalog import Catalog
     from builders.pipeline import load_pipeline, run_pipeline
 
     cfg = load_pipeline(pipeline)
-    catalog = Catalog(cfg.catalog) if cfg.catalog else state.catalog()
+    # the flag typed for this command beats the file's key, which beats the environment's standing default
+    catalog = Catalog(cfg.catalog) if cfg.catalog and state.catalog_path is None else state.catalog()
     with stage_output(state.debug):
         result = run_pipeline(catalog, cfg, where=pipeline)
 
