@@ -7,9 +7,12 @@ Configs say how a stage runs, never which iteration it runs on: that is an argum
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,11 @@ from typing import Any
 from builders.errors import InputError
 
 
-def opt(default: Any = MISSING, help: str = "") -> Any:
-    """A config field with its help text (shown by `--help`; TRL's `field(metadata={"help": ...})`)."""
+def opt(default: Any = MISSING, help: str = "", *, factory: Any = None) -> Any:
+    """A config field with its help text (shown by `--help`; TRL's `field(metadata={"help": ...})`). `factory`:
+    a default computed when the config is made (e.g. from the environment), for the library and the CLI alike."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -122,9 +128,14 @@ class VllmConfig:
     cpu_kv_cache_gib: float = 1.0
 
 
+OPENAI_BASE_URL = "http://127.0.0.1:8000/v1"
+OPENAI_BASE_URL_ENV = "OPENAI_BASE_URL"
+
+
 @dataclass(frozen=True)
 class OpenAIConfig:
-    base_url: str = opt("http://127.0.0.1:8000/v1", "openai: the server's /v1 URL (env OPENAI_BASE_URL).")
+    base_url: str = opt(help=f"openai: the server's /v1 URL (default: env {OPENAI_BASE_URL_ENV}, else "
+                             f"{OPENAI_BASE_URL}).", factory=lambda: os.environ.get(OPENAI_BASE_URL_ENV) or OPENAI_BASE_URL)
     # the key is read from this variable, never logged or stored
     api_key_env: str = opt("OPENAI_API_KEY", "openai: environment variable holding the API key.")
     concurrency: int = opt(8, "openai: requests in flight, exactly.")
@@ -182,7 +193,7 @@ class GenerateConfig:
     commit_seconds: float = opt(COMMIT_SECONDS, "Seconds between commits of finished prompts (what a kill loses).")
     scale_out: ExecutorConfig = ExecutorConfig()
     vllm: VllmConfig = VllmConfig()
-    openai: OpenAIConfig = OpenAIConfig()
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)  # its base_url default is read from the environment when made
 
 
 RANKERS = ("pairrm", "llm-blender", "scalar", "python")
@@ -422,3 +433,63 @@ class BestOfNConfig:
     ranker: RankConfig = RankConfig()
     column: str | None = opt(None, "Column holding the instruction (default: instruction, prompt, ...).")
     generator_name: str | None = opt(None, "The `generator` name written (default: MODEL-RANKER-best-of-N).")
+
+
+# ------------------------------------------------------------------------------------------------------ reflection
+def build_config(cls: type, data: Any, where: str | None = None, *, flat: bool = False) -> Any:
+    """Config `cls` from values: the one reflection the pipeline YAML and the CLI share.
+
+    Nested (`flat=False`, a pipeline file's section `where`): nested mappings for nested configs; an unknown key
+    or a value of the wrong type is an error naming its key. Flat (`flat=True`, a command's parsed options): every
+    config, nested ones included, takes the options named like its fields (options are typed by Click); an option
+    left unset (None), and a field no option names, keep the config's default."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    if flat:
+        kw = {}
+        for f in fields:
+            value, nested = data.get(f.name), _dataclass_of(hints[f.name])
+            if nested is not None and not isinstance(value, nested):
+                kw[f.name] = build_config(nested, data, flat=True)
+            elif value is not None:
+                kw[f.name] = value
+        return cls(**kw)
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping, found {type(data).__name__}")
+    names = [f.name for f in fields]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise InputError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(names)})")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The config class a field holds (`X` or `X | None`), else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if dataclasses.is_dataclass(tp):
+        return build_config(tp, value if value is not None else {}, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{where} must be a list, not {value!r}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is Path:
+        if not isinstance(value, str):
+            raise InputError(f"{where} must be a path, not {value!r}")
+        return Path(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise InputError(f"{where} must be {tp.__name__}, not {value!r}")
+    return value
