@@ -229,13 +229,14 @@ _REGISTER_SLOWLY = textwrap.dedent("""
     import sys, time, pyarrow as pa
     from builders.catalog import Catalog
     from builders.config import CatalogConfig
-    import builders.catalog as c
-    original = c.Catalog._insert_rows
-    def slow(self, con, k, table, hashes):
-        original(self, con, k, table, hashes)
+    import builders.catalog.store as store
+    original = store.insert_rows
+    def slow(*args):
+        out = original(*args)
         print("inserted", flush=True)
         time.sleep(float(sys.argv[3]))
-    c.Catalog._insert_rows = slow
+        return out
+    store.insert_rows = slow
     cat = Catalog(sys.argv[1], CatalogConfig(sys.argv[1], lock_timeout=30))
     n = int(sys.argv[2])
     rows = [{"prompt_id": f"{i:064x}", "response_index": 0, "response": "r" * 50, "finish_reason": "stop",
@@ -265,14 +266,15 @@ def test_kill_during_registration_leaves_the_catalog_clean(catalog: Catalog):
 _ADD_WORK_THEN_HANG = textwrap.dedent("""
     import sys, time
     import builders.catalog as c
+    import builders.catalog.store as store
     from tests.test_catalog import gens, pids
-    original = c.Catalog._insert_rows
-    def slow(self, con, k, table, hashes):
-        out = original(self, con, k, table, hashes)
+    original = store.insert_rows
+    def slow(*args):
+        out = original(*args)
         print("inserted", flush=True)
         time.sleep(60)
         return out
-    c.Catalog._insert_rows = slow
+    store.insert_rows = slow
     c.Catalog(sys.argv[1]).add_work("key", "generations", gens(pids(2, start=2)), {p: None for p in pids(2, start=2)})
 """)
 
