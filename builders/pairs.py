@@ -77,6 +77,15 @@ def validate_build(cfg: BuildConfig) -> None:
             raise InputError(f"{name} must be a finite number >= 0, not {value}", option=name)
 
 
+def _input(catalog: Catalog, snap: Snapshot, kind: str) -> Snapshot:
+    """The `kind` snapshot `snap` was made from."""
+    found = catalog.parent(snap, kind)
+    if found is None:
+        raise InputError(f"{snap.kind} snapshot {snap.id[:12]} records no {kind} snapshot it was made from; "
+                         f"build pairs from scores that `iterdpo rank` registered")
+    return found
+
+
 def _skipped_prompts(catalog: Catalog, gen: Snapshot) -> set[str]:
     """Prompts the generation stage skipped on purpose (too long for the context): known, not missing."""
     key = gen.params.get("work_key")
@@ -122,8 +131,8 @@ def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig,
                      sink: pa.ipc.RecordBatchStreamWriter) -> tuple[int, dict[str, int], dict[str, Any]]:
     """Write the split's pairs rows to `sink` in canonical order, batch by batch: prompts, generations and scores
     stream in prompt_id order and are merged one prompt at a time, so memory stays bounded by a batch."""
-    gen = catalog.get(scores_snap.parents[0])
-    prompts_snap = catalog.get(gen.parents[0])
+    gen = _input(catalog, scores_snap, "generations")
+    prompts_snap = _input(catalog, gen, "prompts")
     texts = _Cursor(_groups(catalog.read_batches(gen.id, columns=("prompt_id", "response_index", "response")),
                             "response"))
     scored = _Cursor(_groups(catalog.read_batches(scores_snap.id), "score"))

@@ -108,6 +108,27 @@ def test_missing_generations_need_allow_partial(tmp_path):
     assert partial.rows + sum(partial.params["drops"].values()) == 7
 
 
+def test_build_finds_its_inputs_by_kind_and_says_when_scores_record_none(tmp_path):
+    source = _scored_catalog(tmp_path / "c.duckdb")
+    expected = build_pairs(source, 1, BuildConfig()).snapshots[0]
+    tables = {k: source.read(source.newest(k, 1, "train").id) for k in ("prompts", "generations", "scores")}
+    catalog = Catalog(tmp_path / "o.duckdb")
+    p = catalog.register("prompts", tables["prompts"], iteration=1, split="train")
+    g = catalog.register("generations", tables["generations"], iteration=1, split="train", parents=[p.id])
+    orphan = catalog.register("scores", tables["scores"], iteration=1, split="train")  # no lineage recorded
+    with pytest.raises(InputError, match=f"scores snapshot {orphan.id[:12]} records no generations snapshot"):
+        build_pairs(catalog, 1, BuildConfig())
+    assert catalog.list(kind="pairs") == []
+    # the generations recorded after another parent: found by kind, not position
+    other = catalog.register("prompts", tables["prompts"].slice(0, 1), iteration=2, split="train")
+    shifted = tables["scores"].set_column(2, "score", pa.array([x + 1.0 for x in tables["scores"].column("score").to_pylist()]))
+    scores = catalog.register("scores", shifted, iteration=1, split="train", parents=[other.id, g.id])
+    snap = build_pairs(catalog, 1, BuildConfig(), from_refs=[scores.id]).snapshots[0]
+    assert (snap.params["generations"], snap.params["prompts"]) == (g.id, p.id)
+    assert catalog.read(snap.id).select(["prompt_id", "chosen", "rejected"]).equals(
+        source.read(expected.id).select(["prompt_id", "chosen", "rejected"]))
+
+
 def test_bad_build_options_and_missing_scores(tmp_path):
     catalog = _generations_catalog(tmp_path / "c.duckdb")
     with pytest.raises(InputError, match="has no scores.*rank first .iterdpo rank --iteration 1"):

@@ -2,7 +2,9 @@
 diffing them.
 
 A snapshot id is the sha256 of (kind, iteration, split, the row hashes in canonical key order); params and parents
-are recorded but not hashed, so registering the same content again is a no-op returning the same id.
+are recorded but not hashed, so registering the same content again is a no-op returning the same id. Lineage is
+named: `parent(snap, kind)` is the input of that kind a snapshot was made from, and `Snapshot.shard` says whether it
+is one shard of a larger snapshot (a part, never complete).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ _MIN_PREFIX = 4
 _STREAM_ROWS = 1024
 # KIND (its newest snapshot without an iteration, e.g. the prompt pool), KIND:N (iteration N) or KIND:N:SPLIT
 _SELECTOR = re.compile(r"(?P<kind>[a-z]+)(?::(?P<iteration>\d+)(?::(?P<split>train|test))?)?")
+# A shard snapshot (one part of a sharded stage's snapshot) records its shard, "K/N", under this params key (params
+# are not hashed: ids are unchanged, and catalogs of every schema version carry it). Only this module reads the key.
+_SHARD = "shard"
+# SQL: the snapshot is complete (not a shard)
+_COMPLETE = f"json_extract_string(params, '$.{_SHARD}') IS NULL"
 
 
 @dataclass
@@ -47,6 +54,11 @@ class Snapshot:
     params: dict[str, Any]
     created_at: str
     tags: list[str] = field(default_factory=list)
+
+    @property
+    def shard(self) -> str | None:
+        """"K/N" for shard K of N (a part of a snapshot, never complete: `newest` and selectors skip it), else None."""
+        return self.params.get(_SHARD)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,7 +80,8 @@ class Registration:
 
     `texts_from` (pairs only): the prompts snapshot and the generations snapshot whose rows hold the pairs rows'
     texts. A row that their rows rebuild byte for byte is stored by reference (its texts once, in those rows;
-    builders.catalog.refs); any other row in full. Nothing else changes: the id and row hashes are the full rows'."""
+    builders.catalog.refs); any other row in full. Nothing else changes: the id and row hashes are the full rows'.
+    `shard`: "K/N" when the snapshot is shard K of N of a stage's output (a part, never complete)."""
 
     kind: str
     rows: pa.Table | pa.RecordBatchReader | Iterable[pa.RecordBatch]  # a table, or batches streamed in bounded memory
@@ -77,6 +90,7 @@ class Registration:
     parents: tuple[str, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
     texts_from: tuple[str, ...] = ()
+    shard: str | None = None
 
 
 def _looks_like_prefix(ref: str) -> bool:
@@ -100,11 +114,12 @@ class Snapshots:
         parents: Sequence[str] = (),
         params: Mapping[str, Any] | None = None,
         texts_from: Sequence[str] = (),
+        shard: str | None = None,
     ) -> Snapshot:
         """Register `rows` (a table, or batches streamed in bounded memory) as a snapshot of `kind`. Identical
-        content returns the existing snapshot unchanged. `texts_from`: see Registration."""
+        content returns the existing snapshot unchanged. `texts_from` and `shard`: see Registration."""
         return self.register_many([Registration(kind, rows, iteration, split, tuple(parents), dict(params or {}),
-                                                tuple(texts_from))])[0]
+                                                tuple(texts_from), shard)])[0]
 
     def register_many(self, items: Sequence[Registration]) -> list[Snapshot]:
         """Register several snapshots atomically: all of them appear, or none does.
@@ -120,6 +135,11 @@ class Snapshots:
             if item.texts_from and (item.kind != "pairs" or len(item.texts_from) != 2):
                 raise InputError("texts_from names the prompts and the generations snapshot holding the texts of "
                                  f"pairs rows, not {len(item.texts_from)} snapshot(s) of {item.kind} rows")
+            if item.shard is not None and (not isinstance(item.shard, str) or not item.shard.strip()):
+                raise InputError(f"shard must name the part, e.g. '0/4', not {item.shard!r}", option="shard")
+            if item.shard is not None and item.params.get(_SHARD, item.shard) != item.shard:
+                raise InputError(f"shard {item.shard!r} differs from the params' shard {item.params[_SHARD]!r}",
+                                 option="shard")
             if isinstance(item.rows, pa.Table):  # a table is checked whole before anything is stored
                 sort_order(conform(item.rows, get_kind(item.kind)), get_kind(item.kind))
         with self.db.connect() as con:
@@ -173,6 +193,8 @@ class Snapshots:
             seq = fetch_one(con, "SELECT coalesce(max(seq), 0) + 1 FROM snapshots")[0]
             record = dict(item.params)
             record.setdefault("iterdpo_version", __version__)
+            if item.shard is not None:
+                record[_SHARD] = item.shard
             execute(con, "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [sid, seq, k.name, item.iteration, item.split, len(hashes),
                      json.dumps(record, sort_keys=True, allow_nan=False, default=str), store.now()])
@@ -205,7 +227,7 @@ class Snapshots:
                 con,
                 "SELECT id FROM snapshots WHERE kind = ? AND iteration IS NOT DISTINCT FROM ? "
                 "AND (split IS NOT DISTINCT FROM ? OR (? IS NULL AND iteration IS NOT NULL)) "
-                "AND json_extract_string(params, '$.shard') IS NULL ORDER BY seq DESC LIMIT 1",
+                f"AND {_COMPLETE} ORDER BY seq DESC LIMIT 1",
                 [selector["kind"], iteration, selector["split"], selector["split"]],
             )
             if newest:
@@ -248,18 +270,38 @@ class Snapshots:
 
     def newest(self, kind: str, iteration: int | None = None, split: str | None = None) -> Snapshot | None:
         """The newest complete snapshot of a kind for an iteration and split (None matches the pool: no
-        iteration/split). Shard snapshots (params.shard set) are parts, never complete."""
+        iteration/split). Shard snapshots (Snapshot.shard) are parts, never complete."""
         if not self.db.exists():
             return None
         with self.db.connect(read_only=True) as con:
             row = fetch_one(
                 con,
                 "SELECT id FROM snapshots WHERE kind = ? AND iteration IS NOT DISTINCT FROM ? "
-                "AND split IS NOT DISTINCT FROM ? AND json_extract_string(params, '$.shard') IS NULL "
-                "ORDER BY seq DESC LIMIT 1",
+                f"AND split IS NOT DISTINCT FROM ? AND {_COMPLETE} ORDER BY seq DESC LIMIT 1",
                 [kind, iteration, split],
             )
             return self._get(con, row[0]) if row else None
+
+    # ---------------------------------------------------------------------------------------------------- lineage
+    def parents(self, snap: Snapshot | str, kind: str | None = None) -> list[Snapshot]:
+        """The snapshots `snap` (a Snapshot, or a reference as `get` takes) was made from, in the order they were
+        recorded; with `kind`, only those of that kind."""
+        if kind is not None:
+            get_kind(kind)
+        with self.db.connect(read_only=True) as con:
+            sid = snap.id if isinstance(snap, Snapshot) else self._resolve(con, snap)
+            ids = [r[0] for r in fetch_all(
+                con, "SELECT p.parent_id FROM snapshot_parents p LEFT JOIN snapshots s ON s.id = p.parent_id "
+                     "WHERE p.snapshot_id = ? AND (?::VARCHAR IS NULL OR s.kind = ?) ORDER BY p.position",
+                [sid, kind, kind])]
+            return [self._get(con, i) for i in ids]
+
+    def parent(self, snap: Snapshot | str, kind: str) -> Snapshot | None:
+        """The input of `kind` that `snap` was made from (a generations snapshot's prompts, a scores snapshot's
+        generations, a pairs snapshot's scores, a prompt set's pool), or None if it records none. Where it has
+        several of that kind (a prompt set drawn from several pools), the first recorded; `parents` gives all."""
+        found = self.parents(snap, kind)
+        return found[0] if found else None
 
     def read(self, ref: str) -> pa.Table:
         """The rows of a snapshot, in canonical order, with the kind's declared schema."""
