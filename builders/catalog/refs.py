@@ -21,13 +21,10 @@ import pyarrow.compute as pc
 
 from builders.catalog.db import fetch_arrow
 from builders.catalog.hashing import row_hashes
-from builders.catalog.store import REF_COLUMNS, has_refs, key_range, rows_table
+from builders.catalog.store import REF_COLUMNS, REF_SCHEMA, has_refs, key_range, rows_table
 from builders.errors import CatalogError
 from builders.schemas import KINDS
 
-REF_SCHEMA = pa.schema([("prompt_ref", pa.binary()), ("response_refs", pa.list_(pa.binary())),
-                        ("chosen_ref", pa.int32()), ("rejected_ref", pa.int32())])
-assert REF_SCHEMA.names == list(REF_COLUMNS)
 # the columns a referencing row leaves NULL
 REFERENCED = ("prompt", "chosen", "rejected", "all_generated_responses")
 # pairs rows rebuilt at a time to check their references (~10 kB each)

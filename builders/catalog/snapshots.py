@@ -337,7 +337,7 @@ class Snapshots:
         schema = pa.schema(([pa.field("row_hash", pa.binary())] if with_hash else []) + [k.schema.field(c) for c in names])
         # pairs rows stored by reference are rebuilt batch by batch (refs.expand), from their reference columns
         refd = refs.needed(k.name, names)
-        wide = pa.schema([*schema, *refs.REF_SCHEMA]) if refd else schema
+        wide = pa.schema([*schema, *store.REF_SCHEMA]) if refd else schema
         cols = ", ".join(f"r.{c}" for c in schema.names)
         order = ", ".join(f"r.{c}" for c in k.key)
         members = (f"FROM snapshot_rows s JOIN {store.rows_table(k.name)} r ON s.row_id = r.row_id "

@@ -24,8 +24,11 @@ from builders.schemas import KINDS, Kind
 # repeating them (builders.catalog.refs)
 SCHEMA_VERSION = 2
 
-# The columns of rows_pairs that hold a row's references (schema 2; builders.catalog.refs says what they mean).
+# The columns of rows_pairs that hold a row's references (schema 2; builders.catalog.refs says what they mean), in
+# SQL and in Arrow.
 REF_COLUMNS = {"prompt_ref": "BLOB", "response_refs": "BLOB[]", "chosen_ref": "INTEGER", "rejected_ref": "INTEGER"}
+REF_SCHEMA = pa.schema([("prompt_ref", pa.binary()), ("response_refs", pa.list_(pa.binary())),
+                        ("chosen_ref", pa.int32()), ("rejected_ref", pa.int32())])
 
 # Rows are numbered per kind (row_id) and snapshots per catalog (seq): membership is then two integers a row,
 # which compress to a few bytes, instead of two hashes. Ids are local to a file; `merge` renumbers by hash.
