@@ -57,7 +57,7 @@ class Snapshot:
 
     @property
     def shard(self) -> str | None:
-        """"K/N" for shard K of N (a part of a snapshot, never complete: `newest` and selectors skip it), else None."""
+        """Which part this is, "K/N" (shard K of N: never complete, `newest` and selectors skip it); None if whole."""
         return self.params.get(_SHARD)
 
     def to_json(self) -> dict[str, Any]:
