@@ -212,12 +212,11 @@ def generate(catalog: Catalog, iteration: int, cfg: GenerateConfig, from_refs: S
                 return {
                     **identity, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
                     "seed_rule": "sha256(f'{seed}:{prompt_id}')[:8] mod floor(2^62/n), times n; responses use S..S+n-1",
-                    "skipped_too_long": skipped, "work_key": key, "prompts": prompts_id,
-                    **({"shard": cfg.shard} if shard else {}), **described,
+                    "skipped_too_long": skipped, "work_key": key, "prompts": prompts_id, **described,
                 }
 
             yield SplitWork(split, key, items, [prompts_snap.id, *producer_of], params,
-                            work_params={"prompts": prompts_snap.id})
+                            work_params={"prompts": prompts_snap.id}, shard=cfg.shard if shard else None)
 
     spec = StageSpec("generate", "generations", iteration, "generator", producer(cfg), cfg.commit_seconds)
     return run_stage(catalog, spec, splits(), progress=progress, backend=generator)

@@ -127,7 +127,10 @@ def rank(catalog: Catalog, iteration: int, cfg: RankConfig = RankConfig(), from_
     def splits() -> Iterator[SplitWork]:
         for split, gen in sets.items():  # one split's generations in memory at a time
             key = work_key({"stage": "rank", "generations": gen.id, **identity, **settings})
-            prompts_snap = catalog.get(gen.parents[0])
+            prompts_snap = catalog.parent(gen, "prompts")
+            if prompts_snap is None:
+                raise InputError(f"generations {gen.id[:12]} record no prompts snapshot: rank needs the prompts they "
+                                 f"answer (register them with parents=[the prompts snapshot])")
             prompt_text = dict(zip(*(catalog.read(prompts_snap.id).column(c).to_pylist()
                                      for c in ("prompt_id", "prompt"))))
             order, by = grouped(catalog.read(gen.id))

@@ -203,6 +203,7 @@ class SplitWork:
     parents: list[str]
     params: Callable[[dict[str, Any], int], dict[str, Any]]
     work_params: dict[str, Any] = field(default_factory=dict)  # recorded beside the description when work begins
+    shard: str | None = None  # "K/N": the snapshot is one part of the stage's output (Snapshot.shard)
 
 
 def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *, progress: bool = True,
@@ -234,7 +235,7 @@ def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *,
             if described is None:
                 described = catalog.work_params(sw.key).get(spec.role, {})
             split_result.snapshot = register_work(catalog, work, list(sw.items), sw.parents,
-                                                     sw.params(described, split_result.skipped))
+                                                  sw.params(described, split_result.skipped), shard=sw.shard)
             result.splits.append(split_result)
     finally:
         if owned and backend is not None:
@@ -245,10 +246,10 @@ def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *,
 
 
 def register_work(catalog: Catalog, work: Work, units: Sequence[str], parents: Sequence[str],
-                  params: Mapping[str, Any]) -> Snapshot:
+                  params: Mapping[str, Any], shard: str | None = None) -> Snapshot:
     """The snapshot of a finished work area: its rows for `units` (all of them: this shard's), registered."""
     return catalog.register(work.kind, catalog.work_rows(work.key, units=units), iteration=work.iteration,
-                            split=work.split, parents=list(parents), params=dict(params))
+                            split=work.split, parents=list(parents), params=dict(params), shard=shard)
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
