@@ -113,7 +113,9 @@ def _read_rows(cfg: BestOfNConfig) -> tuple[list[str | None], list[str | None]]:
     return cols.prompts, [d if d is not None else s for d, s in zip(datasets, sources)]
 
 
-def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
+def best_of_n(cfg: BestOfNConfig, progress: bool = True) -> dict[str, Any]:
+    """`progress`: a bar on stderr for the generation and one for the ranking (prompts, prompts/s, tokens/s), as
+    generate and rank show."""
     _check_options(cfg)
     with contextlib.ExitStack() as stack:
         ray = [c.scale_out for c in (cfg.generation, cfg.ranker) if c.scale_out.executor == "ray"]
@@ -121,7 +123,47 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
             from builders.backends.ray import session
 
             stack.enter_context(session(ray[0]))
-        return _best_of_n(cfg)
+        return _best_of_n(cfg, progress)
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="prompt", desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True)
+
+
+def _generate(generator, gen, prompts: list[str], progress: bool) -> dict[str, list]:
+    """Each prompt's samples, produced the way the generate stage produces them (same seeds, batches and skips),
+    with its progress bar."""
+    import time
+
+    from builders.generate import _produce
+    from builders.prompts import prompt_id
+
+    answered: dict[str, list] = {}
+    tokens, t0 = 0, time.perf_counter()
+    with _bar(len(prompts), f"best-of-{gen.sampling.num_responses} generate", progress) as bar:
+        for item in _produce(generator, gen, [(prompt_id(p), p) for p in prompts]):
+            answered.update(_answered([item]))
+            tokens += item.tokens
+            bar.update(len(item.units))
+            if tokens:
+                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+    return answered
+
+
+def _score(scorer, ranked: list[tuple[str, list[str]]], batch_prompts: int, progress: bool) -> list[list[float]]:
+    """The ranker's scores of each prompt's candidates, `batch_prompts` prompts per call (the rank stage's unit),
+    with a progress bar; the ray ranker takes them all at once and spreads them over its replicas."""
+    from builders.stage import chunks
+
+    size = len(ranked) if hasattr(scorer, "produce") else batch_prompts
+    scores: list[list[float]] = []
+    with _bar(len(ranked), "best-of-n rank", progress) as bar:
+        for chunk in chunks(ranked, max(size, 1)):
+            scores += scorer.score([p for p, _ in chunk], [c for _, c in chunk])
+            bar.update(len(chunk))
+    return scores
 
 
 def _answered(finished) -> dict[str, list]:
@@ -135,9 +177,9 @@ def _answered(finished) -> dict[str, list]:
     return out
 
 
-def _best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
+def _best_of_n(cfg: BestOfNConfig, progress: bool) -> dict[str, Any]:
     from builders.config import ExecutorConfig
-    from builders.generate import make_generator, prompt_seed
+    from builders.generate import make_generator
     from builders.models import model_identity
     from builders.prompts import prompt_id
     from builders.rank import check_finite, make_ranker
@@ -162,20 +204,13 @@ def _best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     prompts = list(dict.fromkeys(instructions[i].strip() for i in keep))  # each distinct prompt once
     generator = make_generator(gen)
     try:
-        if hasattr(generator, "produce"):  # the ray executor: replicas answer chunks of the prompts
-            answered = _answered(generator.produce([(prompt_id(p), p) for p in prompts]))
-        else:
-            prepared = generator.prepare([(prompt_id(p), p, prompt_seed(sampling.seed, prompt_id(p),
-                                                                        sampling.num_responses)) for p in prompts],
-                                         sampling)
-            requests = [r for r in prepared if not isinstance(r, str)]
-            answered = dict(zip((r.prompt_id for r in requests), generator.generate(requests, sampling)))
+        answered = _generate(generator, gen, prompts, progress)  # the ray executor: replicas answer chunks
     finally:
         generator.close()
     ranked = [(p, [s.text for s in answered[prompt_id(p)]]) for p in prompts if answered.get(prompt_id(p))]
     scorer = ranker or (make_ranker(cfg.ranker) if ranked else None)
     try:
-        scores = scorer.score([p for p, _ in ranked], [c for _, c in ranked]) if ranked else []
+        scores = _score(scorer, ranked, cfg.ranker.batch_prompts, progress) if ranked else []
     finally:
         if hasattr(scorer, "close"):  # Ray replicas give their GPUs back
             scorer.close()
