@@ -148,6 +148,9 @@ def train_cmd(state: State, iteration: int, from_refs: tuple[str, ...], as_json:
 
     def human() -> None:
         loss = result.metrics.get("train_loss")
+        if result.resumed:
+            click.echo(f"{result.output_dir} already holds this training's model (weights verified; not trained "
+                       f"again)")
         click.echo(f"trained iteration {iteration} on {counts_line(result.metrics)}: model in {result.output_dir}"
                    + (f", train loss {loss:.4f}" if loss is not None else ""))
         if result.snapshot:
