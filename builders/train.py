@@ -270,8 +270,8 @@ def _finish(catalog: Catalog, out: Path, marker: dict[str, Any], main: bool, pro
         import pyarrow as pa
 
         if progress:
-            print(f"{out} holds the model this training wrote before it was stopped (weights verified): "
-                  f"registering it", file=sys.stderr, flush=True)
+            print(f"{out} already holds the model of this training (weights verified): registering it, not "
+                  f"training again", file=sys.stderr, flush=True)
         row["path"] = str(out.resolve())
         snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=marker["work"]["iteration"],
                                 parents=parents, params=params)

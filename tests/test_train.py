@@ -291,7 +291,8 @@ def test_a_killed_training_does_not_block_the_same_command(built, tmp_path, tiny
     assert len(built.list(kind="model")) == 1
 
 
-def test_a_training_killed_before_its_registration_is_finished_by_the_same_command(built, tmp_path, tiny_models):
+def test_a_training_killed_before_its_registration_is_finished_by_the_same_command(built, tmp_path, tiny_models,
+                                                                                   cli):
     import duckdb
 
     from builders.train import MODEL_MARKER
@@ -334,6 +335,10 @@ def test_a_training_killed_before_its_registration_is_finished_by_the_same_comma
     assert row["path"] == str(out.resolve()) and row["weights_sha256"] == weights_sha256(out)
     assert json.loads(row["metrics"]) == {"train_pairs_used": 12, "train_pairs_dropped": 0, "train_pairs_truncated": 0}
     assert snap.params["metrics"]["train_loss"] > 0  # the params of the run that trained it
+    said = cli("train", "--iteration", "1", "--recipe", TINY, "--model", model, "--output-dir", out, catalog=built.path)
+    assert said.code == 0 and said.out.startswith(f"the model of this training is already in {out} (iteration 1, "
+                                                  f"12 pairs; weights verified, not trained again)"), said.out
+    assert [m.id for m in built.list(kind="model")] == [snap.id]
 
     # the model of another training there (another recipe), or a user's folder, is still refused
     other = _recipe(tmp_path, "other.yaml", {"max_steps: 5": "max_steps: 3"})
