@@ -15,8 +15,8 @@ Only ```bash and ```python blocks are examples (```yaml blocks are recipe fragme
 
 Cost (the suite's longest file): the quickstart fixture (4 vLLM start-ups, 3 tiny DPO runs), then ~30 processes,
 of which `models import-gguf` (converting the real SmolLM2 GGUF), best-of-n, generate, train and the README's
-Python API block take most. 12.7 minutes measured on 2 cores shared with other jobs (load average 9: the fixture
-4.5 min, import-gguf 1.6 min); about a third of that on 2 idle cores.
+Python API block take most: 6.5 minutes measured on 2 cores shared with other jobs (load average 5; the fixture
+80 s, import-gguf 65 s, 4 CPU-minutes in all), 12.7 minutes at load average 9.
 """
 
 from __future__ import annotations
