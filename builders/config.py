@@ -326,7 +326,8 @@ class TrainConfig:
     model: str | None = opt(None, "Base model folder or hub id (default: the recipe's model_name_or_path).")
     dataset: str | None = opt(None, "A staged dataset folder or hub id (default: the catalog's pairs).")
     output_dir: Path | None = opt(None, "Where the model is saved (default: the recipe's output_dir).")
-    overwrite: bool = opt(False, "Replace a non-empty output folder that iterdpo did not write.")
+    overwrite: bool = opt(False, "Train again into a non-empty output folder: a user's, or another training's "
+                                 "model (the same training run again registers the model it left there without it).")
     progress: bool = True  # a progress bar and the pair counts on stderr
     trainer_logs: bool = False  # the Trainer's own progress bar and metric dicts instead (`--debug`)
     # On 2 cores a 135M model's DPO step is 1.75x faster with 2 threads than 1; tiny models are faster with 1

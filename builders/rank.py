@@ -32,8 +32,8 @@ from builders import executor
 from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_commit_seconds
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity
-from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, resolve_inputs, run_stage, \
-    work_key
+from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, counted, progress_bar, \
+    resolve_inputs, run_stage, work_key
 
 
 def validate_rank(cfg: RankConfig) -> None:
@@ -173,16 +173,19 @@ def _produce(batch_prompts: int, ranker: Ranker, items: Sequence[tuple[str, str,
 
 
 def score_all(cfg: RankConfig, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
-              ranker: Ranker | None = None) -> list[list[float]]:
-    """Scores of each prompt's candidates on `cfg`'s executor, outside the catalog (best-of-n, eval)."""
+              ranker: Ranker | None = None, progress: bool = False, desc: str = "rank") -> list[list[float]]:
+    """Scores of each prompt's candidates on `cfg`'s executor, outside the catalog (best-of-n), with the stages'
+    progress bar."""
     run = producer(cfg, ranker)
     backend = run.build()
     got: dict[str, list[float]] = {}
     try:
         items = [(str(i), p, list(enumerate(c))) for i, (p, c) in enumerate(zip(prompts, candidates))]
-        for item in run.run(backend, items):
-            for key, score in zip(item.rows.column("prompt_id").to_pylist(), item.rows.column("score").to_pylist()):
-                got.setdefault(key, []).append(score)
+        with progress_bar(len(items), desc, progress) as bar:
+            for item in counted(run.run(backend, items), bar):
+                for key, score in zip(item.rows.column("prompt_id").to_pylist(),
+                                      item.rows.column("score").to_pylist()):
+                    got.setdefault(key, []).append(score)
     finally:
         if ranker is None or cfg.scale_out.executor != "local":
             backend.close()

@@ -130,12 +130,10 @@ def run_resumable(catalog: Catalog, work: Work, todo: Sequence[str], produce: Ca
                   *, commit_seconds: float, progress: bool, desc: str) -> tuple[int, int]:
     """Run `produce` over the units not yet done and commit what it finishes, at most every `commit_seconds`
     (0: every item) and at the end. Returns (units finished, tokens). What was committed survives any kill."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), unit="prompt", desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True)
+    bar = progress_bar(len(todo), desc, progress)
     pending: list[Finished] = []
     finished = tokens = 0
-    last = t0 = time.perf_counter()
+    last = time.perf_counter()
 
     def commit() -> None:
         nonlocal last
@@ -149,13 +147,10 @@ def run_resumable(catalog: Catalog, work: Work, todo: Sequence[str], produce: Ca
 
     failed_commit = False
     try:
-        for item in produce(todo):
+        for item in counted(produce(todo), bar):
             pending.append(item)
             finished += len(item.units)
             tokens += item.tokens
-            bar.update(len(item.units))
-            if tokens:
-                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
             if time.perf_counter() - last >= commit_seconds:
                 failed_commit = True
                 commit()
@@ -167,6 +162,24 @@ def run_resumable(catalog: Catalog, work: Work, todo: Sequence[str], produce: Ca
         finally:
             bar.close()
     return finished, tokens
+
+
+def progress_bar(total: int, desc: str, progress: bool):
+    """The stages' progress bar on stderr: prompts done, prompts/s (and tok/s, see `counted`)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="prompt", desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True)
+
+
+def counted(items: Iterable[Finished], bar) -> Iterator[Finished]:
+    """`items` as they come, each counted on `bar` (with tok/s once they carry generated tokens)."""
+    tokens, t0 = 0, time.perf_counter()
+    for item in items:
+        tokens += item.tokens
+        bar.update(len(item.units))
+        if tokens:
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+        yield item
 
 
 @dataclass(frozen=True)

