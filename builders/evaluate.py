@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.config import BestOfNConfig, LengthControlConfig, RankConfig
-from builders.errors import InputError
+from builders.errors import InputError, one_line
 
 
 def candidates_path(output: Path) -> Path:
@@ -205,7 +205,7 @@ def _load_outputs(path: Path) -> list[dict[str, Any]]:
     except OSError as e:
         raise InputError(f"{path}: {e.strerror}") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not valid JSON ({one_line(str(e))})") from None
     if not isinstance(data, list):
         raise InputError(f"{path}: expected AlpacaEval's format, a JSON list of {{instruction, output, generator}}")
     for i, row in enumerate(data):

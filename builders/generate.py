@@ -32,11 +32,11 @@ from builders.backends.ray import generator_resources
 from builders.catalog import Catalog, Snapshot
 from builders import executor
 from builders.config import BACKENDS, BATCH_PROMPTS, ExecutorConfig, GenerateConfig, SamplingConfig, check_commit_seconds
-from builders.errors import InputError, IterdpoError
-from builders.models import model_identity, one_line as _one_line, served_identity
+from builders.errors import InputError, IterdpoError, one_line
+from builders.models import model_identity, served_identity
 from builders.schemas import KINDS
 from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, resolve_inputs, run_stage, \
-    work_key as _hash_key
+    hash_key
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -149,7 +149,7 @@ def producer(cfg: GenerateConfig) -> Producer:
 def work_key(prompts: Snapshot, identity: dict[str, Any], backend: str, template_sha: str | None,
              sampling: SamplingConfig) -> str:
     """Everything that determines the responses (not the shard, batch size or machine)."""
-    return _hash_key({"stage": "generate", "prompts": prompts.id, "model": identity, "backend": backend,
+    return hash_key({"stage": "generate", "prompts": prompts.id, "model": identity, "backend": backend,
                       "chat_template_sha256": template_sha, "sampling": asdict(sampling)})
 
 
@@ -167,7 +167,7 @@ def _template_sha(cfg: GenerateConfig) -> str | None:
     try:
         template = AutoTokenizer.from_pretrained(cfg.model).chat_template
     except Exception as e:
-        raise InputError(f"model {cfg.model!r}: cannot load its tokenizer ({_one_line(e)})") from None
+        raise InputError(f"model {cfg.model!r}: cannot load its tokenizer ({one_line(e)})") from None
     if not template:
         raise InputError(f"model {cfg.model!r}: its tokenizer has no chat template; give a chat_template file",
                          option="chat_template")

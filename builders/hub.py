@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from builders.catalog import Catalog
 from builders import scratch as scratch_dirs
-from builders.errors import InputError, IterdpoError
+from builders.errors import InputError, IterdpoError, one_line
 
 MARKER = ".iterdpo-staged.json"  # in a staged folder: the files iterdpo wrote there (the only ones it may replace)
 
@@ -46,7 +46,7 @@ def validate_repo_id(repo_id: str) -> None:
     try:
         hub_validate(repo_id)
     except HFValidationError as e:
-        raise InputError(f"invalid repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"invalid repo id {repo_id!r}: {one_line(str(e))}") from None
     if "/" not in repo_id:
         raise InputError(f"invalid repo id {repo_id!r}: use namespace/name (your user or organisation)")
 
@@ -183,10 +183,10 @@ def hub_error(e: Exception) -> tuple[bool, str]:
         if status in (401, 403):
             return False, (f"the Hub refused the request (HTTP {status}): check your token "
                            f"(`hf auth login` or HF_TOKEN) and its write access")
-        return (status is None or status >= 500 or status == 429), f"HTTP {status}: {str(e).splitlines()[0][:200]}"
+        return (status is None or status >= 500 or status == 429), f"HTTP {status}: {one_line(str(e), 200)}"
     if isinstance(e, (*_transport_errors(), ConnectionError, TimeoutError, OSError)):
-        return True, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'network error'}"
-    return False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return True, f"{type(e).__name__}: {one_line(str(e), 200) or 'network error'}"
+    return False, f"{type(e).__name__}: {one_line(str(e), 200)}"
 
 
 def retry(what: str, call: Callable[[], Any], target: HubTarget, landed: str | None = None,

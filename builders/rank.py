@@ -33,7 +33,7 @@ from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_c
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity
 from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, counted, progress_bar, \
-    resolve_inputs, run_stage, work_key
+    hash_key, resolve_inputs, run_stage
 
 
 def validate_rank(cfg: RankConfig) -> None:
@@ -126,7 +126,7 @@ def rank(catalog: Catalog, iteration: int, cfg: RankConfig = RankConfig(), from_
 
     def splits() -> Iterator[SplitWork]:
         for split, gen in sets.items():  # one split's generations in memory at a time
-            key = work_key({"stage": "rank", "generations": gen.id, **identity, **settings})
+            key = hash_key({"stage": "rank", "generations": gen.id, **identity, **settings})
             prompts_snap = catalog.parent(gen, "prompts")
             if prompts_snap is None:
                 raise InputError(f"generations {gen.id[:12]} record no prompts snapshot: rank needs the prompts they "

@@ -63,7 +63,7 @@ def resolve_inputs(catalog: Catalog, kind: str, iteration: int, splits: Sequence
     return found
 
 
-def work_key(spec: Mapping[str, Any]) -> str:
+def hash_key(spec: Mapping[str, Any]) -> str:
     """Everything that determines a stage's rows (never the batch size, shard or machine), hashed."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -79,7 +79,7 @@ class Finished:
 
 
 @dataclass(frozen=True)
-class Work:
+class WorkArea:
     """One split's work area in the catalog."""
 
     key: str
@@ -126,7 +126,7 @@ class StageResult:
                 **({"executor": self.executor} if self.executor else {})}
 
 
-def run_resumable(catalog: Catalog, work: Work, todo: Sequence[str], produce: Callable[[Sequence[str]], Iterable[Finished]],
+def run_resumable(catalog: Catalog, work: WorkArea, todo: Sequence[str], produce: Callable[[Sequence[str]], Iterable[Finished]],
                   *, commit_seconds: float, progress: bool, desc: str) -> tuple[int, int]:
     """Run `produce` over the units not yet done and commit what it finishes, at most every `commit_seconds`
     (0: every item) and at the end. Returns (units finished, tokens). What was committed survives any kill."""
@@ -235,7 +235,7 @@ def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *,
             if todo and backend is None:
                 backend = spec.producer.build()
             described = backend.describe() if backend is not None else None
-            work = Work(sw.key, spec.kind, spec.iteration, sw.split, {spec.role: described or {}, **sw.work_params})
+            work = WorkArea(sw.key, spec.kind, spec.iteration, sw.split, {spec.role: described or {}, **sw.work_params})
             if todo:
                 items, use = sw.items, backend
                 split_result.processed, tokens = run_resumable(
@@ -258,7 +258,7 @@ def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *,
     return result
 
 
-def register_work(catalog: Catalog, work: Work, units: Sequence[str], parents: Sequence[str],
+def register_work(catalog: Catalog, work: WorkArea, units: Sequence[str], parents: Sequence[str],
                   params: Mapping[str, Any], shard: str | None = None) -> Snapshot:
     """The snapshot of a finished work area: its rows for `units` (all of them: this shard's), registered."""
     return catalog.register(work.kind, catalog.work_rows(work.key, units=units), iteration=work.iteration,

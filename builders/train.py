@@ -29,8 +29,8 @@ from typing import Any
 from builders import scratch as scratch_dirs
 from builders.catalog import Catalog, Snapshot
 from builders.config import RECIPES, TrainConfig, check_threads
-from builders.errors import InputError
-from builders.models import model_ref, one_line, weights_sha256
+from builders.errors import InputError, one_line
+from builders.models import model_ref, weights_sha256
 
 
 @dataclass

@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from builders.config import CATALOG_ENV
-from builders.errors import CatalogBusy, CatalogError
+from builders.errors import CatalogBusy, CatalogError, one_line
 
 
 # DuckDB 2 refuses new work on a connection while a result is unfinished: every statement is fetched in full.
@@ -48,9 +48,6 @@ def sql_str(text: str) -> str:
     """Escape a string literal for the few statements that take no parameters (ATTACH) or need one inline."""
     return text.replace("'", "''")
 
-
-def first_line(msg: str) -> str:
-    return msg.strip().splitlines()[0] if msg.strip() else msg
 
 
 @contextmanager
@@ -191,7 +188,7 @@ class Database:
             except duckdb.IOException as e:
                 msg = str(e)
                 if "lock" not in msg.lower():
-                    raise CatalogError(f"catalog {self.path} cannot be opened: {first_line(msg)}") from None
+                    raise CatalogError(f"catalog {self.path} cannot be opened: {one_line(msg)}") from None
                 if time.monotonic() >= deadline:
                     raise CatalogBusy(
                         f"catalog {self.path} is held by another process (waited {self.lock_timeout:.0f}s; "
@@ -201,7 +198,7 @@ class Database:
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.5)
             except duckdb.Error as e:
-                raise CatalogError(f"catalog {self.path} cannot be opened: {first_line(str(e))}") from None
+                raise CatalogError(f"catalog {self.path} cannot be opened: {one_line(e)}") from None
 
     def _release(self, con: duckdb.DuckDBPyConnection) -> None:
         """End a unit of work; the last one detaches the file, which checkpoints it and releases its lock for

@@ -10,9 +10,9 @@ from typing import Any
 import duckdb
 
 import builders.catalog.store as store
-from builders.catalog.db import Database, atomic, execute, fetch_all, fetch_one, first_line, sql_str
+from builders.catalog.db import Database, atomic, execute, fetch_all, fetch_one, sql_str
 from builders.config import CatalogConfig
-from builders.errors import CatalogError, InputError
+from builders.errors import CatalogError, InputError, one_line
 from builders.schemas import KINDS
 
 
@@ -46,7 +46,7 @@ class Merge:
             try:
                 execute(con, f"ATTACH '{sql_str(str(other))}' AS src (READ_ONLY)")
             except duckdb.Error as e:
-                raise CatalogError(f"cannot read catalog {other}: {first_line(str(e))}") from None
+                raise CatalogError(f"cannot read catalog {other}: {one_line(e)}") from None
             try:
                 with atomic(con):
                     counts.update(self._merge_from_src(con))

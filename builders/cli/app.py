@@ -19,7 +19,7 @@ import click
 from builders import __version__
 from builders.cli.options import example, flag_name
 from builders.config import CATALOG_ENV, DEFAULT_CATALOG
-from builders.errors import IterdpoError
+from builders.errors import IterdpoError, one_line
 
 
 @dataclass
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug or an unexpected library failure: still one line, the traceback on --debug
         if debug:
             raise
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = one_line(str(e), 1000)
         click.echo(f"Error: unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
 
