@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.errors import InputError
+from builders.schemas import SPLITS  # the catalog's split names, declared with the row schemas
 
 
 def opt(default: Any = MISSING, help: str = "", *, factory: Any = None) -> Any:
@@ -57,12 +58,6 @@ class CatalogConfig:
 # Column names tried, in order, when `prompts import` is not told which column holds the prompt.
 # openbmb/UltraFeedback calls it `instruction`; HuggingFaceH4/ultrafeedback_binarized calls it `prompt`.
 PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "question", "query", "input", "text")
-
-
-@dataclass(frozen=True)
-class ImportConfig:
-    source: str = ""
-    column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +161,10 @@ class ExecutorConfig:
 # Prompts per backend call: large for vLLM (throughput), small for the CPU fallback (progress); the openai backend
 # keeps `concurrency` requests in flight instead.
 BATCH_PROMPTS = {"vllm": 512, "transformers": 8, "openai": 64}
-SPLITS = ("train", "test")
+def check_splits(splits: tuple[str, ...]) -> None:
+    for split in splits:
+        if split not in SPLITS:
+            raise InputError(f"split must be train or test, not {split!r}", option="splits")
 # Seconds between commits of finished work to the catalog: a kill -9 loses at most this much work, and a fast
 # scorer pays one DuckDB transaction per few seconds rather than per batch (bench/scale.py).
 COMMIT_SECONDS = 5.0

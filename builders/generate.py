@@ -31,7 +31,9 @@ from builders.backends.base import Generator, Request, Sample
 from builders.backends.ray import generator_resources
 from builders.catalog import Catalog, Snapshot
 from builders import executor
-from builders.config import BACKENDS, BATCH_PROMPTS, ExecutorConfig, GenerateConfig, SamplingConfig, check_commit_seconds
+from builders.config import (
+    BACKENDS, BATCH_PROMPTS, ExecutorConfig, GenerateConfig, SamplingConfig, check_commit_seconds, check_splits,
+)
 from builders.errors import InputError, IterdpoError, one_line
 from builders.models import model_identity, served_identity
 from builders.schemas import KINDS
@@ -91,9 +93,7 @@ def validate_generate(cfg: GenerateConfig) -> None:
     validate_sampling(cfg.sampling)
     if cfg.backend not in BACKENDS:
         raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
-    for split in cfg.splits:
-        if split not in ("train", "test"):
-            raise InputError(f"split must be train or test, not {split!r}")
+    check_splits(cfg.splits)
     parse_shard(cfg.shard)
     if cfg.batch_prompts is not None and (not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1):
         raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from builders.catalog import Catalog, Registration, Snapshot
-from builders.config import SELECTIONS, BuildConfig
+from builders.config import SELECTIONS, SPLITS, BuildConfig
 from builders.errors import InputError
 from builders.stage import SplitResult, StageResult, resolve_inputs
 from builders.schemas import KINDS, MESSAGE
@@ -202,7 +202,7 @@ def build_pairs(catalog: Catalog, iteration: int, cfg: BuildConfig = BuildConfig
     """Select chosen/rejected per prompt for `iteration` and register its `pairs` snapshots (train and test) in
     one transaction. Every dropped prompt is counted by reason in the snapshot params."""
     validate_build(cfg)
-    sets = resolve_inputs(catalog, "scores", iteration, ("train", "test"), from_refs, require_train=True)
+    sets = resolve_inputs(catalog, "scores", iteration, SPLITS, from_refs, require_train=True)
     result = StageResult("build", iteration)
     items = []
     # Each split's pairs are spooled to a temporary Arrow file as they are built, and registered from it once every

@@ -29,7 +29,7 @@ from builders.backends.base import Ranker, check_device, device_for
 from builders.backends.ray import ranker_resources
 from builders.catalog import Catalog
 from builders import executor
-from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_commit_seconds
+from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_commit_seconds, check_splits
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity
 from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, counted, progress_bar, \
@@ -40,9 +40,7 @@ def validate_rank(cfg: RankConfig) -> None:
     """Every ranking option, checked before any input is read or model loaded."""
     if cfg.ranker not in RANKERS:
         raise InputError(f"unknown ranker {cfg.ranker!r}; use one of {', '.join(RANKERS)}")
-    for split in cfg.splits:
-        if split not in ("train", "test"):
-            raise InputError(f"split must be train or test, not {split!r}")
+    check_splits(cfg.splits)
     if cfg.dtype not in DTYPES:
         raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}", option="dtype")
     if not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1:

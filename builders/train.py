@@ -28,7 +28,7 @@ from typing import Any
 
 from builders import scratch as scratch_dirs
 from builders.catalog import Catalog, Snapshot
-from builders.config import RECIPES, TrainConfig, check_threads
+from builders.config import RECIPES, SPLITS, TrainConfig, check_threads
 from builders.errors import InputError, one_line
 from builders.models import model_ref, weights_sha256
 
@@ -163,7 +163,7 @@ def _catalog_dataset(catalog: Catalog, iteration: int, from_refs: Sequence[str] 
 
     from builders.stage import resolve_inputs
 
-    sets = resolve_inputs(catalog, "pairs", iteration, ("train", "test"), from_refs, require_train=True)
+    sets = resolve_inputs(catalog, "pairs", iteration, SPLITS, from_refs, require_train=True)
     if "train" not in sets:
         raise InputError(f"the inputs name no train pairs of iteration {iteration}", option="from_refs")
     train, test = sets["train"], sets.get("test")
