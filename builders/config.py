@@ -161,10 +161,14 @@ class ExecutorConfig:
 # Prompts per backend call: large for vLLM (throughput), small for the CPU fallback (progress); the openai backend
 # keeps `concurrency` requests in flight instead.
 BATCH_PROMPTS = {"vllm": 512, "transformers": 8, "openai": 64}
+
+
 def check_splits(splits: tuple[str, ...]) -> None:
     for split in splits:
         if split not in SPLITS:
             raise InputError(f"split must be train or test, not {split!r}", option="splits")
+
+
 # Seconds between commits of finished work to the catalog: a kill -9 loses at most this much work, and a fast
 # scorer pays one DuckDB transaction per few seconds rather than per batch (bench/scale.py).
 COMMIT_SECONDS = 5.0
