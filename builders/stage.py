@@ -237,9 +237,9 @@ def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *,
             described = backend.describe() if backend is not None else None
             work = WorkArea(sw.key, spec.kind, spec.iteration, sw.split, {spec.role: described or {}, **sw.work_params})
             if todo:
-                items, use = sw.items, backend
                 split_result.processed, tokens = run_resumable(
-                    catalog, work, todo, lambda units: spec.producer.run(use, [items[u] for u in units]),
+                    catalog, work, todo,
+                    lambda units, items=sw.items, use=backend: spec.producer.run(use, [items[u] for u in units]),
                     commit_seconds=spec.commit_seconds, progress=progress,
                     desc=f"{spec.stage} it{spec.iteration} {sw.split}")
                 result.tokens += tokens

@@ -73,9 +73,9 @@ def check_schema(con: duckdb.DuckDBPyConnection, read_only: bool, *, path: Path)
         tables = {r[0] for r in fetch_all(con, "SELECT table_name FROM duckdb_tables() "
                                                "WHERE database_name = current_database()")}
         if tables:
-            raise CatalogError(f"{path} is a DuckDB file but not an iterdpo catalog (tables: {sorted(tables)[:5]})")
+            raise CatalogError(f"{path} is a DuckDB file but not an iterdpo catalog (tables: {sorted(tables)[:5]})") from None
         if read_only:
-            raise CatalogError(f"{path} is an empty DuckDB file, not an iterdpo catalog")
+            raise CatalogError(f"{path} is an empty DuckDB file, not an iterdpo catalog") from None
         _create(con)
         return
     version = int(row[0]) if row else 0
