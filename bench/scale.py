@@ -48,8 +48,10 @@ class FakeServer:
 
     def __init__(self, latency_ms: float, log: Path):
         self.log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_openai.py"), "--latency-ms",
-                                      str(latency_ms)], stdout=subprocess.PIPE, stderr=self.log, text=True)
+        # it lists the served name on /v1/models, so the snapshots record what a real server would say
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_openai.py"), "--model", "fake-model",
+                                      "--latency-ms", str(latency_ms)], stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
             raise SystemExit(f"fake server did not start (see {log})")

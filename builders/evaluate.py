@@ -1,7 +1,24 @@
 """Inference-time PairRM best-of-N and AlpacaEval-style evaluation.
 
-    best_of_n(BestOfNConfig(model=..., prompts=Path("alpaca_eval.json"), output=Path("model_outputs.json")))
-    evaluate(Path("model_outputs.json"), reference=Path("gpt4_turbo.json"), ranker=RankConfig(iteration=0))
+    best_of_n(BestOfNConfig(prompts=Path("alpaca_eval.json"), output=Path("model_outputs.json"),
+                            generation=GenerateConfig(model="my/model")), progress=False)
+
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from builders.config import RankConfig
+    >>> from builders.evaluate import evaluate
+    >>> work = Path(tempfile.mkdtemp())
+    >>> def write(name, generator, outputs):
+    ...     rows = [{"instruction": i, "output": o, "generator": generator} for i, o in outputs]
+    ...     (work / name).write_text(json.dumps(rows))
+    >>> write("outputs.json", "mine", [("Name a colour.", "Blue is a colour."), ("Say hi.", "Hi")])
+    >>> write("reference.json", "ref", [("Name a colour.", "Blue"), ("Say hi.", "Hello there.")])
+    >>> evaluate(work / "outputs.json")["length"]  # no reference: length statistics only, no model
+    {'mine': {'n': 2, 'avg_length': 9.5, 'median_length': 9.5}}
+    >>> ranker = RankConfig(ranker="python", ranker_model="builders.rewards:complete_concise_answer")
+    >>> report = evaluate(work / "outputs.json", reference=work / "reference.json", ranker=ranker)
+    >>> report["compared"], report["win_rate"], report["standard_error"]
+    (2, 50.0, 50.0)
 
 best-of-N reuses the generation and ranking backends (the same seeds, chat template and PairRM), keeps the
 best-scored response per prompt and writes AlpacaEval's model_outputs.json: one row per input row with only scalar

@@ -1,7 +1,18 @@
 """Where a stage's model work runs: in this process, or on Ray replicas of the same backend.
 
-    producer(cfg.scale_out, partial(make_generator, cfg), partial(_produce, cfg), chunk=64,
-             resources=partial(generator_resources, cfg), label="generate")
+    >>> from builders.config import ExecutorConfig
+    >>> from builders.executor import producer
+    >>> def build():  # the backend (a model, a client), built once a split has work left
+    ...     return str.upper
+    >>> def run(backend, items):  # items -> Finished units; module-level functions, so Ray can ship them
+    ...     yield from ()
+    >>> local = producer(ExecutorConfig(), build, run, chunk=64, resources=lambda gpus: {"num_cpus": 1},
+    ...                  label="demo")
+    >>> local.build is build and local.run is run  # locally: the pair itself
+    True
+
+(builders/generate.py passes `partial(make_generator, cfg)` and `partial(_produce, cfg)`; with
+`ExecutorConfig(executor="ray", replicas=2)` the same call returns Ray replicas of that backend.)
 
 A stage hands over how to build its local backend and how that backend turns work items into `Finished` rows;
 the executor returns the `Producer` that runs them. Locally that is the pair itself. On Ray, `replicas` actors

@@ -1,6 +1,23 @@
 """The generation stage: N responses per prompt from the current model, resumable and shardable.
 
-    generate(catalog, GenerateConfig(iteration=1, model="mistralai/Mistral-7B-Instruct-v0.2", backend="vllm"))
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from builders.catalog import Catalog
+    >>> from builders.config import BUNDLED_PROMPTS, GenerateConfig, SamplingConfig, SplitConfig
+    >>> from builders.generate import generate
+    >>> from builders.prompts import import_prompts, split_prompts
+    >>> catalog = Catalog(Path(tempfile.mkdtemp()) / "catalog.duckdb")
+    >>> _ = import_prompts(catalog, str(BUNDLED_PROMPTS))
+    >>> _ = split_prompts(catalog, SplitConfig(iterations=1, train_size=3, test_size=1))
+    >>> cfg = GenerateConfig(model=str(TINY / "generator"),  # a folder from `iterdpo tiny-models TINY`
+    ...                      sampling=SamplingConfig(num_responses=2, max_tokens=8))
+    >>> result = generate(catalog, 1, cfg, progress=False)
+    >>> [(s.split, s.processed, s.snapshot.kind, s.snapshot.rows) for s in result.splits]
+    [('train', 3, 'generations', 6), ('test', 1, 'generations', 2)]
+    >>> generate(catalog, 1, cfg, progress=False).splits[0].processed  # a rerun: every prompt is done
+    0
+
+On GPUs: `GenerateConfig(model="mistralai/Mistral-7B-Instruct-v0.2", backend="vllm")`.
 
 Backends (the `Generator` protocol): `vllm` (offline vllm.LLM, GPUs), `transformers` (CPU fallback, tests, the
 quickstart), `openai` (any OpenAI-compatible server: vLLM serve, TGI, Together).

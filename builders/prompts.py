@@ -1,7 +1,17 @@
 """The prompts stage: import a prompt pool, then draw disjoint per-iteration train/test prompt sets.
 
-    import_prompts(catalog, "openbmb/UltraFeedback")        -> a `prompts` pool snapshot (no iteration, no split)
-    split_prompts(catalog, SplitConfig(iterations=3, ...))  -> `prompts` snapshots per (iteration, split)
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from builders.catalog import Catalog
+    >>> from builders.config import BUNDLED_PROMPTS, SplitConfig
+    >>> from builders.prompts import import_prompts, split_prompts
+    >>> catalog = Catalog(Path(tempfile.mkdtemp()) / "catalog.duckdb")
+    >>> pool = import_prompts(catalog, str(BUNDLED_PROMPTS))  # or a hub id: "openbmb/UltraFeedback"
+    >>> pool.snapshot.kind, pool.snapshot.iteration, pool.snapshot.rows, pool.duplicates
+    ('prompts', None, 210, 0)
+    >>> sets = split_prompts(catalog, SplitConfig(iterations=2, train_size=50, test_size=10))
+    >>> sorted((s.iteration, s.split, s.rows) for s in sets)
+    [(1, 'test', 10), (1, 'train', 50), (2, 'test', 10), (2, 'train', 50)]
 """
 
 from __future__ import annotations

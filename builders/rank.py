@@ -13,6 +13,29 @@ Rankers (the `Ranker` protocol):
 - `llm-blender`: the library itself, one prompt per batch (the reference `pairrm` is tested against).
 - `scalar`: any AutoModelForSequenceClassification reward model, one pass per response.
 - `python`: `module:function(prompts, responses) -> scores` over flat, equal-length lists.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import pyarrow as pa
+    >>> from builders.catalog import Catalog
+    >>> from builders.config import RankConfig
+    >>> from builders.prompts import prompt_id
+    >>> from builders.rank import rank
+    >>> catalog = Catalog(Path(tempfile.mkdtemp()) / "catalog.duckdb")
+    >>> pid = prompt_id("Name a colour.")
+    >>> prompts = catalog.register("prompts", pa.table({"prompt_id": [pid], "prompt": ["Name a colour."],
+    ...                                                 "source": [None]}), iteration=1, split="train")
+    >>> answers = ["Blue.", "Red is a colour.", "I am not sure"]
+    >>> _ = catalog.register("generations", pa.Table.from_pylist(
+    ...     [{"prompt_id": pid, "response_index": i, "response": a, "finish_reason": "stop", "prompt_tokens": 4,
+    ...       "completion_tokens": 3} for i, a in enumerate(answers)]), iteration=1, split="train", parents=[prompts.id])
+    >>> cfg = RankConfig(ranker="python", ranker_model="builders.rewards:complete_concise_answer", splits=("train",))
+    >>> result = rank(catalog, 1, cfg, progress=False)
+    >>> [(s.split, s.snapshot.kind, s.snapshot.rows) for s in result.splits]
+    [('train', 'scores', 3)]
+    >>> scores = catalog.read(result.snapshots[0].id).to_pylist()
+    >>> max(scores, key=lambda r: r["score"])["response_index"]  # a finished sentence beats an unfinished one
+    1
 """
 
 from __future__ import annotations

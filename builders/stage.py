@@ -1,8 +1,32 @@
 """The stage kernel: what every resumable stage does around its model work, written once.
 
-    inputs = resolve_inputs(catalog, "prompts", iteration, splits, from_refs)
-    result = run_stage(catalog, StageSpec("generate", "generations", iteration, "generator", producer, 5.0),
-                       (SplitWork(split, key, items, parents, params) for split in ...))
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import pyarrow as pa
+    >>> from builders.catalog import Catalog
+    >>> from builders.stage import Finished, Producer, SplitWork, StageSpec, hash_key, resolve_inputs, run_stage
+    >>> catalog = Catalog(Path(tempfile.mkdtemp()) / "catalog.duckdb")
+    >>> _ = catalog.register("prompts", pa.table({"prompt_id": ["a" * 64], "prompt": ["Hi"], "source": [None]}),
+    ...                      iteration=1, split="train")
+    >>> inputs = resolve_inputs(catalog, "prompts", 1, ("train",))
+    >>> class Echo:  # a backend: describe() goes into the params, close() is called at the end
+    ...     def describe(self): return {"backend": "echo"}
+    ...     def close(self): pass
+    >>> def run(backend, items):  # work items -> Finished units with their rows
+    ...     rows = [{"prompt_id": pid, "response_index": 0, "response": text.upper(), "finish_reason": "stop",
+    ...              "prompt_tokens": 1, "completion_tokens": 1} for pid, text in items]
+    ...     yield Finished({pid: None for pid, _ in items}, pa.Table.from_pylist(rows), tokens=len(rows))
+    >>> spec = StageSpec("generate", "generations", 1, "generator", Producer(Echo, run), commit_seconds=5.0)
+    >>> prompts = catalog.read(inputs["train"].id).to_pylist()
+    >>> work = SplitWork("train", hash_key({"prompts": inputs["train"].id, "backend": "echo"}),
+    ...                  {r["prompt_id"]: (r["prompt_id"], r["prompt"]) for r in prompts}, [inputs["train"].id],
+    ...                  lambda described, skipped: {**described, "skipped": skipped})
+    >>> result = run_stage(catalog, spec, [work], progress=False)
+    >>> split = result.splits[0]
+    >>> split.processed, split.snapshot.kind, split.snapshot.params["backend"]
+    (1, 'generations', 'echo')
+    >>> catalog.read(split.snapshot.id).column("response").to_pylist()
+    ['HI']
 
 A stage is a spec: what it makes (`kind`), the `Producer` of its model work (its backend, built only once a split
 has work left, and the function that turns work items into `Finished` rows; the executor decides where that runs,

@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from bench.fake_openai import PROMPT_TOKENS, FakeOpenAI, answer
 from builders.catalog import Catalog
 from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, SplitConfig
 from builders.errors import InputError, IterdpoError
@@ -152,6 +151,7 @@ def test_temperature_0_is_greedy_with_one_response(split_catalog, tiny_models):
 
 _KILLABLE = """
 import sys
+from bench.fake_openai import PROMPT_TOKENS, FakeOpenAI, answer
 from builders.catalog import Catalog
 from builders.config import GenerateConfig, SamplingConfig
 from builders.generate import generate
@@ -276,54 +276,10 @@ def test_cli_generate_bad_options_fail_before_any_work(cli, catalog_path, tiny_m
 
 
 # --------------------------------------------------------------------------------------------- openai (fake server)
-class _FakeOpenAI(BaseHTTPRequestHandler):
-    """Answers /v1/chat/completions deterministically from the request's seed; scripted failures."""
-
-    script: dict = {}
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        s = self.script
-        s["auth"].append(self.headers.get("Authorization"))
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        s["calls"] += 1
-        if s.get("echo"):  # a server whose error body repeats the request's headers (some proxies do)
-            self.send_response(s["echo"])
-            self.end_headers()
-            self.wfile.write(json.dumps({"error": f"bad request, headers: {dict(self.headers)}"}).encode())
-            return
-        if s["calls"] <= s.get("fail_first", 0) or (s.get("fail_after") is not None and s["ok"] >= s["fail_after"]):
-            self.send_response(s.get("status", 500))
-            self.end_headers()
-            self.wfile.write(b'{"error": "busy"}')
-            return
-        s["ok"] += 1
-        choices = [{"index": i, "message": {"role": "assistant", "content": f"answer {body['seed'] + i}"},
-                    "finish_reason": "stop"} for i in range(body["n"])]
-        payload = json.dumps({"choices": choices, "usage": {"prompt_tokens": 11, "completion_tokens": 3}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-
-class _QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        pass  # a client that gave up (its requests cancelled after a failure): expected here, not worth a traceback
-
-
 @pytest.fixture
 def fake_server():
-    script = {"calls": 0, "ok": 0, "auth": []}
-    handler = type("Handler", (_FakeOpenAI,), {"script": script})
-    server = _QuietServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", script
-    server.shutdown()
+    with FakeOpenAI() as fake:
+        yield fake.url, fake
 
 
 def _openai_cfg(url: str, model: str = "served-model", **kw) -> GenerateConfig:
@@ -332,25 +288,25 @@ def _openai_cfg(url: str, model: str = "served-model", **kw) -> GenerateConfig:
 
 
 def test_openai_backend_retries_then_keeps_finished_prompts(split_catalog, fake_server, tmp_path, monkeypatch):
-    url, script = fake_server
+    url, fake = fake_server
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-value")
     monkeypatch.setattr("builders.generate.model_identity", lambda model: {"model": model})
-    script.update(fail_first=2)  # two 500s, then fine: retried transparently
-    script.update(fail_after=6)  # then the server breaks for good after 6 answers
+    fake.fail_first = 2  # two 503s, then fine: retried transparently
+    fake.fail_after = 6  # then the server breaks for good after 6 answers
     with pytest.raises(IterdpoError, match="failed 3 times .*rerun to continue") as err:
         generate(split_catalog, 1, _openai_cfg(url, max_retries=2), progress=False)
     assert "sk-secret" not in str(err.value)
-    assert all(a == "Bearer sk-secret-value" for a in script["auth"])
+    assert all(a == "Bearer sk-secret-value" for a in fake.auth)
     with split_catalog.connect() as con:
         keys = [k for k, in con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()]
     # every prompt the server answered is kept (requests stream: no batch is lost with its failed neighbour)
-    assert len(keys) == 1 and len(split_catalog.work_units(keys[0])) == script["ok"] == 6
-    script.update(fail_after=None)
+    assert len(keys) == 1 and len(split_catalog.work_units(keys[0])) == fake.answered == 6
+    fake.fail_after = None
     resumed = generate(split_catalog, 1, _openai_cfg(url), progress=False).snapshots[0]
     rows = split_catalog.read(resumed.id).to_pylist()
     assert len(rows) == 36
-    assert all(r["response"] == f"answer {prompt_seed(7, r['prompt_id'], 3) + r['response_index']}" for r in rows)
-    assert all(r["prompt_tokens"] == 11 for r in rows)
+    assert all(r["response"] == answer(prompt_seed(7, r["prompt_id"], 3) + r["response_index"]) for r in rows)
+    assert all(r["prompt_tokens"] == PROMPT_TOKENS for r in rows)
     # no secret anywhere in the catalog
     with split_catalog.connect() as con:
         dump = json.dumps(con.execute("SELECT * FROM snapshots").fetchall()) + json.dumps(
@@ -359,9 +315,9 @@ def test_openai_backend_retries_then_keeps_finished_prompts(split_catalog, fake_
 
 
 def test_openai_backend_refused_and_unreachable(split_catalog, fake_server, monkeypatch):
-    url, script = fake_server
+    url, fake = fake_server
     monkeypatch.setattr("builders.generate.model_identity", lambda model: {"model": model})
-    script.update(fail_first=10**6, status=401)
+    fake.fail_first, fake.fail_status = 10**6, 401
     with pytest.raises(IterdpoError, match="HTTP 401"):
         generate(split_catalog, 1, _openai_cfg(url), progress=False)
     with pytest.raises(IterdpoError, match="failed 2 times \\(ConnectError\\)"):
@@ -373,23 +329,23 @@ CANARY = "canary-7f3a9c1e5b2d"
 
 @pytest.mark.parametrize("key", [CANARY, "sk-" + CANARY])
 def test_openai_errors_never_show_the_api_key(split_catalog, fake_server, monkeypatch, key):
-    url, script = fake_server
+    url, fake = fake_server
     monkeypatch.setenv("MY_KEY", key)
     monkeypatch.setattr("builders.generate.model_identity", lambda model: {"model": model})
-    script.update(echo=422)
-    with pytest.raises(IterdpoError, match="answered HTTP 422: .*bad request") as err:
+    fake.fail_first, fake.fail_status = 10**6, 422
+    with pytest.raises(IterdpoError, match="answered HTTP 422: .*overloaded") as err:
         generate(split_catalog, 1, _openai_cfg(url, api_key_env="MY_KEY"), progress=False)
-    assert script["auth"] and all(a == f"Bearer {key}" for a in script["auth"])  # the key was sent...
+    assert fake.auth and all(a == f"Bearer {key}" for a in fake.auth)  # the key was sent...
     assert CANARY not in str(err.value) and "Bearer ***" in str(err.value)  # ...and is not in the message
 
 
 def test_cli_openai_error_keeps_the_key_off_the_terminal(cli, fake_server, monkeypatch):
-    url, script = fake_server
+    url, fake = fake_server
     monkeypatch.setenv("OPENAI_API_KEY", CANARY)
     monkeypatch.setattr("builders.generate.model_identity", lambda model: {"model": model})
     assert cli("prompts", "import", SAMPLE).code == 0
     assert cli("prompts", "split", "--iterations", "1", "--train-size", "5", "--test-size", "0").code == 0
-    script.update(echo=400)
+    fake.fail_first, fake.fail_status = 10**6, 400
     result = cli("generate", "--iteration", "1", "--model", "served", "--backend", "openai", "--base-url", url)
     last = result.err.strip().splitlines()[-1]  # after the progress bar
     assert result.code == 1 and last.startswith("Error: server ") and "HTTP 400" in last

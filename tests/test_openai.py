@@ -12,11 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from bench.fake_openai import PROMPT_TOKENS, SERVED, FakeOpenAI, tokens_of
 from builders.backends.openai import OpenAIGenerator
 from builders.catalog import Catalog
 from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, SplitConfig
@@ -30,112 +30,10 @@ THREE = SamplingConfig(num_responses=3, temperature=0.7, max_tokens=16, seed=3)
 KEY = "sk-test-7f3a9c1e5b2d"
 
 
-def tokens_of(seed: int) -> int:
-    """The fake server's completion tokens for the choice with this seed."""
-    return 5 + seed % 7
-
-
-SERVED = {"id": "served-model", "object": "model", "owned_by": "fake", "root": "org/base-model", "parent": None,
-          "max_model_len": 4096}
-
-
-class _Slow(BaseHTTPRequestHandler):
-    """An OpenAI-compatible server with a latency: counts requests in flight and the connections they came on.
-    After `hang_after` answers it accepts requests and never answers them (`trickle`: sends the headers, then a
-    byte now and then, so that no single read waits long), until `release` is set."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
-    state: dict = {}
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, payload: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        try:
-            self.wfile.write(payload)
-        except OSError:  # the client cancelled the request (it was stopped): nothing to answer
-            pass
-
-    def do_GET(self):
-        if self.path.endswith("/models"):  # as vLLM answers: `created` is the time of the call, permissions fresh
-            entry = {**SERVED, "created": int(time.time()), "permission": [{"id": f"modelperm-{time.time_ns()}"}]}
-            return self._send(200, json.dumps({"object": "list", "data": [entry]}).encode())
-        self._send(404, b"{}")
-
-    def _hang(self) -> None:
-        st = self.state
-        if not st["trickle"]:
-            st["release"].wait(60)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", "100000")
-        self.end_headers()
-        deadline = time.monotonic() + 30  # a bound, so a client that would wait forever fails the test, not hangs it
-        try:
-            while time.monotonic() < deadline and not st["release"].wait(0.2):
-                self.wfile.write(b" ")
-                self.wfile.flush()
-        except OSError:  # the client gave up on it
-            pass
-        self.close_connection = True  # the body cut short: a client still waiting fails, it does not time out
-
-    def do_POST(self):
-        st = self.state
-        try:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        except ValueError:  # a request cancelled while it was being sent
-            return
-        with st["lock"]:
-            st["calls"] += 1
-            st["ports"].add(self.client_address[1])
-            st["in_flight"] += 1
-            st["max_in_flight"] = max(st["max_in_flight"], st["in_flight"])
-            if st["in_flight"] >= st["hold_until"]:
-                st["full"].set()
-            fail = st["fail_after"] is not None and st["ok"] >= st["fail_after"]
-            hang = st["hang_after"] is not None and st["ok"] >= st["hang_after"]
-            st["ok"] += not fail and not hang
-            st["hung"] += hang
-        if hang:
-            with st["lock"]:
-                st["in_flight"] -= 1
-            st["hanging"].release()  # a handshake: one more request held
-            return self._hang()
-        try:
-            # the first requests wait until `hold_until` are in (or 5 s): a slow connect on a busy machine must
-            # not make a client that does keep them all in flight look as if it did not
-            st["full"].wait(5)
-            time.sleep(st["latency"])
-        finally:
-            with st["lock"]:
-                st["in_flight"] -= 1
-        if fail:  # the error body echoes the key, as some proxies do
-            return self._send(503, json.dumps({"error": f"overloaded ({self.headers['Authorization']})"}).encode())
-        seeds = [body["seed"] + i for i in range(body["n"])]
-        choices = [{"index": i, "message": {"role": "assistant", "content": f"answer {s} " + "word " * (s % 5)},
-                    "finish_reason": "stop"} for i, s in enumerate(seeds)]
-        usage = {"prompt_tokens": 20, "completion_tokens": sum(tokens_of(s) for s in seeds)}
-        self._send(200, json.dumps({"choices": choices, "usage": usage}).encode())
-
-
 @pytest.fixture
 def server():
-    state = {"lock": threading.Lock(), "calls": 0, "ok": 0, "in_flight": 0, "max_in_flight": 0, "ports": set(),
-             "latency": 0.1, "fail_after": None, "hold_until": 1, "full": threading.Event(),
-             "hang_after": None, "hung": 0, "hanging": threading.Semaphore(0), "trickle": False,
-             "release": threading.Event()}
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Slow,), {"state": state}))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", state
-    state["release"].set()
-    httpd.shutdown()
-    httpd.server_close()
+    with FakeOpenAI(latency=0.1) as fake:
+        yield fake.url, fake
 
 
 def catalog_with(path: Path, train: int, test: int = 0) -> Catalog:
@@ -158,46 +56,46 @@ def no_loop_thread() -> bool:
 
 @pytest.mark.parametrize("concurrency,prompts", [(8, 40), (32, 12)])
 def test_exactly_concurrency_requests_in_flight_on_one_set_of_connections(tmp_path, server, concurrency, prompts):
-    url, state = server
-    state["hold_until"] = min(concurrency, prompts)
+    url, fake = server
+    fake.hold_until = min(concurrency, prompts)
     catalog = catalog_with(tmp_path / "c.duckdb", prompts, 8)
     result = generate(catalog, 1, openai_cfg(url, concurrency, splits=("train", "test")), progress=False)
     assert [s.processed for s in result.splits] == [prompts, 8]
-    assert state["max_in_flight"] == min(concurrency, prompts)  # honoured exactly, never a batch's worth
+    assert fake.max_in_flight == min(concurrency, prompts)  # honoured exactly, never a batch's worth
     # one client for the stage: both splits reuse the same keep-alive connections, one per request slot
-    assert len(state["ports"]) == min(concurrency, prompts)
-    assert state["calls"] == prompts + 8 and no_loop_thread()
+    assert len(fake.ports) == min(concurrency, prompts)
+    assert fake.requests == prompts + 8 and no_loop_thread()
 
 
 def test_requests_keep_flowing_while_the_stage_commits(tmp_path, server, monkeypatch):
-    url, state = server
+    url, fake = server
     catalog = catalog_with(tmp_path / "c.duckdb", 16)
     real_add = Catalog.add_work
     during: list[tuple[int, int]] = []  # (most in flight, requests sent) while the first commit ran
 
     def slow_add_work(self, *args, **kw):
         if not during:  # a first commit of 0.3 s (a big catalog): the server must not idle meanwhile
-            calls, seen = state["calls"], 0
+            calls, seen = fake.requests, 0
             for _ in range(30):
                 time.sleep(0.01)
-                seen = max(seen, state["in_flight"])
-            during.append((seen, state["calls"] - calls))
+                seen = max(seen, fake.in_flight)
+            during.append((seen, fake.requests - calls))
         return real_add(self, *args, **kw)
 
     monkeypatch.setattr(Catalog, "add_work", slow_add_work)
     result = generate(catalog, 1, openai_cfg(url, 4, commit_seconds=0), progress=False)
     seen, sent = during[0]
     assert seen == 4 and sent >= 4  # all four slots busy, and new requests went out during the commit
-    assert state["max_in_flight"] == 4 and state["calls"] == 16 and result.splits[0].processed == 16
+    assert fake.max_in_flight == 4 and fake.requests == 16 and result.splits[0].processed == 16
 
 
 def test_server_token_counts_land_in_rows_and_summary(tmp_path, server, tiny_models):
-    url, state = server
+    url, fake = server
     catalog = catalog_with(tmp_path / "c.duckdb", 6)
     one = generate(catalog, 1, openai_cfg(url, 4), progress=False)
     rows = catalog.read(one.snapshots[0].id).to_pylist()
     assert all(r["completion_tokens"] == tokens_of(prompt_seed(3, r["prompt_id"], 1)) for r in rows)
-    assert all(r["prompt_tokens"] == 20 for r in rows)
+    assert all(r["prompt_tokens"] == PROMPT_TOKENS for r in rows)
     assert one.tokens == sum(r["completion_tokens"] for r in rows) > 0  # the summary's tok/s
 
     # n > 1: usage is a total over the choices; a served name has no tokenizer, so rows say null, never a guess
@@ -227,10 +125,10 @@ def test_server_token_counts_land_in_rows_and_summary(tmp_path, server, tiny_mod
 
 def test_a_failing_server_keeps_finished_prompts_and_a_rerun_matches_an_uninterrupted_run(tmp_path, server,
                                                                                          monkeypatch):
-    url, state = server
+    url, fake = server
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     broken = catalog_with(tmp_path / "broken.duckdb", 12)
-    state["fail_after"] = 5
+    fake.fail_after = 5
     with pytest.raises(IterdpoError) as err:
         generate(broken, 1, openai_cfg(url, 4, max_retries=1), progress=False)
     message = str(err.value)
@@ -241,16 +139,16 @@ def test_a_failing_server_keeps_finished_prompts_and_a_rerun_matches_an_uninterr
         (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
     assert len(broken.work_units(key)) == 5  # every answered prompt was committed
 
-    state["fail_after"] = None
-    calls = state["calls"]
+    fake.fail_after = None
+    calls = fake.requests
     resumed = generate(broken, 1, openai_cfg(url, 4), progress=False)
-    assert resumed.splits[0].processed == 7 and state["calls"] - calls == 7
+    assert resumed.splits[0].processed == 7 and fake.requests - calls == 7
     whole = generate(catalog_with(tmp_path / "whole.duckdb", 12), 1, openai_cfg(url, 3), progress=False)
     assert resumed.snapshots[0].id == whole.snapshots[0].id
 
 
 def test_stopping_early_cancels_what_is_in_flight(server, caplog):
-    url, state = server
+    url, fake = server
     gen = OpenAIGenerator("served-model", ONE, None, OpenAIConfig(base_url=url, concurrency=4))
     prompts = [(f"{i:064x}", f"prompt {i}", 100 + i) for i in range(40)]
     with caplog.at_level(logging.WARNING, logger="asyncio"):
@@ -259,9 +157,9 @@ def test_stopping_early_cancels_what_is_in_flight(server, caplog):
         t0 = time.perf_counter()
         stream.close()  # the stage was interrupted (GeneratorExit)
         assert time.perf_counter() - t0 < 2 and no_loop_thread()
-        calls = state["calls"]
+        calls = fake.requests
         time.sleep(0.3)
-        assert state["calls"] == calls and calls < 12  # nothing more was sent
+        assert fake.requests == calls and calls < 12  # nothing more was sent
         assert [r.prompt_id for r, _ in first] and all(len(s) == 1 for _, s in first)
         # the generator still works afterwards (a fresh loop), and `generate` answers in the order asked
         requests = gen.prepare(prompts[:10], ONE)
@@ -289,8 +187,8 @@ main(sys.argv[1:])
 
 
 def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, server):
-    url, state = server
-    state["hang_after"] = 12  # then every request hangs: only cancelling them lets the run end
+    url, fake = server
+    fake.hang_after = 12  # then every request hangs: only cancelling them lets the run end
     db = tmp_path / "c.duckdb"
     catalog_with(db, 60)
     read, write = os.pipe()
@@ -309,7 +207,7 @@ def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, serve
                 break
         assert commits == 12, proc.communicate(timeout=60)[1]
         # and the server holds the 4 requests the slots sent next
-        assert all(state["hanging"].acquire(timeout=60) for _ in range(4)), "no requests in flight"
+        assert all(fake.hanging.acquire(timeout=60) for _ in range(4)), "no requests in flight"
         proc.send_signal(signal.SIGINT)
         try:  # the 4 requests in flight would hold it for an hour: only cancelling them ends it
             out, err = proc.communicate(timeout=60)
@@ -325,8 +223,8 @@ def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, serve
 
 
 def test_a_server_that_never_answers_fails_in_one_line_after_the_retries_and_a_rerun_resumes(tmp_path, server):
-    url, state = server
-    state["hang_after"] = 5  # it accepts the 6th request and every later one, and never answers them
+    url, fake = server
+    fake.hang_after = 5  # it accepts the 6th request and every later one, and never answers them
     db = tmp_path / "c.duckdb"
     catalog_with(db, 12)
     command = ("--catalog", db, "generate", "--iteration", "1", "--model", "served-model", "--backend", "openai",
@@ -338,23 +236,23 @@ def test_a_server_that_never_answers_fails_in_one_line_after_the_retries_and_a_r
         f"Error: the server at {url} did not answer within 1 s (--request-timeout) after 2 attempts; "
         f"finished prompts are kept, rerun to resume")
     assert "Traceback" not in failed.stderr, failed.stderr
-    assert state["hung"] >= 2  # the request that gave up was sent twice: retried like other failures
+    assert fake.hung >= 2  # the request that gave up was sent twice: retried like other failures
     catalog = Catalog(db)
     with catalog.connect() as con:
         (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
     assert len(catalog.work_units(key)) == 5 and catalog.list(kind="generations") == []
 
-    state.update(hang_after=None)
-    calls = state["calls"]
+    fake.hang_after = None
+    calls = fake.requests
     resumed = run_iterdpo(*command, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     split = json.loads(resumed.stdout)["splits"][0]
-    assert split["processed"] == 7 and state["calls"] - calls == 7 and split["snapshot"]["rows"] == 12
+    assert split["processed"] == 7 and fake.requests - calls == 7 and split["snapshot"]["rows"] == 12
 
 
 def test_the_request_timeout_bounds_the_whole_request_not_each_read(server):
-    url, state = server
-    state.update(hang_after=0, trickle=True)  # headers at once, then a byte every 0.2 s: no read waits 1 s
+    url, fake = server
+    fake.hang_after, fake.trickle = 0, True  # headers at once, then a byte every 0.2 s: no read waits 1 s
     gen = OpenAIGenerator("served-model", ONE, None,
                           OpenAIConfig(base_url=url, concurrency=2, max_retries=0, request_timeout=1))
     with pytest.raises(IterdpoError) as err:
@@ -365,7 +263,7 @@ def test_the_request_timeout_bounds_the_whole_request_not_each_read(server):
 
 
 def test_the_request_timeout_option_is_checked_before_any_work(cli, server, catalog_path):
-    url, state = server
+    url, fake = server
     help_text = cli("generate", "--help").out
     assert "--request-timeout" in help_text and "300" in help_text  # a default well below the old 600 s
     assert cli("prompts", "import", SAMPLE).code == 0
@@ -375,7 +273,7 @@ def test_the_request_timeout_option_is_checked_before_any_work(cli, server, cata
                   "--base-url", url, "--request-timeout", value)
         assert bad.code == 1 and bad.err.startswith("Error: --request-timeout must be a positive number of seconds")
         assert bad.err.count("\n") == 1, bad.err
-    assert state["calls"] == 0
+    assert fake.requests == 0
     with Catalog(catalog_path).connect() as con:
         assert con.execute("SELECT count(*) FROM work_units").fetchone() == (0,)
 
@@ -385,7 +283,7 @@ def test_a_served_name_needs_no_hub_no_model_folder_and_no_tokenizer(cli, server
     import huggingface_hub
     import transformers
 
-    url, state = server
+    url, fake = server
 
     def looked_up(*args, **kwargs):
         raise AssertionError(f"looked up {args}: a served name is the server's")
@@ -407,7 +305,7 @@ def test_a_served_name_needs_no_hub_no_model_folder_and_no_tokenizer(cli, server
     # n = 2: usage is one total per prompt, and there is no tokenizer to split it: null, and the params say so
     assert "null" in params["token_counts"]
     rows = Catalog(catalog_path).read(snap["id"]).to_pylist()
-    assert len(rows) == 8 and all(r["completion_tokens"] is None and r["prompt_tokens"] == 20 for r in rows)
+    assert len(rows) == 8 and all(r["completion_tokens"] is None and r["prompt_tokens"] == PROMPT_TOKENS for r in rows)
     assert done.json()["tokens"] == sum(tokens_of(prompt_seed(42, r["prompt_id"], 2) + r["response_index"])
                                         for r in rows)
 

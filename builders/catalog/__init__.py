@@ -18,6 +18,22 @@ Modules, each using only the others' public names:
                 the facets of `Catalog` (registration and reads with named lineage, work in progress, merge,
                 publications, verify and gc), each working on the catalog's `db` through the modules above.
 This module is the public API.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import pyarrow as pa
+    >>> from builders.catalog import Catalog
+    >>> catalog = Catalog(Path(tempfile.mkdtemp()) / "catalog.duckdb")
+    >>> rows = pa.table({"prompt_id": ["a" * 64], "prompt": ["Hi"], "source": [None]})
+    >>> snap = catalog.register("prompts", rows, iteration=1, split="train", params={"note": "by hand"})
+    >>> catalog.register("prompts", rows, iteration=1, split="train").id == snap.id  # same content, same id
+    True
+    >>> catalog.read(snap.id).column("prompt").to_pylist()
+    ['Hi']
+    >>> catalog.tag(snap.id, "first").tags
+    ['first']
+    >>> [(s.kind, s.iteration, s.split, s.rows) for s in catalog.list()]
+    [('prompts', 1, 'train', 1)]
 """
 
 from __future__ import annotations
