@@ -1,6 +1,6 @@
 """The dataset card as a reader uses it: its rebuild script run on a fresh catalog gives the published snapshot ids
 (and the same card), its recipe names the generators in iteration order with the weights' hash, its prompt format
-is the template the generator used,."""
+is the template the generator used, and its score plot is readable at the card's width."""
 
 from __future__ import annotations
 
@@ -168,3 +168,19 @@ def test_a_folder_that_changed_since_it_generated_is_not_hashed_for_the_card(tmp
     assert f"| 1 | `base` | `folder {digest[:12]}` |" in card
     assert ': "${BASE_MODEL:?set BASE_MODEL to the local model folder base' in card
     assert "- iteration 1 (`base`): not recorded" in card  # no template recorded: the card does not guess one
+
+
+def test_score_plot_is_a_readable_figure_at_the_cards_width(tmp_path):
+    import random
+
+    from PIL import Image
+
+    from cards.plots import score_distributions
+
+    rng = random.Random(0)
+    splits = {f"{split}_iteration_{it}": {"score_chosen": [rng.random() + 1 for _ in range(16)],
+                                          "score_rejected": [rng.random() for _ in range(16)]}
+              for it in (1, 2, 3) for split in ("train", "test")}
+    width, height = Image.open(score_distributions(splits, tmp_path / "p.png")).size
+    # one figure of two panels (train, test), iterations on the x axis: not six panels in a 2400x300 strip
+    assert width <= 1100 and height >= 300 and width / height < 3.5
