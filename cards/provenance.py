@@ -148,7 +148,8 @@ def render_template(template: str) -> str | None:
 
         rendered = render_jinja_template([[{"role": "user", "content": "{prompt}"}]], chat_template=template,
                                          add_generation_prompt=True)
-        return rendered[0][0] if isinstance(rendered, tuple) else rendered
+        text = rendered[0][0] if isinstance(rendered, tuple) else rendered
+        return text.rstrip("\n")  # the generator's answer follows; a trailing newline shows as a blank line
     except Exception:  # a template that needs its tokenizer's variables or functions
         return None
 

