@@ -50,10 +50,11 @@ def score_distributions(splits: dict[str, dict[str, list[float]]], path: Path) -
     axes[0][0].set_ylabel("reward-model score")
     from matplotlib.patches import Patch
 
-    axes[0][-1].legend(handles=[Patch(facecolor=colors["score_chosen"], alpha=0.75, label="chosen"),
-                                Patch(facecolor=colors["score_rejected"], alpha=0.75, label="rejected")],
-                       fontsize=9, loc="best")
-    fig.tight_layout()
+    # above the panels, where it covers no box
+    fig.legend(handles=[Patch(facecolor=colors["score_chosen"], alpha=0.75, label="chosen"),
+                        Patch(facecolor=colors["score_rejected"], alpha=0.75, label="rejected")],
+               fontsize=9, loc="upper center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
