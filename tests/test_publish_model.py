@@ -192,3 +192,32 @@ def test_base_model_names_the_hub_base_of_a_local_copy(trained, tmp_path, cli, c
               "--base-model", str(tiny_models / "generator"))
     assert bad.code == 1 and len(bad.err.strip().splitlines()) == 1 and "not a hub model id" in bad.err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_gguf_imported_base_is_named_by_its_gguf_file_and_weights(tmp_path, tiny_models):
+    """The quickstart's base: a folder `models import-gguf` wrote (gguf_source.json) is described by the GGUF it came
+    from; with --base-model the card's metadata and lineage give the hub id."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from builders.publish_model import base_description
+    from cards.model_card import render
+
+    base = tmp_path / "smollm2"
+    shutil.copytree(tiny_models / "generator", base)
+    (base / "gguf_source.json").write_text('{"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": "'
+                                           + "12" * 32 + '", "dtype": "bfloat16"}\n')
+    step = {"iteration": 1, "name": "iteration_1", "snapshot": "ab" * 32, "weights_sha256": "cd" * 32,
+            "pairs": {"train": "ef" * 32}, "dataset": None, "metrics": {}}
+    for hub_id in (None, "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        text = render(repo_id="me/m", iteration=1, base=base_description(str(base), False, hub_id), license="mit",
+                      datasets=[], steps=[step], hyperparameters={}, rewards=[], drift=[], prompt_format="",
+                      snapshot="ab" * 32, version="0")
+        (tmp_path / "README.md").write_text(text)
+        card = ModelCard.load(tmp_path / "README.md")
+        assert card.data.get("base_model") == hub_id
+        assert ("The base model was a local folder, `smollm2`: `SmolLM2-135M-Instruct.Q4_1.gguf` (GGUF, sha256\n"
+                "`121212121212`) converted to bfloat16 safetensors by `iterdpo models import-gguf`; weights sha256 "
+                f"`{weights_sha256(base)[:12]}`.") in text
+        assert ("| base | `HuggingFaceTB/SmolLM2-135M-Instruct` (a local copy, `smollm2`) |" in text) == bool(hub_id)
