@@ -25,7 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from builders.catalog import Catalog  # noqa: E402
 from builders.config import GenerateConfig, SamplingConfig, SplitConfig, VllmConfig  # noqa: E402
-from builders.generate import TransformersGenerator, VllmGenerator, generate, prompt_seed  # noqa: E402
+from builders.backends.transformers import TransformersGenerator  # noqa: E402
+from builders.backends.vllm import VllmGenerator  # noqa: E402
+from builders.generate import generate, prompt_seed  # noqa: E402
 from builders.prompts import import_prompts, split_prompts  # noqa: E402
 from builders.tiny import build_tiny_models  # noqa: E402
 

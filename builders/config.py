@@ -7,14 +7,24 @@ Configs say how a stage runs, never which iteration it runs on: that is an argum
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import re
+import types
+import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builders.errors import InputError
 
-def opt(default: Any = MISSING, help: str = "") -> Any:
-    """A config field with its help text (shown by `--help`; TRL's `field(metadata={"help": ...})`)."""
+
+def opt(default: Any = MISSING, help: str = "", *, factory: Any = None) -> Any:
+    """A config field with its help text (shown by `--help`; TRL's `field(metadata={"help": ...})`). `factory`:
+    a default computed when the config is made (e.g. from the environment), for the library and the CLI alike."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -118,14 +128,22 @@ class VllmConfig:
     cpu_kv_cache_gib: float = 1.0
 
 
+OPENAI_BASE_URL = "http://127.0.0.1:8000/v1"
+OPENAI_BASE_URL_ENV = "OPENAI_BASE_URL"
+
+
 @dataclass(frozen=True)
 class OpenAIConfig:
-    base_url: str = opt("http://127.0.0.1:8000/v1", "openai: the server's /v1 URL (env OPENAI_BASE_URL).")
+    base_url: str = opt(help=f"openai: the server's /v1 URL (default: env {OPENAI_BASE_URL_ENV}, else "
+                             f"{OPENAI_BASE_URL}).", factory=lambda: os.environ.get(OPENAI_BASE_URL_ENV) or OPENAI_BASE_URL)
     # the key is read from this variable, never logged or stored
     api_key_env: str = opt("OPENAI_API_KEY", "openai: environment variable holding the API key.")
     concurrency: int = opt(8, "openai: requests in flight, exactly.")
     max_retries: int = opt(5, "openai: retries of a request on 429, 5xx, timeouts and connection errors.")
-    timeout: float = opt(600.0, "openai: seconds before a request times out.")
+    # bounds a whole request (connect, send, every byte of the answer): a server that accepts and never answers
+    # costs this, times max_retries + 1, not forever; a long max_tokens on a slow server may need more
+    request_timeout: float = opt(300.0, "openai: seconds a request may take in all (connect to last byte of the "
+                                        "answer) before it is retried like other failures.")
     backoff: float = opt(1.0, "openai: seconds before the first retry; doubles each time.")
 
 
@@ -154,6 +172,14 @@ SPLITS = ("train", "test")
 COMMIT_SECONDS = 5.0
 
 
+def check_commit_seconds(value: Any) -> None:
+    """generate's and rank's commit interval: finite and 0 or more (0: every finished batch). A negative value would
+    act as 0 unannounced, and NaN or infinity would commit nothing until the end: a kill loses the whole run."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InputError(f"commit_seconds must be a finite number of seconds, 0 or more (0: commit every finished "
+                         f"batch), not {value}", option="commit_seconds")
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     model: str = opt("mistralai/Mistral-7B-Instruct-v0.2", "Local folder or hub id of the policy model.")
@@ -167,7 +193,7 @@ class GenerateConfig:
     commit_seconds: float = opt(COMMIT_SECONDS, "Seconds between commits of finished prompts (what a kill loses).")
     scale_out: ExecutorConfig = ExecutorConfig()
     vllm: VllmConfig = VllmConfig()
-    openai: OpenAIConfig = OpenAIConfig()
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)  # its base_url default is read from the environment when made
 
 
 RANKERS = ("pairrm", "llm-blender", "scalar", "python")
@@ -234,6 +260,40 @@ class PublishConfig:
 
 PUBLISH_DEFAULTS = PublishConfig(repo_id="")  # the defaults, for the functions and options that take them
 
+# git's rules for a ref name (git check-ref-format), which a Hub branch must follow: no control characters, space,
+# ~ ^ : ? * [ \, "..", "@{" or "//"; no part starting with "."; no leading "-" or "/", no trailing "/", "." or ".lock"
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(^|/)\.")
+
+
+def check_revision(revision: Any) -> None:
+    """The Hub branch to commit to, by git's ref-name rules: checked before staging (a dry run never asks the Hub)."""
+    if (not isinstance(revision, str) or not revision or revision == "@" or _BAD_REF.search(revision)
+            or revision.startswith(("-", "/")) or revision.endswith(("/", ".", ".lock"))):
+        raise InputError(f"revision {revision!r} is not a branch name (e.g. main, dev, ablation/beta-0.1)",
+                         option="revision")
+
+
+def check_license(license_: Any) -> None:
+    """A Hub licence id (apache-2.0, mit, cc-by-4.0, other, ...): one word, as the card's YAML metadata needs it."""
+    if not isinstance(license_, str) or not license_.strip() or any(c.isspace() for c in license_):
+        raise InputError(f"license {license_!r} is not a licence id (e.g. apache-2.0, mit, cc-by-4.0)",
+                         option="license")
+
+
+def validate_publish(cfg: "PublishConfig | PublishModelConfig") -> None:
+    """The options publish and publish-model share (and the dataset's iterations), before anything is staged. An
+    empty tuple of iterations names none; None means every built one."""
+    iterations = getattr(cfg, "iterations", None)
+    if iterations is not None:
+        if not iterations:
+            raise InputError("iterations names no iteration; give e.g. 1,2,3, or leave it out to publish every "
+                             "built one", option="iterations")
+        bad = [it for it in iterations if isinstance(it, bool) or not isinstance(it, int) or it < 1]
+        if bad:
+            raise InputError(f"iterations must be numbers 1 or more, not {bad[0]}", option="iterations")
+    check_revision(cfg.revision)
+    check_license(cfg.license)
+
 
 @dataclass(frozen=True)
 class PublishModelConfig:
@@ -273,6 +333,14 @@ class TrainConfig:
     trainer_logs: bool = False  # the Trainer's own progress bar and metric dicts instead (`--debug`)
     # On 2 cores a 135M model's DPO step is 1.75x faster with 2 threads than 1; tiny models are faster with 1
     threads: int | None = opt(None, "torch threads while training (default: as the process has them).")
+
+
+def check_threads(threads: Any) -> None:
+    """Training's torch threads: None (as the process has them) or a positive count; torch refuses anything else,
+    and only after the model and data have loaded."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be at least 1 (or unset: as the process has them), not {threads}",
+                         option="threads")
 
 
 @dataclass(frozen=True)
@@ -367,3 +435,63 @@ class BestOfNConfig:
     ranker: RankConfig = RankConfig()
     column: str | None = opt(None, "Column holding the instruction (default: instruction, prompt, ...).")
     generator_name: str | None = opt(None, "The `generator` name written (default: MODEL-RANKER-best-of-N).")
+
+
+# ------------------------------------------------------------------------------------------------------ reflection
+def build_config(cls: type, data: Any, where: str | None = None, *, flat: bool = False) -> Any:
+    """Config `cls` from values: the one reflection the pipeline YAML and the CLI share.
+
+    Nested (`flat=False`, a pipeline file's section `where`): nested mappings for nested configs; an unknown key
+    or a value of the wrong type is an error naming its key. Flat (`flat=True`, a command's parsed options): every
+    config, nested ones included, takes the options named like its fields (options are typed by Click); an option
+    left unset (None), and a field no option names, keep the config's default."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    if flat:
+        kw = {}
+        for f in fields:
+            value, nested = data.get(f.name), _dataclass_of(hints[f.name])
+            if nested is not None and not isinstance(value, nested):
+                kw[f.name] = build_config(nested, data, flat=True)
+            elif value is not None:
+                kw[f.name] = value
+        return cls(**kw)
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping, found {type(data).__name__}")
+    names = [f.name for f in fields]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise InputError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(names)})")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The config class a field holds (`X` or `X | None`), else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if dataclasses.is_dataclass(tp):
+        return build_config(tp, value if value is not None else {}, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{where} must be a list, not {value!r}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is Path:
+        if not isinstance(value, str):
+            raise InputError(f"{where} must be a path, not {value!r}")
+        return Path(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise InputError(f"{where} must be {tp.__name__}, not {value!r}")
+    return value

@@ -124,26 +124,23 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
         return _best_of_n(cfg)
 
 
-def _answered(finished) -> dict[str, list]:
-    """The ray executor's Finished rows as each prompt's samples, in response order (skipped prompts: none)."""
-    from builders.backends.base import Sample
-
-    out: dict[str, list] = {}
+def _answered(finished) -> dict[str, list[str]]:
+    """The generate producer's Finished rows as each prompt's responses, in response order (skipped prompts: none)."""
+    out: dict[str, list[str]] = {}
     for item in finished:
-        for r in item.rows.to_pylist():
-            out.setdefault(r["prompt_id"], []).append(Sample(r["response"], r["finish_reason"], r["completion_tokens"]))
+        for pid, text in zip(item.rows.column("prompt_id").to_pylist(), item.rows.column("response").to_pylist()):
+            out.setdefault(pid, []).append(text)
     return out
 
 
 def _best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     from builders.config import ExecutorConfig
-    from builders.generate import make_generator, prompt_seed
+    from builders.generate import producer
     from builders.models import model_identity
     from builders.prompts import prompt_id
-    from builders.rank import check_finite, make_ranker
+    from builders.rank import check_finite, make_ranker, score_all
 
     gen = cfg.generation
-    sampling = gen.sampling
     instructions, datasets = _read_rows(cfg)
     # generation sees the stripped prompt (as the catalog stores it); the rows keep the instruction verbatim
     keep = [i for i, p in enumerate(instructions) if isinstance(p, str) and p.strip()]
@@ -160,32 +157,21 @@ def _best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
         model_identity(cfg.ranker.ranker_model)
 
     prompts = list(dict.fromkeys(instructions[i].strip() for i in keep))  # each distinct prompt once
-    generator = make_generator(gen)
+    generation = producer(gen)  # the generate stage's producer: same seeds, chat template, batching, executor
+    generator = generation.build()
     try:
-        if hasattr(generator, "produce"):  # the ray executor: replicas answer chunks of the prompts
-            answered = _answered(generator.produce([(prompt_id(p), p) for p in prompts]))
-        else:
-            prepared = generator.prepare([(prompt_id(p), p, prompt_seed(sampling.seed, prompt_id(p),
-                                                                        sampling.num_responses)) for p in prompts],
-                                         sampling)
-            requests = [r for r in prepared if not isinstance(r, str)]
-            answered = dict(zip((r.prompt_id for r in requests), generator.generate(requests, sampling)))
+        answered = _answered(generation.run(generator, [(prompt_id(p), p) for p in prompts]))
     finally:
         generator.close()
-    ranked = [(p, [s.text for s in answered[prompt_id(p)]]) for p in prompts if answered.get(prompt_id(p))]
-    scorer = ranker or (make_ranker(cfg.ranker) if ranked else None)
-    try:
-        scores = scorer.score([p for p, _ in ranked], [c for _, c in ranked]) if ranked else []
-    finally:
-        if hasattr(scorer, "close"):  # Ray replicas give their GPUs back
-            scorer.close()
+    ranked = [(p, answered[prompt_id(p)]) for p in prompts if answered.get(prompt_id(p))]
+    scores = score_all(cfg.ranker, [p for p, _ in ranked], [c for _, c in ranked], ranker) if ranked else []
     by_prompt: dict[str, tuple[list[str], list[float], int]] = {}
     for (p, cands), values in zip(ranked, scores):
         check_finite(prompt_id(p), values)
         best = max(range(len(cands)), key=lambda i: (values[i], -i))
         by_prompt[p] = (cands, [float(v) for v in values], best)
 
-    name = cfg.generator_name or f"{Path(gen.model).name}-{cfg.ranker.ranker}-best-of-{sampling.num_responses}"
+    name = cfg.generator_name or f"{Path(gen.model).name}-{cfg.ranker.ranker}-best-of-{gen.sampling.num_responses}"
     default_dataset = Path(str(cfg.prompts)).stem  # rows that name no dataset: the prompt file's name
     rows, sidecar = [], []
     for i in keep:

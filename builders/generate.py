@@ -19,22 +19,24 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from builders.backends.base import Generator, Request, Sample
+from builders.backends.ray import generator_resources
 from builders.catalog import Catalog, Snapshot
-from builders.config import BACKENDS, BATCH_PROMPTS, GenerateConfig, SamplingConfig
+from builders import executor
+from builders.config import BACKENDS, BATCH_PROMPTS, ExecutorConfig, GenerateConfig, SamplingConfig, check_commit_seconds
 from builders.errors import InputError, IterdpoError
-from builders.models import model_identity, one_line as _one_line
+from builders.models import model_identity, one_line as _one_line, served_identity
 from builders.schemas import KINDS
-from builders.stage import Finished, SplitResult, StageResult, Work, chunks, register_work, resolve_inputs, \
-    run_resumable, work_key as _hash_key
+from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, resolve_inputs, run_stage, \
+    work_key as _hash_key
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -95,6 +97,7 @@ def validate_generate(cfg: GenerateConfig) -> None:
     parse_shard(cfg.shard)
     if cfg.batch_prompts is not None and (not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1):
         raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
+    check_commit_seconds(cfg.commit_seconds)
     if cfg.backend == "vllm":
         v = cfg.vllm
         if v.tensor_parallel_size < 1:
@@ -110,17 +113,15 @@ def validate_generate(cfg: GenerateConfig) -> None:
         from builders.backends.openai import validate_openai
 
         validate_openai(cfg.openai)
-    from builders.backends.ray import validate_executor
+    from builders.backends.ray import check_generate_executor, validate_executor
 
     validate_executor(cfg.scale_out)
+    check_generate_executor(cfg)  # an unreachable address, or replicas this machine cannot hold
 
 
 # ------------------------------------------------------------------------------------------------------ generators
 def make_generator(cfg: GenerateConfig) -> Generator:
-    if cfg.scale_out.executor == "ray":  # replicas of the backend below on Ray actors
-        from builders.backends.ray import RayGenerator
-
-        return RayGenerator(cfg, make_generator, _produce)
+    """The local backend `cfg` names (the executor decides where it runs: `producer`)."""
     if cfg.backend == "transformers":
         from builders.backends.transformers import TransformersGenerator
 
@@ -134,6 +135,14 @@ def make_generator(cfg: GenerateConfig) -> Generator:
 
         return OpenAIGenerator(cfg.model, cfg.sampling, cfg.chat_template, cfg.openai)
     raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
+
+
+def producer(cfg: GenerateConfig) -> Producer:
+    """Generation's model work for `cfg`, on its executor: work items are (prompt_id, prompt)."""
+    local = replace(cfg, scale_out=ExecutorConfig())  # what each Ray replica runs: the local backend
+    return executor.producer(cfg.scale_out, partial(make_generator, local), partial(_produce, local),
+                             chunk=cfg.batch_prompts or BATCH_PROMPTS[cfg.backend],
+                             resources=partial(generator_resources, cfg), label="generate")
 
 
 # ----------------------------------------------------------------------------------------------------------- stage
@@ -185,50 +194,33 @@ def generate(catalog: Catalog, iteration: int, cfg: GenerateConfig, from_refs: S
     validate_generate(cfg)
     shard = parse_shard(cfg.shard)
     sets = resolve_inputs(catalog, "prompts", iteration, cfg.splits, from_refs, require_train=True)
-    identity = model_identity(cfg.model)
-    producer = _model_snapshot(catalog, identity)
+    # a served name (openai) is the server's to resolve: no Hub or disk lookup, which would fail for it
+    identity = served_identity(cfg.model) if cfg.backend == "openai" else model_identity(cfg.model)
+    producer_of = _model_snapshot(catalog, identity)
     given = generator.describe().get("chat_template_sha256") if generator is not None else None
     template_sha = given or _template_sha(cfg)
-    result = StageResult("generate", iteration)
-    start = time.perf_counter()
-    owned = generator is None
-    try:
-        for split, prompts_snap in sets.items():
+
+    def splits() -> Iterator[SplitWork]:
+        for split, prompts_snap in sets.items():  # one split's prompts in memory at a time
             key = work_key(prompts_snap, identity, cfg.backend, template_sha, cfg.sampling)
             prompts = catalog.read(prompts_snap.id)
-            mine = [(pid, text) for pid, text in zip(prompts.column("prompt_id").to_pylist(),
-                                                      prompts.column("prompt").to_pylist()) if in_shard(pid, shard)]
-            done = catalog.work_units(key)
-            todo = [(pid, text) for pid, text in mine if pid not in done]
-            split_result = SplitResult(split, len(mine))
-            if todo and generator is None:
-                generator = make_generator(cfg)
-            work = Work(key, "generations", iteration, split,
-                        {"generator": generator.describe() if generator is not None else {}, "prompts": prompts_snap.id})
-            if todo:
-                text_of = dict(todo)
-                split_result.processed, tokens = run_resumable(
-                    catalog, work, list(text_of), lambda pids: _produce(generator, cfg, [(p, text_of[p]) for p in pids]),
-                    commit_seconds=cfg.commit_seconds, progress=progress, desc=f"generate it{iteration} {split}")
-                result.tokens += tokens
-            done = catalog.work_units(key)
-            units = [pid for pid, _ in mine]
-            split_result.skipped = sum(1 for pid in units if (done.get(pid) or {}).get("skipped"))
-            params = {
-                **identity, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
-                "seed_rule": "sha256(f'{seed}:{prompt_id}')[:8] mod floor(2^62/n), times n; responses use S..S+n-1",
-                "skipped_too_long": split_result.skipped, "work_key": key, "prompts": prompts_snap.id,
-                **({"shard": cfg.shard} if shard else {}),
-                **(generator.describe() if generator is not None else catalog.work_params(key).get("generator", {})),
-            }
-            split_result.snapshot = register_work(catalog, work, units, [prompts_snap.id, *producer], params)
-            result.splits.append(split_result)
-    finally:
-        if owned and generator is not None:
-            generator.close()
-    result.seconds = time.perf_counter() - start
-    result.executor = getattr(generator, "stats", None)
-    return result
+            items = {pid: (pid, text) for pid, text in zip(prompts.column("prompt_id").to_pylist(),
+                                                           prompts.column("prompt").to_pylist()) if in_shard(pid, shard)}
+
+            def params(described: dict[str, Any], skipped: int, key: str = key,
+                       prompts_id: str = prompts_snap.id) -> dict[str, Any]:
+                return {
+                    **identity, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
+                    "seed_rule": "sha256(f'{seed}:{prompt_id}')[:8] mod floor(2^62/n), times n; responses use S..S+n-1",
+                    "skipped_too_long": skipped, "work_key": key, "prompts": prompts_id,
+                    **({"shard": cfg.shard} if shard else {}), **described,
+                }
+
+            yield SplitWork(split, key, items, [prompts_snap.id, *producer_of], params,
+                            work_params={"prompts": prompts_snap.id})
+
+    spec = StageSpec("generate", "generations", iteration, "generator", producer(cfg), cfg.commit_seconds)
+    return run_stage(catalog, spec, splits(), progress=progress, backend=generator)
 
 
 def _model_snapshot(catalog: Catalog, identity: dict[str, Any]) -> list[str]:
@@ -257,12 +249,9 @@ def _finish(requests: Sequence[Request], answered: Sequence[Sequence[Sample]], u
     return Finished(units, _rows(kept, samples), tokens)
 
 
-def _produce(generator: Generator, cfg: GenerateConfig, todo: list[tuple[str, str]]) -> Iterator[Finished]:
-    """Finished prompts, as the backend answers them: a backend with `stream` (openai) keeps its requests in
+def _produce(cfg: GenerateConfig, generator: Generator, todo: Sequence[tuple[str, str]]) -> Iterator[Finished]:
+    """Finished prompts, as the local backend answers them: a backend with `stream` (openai) keeps its requests in
     flight across the stage's commits; the others answer `batch_prompts` prompts per call."""
-    if hasattr(generator, "produce"):  # the ray executor: replicas of the local backend run this on chunks
-        yield from generator.produce(todo)
-        return
     n = cfg.sampling.num_responses
     seeded = [(pid, text, prompt_seed(cfg.sampling.seed, pid, n)) for pid, text in todo]
     stream = getattr(generator, "stream", None)

@@ -72,8 +72,14 @@ class GgufImport:
                 "architecture": self.architecture, "parameters": self.parameters, "dtype": self.dtype}
 
 
-def _check(gguf_file: Path, out: Path, overwrite: bool) -> None:
+# What the dequantized weights are saved as: a float type (an integer dtype would fail only after the dequantization)
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _check(gguf_file: Path, out: Path, overwrite: bool, dtype: str = GgufImportConfig.dtype) -> None:
     """Everything that can be checked before the (slow) dequantization."""
+    if dtype not in DTYPES:
+        raise InputError(f"dtype {dtype!r}: the weights are saved as {', '.join(DTYPES)}", option="dtype")
     if not gguf_file.is_file():
         raise InputError(f"GGUF file {gguf_file}: {'not a file' if gguf_file.exists() else 'no such file'}")
     with open(gguf_file, "rb") as fh:
@@ -100,10 +106,8 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike,
     import torch
 
     gguf_file, out = Path(gguf_file).expanduser(), Path(out_dir).expanduser()
-    _check(gguf_file, out, cfg.overwrite)
-    dtype = getattr(torch, cfg.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise InputError(f"dtype {cfg.dtype!r} is not a torch dtype (e.g. bfloat16, float16, float32)", option="dtype")
+    _check(gguf_file, out, cfg.overwrite, cfg.dtype)
+    dtype = getattr(torch, cfg.dtype)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = str(gguf_file.resolve().parent), gguf_file.name

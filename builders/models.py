@@ -72,6 +72,15 @@ def model_identity(model: str, revision: str | None = None) -> dict[str, Any]:
         raise InputError(f"model {model!r} cannot be loaded (not a local folder; hub: {one_line(e)})") from None
 
 
+def served_identity(model: str) -> dict[str, Any]:
+    """`model_identity` for the openai backend: a local folder as there; any other name is the one the server
+    serves (`--model my-served-model`), resolved by the server, so neither the Hub nor the disk is asked. What the
+    server reports about it (GET /v1/models) is recorded by the backend (OpenAIGenerator.describe)."""
+    if Path(model).expanduser().exists():
+        return model_identity(model)
+    return {"model": model}
+
+
 def resolve_folder(ref: str, what: str = "model") -> Path:
     """A local folder, or a hub repo's snapshot folder (downloaded, or found in the HF cache when offline)."""
     path = Path(ref).expanduser()

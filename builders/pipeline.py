@@ -14,54 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
-from builders.config import BACKENDS, RANKERS, ExecutorConfig, PipelineConfig, PublishConfig, PublishModelConfig, TrainConfig
-from builders.errors import InputError
+from builders.config import BACKENDS, RANKERS, ExecutorConfig, PipelineConfig, PublishConfig, PublishModelConfig, \
+    TrainConfig, build_config, check_license, check_revision, check_threads
+from builders.errors import InputError, IterdpoError
 
 
 # --------------------------------------------------------------------------------------------------------- parsing
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, where)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise InputError(f"{where} must be a list, not {value!r}")
-        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is Path:
-        if not isinstance(value, str):
-            raise InputError(f"{where} must be a path, not {value!r}")
-        return Path(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise InputError(f"{where} must be {tp.__name__}, not {value!r}")
-    return value
-
-
-def from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping; unknown keys and wrong types are errors naming the key."""
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: expected a mapping, found {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise InputError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(names)})")
-    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
-
-
 def load_pipeline(path: str | Path) -> PipelineConfig:
     import yaml
 
@@ -73,7 +36,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise InputError(f"pipeline {path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
-    return from_dict(PipelineConfig, raw if raw is not None else {}, str(path))
+    return build_config(PipelineConfig, raw if raw is not None else {}, str(path))
 
 
 # ------------------------------------------------------------------------------------------------------ validation
@@ -106,7 +69,7 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     def check(section: str, call, *args) -> Any:
         try:
             return call(*args)
-        except InputError as e:
+        except IterdpoError as e:  # an InputError, or the environment (e.g. a Ray address nobody answers at)
             raise InputError(f"{where}: {section}: {e}") from None
 
     # prompts and split: a local source is read now, so a split larger than the pool fails here too
@@ -151,6 +114,10 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
         check("ranking.ranker_model", ranker_identity, rank_cfg)
 
     check("selection", validate_build, cfg.selection)
+    for key in ("revision", "model_revision"):
+        check(f"publish.{key}", check_revision, getattr(cfg.publish, key))
+    for key in ("license", "model_license"):
+        check(f"publish.{key}", check_license, getattr(cfg.publish, key))
     if cfg.publish.repo_id is not None:
         check("publish.repo_id", validate_repo_id, cfg.publish.repo_id)
     if cfg.publish.model_repo_id is not None:
@@ -160,6 +127,7 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
             if cfg.publish.model_local_dir is not None:
                 _formatted(cfg.publish.model_local_dir, n, f"{where}: publish.model_local_dir")
 
+    check("training.threads", check_threads, cfg.training.threads)
     # recipes last: parsing them imports TRL (seconds); each distinct file is parsed once, as training will
     recipes = {}
     for n in range(1, sp.iterations + 1):

@@ -18,19 +18,22 @@ Rankers (the `Ranker` protocol):
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import replace
+from functools import partial
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
 
 from builders.backends.base import Ranker, check_device, device_for
+from builders.backends.ray import ranker_resources
 from builders.catalog import Catalog
-from builders.config import DTYPES, RANKERS, RankConfig
+from builders import executor
+from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_commit_seconds
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity
-from builders.stage import Finished, SplitResult, StageResult, Work, chunks, register_work, resolve_inputs, \
-    run_resumable, work_key
+from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, resolve_inputs, run_stage, \
+    work_key
 
 
 def validate_rank(cfg: RankConfig) -> None:
@@ -46,18 +49,17 @@ def validate_rank(cfg: RankConfig) -> None:
         raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
     if cfg.batch_tokens is not None and (not isinstance(cfg.batch_tokens, int) or cfg.batch_tokens < 1):
         raise InputError(f"batch_tokens must be at least 1, not {cfg.batch_tokens}", option="batch_tokens")
+    check_commit_seconds(cfg.commit_seconds)
     if cfg.ranker != "python" and cfg.scale_out.executor == "local":  # on Ray, the device is the replicas'
         check_device(cfg.device)
-    from builders.backends.ray import validate_executor
+    from builders.backends.ray import check_rank_executor, validate_executor
 
     validate_executor(cfg.scale_out)
+    check_rank_executor(cfg)  # the device on the replicas, an unreachable address, replicas that do not fit
 
 
 def make_ranker(cfg: RankConfig) -> Ranker:
-    if cfg.scale_out.executor == "ray":  # replicas of the ranker below on Ray actors
-        from builders.backends.ray import RayRanker
-
-        return RayRanker(cfg, make_ranker, _produce)
+    """The local ranker `cfg` names (the executor decides where it runs: `producer`)."""
     if cfg.ranker == "pairrm":
         from builders.backends.pairrm import PairRM
 
@@ -75,6 +77,15 @@ def make_ranker(cfg: RankConfig) -> Ranker:
 
         return PythonScorer(cfg.ranker_model)
     raise InputError(f"unknown ranker {cfg.ranker!r}; use one of {', '.join(RANKERS)}", option="ranker")
+
+
+def producer(cfg: RankConfig, ranker: Ranker | None = None) -> Producer:
+    """Ranking's model work for `cfg`, on its executor: a work item is (key, prompt, [(response_index, response)]).
+    `ranker`: an already built local ranker to use (locally) instead of building one."""
+    local = replace(cfg, scale_out=ExecutorConfig())  # what each Ray replica runs: the local ranker
+    build = partial(make_ranker, local) if ranker is None or cfg.scale_out.executor != "local" else lambda: ranker
+    return executor.producer(cfg.scale_out, build, partial(_produce, cfg.batch_prompts), chunk=cfg.batch_prompts,
+                             resources=partial(ranker_resources, cfg), label="rank")
 
 
 # ----------------------------------------------------------------------------------------------------------- stage
@@ -107,43 +118,29 @@ def rank(catalog: Catalog, iteration: int, cfg: RankConfig = RankConfig(), from_
     validate_rank(cfg)
     sets = resolve_inputs(catalog, "generations", iteration, cfg.splits, from_refs)
     identity = ranker_identity(cfg)
-    result = StageResult("rank", iteration)
-    start = time.perf_counter()
     settings: dict[str, Any] = {"ranker": cfg.ranker, "dtype": cfg.dtype}
     if cfg.ranker == "pairrm" and _on_gpu(cfg):
         # PairRM's scores are bit-identical across batch options on CPU (tested); GPU kernels may change with the
         # batch shape, so there the batch options are part of the key and a resumed run cannot mix them
         settings.update(batch_prompts=cfg.batch_prompts, batch_tokens=cfg.batch_tokens)
-    owned = ranker is None
-    try:
-        for split, gen in sets.items():
+
+    def splits() -> Iterator[SplitWork]:
+        for split, gen in sets.items():  # one split's generations in memory at a time
             key = work_key({"stage": "rank", "generations": gen.id, **identity, **settings})
-            gens = catalog.read(gen.id)
             prompts_snap = catalog.get(gen.parents[0])
             prompt_text = dict(zip(*(catalog.read(prompts_snap.id).column(c).to_pylist()
                                      for c in ("prompt_id", "prompt"))))
-            order, by = grouped(gens)
-            done = catalog.work_units(key)
-            todo = [pid for pid in order if pid not in done]
-            split_result = SplitResult(split, len(order))
-            if todo and ranker is None:
-                ranker = make_ranker(cfg)
-            work = Work(key, "scores", iteration, split, {"ranker": ranker.describe() if ranker is not None else {}})
-            if todo:
-                split_result.processed, _ = run_resumable(
-                    catalog, work, todo, lambda pids: _produce(ranker, pids, prompt_text, by, cfg.batch_prompts),
-                    commit_seconds=cfg.commit_seconds, progress=progress, desc=f"rank it{iteration} {split}")
-            described = ranker.describe() if ranker is not None else catalog.work_params(key).get("ranker", {})
-            params = {**identity, **described, "generations": gen.id, "work_key": key,
-                      **{k: v for k, v in settings.items() if k.startswith("batch_")}}
-            split_result.snapshot = register_work(catalog, work, order, [gen.id], params)
-            result.splits.append(split_result)
-    finally:
-        if owned and hasattr(ranker, "close"):  # Ray replicas give their GPUs back
-            ranker.close()
-    result.seconds = time.perf_counter() - start
-    result.executor = getattr(ranker, "stats", None)
-    return result
+            order, by = grouped(catalog.read(gen.id))
+            items = {pid: (pid, prompt_text[pid], by[pid]) for pid in order}
+
+            def params(described: dict[str, Any], skipped: int, key: str = key, gen_id: str = gen.id) -> dict[str, Any]:
+                return {**identity, **described, "generations": gen_id, "work_key": key,
+                        **{k: v for k, v in settings.items() if k.startswith("batch_")}}
+
+            yield SplitWork(split, key, items, [gen.id], params)
+
+    spec = StageSpec("rank", "scores", iteration, "ranker", producer(cfg), cfg.commit_seconds)
+    return run_stage(catalog, spec, splits(), progress=progress, backend=ranker)
 
 
 def _on_gpu(cfg: RankConfig) -> bool:
@@ -154,21 +151,36 @@ def _on_gpu(cfg: RankConfig) -> bool:
     return not device_for(cfg.device).startswith("cpu")
 
 
-def _produce(ranker: Ranker, todo: Sequence[str], prompt_text: dict[str, str],
-             by: dict[str, list[tuple[int, str]]], batch_prompts: int) -> Iterator[Finished]:
-    if hasattr(ranker, "produce"):  # the ray executor: replicas of the local ranker run this on chunks
-        yield from ranker.produce(todo, prompt_text, by, batch_prompts)
-        return
-    for chunk in chunks(todo, batch_prompts):
-        scores = ranker.score([prompt_text[p] for p in chunk], [[t for _, t in by[p]] for p in chunk])
+def _produce(batch_prompts: int, ranker: Ranker, items: Sequence[tuple[str, str, list[tuple[int, str]]]]
+             ) -> Iterator[Finished]:
+    """Scores of (key, prompt, [(response_index, response)]) items, `batch_prompts` prompts per call."""
+    for chunk in chunks(items, batch_prompts):
+        scores = ranker.score([prompt for _, prompt, _ in chunk], [[t for _, t in cands] for _, _, cands in chunk])
         rows: dict[str, list] = {"prompt_id": [], "response_index": [], "score": []}
-        for pid, values in zip(chunk, scores):
-            if len(values) != len(by[pid]):
-                raise IterdpoError(f"the ranker returned {len(values)} scores for the {len(by[pid])} "
+        for (pid, _, cands), values in zip(chunk, scores):
+            if len(values) != len(cands):
+                raise IterdpoError(f"the ranker returned {len(values)} scores for the {len(cands)} "
                                    f"responses of prompt {pid}")
             check_finite(pid, values)
-            for (idx, _), value in zip(by[pid], values):
+            for (idx, _), value in zip(cands, values):
                 rows["prompt_id"].append(pid)
                 rows["response_index"].append(idx)
                 rows["score"].append(float(value))
-        yield Finished({p: None for p in chunk}, pa.table(rows))
+        yield Finished({pid: None for pid, _, _ in chunk}, pa.table(rows))
+
+
+def score_all(cfg: RankConfig, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
+              ranker: Ranker | None = None) -> list[list[float]]:
+    """Scores of each prompt's candidates on `cfg`'s executor, outside the catalog (best-of-n, eval)."""
+    run = producer(cfg, ranker)
+    backend = run.build()
+    got: dict[str, list[float]] = {}
+    try:
+        items = [(str(i), p, list(enumerate(c))) for i, (p, c) in enumerate(zip(prompts, candidates))]
+        for item in run.run(backend, items):
+            for key, score in zip(item.rows.column("prompt_id").to_pylist(), item.rows.column("score").to_pylist()):
+                got.setdefault(key, []).append(score)
+    finally:
+        if ranker is None or cfg.scale_out.executor != "local":
+            backend.close()
+    return [got.get(str(i), []) for i in range(len(prompts))]

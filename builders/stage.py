@@ -1,13 +1,19 @@
 """The stage kernel: what every resumable stage does around its model work, written once.
 
     inputs = resolve_inputs(catalog, "prompts", iteration, splits, from_refs)
-    done = run_resumable(catalog, Work(key, "generations", iteration, split, params), todo, produce, ...)
-    snapshot = register_work(catalog, work, units, parents, params)
+    result = run_stage(catalog, StageSpec("generate", "generations", iteration, "generator", producer, 5.0),
+                       (SplitWork(split, key, items, parents, params) for split in ...))
 
-`produce(todo)` yields `Finished` items (the units it completed, their rows) as soon as it has them; the kernel
-commits them to the catalog's work area by time (`commit_seconds`) rather than per batch, so a fast scorer is not
-slowed by one DuckDB transaction per 64 prompts and a slow model loses at most a few seconds of work to a kill -9.
-A backend that keeps requests in flight (openai) keeps them in flight while the kernel commits.
+A stage is a spec: what it makes (`kind`), the `Producer` of its model work (its backend, built only once a split
+has work left, and the function that turns work items into `Finished` rows; the executor decides where that runs,
+see builders/backends/ray.py:producer) and, per split, the work key, the work items and how the snapshot's params
+read. `run_stage` does the rest for every stage: the units the work area lacks, `run_resumable`, the registration
+with the backend's description, closing a backend it built, and the executor's statistics.
+
+`run_resumable` commits what the producer finishes to the catalog's work area by time (`commit_seconds`) rather
+than per batch, so a fast scorer is not slowed by one DuckDB transaction per 64 prompts and a slow model loses at
+most a few seconds of work to a kill -9. A backend that keeps requests in flight (openai) keeps them in flight
+while the kernel commits.
 """
 
 from __future__ import annotations
@@ -161,6 +167,81 @@ def run_resumable(catalog: Catalog, work: Work, todo: Sequence[str], produce: Ca
         finally:
             bar.close()
     return finished, tokens
+
+
+@dataclass(frozen=True)
+class Producer:
+    """A stage's model work, wherever it runs: `build()` makes the backend, `run(backend, items)` yields the
+    `Finished` units of those work items (self-contained, so an executor can ship them), `stats(backend)` says how
+    it ran (the ray executor's replicas and work split; None locally)."""
+
+    build: Callable[[], Any]
+    run: Callable[[Any, Sequence[Any]], Iterable[Finished]]
+    stats: Callable[[Any], dict[str, Any] | None] = lambda backend: None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage makes and how: `role` names the backend's description in the work area's params."""
+
+    stage: str  # generate, rank
+    kind: str  # the snapshot kind it registers
+    iteration: int
+    role: str  # generator, ranker
+    producer: Producer
+    commit_seconds: float
+
+
+@dataclass
+class SplitWork:
+    """One split's work: every unit (this shard's, in the snapshot's order) with the item the producer needs, the
+    snapshot's parents, and its params given the backend's description and the units skipped (too long)."""
+
+    split: str
+    key: str
+    items: dict[str, Any]
+    parents: list[str]
+    params: Callable[[dict[str, Any], int], dict[str, Any]]
+    work_params: dict[str, Any] = field(default_factory=dict)  # recorded beside the description when work begins
+
+
+def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *, progress: bool = True,
+              backend: Any = None) -> StageResult:
+    """Each split's missing units through `spec.producer`, committed as they finish, then its snapshot registered.
+    The backend is built at the first split with work left (a rerun with nothing to do loads no model) and closed
+    at the end unless the caller passed it; a split with no work left takes the description its work recorded."""
+    result = StageResult(spec.stage, spec.iteration)
+    start = time.perf_counter()
+    owned = backend is None
+    try:
+        for sw in splits:
+            done = catalog.work_units(sw.key)
+            todo = [u for u in sw.items if u not in done]
+            split_result = SplitResult(sw.split, len(sw.items))
+            if todo and backend is None:
+                backend = spec.producer.build()
+            described = backend.describe() if backend is not None else None
+            work = Work(sw.key, spec.kind, spec.iteration, sw.split, {spec.role: described or {}, **sw.work_params})
+            if todo:
+                items, use = sw.items, backend
+                split_result.processed, tokens = run_resumable(
+                    catalog, work, todo, lambda units: spec.producer.run(use, [items[u] for u in units]),
+                    commit_seconds=spec.commit_seconds, progress=progress,
+                    desc=f"{spec.stage} it{spec.iteration} {sw.split}")
+                result.tokens += tokens
+            done = catalog.work_units(sw.key)
+            split_result.skipped = sum(1 for u in sw.items if (done.get(u) or {}).get("skipped"))
+            if described is None:
+                described = catalog.work_params(sw.key).get(spec.role, {})
+            split_result.snapshot = register_work(catalog, work, list(sw.items), sw.parents,
+                                                     sw.params(described, split_result.skipped))
+            result.splits.append(split_result)
+    finally:
+        if owned and backend is not None:
+            backend.close()
+    result.seconds = time.perf_counter() - start
+    result.executor = spec.producer.stats(backend) if backend is not None else None
+    return result
 
 
 def register_work(catalog: Catalog, work: Work, units: Sequence[str], parents: Sequence[str],

@@ -28,7 +28,7 @@ from typing import Any
 
 from builders import scratch as scratch_dirs
 from builders.catalog import Catalog, Snapshot
-from builders.config import RECIPES, TrainConfig
+from builders.config import RECIPES, TrainConfig, check_threads
 from builders.errors import InputError
 from builders.models import model_ref, one_line, weights_sha256
 
@@ -290,6 +290,7 @@ class _Progress:
 
 def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), from_refs: Sequence[str] = ()) -> TrainResult:
     """DPO on the iteration's pairs: those named by `from_refs`, else the newest (or `cfg.dataset`)."""
+    check_threads(cfg.threads)
     recipe_path = Path(cfg.recipe) if cfg.recipe else RECIPES / f"iteration_{iteration}.yaml"
     overrides: dict[str, Any] = {}
     if cfg.model:
@@ -335,7 +336,7 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
         scratch_dirs.remove_stale("train", out)
         shutil.rmtree(scratch, ignore_errors=True)
     args.output_dir = str(scratch)
-    if cfg.threads:
+    if cfg.threads is not None:
         import torch
 
         # torch's own setter: an in-process vLLM engine (the quickstart's generator) replaces

@@ -330,6 +330,15 @@ def _run_config(tmp: Path, tiny: Path, **sections) -> Path:
     ({"training__recipe": "train/recipes/iteration_{it}.yaml"}, "training.recipe .*use \\{n\\}"),
     ({"prompts__source": "/nowhere/prompts.jsonl"}, "prompts.source: /nowhere/prompts.jsonl: no such file"),
     ({"split__train_size": 5000}, "split: asked for"),
+    ({"generation__commit_seconds": -1}, "generation: commit_seconds must be a finite number of seconds, 0 or more"),
+    ({"generation__commit_seconds": float("nan")}, "generation: commit_seconds must be .*, not nan"),
+    ({"ranking__commit_seconds": float("inf")}, "ranking: commit_seconds must be .*, not inf"),
+    ({"training__threads": 0}, "training.threads: threads must be at least 1 .*not 0"),
+    ({"training__threads": -1}, "training.threads: threads must be at least 1 .*not -1"),
+    ({"publish__license": "my licence"}, "publish.license: license 'my licence' is not a licence id"),
+    ({"publish__model_license": "my licence"}, "publish.model_license: license 'my licence' is not a licence id"),
+    ({"publish__revision": ""}, "publish.revision: revision '' is not a branch name"),
+    ({"publish__model_revision": "a b"}, "publish.model_revision: revision 'a b' is not a branch name"),
 ])
 def test_run_checks_the_whole_pipeline_before_registering_anything(cli, catalog_path: Path, tmp_path: Path,
                                                                    tiny_models: Path, change, message):
@@ -338,3 +347,68 @@ def test_run_checks_the_whole_pipeline_before_registering_anything(cli, catalog_
     assert result.code == 1 and result.out == "", result.err
     assert re.fullmatch(rf"Error: .*bad\.yaml: {message}.*\n", result.err), result.err
     assert not catalog_path.exists() and not (tmp_path / "m1").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf"])
+@pytest.mark.parametrize("command", ["generate", "rank"])
+def test_a_commit_interval_that_is_not_a_finite_number_of_seconds_fails_before_any_work(
+        cli, catalog_path: Path, tiny_models: Path, command, value):
+    from tests.conftest import generations_catalog
+
+    generations_catalog(catalog_path, n_prompts=2)
+    before = state(catalog_path)
+    args = {"generate": ["generate", "--iteration", "1", "--model", tiny_models / "generator", "--num-responses", "2",
+                         "--max-tokens", "4"],
+            "rank": ["rank", "--iteration", "1", "--ranker", "python", "--ranker-model",
+                     "tests.scorers:longer_is_better"]}[command]
+    result = cli(*args, "--commit-seconds", value)
+    assert result.code == 1 and result.out == "" and len(result.err.splitlines()) == 1, result.err
+    assert result.err.startswith(f"Error: --commit-seconds must be a finite number of seconds, 0 or more"), result.err
+    assert state(catalog_path) == before
+    with Catalog(catalog_path).connect() as con:
+        assert con.execute("SELECT count(*) FROM work_units").fetchone()[0] == 0
+    if value == "-1":  # 0 means "commit every finished batch": meaningful, and accepted
+        assert cli(*args, "--commit-seconds", "0").code == 0
+
+
+@pytest.mark.parametrize(("command", "option", "bad", "good", "message"), [
+    ("publish", "--iterations", ",,", "1", "--iterations names no iteration"),
+    ("publish", "--iterations", "", "1", "--iterations names no iteration"),
+    ("publish", "--iterations", "1,0", "1", "--iterations must be numbers 1 or more, not 0"),
+    ("publish", "--revision", "", "dev/ablation-1", "--revision '' is not a branch name"),
+    ("publish", "--revision", "my branch", "dev/ablation-1", "--revision 'my branch' is not a branch name"),
+    ("publish", "--revision", "v1..2", "dev/ablation-1", "--revision 'v1..2' is not a branch name"),
+    ("publish-model", "--revision", "", None, "--revision '' is not a branch name"),
+])
+def test_publish_options_that_name_nothing_fail_before_anything_is_staged(cli, catalog_path: Path, tmp_path: Path,
+                                                                           command, option, bad, good, message):
+    from tests.conftest import built_catalog
+
+    built_catalog(catalog_path, n_prompts=4)
+    before = state(catalog_path)
+    staged = tmp_path / "staged"
+    target = ["publish", "me/x"] if command == "publish" else ["publish-model", "me/x", "--iteration", "1"]
+    result = cli(*target, option, bad, "--dry-run", "--local-dir", staged)
+    assert result.code == 1 and result.out == "" and len(result.err.splitlines()) == 1, result.err
+    assert result.err.startswith(f"Error: {message}"), result.err
+    assert state(catalog_path) == before and not staged.exists()
+    if good is not None:  # the same command with a good value stages the folder
+        assert cli(*target, option, good, "--dry-run", "--local-dir", staged).code == 0
+        assert (staged / "README.md").exists()
+
+
+def test_the_catalog_flag_wins_over_the_pipelines_catalog_key(tmp_path, catalog_path, cli, monkeypatch):
+    import builders.pipeline
+    from builders.errors import InputError
+
+    def where_it_would_run(catalog, cfg, where):
+        raise InputError(f"would run on {catalog.path}")
+
+    monkeypatch.setattr(builders.pipeline, "run_pipeline", where_it_would_run)
+    monkeypatch.setenv("ITERDPO_CATALOG", str(tmp_path / "from-env.duckdb"))
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"catalog: {tmp_path / 'from-yaml.duckdb'}\n")
+    assert f"would run on {catalog_path}" in cli("run", pipeline).err  # the flag typed for this command
+    assert "from-yaml.duckdb" in cli("run", pipeline, catalog=None).err  # the file's key beats the environment
+    pipeline.write_text("split: {iterations: 1}\n")
+    assert "from-env.duckdb" in cli("run", pipeline, catalog=None).err

@@ -116,7 +116,7 @@ def test_bad_inputs_fail_before_any_work_and_leave_nothing(tiny_gguf, tmp_path, 
     result = cli("models", "import-gguf", str(tiny_gguf), str(busy))
     assert result.code == 1 and "--overwrite" in result.err
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
-    with pytest.raises(InputError, match="not a torch dtype"):
+    with pytest.raises(InputError, match="dtype 'float99': the weights are saved as bfloat16, float16, float32"):
         import_gguf(tiny_gguf, tmp_path / "b", GgufImportConfig(dtype="float99"))
     assert not (tmp_path / "b").exists()
 
@@ -129,3 +129,19 @@ def test_bad_inputs_fail_before_any_work_and_leave_nothing(tiny_gguf, tmp_path, 
     again = import_gguf(tiny_gguf, tmp_path / "ours", GgufImportConfig(overwrite=True))
     assert (again.folder / "config.json").exists() and not (again.folder / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".iterdpo-gguf-")]  # no scratch left
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bool", "float99"])
+def test_a_dtype_the_weights_cannot_be_saved_in_fails_before_the_dequantization(tiny_gguf, tmp_path, cli, monkeypatch,
+                                                                                 dtype):
+    """int8 is a torch dtype, so it used to pass the check and fail after the whole GGUF was dequantized."""
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the GGUF was read before the dtype was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    result = cli("models", "import-gguf", str(tiny_gguf), str(tmp_path / "m"), "--dtype", dtype)
+    assert result.code == 1 and result.out == "" and len(result.err.splitlines()) == 1, result.err
+    assert result.err.startswith(f"Error: --dtype {dtype!r}: the weights are saved as bfloat16, float16, float32")
+    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,6 @@
 """The openai backend keeps the server busy: exactly `concurrency` requests in flight, also while the stage commits;
-the server's token counts land in the rows and the summary; failures keep finished prompts and leak no secret."""
+the server's token counts land in the rows and the summary; failures (a server that never answers included) keep
+finished prompts and leak no secret; a served model name needs neither the Hub nor a local tokenizer."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, SplitC
 from builders.errors import IterdpoError
 from builders.generate import generate, prompt_seed
 from builders.prompts import import_prompts, split_prompts
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, run_iterdpo
 
 ONE = SamplingConfig(num_responses=1, temperature=0.7, max_tokens=16, seed=3)
 THREE = SamplingConfig(num_responses=3, temperature=0.7, max_tokens=16, seed=3)
@@ -34,8 +35,14 @@ def tokens_of(seed: int) -> int:
     return 5 + seed % 7
 
 
+SERVED = {"id": "served-model", "object": "model", "owned_by": "fake", "root": "org/base-model", "parent": None,
+          "max_model_len": 4096}
+
+
 class _Slow(BaseHTTPRequestHandler):
-    """An OpenAI-compatible server with a latency: counts requests in flight and the connections they came on."""
+    """An OpenAI-compatible server with a latency: counts requests in flight and the connections they came on.
+    After `hang_after` answers it accepts requests and never answers them (`trickle`: sends the headers, then a
+    byte now and then, so that no single read waits long), until `release` is set."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
     state: dict = {}
@@ -53,6 +60,30 @@ class _Slow(BaseHTTPRequestHandler):
         except OSError:  # the client cancelled the request (it was stopped): nothing to answer
             pass
 
+    def do_GET(self):
+        if self.path.endswith("/models"):  # as vLLM answers: `created` is the time of the call, permissions fresh
+            entry = {**SERVED, "created": int(time.time()), "permission": [{"id": f"modelperm-{time.time_ns()}"}]}
+            return self._send(200, json.dumps({"object": "list", "data": [entry]}).encode())
+        self._send(404, b"{}")
+
+    def _hang(self) -> None:
+        st = self.state
+        if not st["trickle"]:
+            st["release"].wait(60)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        deadline = time.monotonic() + 30  # a bound, so a client that would wait forever fails the test, not hangs it
+        try:
+            while time.monotonic() < deadline and not st["release"].wait(0.2):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+        except OSError:  # the client gave up on it
+            pass
+        self.close_connection = True  # the body cut short: a client still waiting fails, it does not time out
+
     def do_POST(self):
         st = self.state
         try:
@@ -67,7 +98,14 @@ class _Slow(BaseHTTPRequestHandler):
             if st["in_flight"] >= st["hold_until"]:
                 st["full"].set()
             fail = st["fail_after"] is not None and st["ok"] >= st["fail_after"]
-            st["ok"] += not fail
+            hang = st["hang_after"] is not None and st["ok"] >= st["hang_after"]
+            st["ok"] += not fail and not hang
+            st["hung"] += hang
+        if hang:
+            with st["lock"]:
+                st["in_flight"] -= 1
+            st["hanging"].release()  # a handshake: one more request held
+            return self._hang()
         try:
             # the first requests wait until `hold_until` are in (or 5 s): a slow connect on a busy machine must
             # not make a client that does keep them all in flight look as if it did not
@@ -88,11 +126,14 @@ class _Slow(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     state = {"lock": threading.Lock(), "calls": 0, "ok": 0, "in_flight": 0, "max_in_flight": 0, "ports": set(),
-             "latency": 0.1, "fail_after": None, "hold_until": 1, "full": threading.Event()}
+             "latency": 0.1, "fail_after": None, "hold_until": 1, "full": threading.Event(),
+             "hang_after": None, "hung": 0, "hanging": threading.Semaphore(0), "trickle": False,
+             "release": threading.Event()}
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Slow,), {"state": state}))
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", state
+    state["release"].set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -109,16 +150,6 @@ def openai_cfg(url: str, concurrency: int, model: str = "served-model", sampling
     return GenerateConfig(model=model, backend="openai", splits=splits, sampling=sampling,
                           commit_seconds=kw.pop("commit_seconds", 5.0),
                           openai=OpenAIConfig(base_url=url, concurrency=concurrency, backoff=0.01, **kw))
-
-
-@pytest.fixture(autouse=True)
-def served_name(monkeypatch):
-    """A served model name needs no hub lookup."""
-    from builders import models
-
-    real = models.model_identity
-    monkeypatch.setattr("builders.generate.model_identity",
-                        lambda m, revision=None: real(m) if Path(m).exists() else {"model": m})
 
 
 def no_loop_thread() -> bool:
@@ -173,6 +204,8 @@ def test_server_token_counts_land_in_rows_and_summary(tmp_path, server, tiny_mod
     three = generate(catalog, 1, openai_cfg(url, 4, sampling=THREE), progress=False)
     rows = catalog.read(three.snapshots[0].id).to_pylist()
     assert len(rows) == 18 and all(r["completion_tokens"] is None for r in rows)
+    params = three.snapshots[0].params
+    assert params["model"] == "served-model" and "null" in params["token_counts"]  # and the params say why
     seeds = [prompt_seed(3, r["prompt_id"], 3) + r["response_index"] for r in rows]
     assert three.tokens == sum(tokens_of(s) for s in seeds)  # the server's totals, still counted
 
@@ -186,6 +219,10 @@ def test_server_token_counts_land_in_rows_and_summary(tmp_path, server, tiny_mod
     assert all(r["completion_tokens"] == len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1
                for r in rows)
     assert local.tokens == three.tokens
+    params = local.snapshots[0].params
+    assert "tokenizer" in params["token_counts"] and params["model_sha256"]
+    # the server serves another name than the folder's path: recorded as such, not an error
+    assert params["server_model"] is None and "does not list" in params["server_model_note"]
 
 
 def test_a_failing_server_keeps_finished_prompts_and_a_rerun_matches_an_uninterrupted_run(tmp_path, server,
@@ -235,28 +272,151 @@ def test_stopping_early_cancels_what_is_in_flight(server, caplog):
     assert not [r for r in caplog.records if r.name == "asyncio"]  # no "Task was destroyed" or loop errors
 
 
-def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, server, tiny_models):
+# `iterdpo` itself, with a handshake: a line on the given file descriptor after each commit of finished prompts (the
+# stage sends stdout and stderr below Python to /dev/null, so the line goes to a pipe of its own)
+_CLI_WITH_HANDSHAKE = """
+import os, sys
+from builders.catalog import Catalog
+fd = int(sys.argv.pop(1))
+commit = Catalog.add_work
+def add_work(self, *args, **kwargs):
+    commit(self, *args, **kwargs)
+    os.write(fd, b"committed\\n")
+Catalog.add_work = add_work
+from builders.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, server):
     url, state = server
-    state["latency"] = 0.2
+    state["hang_after"] = 12  # then every request hangs: only cancelling them lets the run end
     db = tmp_path / "c.duckdb"
     catalog_with(db, 60)
+    read, write = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "builders.cli", "--catalog", str(db), "generate", "--iteration", "1",
-         "--model", str(tiny_models / "generator"), "--backend", "openai", "--base-url", url,
-         "--concurrency", "4", "--num-responses", "1", "--split", "train"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 60
-    while state["ok"] < 12 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    t0 = time.perf_counter()
-    out, err = proc.communicate(timeout=20)
-    assert time.perf_counter() - t0 < 5, "the interrupted run hung"
+        [sys.executable, "-c", _CLI_WITH_HANDSHAKE, str(write), "--catalog", str(db), "generate", "--iteration", "1",
+         "--model", "served-model", "--backend", "openai", "--base-url", url, "--concurrency", "4",
+         "--num-responses", "1", "--split", "train", "--commit-seconds", "0", "--request-timeout", "3600"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=(write,),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(write)
+    commits = 0
+    with open(read) as handshake:
+        for line in handshake:  # EOF if the run ends first
+            commits += line.strip() == "committed"
+            if commits == 12:
+                break
+        assert commits == 12, proc.communicate(timeout=60)[1]
+        # and the server holds the 4 requests the slots sent next
+        assert all(state["hanging"].acquire(timeout=60) for _ in range(4)), "no requests in flight"
+        proc.send_signal(signal.SIGINT)
+        try:  # the 4 requests in flight would hold it for an hour: only cancelling them ends it
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("the interrupted run hung on its requests in flight")
     assert proc.returncode == 130 and "Interrupted; finished work is kept" in err, err
     assert "Traceback" not in err and "Task was destroyed" not in err and "Exception ignored" not in err, err
     catalog = Catalog(db)
     with catalog.connect() as con:
         (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
-    # the answers the stage had taken are kept (those still queued when the signal came are asked again)
-    assert 1 <= len(catalog.work_units(key)) < 60
+    assert len(catalog.work_units(key)) == 12  # every answered prompt, and nothing else
+
+
+def test_a_server_that_never_answers_fails_in_one_line_after_the_retries_and_a_rerun_resumes(tmp_path, server):
+    url, state = server
+    state["hang_after"] = 5  # it accepts the 6th request and every later one, and never answers them
+    db = tmp_path / "c.duckdb"
+    catalog_with(db, 12)
+    command = ("--catalog", db, "generate", "--iteration", "1", "--model", "served-model", "--backend", "openai",
+               "--base-url", url, "--concurrency", "4", "--num-responses", "1", "--split", "train",
+               "--request-timeout", "1", "--max-retries", "1", "--json")
+    failed = run_iterdpo(*command, timeout=300)  # hung for good before the option existed (600 s an attempt)
+    assert failed.returncode == 1 and failed.stdout == "", failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"Error: the server at {url} did not answer within 1 s (--request-timeout) after 2 attempts; "
+        f"finished prompts are kept, rerun to resume")
+    assert "Traceback" not in failed.stderr, failed.stderr
+    assert state["hung"] >= 2  # the request that gave up was sent twice: retried like other failures
+    catalog = Catalog(db)
+    with catalog.connect() as con:
+        (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
+    assert len(catalog.work_units(key)) == 5 and catalog.list(kind="generations") == []
+
+    state.update(hang_after=None)
+    calls = state["calls"]
+    resumed = run_iterdpo(*command, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    split = json.loads(resumed.stdout)["splits"][0]
+    assert split["processed"] == 7 and state["calls"] - calls == 7 and split["snapshot"]["rows"] == 12
+
+
+def test_the_request_timeout_bounds_the_whole_request_not_each_read(server):
+    url, state = server
+    state.update(hang_after=0, trickle=True)  # headers at once, then a byte every 0.2 s: no read waits 1 s
+    gen = OpenAIGenerator("served-model", ONE, None,
+                          OpenAIConfig(base_url=url, concurrency=2, max_retries=0, request_timeout=1))
+    with pytest.raises(IterdpoError) as err:
+        list(gen.stream([(f"{i:064x}", f"prompt {i}", i) for i in range(3)], ONE))
+    assert str(err.value) == (f"the server at {url} did not answer within 1 s (request_timeout) after 1 attempt; "
+                              f"finished prompts are kept, rerun to resume")
+    assert err.value.option == "request_timeout" and no_loop_thread()
+
+
+def test_the_request_timeout_option_is_checked_before_any_work(cli, server, catalog_path):
+    url, state = server
+    help_text = cli("generate", "--help").out
+    assert "--request-timeout" in help_text and "300" in help_text  # a default well below the old 600 s
+    assert cli("prompts", "import", SAMPLE).code == 0
+    assert cli("prompts", "split", "--iterations", "1", "--train-size", "3", "--test-size", "0").code == 0
+    for value in ("0", "-1", "nan"):
+        bad = cli("generate", "--iteration", "1", "--model", "served-model", "--backend", "openai",
+                  "--base-url", url, "--request-timeout", value)
+        assert bad.code == 1 and bad.err.startswith("Error: --request-timeout must be a positive number of seconds")
+        assert bad.err.count("\n") == 1, bad.err
+    assert state["calls"] == 0
+    with Catalog(catalog_path).connect() as con:
+        assert con.execute("SELECT count(*) FROM work_units").fetchone() == (0,)
+
+
+def test_a_served_name_needs_no_hub_no_model_folder_and_no_tokenizer(cli, server, tmp_path, monkeypatch,
+                                                                      catalog_path):
+    import huggingface_hub
+    import transformers
+
+    url, state = server
+
+    def looked_up(*args, **kwargs):
+        raise AssertionError(f"looked up {args}: a served name is the server's")
+
+    with monkeypatch.context() as m:
+        for name in ("snapshot_download", "model_info", "hf_hub_download"):
+            m.setattr(huggingface_hub, name, looked_up)
+        m.setattr(transformers.AutoTokenizer, "from_pretrained", looked_up)
+        assert cli("prompts", "import", SAMPLE).code == 0
+        assert cli("prompts", "split", "--iterations", "1", "--train-size", "4", "--test-size", "0").code == 0
+        done = cli("generate", "--iteration", "1", "--model", "served-model", "--backend", "openai",
+                   "--base-url", url, "--num-responses", "2", "--json")
+    assert done.code == 0, done.err
+    snap = done.json()["splits"][0]["snapshot"]
+    params = snap["params"]
+    # the served name, and what the server says of it, less what changes per call (vLLM's created, permission)
+    assert params["model"] == "served-model" and "revision" not in params and "model_sha256" not in params
+    assert params["server_model"] == {k: v for k, v in SERVED.items() if k != "object"}
+    # n = 2: usage is one total per prompt, and there is no tokenizer to split it: null, and the params say so
+    assert "null" in params["token_counts"]
+    rows = Catalog(catalog_path).read(snap["id"]).to_pylist()
+    assert len(rows) == 8 and all(r["completion_tokens"] is None and r["prompt_tokens"] == 20 for r in rows)
+    assert done.json()["tokens"] == sum(tokens_of(prompt_seed(42, r["prompt_id"], 2) + r["response_index"])
+                                        for r in rows)
+
+    # the dataset card names the served model
+    assert cli("rank", "--iteration", "1", "--ranker", "python",
+               "--ranker-model", "tests.scorers:longer_is_better").code == 0
+    assert cli("build", "--iteration", "1").code == 0
+    staged = tmp_path / "staged"
+    published = cli("publish", "me/served-dpo", "--iterations", "1", "--local-dir", staged, "--dry-run")
+    assert published.code == 0, published.err
+    card = (staged / "README.md").read_text()
+    assert "| 1 | `served-model` |" in card and "responses generated by `served-model`" in card

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -299,11 +301,121 @@ def test_a_pipeline_on_ray_is_validated_without_starting_replicas(tiny_models, t
         raise AssertionError("validation started Ray replicas")
 
     monkeypatch.setattr(ray_backend.RayPool, "__init__", no_replicas)
+    # generation: this machine's own Ray (replicas checked against its CPUs up front); ranking: a cluster, whose
+    # room is known only once connected (and may grow)
     (tmp_path / "p.yaml").write_text(
-        f"generation:\n  model: {tiny_models / 'generator'}\n  scale_out: {{executor: ray, replicas: 4}}\n"
+        f"generation:\n  model: {tiny_models / 'generator'}\n  scale_out: {{executor: ray, replicas: 1}}\n"
         f"ranking:\n  ranker: python\n  ranker_model: tests.scorers:longer_is_better\n"
         f"  scale_out: {{executor: ray, replicas: 4, ray_address: auto}}\n"
         f"training:\n  recipe: {ROOT / 'train' / 'recipes' / 'tiny-cpu.yaml'}\n")
     cfg = load_pipeline(tmp_path / "p.yaml")
     assert cfg.ranking.scale_out == ExecutorConfig(executor="ray", replicas=4, ray_address="auto")
     validate_pipeline(cfg, "p.yaml")
+
+
+
+# ------------------------------------------------------------- checks that need Ray's view, before the first snapshot
+def _fresh(*args, timeout: float = 120, **env_vars: str) -> subprocess.CompletedProcess:
+    """`iterdpo ARGS` in a new process, not connected to this file's cluster (a stage would reuse that one)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env_vars}
+    return subprocess.run([sys.executable, "-m", "builders.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 1 and out.stdout == "" and len(out.stderr.splitlines()) == 1, out.stderr[-2000:]
+    return out.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "rank"])
+def test_more_replicas_than_this_machines_cpus_is_one_line_before_any_work(catalog_path, tiny_models, command):
+    """A local Ray can never hold them: said up front, from the CPU count, without starting Ray (it writes its
+    session folder under RAY_TMPDIR when it starts)."""
+    generations_catalog(catalog_path, n_prompts=2)
+    before = _state(catalog_path)
+    stage = {"generate": ["generate", "--iteration", "1", "--model", tiny_models / "generator"],
+             "rank": ["rank", "--iteration", "1", "--ranker", "python", "--ranker-model",
+                      "tests.scorers:longer_is_better"]}[command]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="iterdpo-ray-", dir="/tmp"))  # short: Ray's socket paths must fit
+    try:
+        err = _one_line_error(_fresh("--catalog", catalog_path, *stage, "--executor", "ray", "--replicas", "4096",
+                                     RAY_TMPDIR=str(ray_tmp)))
+        assert not any(ray_tmp.rglob("session_*")), "Ray was started to say so"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert re.match(r"Error: --replicas 4096 need 4096 CPUs; this machine's Ray has \d+ CPUs: use fewer replicas",
+                    err), err
+    assert _state(catalog_path) == before
+
+
+def test_rank_on_ray_with_a_device_this_machine_lacks_says_what_the_local_path_says(cli, catalog_path, tiny_models):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    generations_catalog(catalog_path, n_prompts=2)
+    before = _state(catalog_path)
+    stage = ["rank", "--iteration", "1", "--ranker", "pairrm", "--ranker-model", tiny_models / "ranker", "--device",
+             "cuda"]
+    local = cli(*stage)
+    assert local.code == 1 and local.err.startswith("Error: --device cuda: CUDA is not available"), local.err
+    assert _one_line_error(_fresh("--catalog", catalog_path, *stage, "--executor", "ray")) == local.err
+    assert _state(catalog_path) == before
+
+
+def test_a_device_index_on_ray_is_refused(cli, catalog_path, tiny_models):
+    """Ray shows each replica only the GPU it was given (as cuda:0): cuda:1 would fail inside every replica."""
+    generations_catalog(catalog_path, n_prompts=2)
+    before = _state(catalog_path)
+    result = cli("rank", "--iteration", "1", "--ranker", "pairrm", "--ranker-model", tiny_models / "ranker",
+                 "--device", "cuda:1", "--executor", "ray", "--ray-address", "127.0.0.1:1")
+    assert result.code == 1 and len(result.err.splitlines()) == 1, result.err
+    assert result.err.startswith("Error: --device cuda:1: on the ray executor every replica is given a GPU of its own")
+    assert _state(catalog_path) == before
+
+
+def test_ray_replicas_ask_for_a_gpu_when_the_device_is_cuda():
+    """On a cluster without GPUs now, --device cuda replicas wait for GPU nodes (with a warning) instead of
+    starting on CPUs and failing there."""
+    from builders.backends.ray import ranker_resources
+
+    cuda = RankConfig(ranker="pairrm", device="cuda", scale_out=RAY2)
+    assert ranker_resources(cuda, gpus=0) == {"num_cpus": 1, "num_gpus": 1}
+    assert ranker_resources(replace(cuda, device=None), gpus=0)["num_gpus"] == 0
+    assert ranker_resources(replace(cuda, device="cpu"), gpus=4)["num_gpus"] == 0
+    assert ranker_resources(replace(cuda, device=None), gpus=4)["num_gpus"] == 1
+
+
+def _pipeline_yaml(tmp_path: Path, tiny: Path, generation: dict, ranking: dict) -> Path:
+    import yaml
+
+    doc = {"prompts": {"source": str(SAMPLE)}, "split": {"iterations": 1, "train_size": 4, "test_size": 2},
+           "generation": {"model": str(tiny / "generator"), "sampling": {"num_responses": 2, "max_tokens": 8},
+                          **generation},
+           "ranking": {"ranker": "python", "ranker_model": "tests.scorers:longer_is_better", **ranking},
+           "training": {"recipe": str(ROOT / "train/recipes/tiny-cpu.yaml"), "output_dir": str(tmp_path / "m{n}")}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize(("generation", "ranking", "message"), [
+    ({"scale_out": {"executor": "ray", "ray_address": "127.0.0.1:1"}}, {},
+     "generation: cannot reach Ray at 127.0.0.1:1"),
+    ({}, {"scale_out": {"executor": "ray", "replicas": 4096}}, "ranking: replicas 4096 need 4096 CPUs"),
+    ({}, {"ranker": "pairrm", "ranker_model": "TINY_RANKER", "device": "cuda", "scale_out": {"executor": "ray"}},
+     "ranking: device cuda: CUDA is not available on this machine"),
+])
+def test_run_checks_the_ray_cluster_before_the_first_snapshot(tiny_models, tmp_path, generation, ranking, message):
+    """`iterdpo run` used to import and split the prompts, then fail when the first Ray stage started."""
+    if "device" in ranking:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        ranking = {**ranking, "ranker_model": str(tiny_models / "ranker")}
+    catalog = tmp_path / "c.duckdb"
+    config = _pipeline_yaml(tmp_path, tiny_models, generation, ranking)
+    err = _one_line_error(_fresh("--catalog", catalog, "run", config))
+    assert re.match(rf"Error: .*p\.yaml: {message}", err), err
+    assert not catalog.exists() and not (tmp_path / "m1").exists()

@@ -265,6 +265,20 @@ def test_bad_recipe_values_fail_before_the_model_loads(built, tmp_path, cli, cat
     assert load_recipe(sci)[1].learning_rate == 5e-7
 
 
+@pytest.mark.parametrize("threads", ["-2", "0"])
+def test_a_thread_count_below_1_fails_before_anything_loads(built, tmp_path, cli, catalog_path, tiny_models, threads):
+    """torch refuses it only after the recipe, data and tokenizer are loaded (an `unexpected RuntimeError`); 0 was
+    ignored without a word."""
+    shutil.copy(built.path, catalog_path)
+    before = [s.id for s in Catalog(catalog_path).list()]
+    out = cli("train", "--iteration", "1", "--recipe", TINY, "--model", tiny_models / "generator", "--output-dir",
+              tmp_path / "m", "--threads", threads)
+    assert out.code == 1 and out.out == "" and out.err.strip().count("\n") == 0, out.err
+    assert out.err.startswith(f"Error: --threads must be at least 1 (or unset: as the process has them), "
+                              f"not {threads}"), out.err
+    assert [s.id for s in Catalog(catalog_path).list()] == before and not (tmp_path / "m").exists()
+
+
 def test_a_killed_training_does_not_block_the_same_command(built, tmp_path, tiny_models):
     out = tmp_path / "m"
     long = _recipe(tmp_path, "long.yaml", {"max_steps: 5": "max_steps: 100000"})

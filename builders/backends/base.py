@@ -63,6 +63,8 @@ class Ranker(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    def close(self) -> None: ...
+
 
 def unflatten(values: list[float], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
     """Flat scores (one per candidate, in order) -> one list per prompt."""

@@ -48,6 +48,9 @@ class LlmBlender:
     def describe(self) -> dict[str, Any]:
         return {"ranker": "llm-blender", "batch_size": self.batch_size, "llm_blender_version": "0.0.2"}
 
+    def close(self) -> None:
+        pass  # the weights go with the object; nothing else to release
+
     def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         out = []
         for start in range(0, len(prompts), self.batch_size):

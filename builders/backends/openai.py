@@ -1,7 +1,9 @@
 """The `openai` generation backend: any OpenAI-compatible chat-completions server (vLLM serve, TGI, Together).
 
-Bounded concurrency, retries with exponential backoff on 429, 5xx, timeouts and connection errors; the API key is
-read from an environment variable and appears in no log line, error, catalog row or file.
+Bounded concurrency, retries with exponential backoff on 429, 5xx, timeouts and connection errors; each request is
+bounded as a whole by `request_timeout` (a server that accepts and never answers costs that, per attempt); the API
+key is read from an environment variable and appears in no log line, error, catalog row or file. `model` is a local
+folder (its tokenizer counts what `usage` cannot) or the name the server serves (nothing is looked up for it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from builders.errors import InputError, IterdpoError
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 TOO_LONG_HINTS = ("context length", "maximum context", "too long", "max_model_len", "context_length")
+MODELS_TIMEOUT = 10.0  # seconds for GET /models: what it tells is recorded, never needed, so it may not hold us up
+# fields of a /models entry that change from call to call (vLLM stamps `created` with the time of the call and
+# gives each permission a fresh id), or say nothing
+VOLATILE = ("created", "permission", "object")
+TIMED_OUT = "timed out"
 
 
 class ServerError(IterdpoError):
@@ -44,8 +51,9 @@ def validate_openai(cfg: OpenAIConfig) -> None:
         raise InputError(f"concurrency must be at least 1, not {cfg.concurrency}", option="concurrency")
     if not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
         raise InputError(f"max_retries must be 0 or more, not {cfg.max_retries}", option="max_retries")
-    if not isinstance(cfg.timeout, (int, float)) or not math.isfinite(cfg.timeout) or cfg.timeout <= 0:
-        raise InputError(f"the request timeout must be a positive number of seconds, not {cfg.timeout}")
+    t = cfg.request_timeout
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        raise InputError(f"request_timeout must be a positive number of seconds, not {t}", option="request_timeout")
     if not isinstance(cfg.backoff, (int, float)) or not math.isfinite(cfg.backoff) or cfg.backoff < 0:
         raise InputError(f"the retry backoff must be 0 or more seconds, not {cfg.backoff}")
 
@@ -92,8 +100,9 @@ class OpenAIGenerator:
                 self.template = Path(chat_template).read_text()
             except OSError as e:
                 raise InputError(f"chat_template {chat_template}: {e.strerror}", option="chat_template") from None
-        self._local = Path(model).exists()  # a local model folder: its tokenizer can count what usage cannot
+        self._local = Path(model).expanduser().exists()  # a local folder: its tokenizer can count what usage cannot
         self._tok: Any = None
+        self._served: dict[str, Any] | None = None  # what GET /models said about the model, asked once
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -105,11 +114,45 @@ class OpenAIGenerator:
         return [Request(pid, prompt, seed) for pid, prompt, seed in prompts]
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"backend": "openai", "base_url": redact(self.cfg.base_url)}
+        out: dict[str, Any] = {"backend": "openai", "base_url": redact(self.cfg.base_url), **self.server_model(),
+                               "token_counts": TOKEN_COUNTS["local" if self._local else "served"]}
         if self.template:
             out.update(chat_template=self.template,
                        chat_template_sha256=hashlib.sha256(self.template.encode()).hexdigest())
         return out
+
+    def server_model(self) -> dict[str, Any]:
+        """What the server reports about the model (its GET /models entry, less what changes per call), asked
+        once: for a served name it is all the snapshot can say about the weights behind it. Never an error (not
+        every server has the endpoint): `server_model` is then null and `server_model_note` says why."""
+        if self._served is None:
+            self._served = self._ask_models()
+        return self._served
+
+    def _ask_models(self) -> dict[str, Any]:
+        import httpx
+
+        def note(text: str) -> dict[str, Any]:
+            return {"server_model": None, "server_model_note": text}
+
+        try:
+            resp = httpx.get(self.cfg.base_url.rstrip("/") + "/models",
+                             headers={"Authorization": f"Bearer {self._key}"} if self._key else {},
+                             timeout=min(self.cfg.request_timeout, MODELS_TIMEOUT))
+        except httpx.HTTPError as e:
+            return note(f"GET /models: {type(e).__name__}")
+        if resp.status_code != 200:
+            return note(f"GET /models: HTTP {resp.status_code}")
+        try:
+            listed = [m for m in resp.json()["data"] if isinstance(m, dict)]
+        except (ValueError, KeyError, TypeError):
+            return note("GET /models: not a model list")
+        for entry in listed:
+            if entry.get("id") == self.model:
+                return {"server_model": {k: v for k, v in entry.items() if k not in VOLATILE}}
+        ids = [str(m.get("id")) for m in listed]
+        more = f", ... ({len(ids)} in all)" if len(ids) > 5 else ""
+        return note(f"GET /models does not list {self.model!r} (it lists {', '.join(ids[:5]) or 'none'}{more})")
 
     def close(self) -> None:
         """Cancels whatever is still in flight, closes the client and stops the loop's thread."""
@@ -223,7 +266,7 @@ class OpenAIGenerator:
             c = self.cfg.concurrency
             # limits apply to a proxy from the environment; the direct route has its own transport (see there)
             self._client = httpx.AsyncClient(
-                headers={"Authorization": f"Bearer {self._key}"} if self._key else {}, timeout=self.cfg.timeout,
+                headers={"Authorization": f"Bearer {self._key}"} if self._key else {}, timeout=self.cfg.request_timeout,
                 limits=httpx.Limits(max_connections=c, max_keepalive_connections=c), transport=_slot_transport(c))
         client = self._client
         pending = collections.deque(todo)
@@ -269,12 +312,17 @@ class OpenAIGenerator:
         import httpx
 
 
-        delay = self.cfg.backoff
+        delay, timeout = self.cfg.backoff, self.cfg.request_timeout
+        attempts = self.cfg.max_retries + 1
         last = ""
-        for attempt in range(self.cfg.max_retries + 1):
+        for attempt in range(attempts):
             try:
-                resp = await client.post(self.url, json=self._body(req, sampling))
-            except (httpx.TimeoutException, httpx.TransportError) as e:
+                # the whole request: httpx's timeout bounds each read, so a server that trickles bytes, or
+                # answers the connect and then nothing, would hold a slot for as long as it likes
+                resp = await _within(timeout, client.post(self.url, json=self._body(req, sampling)))
+            except (asyncio.TimeoutError, httpx.TimeoutException):
+                last = TIMED_OUT
+            except httpx.TransportError as e:
                 last = type(e).__name__
             else:
                 if resp.status_code == 200:
@@ -305,13 +353,37 @@ class OpenAIGenerator:
             if attempt < self.cfg.max_retries:
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay *= 2
-        raise ServerError(f"server {redact(self.cfg.base_url)} failed {self.cfg.max_retries + 1} times ({last}); "
+        if last == TIMED_OUT:
+            raise ServerError(f"the server at {redact(self.cfg.base_url)} did not answer within {timeout:g} s "
+                              f"(request_timeout) after {attempts} attempt{'s' if attempts > 1 else ''}; finished "
+                              f"prompts are kept, rerun to resume", option="request_timeout")
+        raise ServerError(f"server {redact(self.cfg.base_url)} failed {attempts} times ({last}); "
                           f"finished prompts are kept, rerun to continue")
+
+
+# how the rows' token counts were made, recorded with the snapshot (a null count is never a guess)
+TOKEN_COUNTS = {
+    "local": "prompt_tokens and completion_tokens from the server's usage; with num_responses > 1, usage is one "
+             "total for a prompt's responses, so each row's completion_tokens is counted with the model folder's "
+             "tokenizer (null if it has none)",
+    "served": "prompt_tokens and completion_tokens from the server's usage; with num_responses > 1, usage is one "
+              "total for a prompt's responses and a served name has no local tokenizer, so each row's "
+              "completion_tokens is null (the stage's token total still counts usage)",
+}
 
 
 def _count(value: Any) -> int | None:
     """A token count from `usage`, or None when the server gave none (never a guess)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+async def _within(seconds: float, awaitable) -> Any:
+    """`awaitable`, or asyncio.TimeoutError after `seconds`. asyncio.timeout where there is one (3.11+): 3.11's
+    wait_for can swallow a cancellation that lands as the request ends, and a worker told to stop would go on."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 _SLOT: contextvars.ContextVar[int] = contextvars.ContextVar("iterdpo_openai_slot", default=0)

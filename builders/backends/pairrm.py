@@ -109,6 +109,9 @@ class PairRM:
         return {"ranker": "pairrm", "source_maxlength": self.source_max, "candidate_maxlength": self.candidate_max,
                 "truncation": "per prompt", "dtype": self.dtype, "score": "sum_j (C[i,j] - C[j,i]) / N"}
 
+    def close(self) -> None:
+        pass  # the weights go with the object; nothing else to release
+
     def encode(self, prompt: str, candidates: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the source and of each candidate, truncated as llm-blender does for a batch of one."""
         tok = self.tokenizer

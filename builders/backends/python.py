@@ -28,6 +28,9 @@ class PythonScorer:
     def describe(self) -> dict[str, Any]:
         return {"ranker": "python", "function": self.spec}
 
+    def close(self) -> None:
+        pass  # a function holds nothing to give back
+
     def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         flat_p = [p for p, cands in zip(prompts, candidates) for _ in cands]
         flat_r = [c for cands in candidates for c in cands]

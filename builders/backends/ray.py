@@ -2,14 +2,14 @@
 
     generate(catalog, 1, GenerateConfig(..., scale_out=ExecutorConfig(executor="ray", replicas=8)))
 
-The stage resolves the units its work area still lacks, as for a local run; `RayGenerator` / `RayRanker` stand in
-for the local backend: `replicas` actors each build that same backend from the same config (make_generator /
-make_ranker with the local executor), and the driver feeds them chunks of the todo list (`batch_prompts` units each,
-two queued per actor so an actor never waits for the driver's commit) and yields each chunk's `Finished` as it
-completes (ray.wait), so `run_resumable` commits it through the one work path. Workers never touch the catalog.
+The stage resolves the units its work area still lacks, as for a local run, and builders/executor.py:producer
+gives it a `Replicated` backend in place of the local one: `replicas` actors each build that same local backend
+(the stage's `build`), and the driver feeds them chunks of the work items (`chunk` items each, two queued per actor
+so an actor never waits for the driver's commit) and yields each chunk's `Finished` as it completes (ray.wait), so
+`run_stage` commits it through the one work path. Workers never touch the catalog.
 
-An actor runs the local producer (`generate._produce`, `rank._produce`) on its chunk, so the rows are the local
-run's: seeds come from (seed, prompt_id), never from where or with what a prompt ran.
+An actor runs the stage's local `run` (`generate._produce`, `rank._produce`) on its chunk, so the rows are the
+local run's: seeds come from (seed, prompt_id), never from where or with what a prompt ran.
 
 Failures: a lost actor (its process crashed, its node went away, `ray.kill`) has its chunks resubmitted to the
 live actors at once, up to `ATTEMPTS` times per chunk, and a new actor replaces it, taking chunks once its backend
@@ -33,14 +33,13 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from builders.config import BATCH_PROMPTS, EXECUTORS, ExecutorConfig, GenerateConfig, RankConfig
+from builders.config import EXECUTORS, ExecutorConfig, GenerateConfig, RankConfig
 from builders.errors import InputError, IterdpoError
 from builders.models import one_line
-from builders.stage import Finished, chunks
+from builders.stage import Finished, Producer, chunks
 
 ATTEMPTS = 3  # a chunk whose actor is gone for good goes to a new actor at most this often, then the run fails
 DEPTH = 2  # chunks queued per actor: it starts the next while the driver commits the last
@@ -68,6 +67,80 @@ def validate_executor(ex: ExecutorConfig) -> None:
         raise InputError(f"the ray executor needs Ray, which is not installed: {INSTALL}")
 
 
+def _address(ex: ExecutorConfig) -> str:
+    """Where a session goes: the option, else RAY_ADDRESS, else a new local instance ("local")."""
+    return ex.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def _runs_here(ex: ExecutorConfig) -> bool:
+    """Whether the replicas will run on a Ray instance the stage starts on this machine (not a cluster the process
+    is already connected to, nor one at an address)."""
+    import ray
+
+    return not ray.is_initialized() and _address(ex) == "local"
+
+
+def preflight(ex: ExecutorConfig, resources: Callable[[float], dict[str, float]]) -> None:
+    """The executor checks that need Ray's view, made before any input is read and without starting Ray (a
+    socket connect or a CPU count, under a second): an address that does not answer; replicas that the instance a
+    run starts on this machine cannot hold. A cluster (an address, or the process's own connection) is checked by
+    the pool once connected: a cluster can grow, so there a shortfall is a warning."""
+    if ex.executor != "ray":
+        return
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = _address(ex)
+    if address != "local":
+        _reachable(address)
+        return
+    try:
+        from ray._private.utils import get_num_cpus  # what a local ray.init gives itself (cgroup limits included)
+
+        cpus = float(get_num_cpus())
+    except Exception:  # noqa: BLE001 - a private helper: fall back to the plain count
+        cpus = float(os.cpu_count() or 1)
+    gpus = cluster_gpus(ex)
+    _check_capacity(ex, resources(gpus), {"CPU": cpus, "GPU": gpus}, local=True)
+
+
+def check_generate_executor(cfg: GenerateConfig) -> None:
+    preflight(cfg.scale_out, partial(generator_resources, cfg))
+
+
+def check_rank_executor(cfg: RankConfig) -> None:
+    """The ranker's device on the replicas, then `preflight`."""
+    ex = cfg.scale_out
+    if ex.executor != "ray":
+        return
+    if cfg.ranker != "python" and cfg.device is not None:
+        if _runs_here(ex):  # the replicas run on this machine: its devices, in the local path's words
+            from builders.backends.base import check_device
+
+            check_device(cfg.device)
+        if ":" in cfg.device:  # Ray shows each actor only the GPU it was given, as cuda:0
+            raise InputError(f"device {cfg.device}: on the ray executor every replica is given a GPU of its own; "
+                             f"use cuda (or cpu)", option="device")
+    preflight(ex, partial(ranker_resources, cfg))
+
+
+def _check_capacity(ex: ExecutorConfig, options: dict[str, float], total: dict[str, float], local: bool) -> None:
+    """Replicas that need more CPUs or GPUs than Ray has: an error on an instance of this machine (it never grows),
+    a warning on a cluster (nodes may join; the replicas wait for them)."""
+    need = {k: v * ex.replicas for k, v in (("CPU", options["num_cpus"]), ("GPU", options["num_gpus"])) if v}
+    short = {k: v for k, v in need.items() if v > total.get(k, 0)}
+    if not short:
+        return
+    have = ", ".join(f"{total.get(k, 0):g} {k}s" for k in need)
+    wanted = ", ".join(f"{v:g} {k}s" for k, v in need.items())
+    if local:
+        raise InputError(f"replicas {ex.replicas} need {wanted}; this machine's Ray has {have}: use fewer "
+                         f"replicas or join a cluster (ray_address)", option="replicas")
+    print(f"Warning: the Ray cluster has {have} now; {ex.replicas} replicas need {wanted}: they wait for "
+          f"nodes to join", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------------------------------------- session
 _session = {"depth": 0, "owned": False}
 
@@ -82,7 +155,7 @@ def session(ex: ExecutorConfig) -> Iterator[None]:
     if _session["depth"] == 0:
         _session["owned"] = not ray.is_initialized()
         if _session["owned"]:
-            address = ex.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+            address = _address(ex)
             kw: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
             if address == "local":
                 kw["include_dashboard"] = False
@@ -121,7 +194,7 @@ def cluster_gpus(ex: ExecutorConfig) -> float:
 
     if ray.is_initialized():
         return ray.cluster_resources().get("GPU", 0)
-    if (ex.ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+    if _address(ex) == "local":
         import torch
 
         return torch.cuda.device_count()
@@ -174,7 +247,7 @@ class RayPool:
             self.init_seconds = time.perf_counter() - start
             total = ray.cluster_resources()
             self.options = resources(total.get("GPU", 0))
-            self._check_capacity(total)
+            _check_capacity(ex, self.options, total, local=_session["owned"] and _address(ex) == "local")
             self._cls = ray.remote(_Replica)
             self._run_id = uuid.uuid4().hex[:8]
             self._names = itertools.count()
@@ -190,20 +263,6 @@ class RayPool:
         except BaseException:
             self.close()
             raise
-
-    def _check_capacity(self, total: dict[str, float]) -> None:
-        need = {k: v * self.ex.replicas for k, v in (("CPU", self.options["num_cpus"]),
-                                                        ("GPU", self.options["num_gpus"])) if v}
-        short = {k: v for k, v in need.items() if v > total.get(k, 0)}
-        if not short:
-            return
-        have = ", ".join(f"{total.get(k, 0):g} {k}s" for k in need)
-        wanted = ", ".join(f"{v:g} {k}s" for k, v in need.items())
-        if _session["owned"] and self.ex.ray_address is None and not os.environ.get("RAY_ADDRESS"):
-            raise InputError(f"replicas {self.ex.replicas} need {wanted}; this machine's Ray has {have}: use fewer "
-                             f"replicas or join a cluster (ray_address)", option="replicas")
-        print(f"Warning: the Ray cluster has {have} now; {self.ex.replicas} replicas need {wanted}: they wait for "
-              f"nodes to join", file=sys.stderr, flush=True)
 
     def _spawn(self, slot: int):
         name = f"iterdpo-{self.what}-{self._run_id}-{slot}.{next(self._names)}"
@@ -325,61 +384,52 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-# ---------------------------------------------------------------------------------------------------- generation
-def _generate_chunk(produce: Callable, generator: Any, payload: tuple[GenerateConfig, list[tuple[str, str]]]
-                    ) -> tuple[Finished, str]:
-    cfg, chunk = payload
-    return _merge(list(produce(generator, cfg, chunk))), _node()
+# ------------------------------------------------------------------------------------------------------ producer
+def _run_chunk(run: Callable, backend: Any, payload: list[Any]) -> tuple[Finished, str]:
+    return _merge(list(run(backend, payload))), _node()
 
 
-def _generator_resources(cfg: GenerateConfig, gpus: float) -> dict[str, float]:
-    if cfg.backend == "openai" or not gpus:
-        return {"num_cpus": 1, "num_gpus": 0}
-    return {"num_cpus": 1, "num_gpus": cfg.vllm.tensor_parallel_size if cfg.backend == "vllm" else 1}
+class Replicated:
+    """A stage's backend on Ray: `replicas` actors each hold the local backend `build` makes and run the local
+    `run` on chunks of the work items; the driver yields each chunk's `Finished` as it completes."""
 
+    def __init__(self, ex: ExecutorConfig, build: Callable[[], Any], run: Callable, chunk: int,
+                 resources: Callable[[float], dict[str, float]], label: str):
+        self.run, self.chunk = run, chunk
+        self.pool = RayPool(ex, build, resources, label)
 
-class _Replicated:
-    """What a backend on Ray replicas says of itself, and how it gives them back."""
-
-    pool: RayPool
+    def produce(self, items: Sequence[Any]) -> Iterator[Finished]:
+        payloads = [list(c) for c in chunks(list(items), self.chunk)]
+        yield from self.pool.stream(partial(_run_chunk, self.run), payloads, len)
 
     def describe(self) -> dict[str, Any]:
         return self.pool.describe()
-
-    @property
-    def stats(self) -> dict[str, Any]:
-        return self.pool.stats
 
     def close(self) -> None:
         self.pool.close()
 
 
-class RayGenerator(_Replicated):
-    """A generator whose work runs on Ray replicas of the local one (`produce` replaces prepare + generate).
-    The stage passes its own `make_generator` and local `produce`, which the replicas run (by reference)."""
-
-    def __init__(self, cfg: GenerateConfig, make_generator: Callable, local_produce: Callable):
-        self.cfg = replace(cfg, scale_out=ExecutorConfig())  # what each replica runs: the local backend
-        self.local_produce = local_produce
-        self.pool = RayPool(cfg.scale_out, partial(make_generator, self.cfg),
-                            partial(_generator_resources, cfg), "generate")
-
-    def produce(self, todo: Sequence[tuple[str, str]]) -> Iterator[Finished]:
-        size = self.cfg.batch_prompts or BATCH_PROMPTS[self.cfg.backend]
-        payloads = [(self.cfg, list(c)) for c in chunks(list(todo), size)]
-        yield from self.pool.stream(partial(_generate_chunk, self.local_produce), payloads, lambda p: len(p[1]))
+def generator_resources(cfg: GenerateConfig, gpus: float) -> dict[str, float]:
+    """What one generation replica takes on a cluster with `gpus` GPUs."""
+    if cfg.backend == "openai" or not gpus:
+        return {"num_cpus": 1, "num_gpus": 0}
+    return {"num_cpus": 1, "num_gpus": cfg.vllm.tensor_parallel_size if cfg.backend == "vllm" else 1}
 
 
-# ------------------------------------------------------------------------------------------------------- ranking
-def _rank_chunk(produce: Callable, ranker: Any,
-                payload: tuple[list[str], dict[str, str], dict[str, list[tuple[int, str]]], int]) -> tuple[Finished, str]:
-    todo, prompt_text, by, batch_prompts = payload
-    return _merge(list(produce(ranker, todo, prompt_text, by, batch_prompts))), _node()
-
-
-def _ranker_resources(cfg: RankConfig, gpus: float) -> dict[str, float]:
+def ranker_resources(cfg: RankConfig, gpus: float) -> dict[str, float]:
+    """What one ranking replica takes on a cluster with `gpus` GPUs."""
     on_cpu = cfg.ranker == "python" or (cfg.device or "").startswith("cpu")
-    return {"num_cpus": 1, "num_gpus": 0 if on_cpu or not gpus else 1}
+    # --device cuda asks for GPUs even where the cluster has none now (the capacity check says so): a replica
+    # without one would fail inside Ray
+    wants_gpu = not on_cpu and (cfg.device or "").startswith("cuda")
+    return {"num_cpus": 1, "num_gpus": 1 if wants_gpu or (not on_cpu and gpus) else 0}
+
+
+def replicated(ex: ExecutorConfig, build: Callable[[], Any], run: Callable, *, chunk: int,
+               resources: Callable[[float], dict[str, float]], label: str) -> Producer:
+    """The executor's Producer on Ray (builders/executor.py:producer)."""
+    return Producer(partial(Replicated, ex, build, run, chunk, resources, label), Replicated.produce,
+                    lambda backend: backend.pool.stats)
 
 
 def ranker_on_gpu(cfg: RankConfig) -> bool:
@@ -387,30 +437,3 @@ def ranker_on_gpu(cfg: RankConfig) -> bool:
     if cfg.device is not None:
         return not cfg.device.startswith("cpu")
     return cfg.ranker != "python" and cluster_gpus(cfg.scale_out) > 0
-
-
-class RayRanker(_Replicated):
-    """A ranker whose work runs on Ray replicas of the local one (the stage passes its `make_ranker` and local
-    `produce`, which the replicas run)."""
-
-    def __init__(self, cfg: RankConfig, make_ranker: Callable, local_produce: Callable):
-        self.local_produce = local_produce
-        self.cfg = replace(cfg, scale_out=ExecutorConfig())
-        self.pool = RayPool(cfg.scale_out, partial(make_ranker, self.cfg), partial(_ranker_resources, cfg), "rank")
-
-    def produce(self, todo: Sequence[str], prompt_text: dict[str, str], by: dict[str, list[tuple[int, str]]],
-                batch_prompts: int) -> Iterator[Finished]:
-        payloads = [(list(c), {p: prompt_text[p] for p in c}, {p: by[p] for p in c}, batch_prompts)
-                    for c in chunks(list(todo), batch_prompts)]
-        yield from self.pool.stream(partial(_rank_chunk, self.local_produce), payloads, lambda p: len(p[0]))
-
-    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
-        """The Ranker protocol (best-of-n): scores in the prompts' order, computed on the replicas."""
-        keys = [str(i) for i in range(len(prompts))]
-        by = {k: list(enumerate(c)) for k, c in zip(keys, candidates)}
-        got: dict[str, list[float]] = {}
-        for item in self.produce(keys, dict(zip(keys, prompts)), by, self.cfg.batch_prompts):
-            for pid, score in zip(item.rows.column("prompt_id").to_pylist(), item.rows.column("score").to_pylist()):
-                got.setdefault(pid, []).append(score)
-        return [got.get(k, []) for k in keys]
-

@@ -41,6 +41,9 @@ class ScalarRM:
     def describe(self) -> dict[str, Any]:
         return {"ranker": "scalar", "chat_template": bool(self.tokenizer.chat_template)}
 
+    def close(self) -> None:
+        pass  # the weights go with the object; nothing else to release
+
     def _inputs(self, prompts: list[str], responses: list[str]):
         tok = self.tokenizer
         if tok.chat_template:

@@ -9,7 +9,8 @@ import click
 from builders.cli.app import State, cli
 from builders.cli.options import compose, config_from, example, field_option, json_option
 from builders.cli.render import emit
-from builders.config import PublishConfig, PublishModelConfig
+from builders.config import PublishConfig, PublishModelConfig, check_license as config_check_license, validate_publish
+from builders.errors import InputError
 
 
 def repo_options(config: type):
@@ -38,7 +39,7 @@ def publish_cmd(state: State, repo_id: str, iterations: str | None, as_json: boo
     from builders.publish import publish
 
     its = None
-    if iterations:
+    if iterations is not None:  # given: an empty list (",,") is an error of its own, not "every iteration"
         try:
             its = tuple(int(x) for x in iterations.split(",") if x.strip())
         except ValueError:
@@ -46,14 +47,18 @@ def publish_cmd(state: State, repo_id: str, iterations: str | None, as_json: boo
                                      param_hint="--iterations") from None
     check_license(options["license"])
     cfg = config_from(PublishConfig, {**options, "repo_id": repo_id, "iterations": its})
+    validate_publish(cfg)
     result = publish(state.catalog(), cfg)
     _print_publication(result, repo_id, cfg.revision, as_json)
 
 
 def check_license(license_: str) -> None:
-    if not license_.strip() or any(c.isspace() for c in license_):
+    """The library's rule (builders/config.py), as a usage error of the flag."""
+    try:
+        config_check_license(license_)
+    except InputError:
         raise click.BadParameter(f"{license_!r} is not a licence id (e.g. apache-2.0, mit, cc-by-4.0)",
-                                 param_hint="--license")
+                                 param_hint="--license") from None
 
 
 def _print_publication(result, repo_id: str, revision: str, as_json: bool) -> None:
@@ -92,6 +97,7 @@ def publish_model_cmd(state: State, repo_id: str, iteration: int, as_json: bool,
 
     check_license(options["license"])
     cfg = config_from(PublishModelConfig, {**options, "repo_id": repo_id})
+    validate_publish(cfg)
     result = publish_model(state.catalog(), iteration, cfg)
     _print_publication(result, repo_id, cfg.revision, as_json)
 

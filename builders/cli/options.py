@@ -59,12 +59,12 @@ def field_option(cls: type, name: str, *decls: str, choices: tuple[str, ...] | N
     return click.option(*(decls or (flag_name(name),)), name, **kw)
 
 
-def config_from(cls: type, values: dict[str, Any], **nested: Any) -> Any:
-    """Config `cls` from the parsed options that name its fields; an option left unset (None) and the fields no
-    option names keep the config's defaults."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in values.items() if k in names and k not in nested and v is not None}
-    return cls(**kw, **nested)
+def config_from(cls: type, values: dict[str, Any]) -> Any:
+    """Config `cls`, nested configs included, from a command's parsed options (builders.config.build_config: the
+    reflection the pipeline YAML uses too); an option left unset keeps the config's default."""
+    from builders.config import build_config
+
+    return build_config(cls, values, flat=True)
 
 
 def compose(*decorators):
@@ -94,9 +94,8 @@ def backend_options():
         field_option(GenerateConfig, "batch_prompts"),
         *(field_option(VllmConfig, n) for n in ("tensor_parallel_size", "dtype", "max_model_len",
                                                 "gpu_memory_utilization", "enforce_eager", "max_num_seqs")),
-        field_option(OpenAIConfig, "base_url", default=None, show_default=False,
-                     help=f"openai: the server's /v1 URL (env OPENAI_BASE_URL; default {OpenAIConfig.base_url})."),
-        *(field_option(OpenAIConfig, n) for n in ("api_key_env", "concurrency", "max_retries")),
+        field_option(OpenAIConfig, "base_url"),
+        *(field_option(OpenAIConfig, n) for n in ("api_key_env", "concurrency", "max_retries", "request_timeout")),
     )
 
 
@@ -114,23 +113,3 @@ def ranker_options(with_batches: bool = True):
     names = ("device", "dtype", "batch_prompts", "batch_tokens") if with_batches else ()
     return compose(field_option(RankConfig, "ranker", choices=RANKERS), field_option(RankConfig, "ranker_model"),
                    *(field_option(RankConfig, n) for n in names))
-
-
-def generate_config(values: dict[str, Any], **fixed: Any):
-    """GenerateConfig from a command's parsed options (sampling, backend and engine options)."""
-    import os
-
-    from builders.config import ExecutorConfig, GenerateConfig, OpenAIConfig, SamplingConfig, VllmConfig
-
-    base_url = values.get("base_url") or os.environ.get("OPENAI_BASE_URL") or OpenAIConfig.base_url
-    return config_from(GenerateConfig, {**values, **fixed}, sampling=config_from(SamplingConfig, values),
-                       vllm=config_from(VllmConfig, values),
-                       openai=config_from(OpenAIConfig, {**values, "base_url": base_url}),
-                       scale_out=config_from(ExecutorConfig, values))
-
-
-def rank_config(values: dict[str, Any], **fixed: Any):
-    """RankConfig from a command's parsed options (ranker and executor options)."""
-    from builders.config import ExecutorConfig, RankConfig
-
-    return config_from(RankConfig, {**values, **fixed}, scale_out=config_from(ExecutorConfig, values))

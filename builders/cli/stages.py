@@ -9,8 +9,8 @@ import click
 
 from builders.cli.app import State, debug_flag, cli, stage_output
 from builders.cli.options import (
-    backend_options, config_from, example, executor_options, field_option, generate_config, json_option,
-    rank_config, ranker_options, sampling_options,
+    backend_options, config_from, example, executor_options, field_option, json_option, ranker_options,
+    sampling_options,
 )
 from builders.cli.render import emit, print_executor, print_snapshots
 from builders.config import SELECTIONS, SPLITS, BuildConfig, GenerateConfig, QuickstartConfig, RankConfig, TrainConfig
@@ -40,16 +40,28 @@ def generate_cmd(state: State, iteration: int, split: str | None, from_refs: tup
     """
     from builders.generate import generate
 
-    cfg = generate_config(options, splits=(split,) if split else SPLITS)
+    def split_line(s) -> str:
+        return (f"{s.split}: {s.prompts} prompts ({s.processed} generated now, {s.skipped} skipped as too long) -> "
+                f"snapshot {s.snapshot.id[:12]} ({s.snapshot.rows} responses)")
+
+    def done(result) -> str:
+        rate = result.tokens / result.seconds if result.seconds else 0.0
+        return f"done in {result.seconds:.1f}s, {result.tokens:,} completion tokens ({rate:,.0f} tok/s)"
+
+    cfg = config_from(GenerateConfig, {**options, "splits": (split,) if split else SPLITS})
+    _stage_command(state, generate, iteration, cfg, from_refs, as_json, split_line, done)
+
+
+def _stage_command(state: State, stage, iteration: int, cfg, from_refs: tuple[str, ...], as_json: bool,
+                   split_line, done) -> None:
+    """A resumable stage's command: run it with the stage's output policy, print each split's line and a summary."""
     with stage_output(state.debug):
-        result = generate(state.catalog(), iteration, cfg, from_refs)
+        result = stage(state.catalog(), iteration, cfg, from_refs)
 
     def human() -> None:
         for s in result.splits:
-            click.echo(f"{s.split}: {s.prompts} prompts ({s.processed} generated now, {s.skipped} skipped as too "
-                       f"long) -> snapshot {s.snapshot.id[:12]} ({s.snapshot.rows} responses)")
-        rate = result.tokens / result.seconds if result.seconds else 0.0
-        click.echo(f"done in {result.seconds:.1f}s, {result.tokens:,} completion tokens ({rate:,.0f} tok/s)")
+            click.echo(split_line(s))
+        click.echo(done(result))
         print_executor(result.executor)
 
     emit(result.to_json(), as_json, human)
@@ -75,18 +87,13 @@ def rank_cmd(state: State, iteration: int, split: str | None, from_refs: tuple[s
     """
     from builders.rank import rank
 
-    cfg = rank_config(options, splits=(split,) if split else SPLITS)
-    with stage_output(state.debug):
-        result = rank(state.catalog(), iteration, cfg, from_refs)
+    def split_line(s) -> str:
+        return (f"{s.split}: {s.prompts} prompts ({s.processed} scored now) -> snapshot {s.snapshot.id[:12]} "
+                f"({s.snapshot.rows} scores)")
 
-    def human() -> None:
-        for s in result.splits:
-            click.echo(f"{s.split}: {s.prompts} prompts ({s.processed} scored now) -> snapshot {s.snapshot.id[:12]} "
-                       f"({s.snapshot.rows} scores)")
-        click.echo(f"done in {result.seconds:.1f}s")
-        print_executor(result.executor)
-
-    emit(result.to_json(), as_json, human)
+    cfg = config_from(RankConfig, {**options, "splits": (split,) if split else SPLITS})
+    _stage_command(state, rank, iteration, cfg, from_refs, as_json, split_line,
+                   lambda result: f"done in {result.seconds:.1f}s")
 
 
 # ------------------------------------------------------------------------------------------------------------ build
@@ -168,14 +175,15 @@ def run_cmd(state: State, pipeline: str, as_json: bool) -> None:
     The whole config is checked first (backends, sampling, rankers, selection, recipes, prompt source, models):
     a bad value fails before anything is registered. Resumable: every finished step is skipped, so after a crash
     rerun the same command; an iteration is trained again only when its pairs, base model or recipe changed. The
-    config's `catalog` key, if set, wins over --catalog. pipelines/snorkel.yaml reproduces
-    Snorkel-Mistral-PairRM-DPO.
+    catalog: the global --catalog if given, else the config's `catalog` key, else ITERDPO_CATALOG or the default.
+    pipelines/snorkel.yaml reproduces Snorkel-Mistral-PairRM-DPO.
     """
     from builders.catalog import Catalog
     from builders.pipeline import load_pipeline, run_pipeline
 
     cfg = load_pipeline(pipeline)
-    catalog = Catalog(cfg.catalog) if cfg.catalog else state.catalog()
+    # the flag typed for this command beats the file's key, which beats the environment's standing default
+    catalog = Catalog(cfg.catalog) if cfg.catalog and state.catalog_path is None else state.catalog()
     with stage_output(state.debug):
         result = run_pipeline(catalog, cfg, where=pipeline)
 

@@ -9,11 +9,11 @@ import click
 
 from builders.cli.app import debug_flag, cli, stage_output
 from builders.cli.options import (
-    backend_options, example, executor_options, field_option, generate_config, json_option,
-    rank_config, ranker_options, sampling_options,
+    backend_options, config_from, example, executor_options, field_option, json_option, ranker_options,
+    sampling_options,
 )
 from builders.cli.render import emit
-from builders.config import BEST_OF_N, BestOfNConfig, GgufImportConfig, RankConfig, TinyConfig
+from builders.config import BEST_OF_N, BestOfNConfig, GenerateConfig, GgufImportConfig, RankConfig, TinyConfig
 
 
 # ------------------------------------------------------------------------------------------------------ tiny models
@@ -95,8 +95,8 @@ def best_of_n_cmd(model: str, prompts_file: str, output: str, column: str | None
     """
     from builders.evaluate import best_of_n
 
-    cfg = BestOfNConfig(Path(prompts_file), Path(output), generate_config(options, model=model),
-                        rank_config(options), column, generator_name)
+    cfg = BestOfNConfig(Path(prompts_file), Path(output), config_from(GenerateConfig, {**options, "model": model}),
+                        config_from(RankConfig, options), column, generator_name)
     with stage_output(debug_flag()):
         result = best_of_n(cfg)
     emit(result, as_json, lambda: click.echo(
