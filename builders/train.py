@@ -388,12 +388,19 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
             snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=iteration, parents=parents,
                                     params={"recipe_path": str(recipe_path), "dataset": cfg.dataset or "catalog",
                                             "world_size": trainer.args.world_size, "base_model": row["base_model"],
-                                            "metrics": metrics})
+                                            "metrics": metrics, **_cpu_threads()})
     finally:
         if main:
             shutil.rmtree(scratch, ignore_errors=True)  # left only by a failure: the model was moved
     _end_distributed()
     return TrainResult(out, metrics, snap, warnings)
+
+
+def _cpu_threads() -> dict[str, int]:
+    """torch's thread count of a training on a CPU (recorded for the card's rebuild commands: `--threads`)."""
+    import torch
+
+    return {} if torch.cuda.is_available() else {"cpu_threads": torch.get_num_threads()}
 
 
 def _count_warnings(counts: dict[str, int], args) -> list[str]:
