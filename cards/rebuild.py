@@ -125,8 +125,17 @@ def _generate_options(params: dict[str, Any], sampling: dict[str, Any]) -> str:
                       ("--max-tokens", "max_tokens"), ("--seed", "seed")):
         if sampling.get(key) is not None:
             opts.append(f"{flag} {sampling[key]}")
-    if backend == "vllm" and params.get("context_length"):
-        opts.append(f"--max-model-len {params['context_length']}")  # decides which prompts are too long
+    if backend == "vllm":
+        engine = params.get("vllm") or {}
+        # the context decides which prompts are too long; eager and compiled runs sample differently on a CPU
+        if engine.get("max_model_len") or params.get("context_length"):
+            opts.append(f"--max-model-len {engine.get('max_model_len') or params['context_length']}")
+        if engine.get("enforce_eager"):
+            opts.append("--enforce-eager")
+        for flag, key, default in (("--dtype", "dtype", "auto"), ("--tensor-parallel-size", "tensor_parallel_size", 1),
+                                   ("--max-num-seqs", "max_num_seqs", None)):
+            if engine.get(key, default) != default:
+                opts.append(f"{flag} {engine[key]}")
     if backend == "openai" and params.get("base_url"):
         opts.append(f"--base-url {_arg(params['base_url'])}")
     return " ".join(opts)
@@ -261,10 +270,13 @@ def script(origins: dict[tuple[int, str], Origin], repo_id: str, set_id: str) ->
             params = o.generations.params if o.generations is not None else o.pairs.params.get("generator", {})
             model = model_arg(s, o.generator, "BASE_MODEL" if n == iterations[0] else f"MODEL_ITERATION_{n}",
                               trained_dirs)
-            gen_cmds.setdefault(f"--model {_arg(model)} {_generate_options(params, o.sampling)}", []).append(o.split)
-        for opts, splits_ in gen_cmds.items():
+            # a CPU run's thread count changes the sampled tokens (vLLM): the same count replays it
+            threads = f"OMP_NUM_THREADS={params['cpu_threads']} " if params.get("cpu_threads") else ""
+            gen_cmds.setdefault((threads, f"--model {_arg(model)} {_generate_options(params, o.sampling)}"),
+                                []).append(o.split)
+        for (threads, opts), splits_ in gen_cmds.items():
             split_opt = only if len(gen_cmds) == 1 else f" --split {splits_[0]}"
-            s.lines.append(f"iterdpo generate --iteration {n}{split_opt} {opts}")
+            s.lines.append(f"{threads}iterdpo generate --iteration {n}{split_opt} {opts}")
         rank_cmds: dict[str, list[str]] = {}
         for o in mine:
             params = o.scores.params if o.scores is not None else o.pairs.params.get("ranker", {})
@@ -309,6 +321,7 @@ def _train(s: Script, n: int, mine: list[Origin], following: list[Origin], train
     if env:
         s.lines.append(f"# the recipe also set {', '.join(env)} (values redacted, left out): add them yourself")
     out = s.folder(model.name)
+    threads = f" --threads {snap.params['cpu_threads']}" if snap.params.get("cpu_threads") else ""
     s.lines.append(f"iterdpo train --iteration {n} --recipe {recipes[text]} --model {_arg(base_arg)} "
-                   f"--output-dir {out}   # the model of iteration {n + 1}")
+                   f"--output-dir {out}{threads}   # the model of iteration {n + 1}")
     trained_dirs[snap.id] = out

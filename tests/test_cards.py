@@ -76,7 +76,7 @@ def test_the_cards_rebuild_script_registers_the_published_snapshots_again_on_a_f
     script = rebuild_block(card)
     assert re.findall(r'\$\{(\w+):\?', script) == ["BASE_MODEL"]  # the one local input; the DPO model is rebuilt
     for option in ("--ranker python", "--temperature 0.9", "--top-p 0.95", "--keep-ties", "--length-penalty 0.001",
-                   "--output-dir models/dpo_1", "--model models/dpo_1"):
+                   "--output-dir models/dpo_1 --threads 1", "--model models/dpo_1", "OMP_NUM_THREADS=1 iterdpo generate"):
         assert option in script, option
     assert "learning_rate: 0.0001" in script and "max_steps: 5" in script  # the recipe as trained, inlined
     fresh = tmp_path / "fresh"
@@ -110,7 +110,8 @@ def _hand_built(path: Path, generator: Path, template: str | None) -> Catalog:
     pool = catalog.register("prompts", table, params={"source": "openbmb/UltraFeedback", "column": "instruction"})
     split = catalog.register("prompts", table, iteration=1, split="train", parents=[pool.id],
                              params={"seed": 42, "iterations": 3, "train_size": 6, "test_size": 0})
-    params = {**model_identity(str(generator)), "backend": "vllm", "context_length": 2048,
+    params = {**model_identity(str(generator)), "backend": "vllm", "context_length": 2048, "cpu_threads": 1,
+              "vllm": {"enforce_eager": True, "max_model_len": 2048, "dtype": "auto", "tensor_parallel_size": 1},
               "sampling": {"num_responses": 3, "temperature": 0.7, "top_p": 1.0, "max_tokens": 64, "seed": 42}}
     if template is not None:
         params.update(chat_template=template, chat_template_sha256="ab" * 32)
@@ -145,7 +146,10 @@ def test_the_card_names_the_generators_chat_template_and_rebuilds_a_gguf_import(
     script = rebuild_block(card)
     assert "SMOLLM2_GGUF=\"$(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())')\"" in script
     assert 'iterdpo models import-gguf "$SMOLLM2_GGUF" models/smollm2' in script
-    assert "--model models/smollm2 --backend vllm" in script and "--max-model-len 2048" in script
+    # what the engine ran with beyond the work key: on a CPU, thread count and eager mode change the samples
+    assert ("OMP_NUM_THREADS=1 iterdpo generate --iteration 1 --split train --model models/smollm2 --backend vllm "
+            "--num-responses 3 --temperature 0.7 --top-p 1.0 --max-tokens 64 --seed 42 --max-model-len 2048 "
+            "--enforce-eager\n") in script
     assert "iterdpo prompts import openbmb/UltraFeedback --column instruction" in script
     assert "--ranker python --ranker-model builders.rewards:complete_concise_answer" in script
     assert ":?" not in script  # nothing for the reader to fill in
