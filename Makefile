@@ -16,7 +16,7 @@ QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ TEST_WORKERS ?= 2
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# the inner loop: everything but the tests marked slow (vLLM engines, hub ids, kill -9, accelerate)
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/catalog.py

@@ -118,7 +118,7 @@ def measure(catalog: Catalog, rows: Rows, iteration: int, spare: list[str], repe
     replay_ms = timed(gen_key, "generations", gens)
 
     def empty_transaction() -> None:
-        with catalog.transaction():
+        with catalog.atomic():
             pass
 
     def bare_open() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.errors import InputError
+from builders.schemas import SPLITS  # the catalog's split names, declared with the row schemas
 
 
 def opt(default: Any = MISSING, help: str = "", *, factory: Any = None) -> Any:
@@ -57,12 +58,6 @@ class CatalogConfig:
 # Column names tried, in order, when `prompts import` is not told which column holds the prompt.
 # openbmb/UltraFeedback calls it `instruction`; HuggingFaceH4/ultrafeedback_binarized calls it `prompt`.
 PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "question", "query", "input", "text")
-
-
-@dataclass(frozen=True)
-class ImportConfig:
-    source: str = ""
-    column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +161,14 @@ class ExecutorConfig:
 # Prompts per backend call: large for vLLM (throughput), small for the CPU fallback (progress); the openai backend
 # keeps `concurrency` requests in flight instead.
 BATCH_PROMPTS = {"vllm": 512, "transformers": 8, "openai": 64}
-SPLITS = ("train", "test")
+
+
+def check_splits(splits: tuple[str, ...]) -> None:
+    for split in splits:
+        if split not in SPLITS:
+            raise InputError(f"split must be train or test, not {split!r}", option="splits")
+
+
 # Seconds between commits of finished work to the catalog: a kill -9 loses at most this much work, and a fast
 # scorer pays one DuckDB transaction per few seconds rather than per batch (bench/scale.py).
 COMMIT_SECONDS = 5.0
@@ -328,7 +330,8 @@ class TrainConfig:
     model: str | None = opt(None, "Base model folder or hub id (default: the recipe's model_name_or_path).")
     dataset: str | None = opt(None, "A staged dataset folder or hub id (default: the catalog's pairs).")
     output_dir: Path | None = opt(None, "Where the model is saved (default: the recipe's output_dir).")
-    overwrite: bool = opt(False, "Replace a non-empty output folder that iterdpo did not write.")
+    overwrite: bool = opt(False, "Train again into a non-empty output folder: a user's, or another training's "
+                                 "model (the same training run again registers the model it left there without it).")
     progress: bool = True  # a progress bar and the pair counts on stderr
     trainer_logs: bool = False  # the Trainer's own progress bar and metric dicts instead (`--debug`)
     # On 2 cores a 135M model's DPO step is 1.75x faster with 2 threads than 1; tiny models are faster with 1

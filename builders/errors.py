@@ -1,6 +1,12 @@
 """The project's exception family. Every message is one line a user can act on."""
 
 
+def one_line(e: BaseException | str, limit: int = 300) -> str:
+    """The first line of an exception's (or a message's) text, for a one-line error; its type when it has none."""
+    text = (e if isinstance(e, str) else str(e)).strip() or ("" if isinstance(e, str) else type(e).__name__)
+    return text.splitlines()[0][:limit] if text else text
+
+
 class IterdpoError(Exception):
     """Base class: the CLI prints ``Error: <message>`` on one line and exits 1.
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.config import BestOfNConfig, LengthControlConfig, RankConfig
-from builders.errors import InputError
+from builders.errors import InputError, one_line
 
 
 def candidates_path(output: Path) -> Path:
@@ -113,7 +113,9 @@ def _read_rows(cfg: BestOfNConfig) -> tuple[list[str | None], list[str | None]]:
     return cols.prompts, [d if d is not None else s for d, s in zip(datasets, sources)]
 
 
-def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
+def best_of_n(cfg: BestOfNConfig, progress: bool = True) -> dict[str, Any]:
+    """`progress`: a bar on stderr for the generation and one for the ranking (prompts, prompts/s, tokens/s), as
+    generate and rank show."""
     _check_options(cfg)
     with contextlib.ExitStack() as stack:
         ray = [c.scale_out for c in (cfg.generation, cfg.ranker) if c.scale_out.executor == "ray"]
@@ -121,7 +123,7 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
             from builders.backends.ray import session
 
             stack.enter_context(session(ray[0]))
-        return _best_of_n(cfg)
+        return _best_of_n(cfg, progress)
 
 
 def _answered(finished) -> dict[str, list[str]]:
@@ -133,12 +135,13 @@ def _answered(finished) -> dict[str, list[str]]:
     return out
 
 
-def _best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
+def _best_of_n(cfg: BestOfNConfig, progress: bool) -> dict[str, Any]:
     from builders.config import ExecutorConfig
     from builders.generate import producer
     from builders.models import model_identity
     from builders.prompts import prompt_id
     from builders.rank import check_finite, make_ranker, score_all
+    from builders.stage import counted, progress_bar
 
     gen = cfg.generation
     instructions, datasets = _read_rows(cfg)
@@ -160,11 +163,13 @@ def _best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     generation = producer(gen)  # the generate stage's producer: same seeds, chat template, batching, executor
     generator = generation.build()
     try:
-        answered = _answered(generation.run(generator, [(prompt_id(p), p) for p in prompts]))
+        with progress_bar(len(prompts), f"best-of-{gen.sampling.num_responses} generate", progress) as bar:
+            answered = _answered(counted(generation.run(generator, [(prompt_id(p), p) for p in prompts]), bar))
     finally:
         generator.close()
     ranked = [(p, answered[prompt_id(p)]) for p in prompts if answered.get(prompt_id(p))]
-    scores = score_all(cfg.ranker, [p for p, _ in ranked], [c for _, c in ranked], ranker) if ranked else []
+    scores = score_all(cfg.ranker, [p for p, _ in ranked], [c for _, c in ranked], ranker, progress,
+                       "best-of-n rank") if ranked else []
     by_prompt: dict[str, tuple[list[str], list[float], int]] = {}
     for (p, cands), values in zip(ranked, scores):
         check_finite(prompt_id(p), values)
@@ -200,7 +205,7 @@ def _load_outputs(path: Path) -> list[dict[str, Any]]:
     except OSError as e:
         raise InputError(f"{path}: {e.strerror}") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not valid JSON ({one_line(str(e))})") from None
     if not isinstance(data, list):
         raise InputError(f"{path}: expected AlpacaEval's format, a JSON list of {{instruction, output, generator}}")
     for i, row in enumerate(data):

@@ -31,12 +31,14 @@ from builders.backends.base import Generator, Request, Sample
 from builders.backends.ray import generator_resources
 from builders.catalog import Catalog, Snapshot
 from builders import executor
-from builders.config import BACKENDS, BATCH_PROMPTS, ExecutorConfig, GenerateConfig, SamplingConfig, check_commit_seconds
-from builders.errors import InputError, IterdpoError
-from builders.models import model_identity, one_line as _one_line, served_identity
+from builders.config import (
+    BACKENDS, BATCH_PROMPTS, ExecutorConfig, GenerateConfig, SamplingConfig, check_commit_seconds, check_splits,
+)
+from builders.errors import InputError, IterdpoError, one_line
+from builders.models import model_identity, served_identity
 from builders.schemas import KINDS
 from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, resolve_inputs, run_stage, \
-    work_key as _hash_key
+    hash_key
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -91,9 +93,7 @@ def validate_generate(cfg: GenerateConfig) -> None:
     validate_sampling(cfg.sampling)
     if cfg.backend not in BACKENDS:
         raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
-    for split in cfg.splits:
-        if split not in ("train", "test"):
-            raise InputError(f"split must be train or test, not {split!r}")
+    check_splits(cfg.splits)
     parse_shard(cfg.shard)
     if cfg.batch_prompts is not None and (not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1):
         raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
@@ -149,7 +149,7 @@ def producer(cfg: GenerateConfig) -> Producer:
 def work_key(prompts: Snapshot, identity: dict[str, Any], backend: str, template_sha: str | None,
              sampling: SamplingConfig) -> str:
     """Everything that determines the responses (not the shard, batch size or machine)."""
-    return _hash_key({"stage": "generate", "prompts": prompts.id, "model": identity, "backend": backend,
+    return hash_key({"stage": "generate", "prompts": prompts.id, "model": identity, "backend": backend,
                       "chat_template_sha256": template_sha, "sampling": asdict(sampling)})
 
 
@@ -167,7 +167,7 @@ def _template_sha(cfg: GenerateConfig) -> str | None:
     try:
         template = AutoTokenizer.from_pretrained(cfg.model).chat_template
     except Exception as e:
-        raise InputError(f"model {cfg.model!r}: cannot load its tokenizer ({_one_line(e)})") from None
+        raise InputError(f"model {cfg.model!r}: cannot load its tokenizer ({one_line(e)})") from None
     if not template:
         raise InputError(f"model {cfg.model!r}: its tokenizer has no chat template; give a chat_template file",
                          option="chat_template")
@@ -212,12 +212,11 @@ def generate(catalog: Catalog, iteration: int, cfg: GenerateConfig, from_refs: S
                 return {
                     **identity, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
                     "seed_rule": "sha256(f'{seed}:{prompt_id}')[:8] mod floor(2^62/n), times n; responses use S..S+n-1",
-                    "skipped_too_long": skipped, "work_key": key, "prompts": prompts_id,
-                    **({"shard": cfg.shard} if shard else {}), **_engine(cfg), **described,
+                    "skipped_too_long": skipped, "work_key": key, "prompts": prompts_id, **_engine(cfg), **described,
                 }
 
             yield SplitWork(split, key, items, [prompts_snap.id, *producer_of], params,
-                            work_params={"prompts": prompts_snap.id})
+                            work_params={"prompts": prompts_snap.id}, shard=cfg.shard if shard else None)
 
     spec = StageSpec("generate", "generations", iteration, "generator", producer(cfg), cfg.commit_seconds)
     return run_stage(catalog, spec, splits(), progress=progress, backend=generator)

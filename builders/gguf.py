@@ -26,8 +26,7 @@ from typing import Any
 
 from builders.config import GgufImportConfig
 from builders import scratch as scratch_dirs
-from builders.errors import InputError, IterdpoError
-from builders.models import one_line
+from builders.errors import InputError, IterdpoError, one_line
 
 SOURCE_FILE = "gguf_source.json"  # written into the imported folder: where it came from
 

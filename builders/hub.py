@@ -6,8 +6,11 @@ replaced or removed, and a non-empty folder without the marker is the user's and
 
 Upload: ONE commit with every staged file (stale files of earlier publications deleted in it), then a tag. The
 publication is recorded as soon as the commit lands, so a failed tag is added by the next run without a second
-commit, and publishing the same snapshots to the same repo revision again sends nothing. The token comes from
-HF_TOKEN or `hf auth login`, as huggingface_hub finds it, and is never logged, written or put in a message.
+commit, and publishing the same snapshots to the same repo revision again sends nothing. A commit whose answer was
+lost (a 5xx or a dropped connection after the Hub applied it, or the process killed while it was in flight) is
+found in the revision's history by the snapshot set id its message carries, before any commit is sent again. The
+token comes from HF_TOKEN or `hf auth login`, as huggingface_hub finds it, is checked with the Hub before anything
+is staged (`check_token`), and is never logged, written or put in a message.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Callable
 
 from builders.catalog import Catalog
 from builders import scratch as scratch_dirs
-from builders.errors import InputError, IterdpoError
+from builders.errors import InputError, IterdpoError, one_line
 
 MARKER = ".iterdpo-staged.json"  # in a staged folder: the files iterdpo wrote there (the only ones it may replace)
 
@@ -43,7 +46,7 @@ def validate_repo_id(repo_id: str) -> None:
     try:
         hub_validate(repo_id)
     except HFValidationError as e:
-        raise InputError(f"invalid repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"invalid repo id {repo_id!r}: {one_line(str(e))}") from None
     if "/" not in repo_id:
         raise InputError(f"invalid repo id {repo_id!r}: use namespace/name (your user or organisation)")
 
@@ -159,9 +162,18 @@ class Uploaded:
     tag: str | None = None
 
 
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The network failures of huggingface_hub's HTTP client (a refused or dropped connection, a timeout, a reply
+    cut off): httpx2's since huggingface_hub 1.x moved to it, httpx's for older releases."""
+    found: list[type[Exception]] = []
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            found.append(__import__(module).TransportError)
+    return tuple(found)
+
+
 def hub_error(e: Exception) -> tuple[bool, str]:
     """(retryable, one-line message without secrets) for an exception from huggingface_hub or the network."""
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if isinstance(e, OfflineModeIsEnabled):
@@ -171,13 +183,16 @@ def hub_error(e: Exception) -> tuple[bool, str]:
         if status in (401, 403):
             return False, (f"the Hub refused the request (HTTP {status}): check your token "
                            f"(`hf auth login` or HF_TOKEN) and its write access")
-        return (status is None or status >= 500 or status == 429), f"HTTP {status}: {str(e).splitlines()[0][:200]}"
-    if isinstance(e, (httpx.TransportError, ConnectionError, TimeoutError, OSError)):
-        return True, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'network error'}"
-    return False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return (status is None or status >= 500 or status == 429), f"HTTP {status}: {one_line(str(e), 200)}"
+    if isinstance(e, (*_transport_errors(), ConnectionError, TimeoutError, OSError)):
+        return True, f"{type(e).__name__}: {one_line(str(e), 200) or 'network error'}"
+    return False, f"{type(e).__name__}: {one_line(str(e), 200)}"
 
 
-def retry(what: str, call: Callable[[], Any], target: HubTarget, landed: str | None = None) -> Any:
+def retry(what: str, call: Callable[[], Any], target: HubTarget, landed: str | None = None,
+          after: str | None = None) -> Any:
+    """`call()`, retried on network errors and 5xx with exponential backoff; a final failure is one line saying
+    what state the repo is in (`after`, default: nothing was published)."""
     delay = target.backoff
     for attempt in range(target.max_retries + 1):
         try:
@@ -186,7 +201,7 @@ def retry(what: str, call: Callable[[], Any], target: HubTarget, landed: str | N
             retryable, message = hub_error(e)
             if not retryable or attempt == target.max_retries:
                 after = (f"commit {landed} landed; rerun `{target.command}` to tag it" if landed
-                         else "nothing was published")
+                         else after or "nothing was published")
                 raise IterdpoError(f"{what} failed: {message}; {after}") from None
         time.sleep(delay * (0.5 + random.random()))
         delay *= 2
@@ -198,9 +213,42 @@ def token() -> str | None:
     return get_token()
 
 
+def check_token(target: HubTarget) -> str:
+    """The token, checked with the Hub (whoami) before anything is staged, so a missing, refused or read-only token
+    fails in seconds rather than after the whole folder is written."""
+    from huggingface_hub import HfApi, constants
+
+    secret = token()
+    if not secret:
+        raise InputError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or use --dry-run)")
+    api = HfApi(endpoint=constants.ENDPOINT, token=secret)
+    info = retry("checking the Hugging Face token", lambda: api.whoami(token=secret), target)
+    role = ((info or {}).get("auth") or {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise InputError("the Hugging Face token is read-only: create one with write access "
+                         "(https://huggingface.co/settings/tokens) and `hf auth login` with it, or set HF_TOKEN")
+    return secret
+
+
 def _owned(path: str, pattern: str) -> bool:
     """A pattern without a folder matches files at the repo's root only (`*.json`: config.json, not evals/x.json)."""
     return fnmatch.fnmatchcase(path, pattern) and ("/" in pattern or "/" not in path)
+
+
+def commit_title(set_id: str) -> str:
+    return f"iterdpo: publish snapshot set {set_id[:12]}"
+
+
+def landed_commit(api, target: HubTarget, set_id: str) -> tuple[str, bool] | None:
+    """(commit, tagged) of this snapshot set's commit in the target revision's history, if one landed: its message
+    carries the set id (older publications: the title with its first 12 characters). None when none did."""
+    commits = api.list_repo_commits(target.repo_id, repo_type=target.repo_type, revision=target.revision)
+    oid = next((c.commit_id for c in commits if set_id in f"{c.title}\n{c.message}"
+                or c.title == commit_title(set_id)), None)
+    if oid is None:
+        return None
+    tags = api.list_repo_refs(target.repo_id, repo_type=target.repo_type).tags
+    return oid, any(t.name == set_id and t.target_commit == oid for t in tags)
 
 
 def recorded(catalog: Catalog, target: HubTarget, set_id: str) -> dict[str, Any] | None:
@@ -239,20 +287,37 @@ def upload(catalog: Catalog, target: HubTarget, folder: Path, files: list[str], 
     if revision != "main":
         retry("creating the branch", lambda: api.create_branch(repo_id, repo_type=kind, branch=revision,
                                                                exist_ok=True), target)
+    # an earlier run's commit whose answer was lost (or whose process was killed) is on the Hub but not in the
+    # catalog: record it instead of committing the same files a second time
+    landed = retry("reading the repo's history", lambda: landed_commit(api, target, set_id), target)
+    if landed is not None:
+        oid, tagged = landed
+        catalog.record_publication(set_id, repo_id, revision, oid, set_id if tagged else None,
+                                   list(snapshots.values()), endpoint)
+        return Uploaded(True, oid, set_id) if tagged else tag_commit(oid, True)
     existing = retry("listing the repo", lambda: api.list_repo_files(repo_id, repo_type=kind, revision=revision),
                      target)
     keep = set(files) | {".gitattributes"}
     deletes = [CommitOperationDelete(path_in_repo=path) for path in existing
                if path not in keep and any(_owned(path, pattern) for pattern in target.managed)]
 
-    def commit():  # an Add is single-use: new ones on every try
-        adds = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files]
-        return api.create_commit(repo_id, adds + deletes, repo_type=kind, revision=revision,
-                                 commit_message=f"iterdpo: publish snapshot set {set_id[:12]}",
-                                 commit_description=f"Snapshots: {json.dumps(snapshots)}"
-                                 + (f"\nLicense: {target.license}" if target.license else ""))
+    tries = 0
 
-    info = retry("the commit", commit, target)
+    def commit() -> str:
+        nonlocal tries
+        tries += 1
+        # the previous try may have landed with its answer lost (a 500, a dropped connection): look before resending
+        if tries > 1 and (again := landed_commit(api, target, set_id)) is not None:
+            return again[0]
+        adds = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files]  # single-use
+        return api.create_commit(repo_id, adds + deletes, repo_type=kind, revision=revision,
+                                 commit_message=commit_title(set_id),
+                                 commit_description=f"Snapshot set: {set_id}\nSnapshots: {json.dumps(snapshots)}"
+                                 + (f"\nLicense: {target.license}" if target.license else "")).oid
+
+    oid = retry("the commit", commit, target,
+                after=f"if it reached the Hub, rerun `{target.command}`: it finds the commit and tags it, without "
+                      f"sending it again")
     # recorded at once (the commit is on the Hub); the tag follows, and a rerun adds it if it failed
-    catalog.record_publication(set_id, repo_id, revision, info.oid, None, list(snapshots.values()), endpoint)
-    return tag_commit(info.oid, False)
+    catalog.record_publication(set_id, repo_id, revision, oid, None, list(snapshots.values()), endpoint)
+    return tag_commit(oid, False)

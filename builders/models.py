@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from builders.errors import InputError
+from builders.errors import InputError, one_line
 
 
 def _files_digest(path: Path) -> str:
@@ -96,7 +96,3 @@ def resolve_folder(ref: str, what: str = "model") -> Path:
     except Exception as e:  # offline cache miss, unknown repo, no network: the user must fix the argument
         raise InputError(f"{what} {ref!r} cannot be loaded (not a local folder; hub: {one_line(e)})") from None
 
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

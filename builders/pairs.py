@@ -17,8 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from builders.catalog import REF_SCHEMA, Catalog, Registration, Snapshot
-from builders.config import SELECTIONS, BuildConfig
+from builders.catalog import Catalog, Registration, Snapshot
+from builders.config import SELECTIONS, SPLITS, BuildConfig
 from builders.errors import InputError
 from builders.stage import SplitResult, StageResult, resolve_inputs
 from builders.schemas import KINDS, MESSAGE
@@ -27,9 +27,7 @@ DROP_REASONS = ("tie", "single_distinct", "below_margin", "missing")
 # pairs rows are built and spooled in batches of about this many characters of text (a row repeats the prompt
 # three times and holds every response): bounds build's memory however many prompts an iteration has
 _SPOOL_CHARS = 16 * 2**20
-
-# pairs rows as build spools them: with the references to the rows that hold their texts (REF_SCHEMA)
-_SPOOL_SCHEMA = pa.schema([*KINDS["pairs"].schema, *REF_SCHEMA])
+_SCHEMA = KINDS["pairs"].schema
 
 TRL_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
@@ -79,6 +77,15 @@ def validate_build(cfg: BuildConfig) -> None:
             raise InputError(f"{name} must be a finite number >= 0, not {value}", option=name)
 
 
+def _input(catalog: Catalog, snap: Snapshot, kind: str) -> Snapshot:
+    """The `kind` snapshot `snap` was made from."""
+    found = catalog.parent(snap, kind)
+    if found is None:
+        raise InputError(f"{snap.kind} snapshot {snap.id[:12]} records no {kind} snapshot it was made from; "
+                         f"build pairs from scores that `iterdpo rank` registered")
+    return found
+
+
 def _skipped_prompts(catalog: Catalog, gen: Snapshot) -> set[str]:
     """Prompts the generation stage skipped on purpose (too long for the context): known, not missing."""
     key = gen.params.get("work_key")
@@ -87,13 +94,10 @@ def _skipped_prompts(catalog: Catalog, gen: Snapshot) -> set[str]:
 
 
 def _groups(batches: Iterable[pa.RecordBatch], value: str) -> Iterator[tuple[str, dict[int, Any]]]:
-    """(prompt_id, {response_index: value}) per prompt, from rows streaming in canonical order; with the rows'
-    row_hash when the batches have one ({response_index: (value, row_hash)})."""
+    """(prompt_id, {response_index: value}) per prompt, from rows streaming in canonical order."""
     pid, acc = None, {}
     for batch in batches:
         values = batch.column(value).to_pylist()
-        if "row_hash" in batch.schema.names:
-            values = list(zip(values, batch.column("row_hash").to_pylist()))
         for p, idx, v in zip(*(batch.column(c).to_pylist() for c in ("prompt_id", "response_index")), values):
             if value == "score" and not math.isfinite(v):
                 raise InputError(f"score of prompt {p} response {idx} is not finite ({v})")
@@ -127,23 +131,20 @@ def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig,
                      sink: pa.ipc.RecordBatchStreamWriter) -> tuple[int, dict[str, int], dict[str, Any]]:
     """Write the split's pairs rows to `sink` in canonical order, batch by batch: prompts, generations and scores
     stream in prompt_id order and are merged one prompt at a time, so memory stays bounded by a batch."""
-    gen = catalog.get(scores_snap.parents[0])
-    prompts_snap = catalog.get(gen.parents[0])
-    # with the row hashes of the prompts and generations rows: pairs rows refer to them instead of repeating
-    # their texts (Registration; the catalog checks that they rebuild each row exactly)
-    texts = _Cursor(_groups(catalog.read_batches(gen.id, columns=("prompt_id", "response_index", "response"),
-                                                 with_hash=True), "response"))
+    gen = _input(catalog, scores_snap, "generations")
+    prompts_snap = _input(catalog, gen, "prompts")
+    texts = _Cursor(_groups(catalog.read_batches(gen.id, columns=("prompt_id", "response_index", "response")),
+                            "response"))
     scored = _Cursor(_groups(catalog.read_batches(scores_snap.id), "score"))
     skipped = _skipped_prompts(catalog, gen)
     drops = {reason: 0 for reason in DROP_REASONS}
     drops["skipped_too_long"] = 0
-    rows: dict[str, list] = {name: [] for name in _SPOOL_SCHEMA.names}
+    rows: dict[str, list] = {name: [] for name in _SCHEMA.names}
     prompt_count = kept = held = 0
-    for batch in catalog.read_batches(prompts_snap.id, columns=("prompt_id", "prompt"), with_hash=True):
+    for batch in catalog.read_batches(prompts_snap.id, columns=("prompt_id", "prompt")):
         prompt_count += batch.num_rows
-        for pid, prompt, prompt_hash in zip(*(batch.column(c).to_pylist() for c in ("prompt_id", "prompt", "row_hash"))):
-            hashed, values = texts.take(pid), scored.take(pid)
-            responses = {i: text for i, (text, _) in hashed.items()}
+        for pid, prompt in zip(*(batch.column(c).to_pylist() for c in ("prompt_id", "prompt"))):
+            responses, values = texts.take(pid), scored.take(pid)
             if pid in skipped and not responses:
                 drops["skipped_too_long"] += 1
                 continue
@@ -167,10 +168,6 @@ def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig,
             rows["all_rm_scores"].append(vals)
             rows["score_chosen"].append(vals[best])
             rows["score_rejected"].append(vals[worst])
-            rows["prompt_ref"].append(prompt_hash)
-            rows["response_refs"].append([hashed[i][1] for i in order])
-            rows["chosen_ref"].append(best)
-            rows["rejected_ref"].append(worst)
             held += 3 * len(prompt) + sum(map(len, resp)) + len(resp[best]) + len(resp[worst])
             if held >= _SPOOL_CHARS:
                 kept += _flush(rows, sink)
@@ -188,7 +185,7 @@ def _flush(rows: dict[str, list], sink: pa.ipc.RecordBatchStreamWriter) -> int:
     """Write the pairs rows held so far to `sink` and empty them; return how many there were."""
     n = len(rows["prompt_id"])
     if n:
-        sink.write_table(pa.Table.from_pydict(rows, schema=_SPOOL_SCHEMA))
+        sink.write_table(pa.Table.from_pydict(rows, schema=_SCHEMA))
         for column in rows.values():
             column.clear()
     return n
@@ -205,7 +202,7 @@ def build_pairs(catalog: Catalog, iteration: int, cfg: BuildConfig = BuildConfig
     """Select chosen/rejected per prompt for `iteration` and register its `pairs` snapshots (train and test) in
     one transaction. Every dropped prompt is counted by reason in the snapshot params."""
     validate_build(cfg)
-    sets = resolve_inputs(catalog, "scores", iteration, ("train", "test"), from_refs, require_train=True)
+    sets = resolve_inputs(catalog, "scores", iteration, SPLITS, from_refs, require_train=True)
     result = StageResult("build", iteration)
     items = []
     # Each split's pairs are spooled to a temporary Arrow file as they are built, and registered from it once every
@@ -214,7 +211,7 @@ def build_pairs(catalog: Catalog, iteration: int, cfg: BuildConfig = BuildConfig
     with tempfile.TemporaryDirectory(prefix="iterdpo-pairs-") as tmp:
         for split, scores_snap in sets.items():
             spool = Path(tmp) / f"{split}.arrows"
-            with pa.OSFile(str(spool), "wb") as f, pa.ipc.new_stream(f, _SPOOL_SCHEMA) as sink:
+            with pa.OSFile(str(spool), "wb") as f, pa.ipc.new_stream(f, _SCHEMA) as sink:
                 kept, drops, lineage = _pairs_for_split(catalog, scores_snap, cfg, sink)
             if drops["missing"] and not cfg.allow_partial:
                 raise InputError(
@@ -226,8 +223,10 @@ def build_pairs(catalog: Catalog, iteration: int, cfg: BuildConfig = BuildConfig
             params = {"selection": asdict(cfg), "drops": drops, **lineage}
             result.splits.append(SplitResult(split, lineage["prompt_count"], processed=lineage["prompt_count"],
                                              drops=drops))
+            # the catalog stores each pair by reference to the prompts and generations rows holding its texts
             items.append(Registration("pairs", _spooled(spool), iteration=iteration, split=split,
-                                      parents=(scores_snap.id,), params=params))
+                                      parents=(scores_snap.id,), params=params,
+                                      texts_from=(lineage["prompts"], lineage["generations"])))
         for split_result, snap in zip(result.splits, catalog.register_many(items)):
             split_result.snapshot = snap
     return result

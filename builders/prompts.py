@@ -17,8 +17,7 @@ import pyarrow as pa
 
 from builders.catalog import Catalog, Registration, Snapshot
 from builders.config import PROMPT_COLUMNS, SplitConfig
-from builders.errors import InputError
-from builders.models import one_line as _one_line
+from builders.errors import InputError, one_line
 
 LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -165,7 +164,7 @@ def _read_parquet(path: Path, column: str | None) -> _Columns:
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable Parquet file ({one_line(str(e))})") from None
     return _arrow_to_columns(table, column, str(path))
 
 
@@ -176,7 +175,7 @@ def _read_csv(path: Path, data: bytes, column: str | None) -> _Columns:
     try:
         table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     except pa.ArrowInvalid as e:
-        raise InputError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable CSV file ({one_line(str(e))})") from None
     return _arrow_to_columns(table, column, str(path))
 
 
@@ -209,7 +208,7 @@ def _read_datasets_dir(path: Path, column: str | None) -> _Columns:
         else:
             ds = datasets.load_dataset(str(path))
     except Exception as e:  # datasets raises many types; the user needs the path and the reason
-        raise InputError(f"{path}: cannot load as a dataset folder ({_one_line(e)})") from None
+        raise InputError(f"{path}: cannot load as a dataset folder ({one_line(e)})") from None
     return _dataset_to_columns(ds, None, column, str(path))
 
 
@@ -243,7 +242,7 @@ def _read_hub(source: str, column: str | None) -> _Columns:
         raise
     except Exception as e:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") else ""
-        raise InputError(f"cannot load hub dataset {source!r}{offline}: {_one_line(e)}") from None
+        raise InputError(f"cannot load hub dataset {source!r}{offline}: {one_line(e)}") from None
     return _dataset_to_columns(ds, None, column, source)
 
 

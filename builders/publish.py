@@ -23,7 +23,7 @@ from builders import __version__
 from builders.catalog import Catalog, Snapshot
 from builders.config import PUBLISH_DEFAULTS, PublishConfig
 from builders.errors import InputError
-from builders.hub import HubTarget, recorded, snapshot_set_id, staged_as, staging, upload, validate_repo_id
+from builders.hub import HubTarget, check_token, recorded, snapshot_set_id, staged_as, staging, upload, validate_repo_id
 from builders.pairs import TRL_SCHEMA, to_trl
 from builders.schemas import KINDS
 
@@ -248,6 +248,7 @@ def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
         if prior and prior["tag"]:
             return PublishResult(cfg.repo_id, cfg.revision, StagedRepo(None, [], ids, set_id), already_published=True,
                                  commit=prior["commit"], tag=prior["tag"], license=cfg.license)
+        check_token(target)  # before the folder is staged: a bad token fails in seconds
     staged = stage_repo(catalog, cfg.repo_id, cfg.iterations, cfg.local_dir, cfg.license, cfg.max_row_group_bytes)
     result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run, license=cfg.license)
     if cfg.dry_run:

@@ -22,7 +22,7 @@ from builders import __version__
 from builders.catalog import Catalog, Snapshot
 from builders.config import PublishModelConfig
 from builders.errors import InputError
-from builders.hub import HubTarget, recorded, snapshot_set_id, staging, upload, validate_repo_id
+from builders.hub import HubTarget, check_token, recorded, snapshot_set_id, staging, upload, validate_repo_id
 from builders.models import display_name, weights_sha256
 from builders.publish import PublishResult, StagedRepo
 
@@ -212,6 +212,7 @@ def publish_model(catalog: Catalog, iteration: int, cfg: PublishModelConfig) -> 
             return PublishResult(cfg.repo_id, cfg.revision, StagedRepo(None, [], {"model": snap.id}, set_id),
                                  already_published=True, commit=prior["commit"], tag=prior["tag"],
                                  license=cfg.license)
+        check_token(target)  # before the weights are copied: a bad token fails in seconds
     staged, _ = stage_model(catalog, iteration, cfg)
     result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run, license=cfg.license)
     if cfg.dry_run:

@@ -29,20 +29,18 @@ from builders.backends.base import Ranker, check_device, device_for
 from builders.backends.ray import ranker_resources
 from builders.catalog import Catalog
 from builders import executor
-from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_commit_seconds
+from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_commit_seconds, check_splits
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity
-from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, resolve_inputs, run_stage, \
-    work_key
+from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, counted, progress_bar, \
+    hash_key, resolve_inputs, run_stage
 
 
 def validate_rank(cfg: RankConfig) -> None:
     """Every ranking option, checked before any input is read or model loaded."""
     if cfg.ranker not in RANKERS:
         raise InputError(f"unknown ranker {cfg.ranker!r}; use one of {', '.join(RANKERS)}")
-    for split in cfg.splits:
-        if split not in ("train", "test"):
-            raise InputError(f"split must be train or test, not {split!r}")
+    check_splits(cfg.splits)
     if cfg.dtype not in DTYPES:
         raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}", option="dtype")
     if not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1:
@@ -126,8 +124,11 @@ def rank(catalog: Catalog, iteration: int, cfg: RankConfig = RankConfig(), from_
 
     def splits() -> Iterator[SplitWork]:
         for split, gen in sets.items():  # one split's generations in memory at a time
-            key = work_key({"stage": "rank", "generations": gen.id, **identity, **settings})
-            prompts_snap = catalog.get(gen.parents[0])
+            key = hash_key({"stage": "rank", "generations": gen.id, **identity, **settings})
+            prompts_snap = catalog.parent(gen, "prompts")
+            if prompts_snap is None:
+                raise InputError(f"generations {gen.id[:12]} record no prompts snapshot: rank needs the prompts they "
+                                 f"answer (register them with parents=[the prompts snapshot])")
             prompt_text = dict(zip(*(catalog.read(prompts_snap.id).column(c).to_pylist()
                                      for c in ("prompt_id", "prompt"))))
             order, by = grouped(catalog.read(gen.id))
@@ -170,16 +171,19 @@ def _produce(batch_prompts: int, ranker: Ranker, items: Sequence[tuple[str, str,
 
 
 def score_all(cfg: RankConfig, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
-              ranker: Ranker | None = None) -> list[list[float]]:
-    """Scores of each prompt's candidates on `cfg`'s executor, outside the catalog (best-of-n, eval)."""
+              ranker: Ranker | None = None, progress: bool = False, desc: str = "rank") -> list[list[float]]:
+    """Scores of each prompt's candidates on `cfg`'s executor, outside the catalog (best-of-n), with the stages'
+    progress bar."""
     run = producer(cfg, ranker)
     backend = run.build()
     got: dict[str, list[float]] = {}
     try:
         items = [(str(i), p, list(enumerate(c))) for i, (p, c) in enumerate(zip(prompts, candidates))]
-        for item in run.run(backend, items):
-            for key, score in zip(item.rows.column("prompt_id").to_pylist(), item.rows.column("score").to_pylist()):
-                got.setdefault(key, []).append(score)
+        with progress_bar(len(items), desc, progress) as bar:
+            for item in counted(run.run(backend, items), bar):
+                for key, score in zip(item.rows.column("prompt_id").to_pylist(),
+                                      item.rows.column("score").to_pylist()):
+                    got.setdefault(key, []).append(score)
     finally:
         if ranker is None or cfg.scale_out.executor != "local":
             backend.close()

@@ -63,7 +63,7 @@ def resolve_inputs(catalog: Catalog, kind: str, iteration: int, splits: Sequence
     return found
 
 
-def work_key(spec: Mapping[str, Any]) -> str:
+def hash_key(spec: Mapping[str, Any]) -> str:
     """Everything that determines a stage's rows (never the batch size, shard or machine), hashed."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -79,7 +79,7 @@ class Finished:
 
 
 @dataclass(frozen=True)
-class Work:
+class WorkArea:
     """One split's work area in the catalog."""
 
     key: str
@@ -126,16 +126,14 @@ class StageResult:
                 **({"executor": self.executor} if self.executor else {})}
 
 
-def run_resumable(catalog: Catalog, work: Work, todo: Sequence[str], produce: Callable[[Sequence[str]], Iterable[Finished]],
+def run_resumable(catalog: Catalog, work: WorkArea, todo: Sequence[str], produce: Callable[[Sequence[str]], Iterable[Finished]],
                   *, commit_seconds: float, progress: bool, desc: str) -> tuple[int, int]:
     """Run `produce` over the units not yet done and commit what it finishes, at most every `commit_seconds`
     (0: every item) and at the end. Returns (units finished, tokens). What was committed survives any kill."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), unit="prompt", desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True)
+    bar = progress_bar(len(todo), desc, progress)
     pending: list[Finished] = []
     finished = tokens = 0
-    last = t0 = time.perf_counter()
+    last = time.perf_counter()
 
     def commit() -> None:
         nonlocal last
@@ -149,13 +147,10 @@ def run_resumable(catalog: Catalog, work: Work, todo: Sequence[str], produce: Ca
 
     failed_commit = False
     try:
-        for item in produce(todo):
+        for item in counted(produce(todo), bar):
             pending.append(item)
             finished += len(item.units)
             tokens += item.tokens
-            bar.update(len(item.units))
-            if tokens:
-                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
             if time.perf_counter() - last >= commit_seconds:
                 failed_commit = True
                 commit()
@@ -167,6 +162,24 @@ def run_resumable(catalog: Catalog, work: Work, todo: Sequence[str], produce: Ca
         finally:
             bar.close()
     return finished, tokens
+
+
+def progress_bar(total: int, desc: str, progress: bool):
+    """The stages' progress bar on stderr: prompts done, prompts/s (and tok/s, see `counted`)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="prompt", desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True)
+
+
+def counted(items: Iterable[Finished], bar) -> Iterator[Finished]:
+    """`items` as they come, each counted on `bar` (with tok/s once they carry generated tokens)."""
+    tokens, t0 = 0, time.perf_counter()
+    for item in items:
+        tokens += item.tokens
+        bar.update(len(item.units))
+        if tokens:
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+        yield item
 
 
 @dataclass(frozen=True)
@@ -203,6 +216,7 @@ class SplitWork:
     parents: list[str]
     params: Callable[[dict[str, Any], int], dict[str, Any]]
     work_params: dict[str, Any] = field(default_factory=dict)  # recorded beside the description when work begins
+    shard: str | None = None  # "K/N": the snapshot is one part of the stage's output (Snapshot.shard)
 
 
 def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *, progress: bool = True,
@@ -221,11 +235,11 @@ def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *,
             if todo and backend is None:
                 backend = spec.producer.build()
             described = backend.describe() if backend is not None else None
-            work = Work(sw.key, spec.kind, spec.iteration, sw.split, {spec.role: described or {}, **sw.work_params})
+            work = WorkArea(sw.key, spec.kind, spec.iteration, sw.split, {spec.role: described or {}, **sw.work_params})
             if todo:
-                items, use = sw.items, backend
                 split_result.processed, tokens = run_resumable(
-                    catalog, work, todo, lambda units: spec.producer.run(use, [items[u] for u in units]),
+                    catalog, work, todo,
+                    lambda units, items=sw.items, use=backend: spec.producer.run(use, [items[u] for u in units]),
                     commit_seconds=spec.commit_seconds, progress=progress,
                     desc=f"{spec.stage} it{spec.iteration} {sw.split}")
                 result.tokens += tokens
@@ -234,7 +248,7 @@ def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *,
             if described is None:
                 described = catalog.work_params(sw.key).get(spec.role, {})
             split_result.snapshot = register_work(catalog, work, list(sw.items), sw.parents,
-                                                     sw.params(described, split_result.skipped))
+                                                  sw.params(described, split_result.skipped), shard=sw.shard)
             result.splits.append(split_result)
     finally:
         if owned and backend is not None:
@@ -244,11 +258,11 @@ def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *,
     return result
 
 
-def register_work(catalog: Catalog, work: Work, units: Sequence[str], parents: Sequence[str],
-                  params: Mapping[str, Any]) -> Snapshot:
+def register_work(catalog: Catalog, work: WorkArea, units: Sequence[str], parents: Sequence[str],
+                  params: Mapping[str, Any], shard: str | None = None) -> Snapshot:
     """The snapshot of a finished work area: its rows for `units` (all of them: this shard's), registered."""
     return catalog.register(work.kind, catalog.work_rows(work.key, units=units), iteration=work.iteration,
-                            split=work.split, parents=list(parents), params=dict(params))
+                            split=work.split, parents=list(parents), params=dict(params), shard=shard)
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

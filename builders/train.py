@@ -28,9 +28,9 @@ from typing import Any
 
 from builders import scratch as scratch_dirs
 from builders.catalog import Catalog, Snapshot
-from builders.config import RECIPES, TrainConfig, check_threads
-from builders.errors import InputError
-from builders.models import model_ref, one_line, weights_sha256
+from builders.config import RECIPES, SPLITS, TrainConfig, check_threads
+from builders.errors import InputError, one_line
+from builders.models import model_ref, weights_sha256
 
 
 @dataclass
@@ -39,17 +39,23 @@ class TrainResult:
     metrics: dict[str, Any]  # the Trainer's metrics and the pair counts (PAIR_COUNTS)
     snapshot: Snapshot | None = None  # None on non-main processes of a distributed run
     warnings: list[str] = field(default_factory=list)
+    # True when an earlier run of the same training had written the model and was stopped before registering it:
+    # its weights were verified and registered, nothing was trained
+    resumed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"output_dir": str(self.output_dir), "metrics": self.metrics,
-                "snapshot": self.snapshot.to_json() if self.snapshot else None, "warnings": self.warnings}
+                "snapshot": self.snapshot.to_json() if self.snapshot else None, "warnings": self.warnings,
+                "resumed": self.resumed}
 
 
 # what the model row's `metrics` holds: counts fixed by the data, the recipe and the tokenizer, so the same training
 # gives the same row (and snapshot id); losses and timings vary with the run and are params
 PAIR_COUNTS = tuple(f"{split}_pairs_{what}" for split in ("train", "eval") for what in ("used", "dropped", "truncated"))
 REDACTED = "<redacted>"
-MODEL_MARKER = ".iterdpo-model.json"  # in a model folder `train` wrote: a rerun may replace that folder whole
+# in a model folder `train` wrote: which training wrote it (`work`) and what its registration holds, so the same
+# command run again finishes it (after a kill between the move into place and the registration) instead of refusing
+MODEL_MARKER = ".iterdpo-model.json"
 # option names that hold secrets (hub_token, api_key, ...), not ones that merely mention tokens (pad_token,
 # include_tokens_per_second)
 _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
@@ -157,7 +163,7 @@ def _catalog_dataset(catalog: Catalog, iteration: int, from_refs: Sequence[str] 
 
     from builders.stage import resolve_inputs
 
-    sets = resolve_inputs(catalog, "pairs", iteration, ("train", "test"), from_refs, require_train=True)
+    sets = resolve_inputs(catalog, "pairs", iteration, SPLITS, from_refs, require_train=True)
     if "train" not in sets:
         raise InputError(f"the inputs name no train pairs of iteration {iteration}", option="from_refs")
     train, test = sets["train"], sets.get("test")
@@ -230,12 +236,54 @@ def _scratch_dir(out: Path) -> Path:
     return out.parent / f"{scratch_dirs.prefix('train', out)}{launcher}"
 
 
-def _move_into_place(scratch: Path, out: Path) -> None:
+def _work(iteration: int, recipe_text: str, base_model: str, dataset: str | None, parents: list[str]) -> dict[str, Any]:
+    """What identifies one training, as its marker records it: the same command line on the same inputs gives the
+    same value (a local dataset folder by its content, catalog pairs by their snapshot ids)."""
+    data: Any = sorted(parents)
+    if dataset:
+        from builders.models import model_identity
+
+        data = model_identity(dataset) if Path(dataset).expanduser().exists() else dataset  # a folder's digest
+    return {"iteration": iteration, "recipe": recipe_text, "base_model": model_ref(base_model), "data": data}
+
+
+def _marker(out: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((out / MODEL_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _finish(catalog: Catalog, out: Path, marker: dict[str, Any], main: bool, progress: bool) -> TrainResult | None:
+    """The model that an earlier run of this same training moved into `out` (then it was stopped before the model
+    was registered, or it is being run again): its weights verified against the marker and registered, without
+    training. None when they do not verify (then it is trained again, into the same folder)."""
+    try:
+        row, params, parents = dict(marker["row"]), dict(marker["params"]), list(marker["parents"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (out / "config.json").is_file() or weights_sha256(out) != row.get("weights_sha256"):
+        return None
+    snap = None
+    if main:
+        import pyarrow as pa
+
+        if progress:
+            print(f"{out} already holds the model of this training (weights verified): registering it, not "
+                  f"training again", file=sys.stderr, flush=True)
+        row["path"] = str(out.resolve())
+        snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=marker["work"]["iteration"],
+                                parents=parents, params=params)
+    return TrainResult(out, dict(params.get("metrics") or {}), snap, list(marker.get("warnings") or []), resumed=True)
+
+
+def _move_into_place(scratch: Path, out: Path, marker: dict[str, Any]) -> None:
     """Make `out` the new model. A new or empty folder, or a model folder this function wrote (its marker), is
     replaced whole: the old one is set aside first and removed after the rename, so a crash leaves the old or the
     new model there. Any other folder (allowed by --overwrite) is a user's: our files replace theirs of the same
     name and nothing else there is touched."""
-    (scratch / MODEL_MARKER).write_text(json.dumps({"written_by": "iterdpo train"}) + "\n")
+    (scratch / MODEL_MARKER).write_text(json.dumps({"written_by": "iterdpo train", **marker}, sort_keys=True) + "\n")
     if out.exists() and not any(out.iterdir()):
         out.rmdir()
     if not out.exists():
@@ -303,15 +351,30 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
         raise InputError(f"recipe {recipe_path} names no model_name_or_path; pass --model")
     out = Path(args.output_dir)
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0 and out.exists() and not out.is_dir():
+    main = rank == 0
+    if main and out.exists() and not out.is_dir():
         raise InputError(f"output dir {out} is a file; choose another --output-dir")
-    if rank == 0 and out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise InputError(f"output dir {out} exists and is not empty; pass --overwrite or choose --output-dir")
     if cfg.dataset:
         train_ds, test_ds = _hub_dataset(cfg.dataset, script)
         parents: list[str] = []
     else:
         train_ds, test_ds, parents = _catalog_dataset(catalog, iteration, from_refs)
+    work = _work(iteration, recipe_text, model_args.model_name_or_path, cfg.dataset, parents)
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        # only our own marker of this very training lets a rerun in without --overwrite: a user's folder, or the
+        # model of another training (another recipe, base model or data: an earlier result), is never replaced
+        marker = _marker(out)
+        if marker is None or marker.get("work") != work:
+            if main:
+                what = ("holds the model of another training (another recipe, base model or pairs)" if marker
+                        else "exists and is not empty")
+                raise InputError(f"output dir {out} {what}; pass --overwrite to replace it or choose another "
+                                 f"--output-dir")
+        else:
+            finished = _finish(catalog, out, marker, main, cfg.progress)
+            if finished is not None:
+                return finished
+            # its weights do not verify (cut short, changed): this same training is run again into the folder
     if getattr(args.eval_strategy, "value", args.eval_strategy) == "no":
         test_ds = None
 
@@ -330,7 +393,6 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
     # the model is written to a scratch folder beside `out` and moved into place when complete: a killed run
     # leaves no half-written `out` (and its scratch is removed by the next run)
     scratch = _scratch_dir(out)
-    main = rank == 0
     if main:
         out.parent.mkdir(parents=True, exist_ok=True)
         scratch_dirs.remove_stale("train", out)
@@ -379,16 +441,21 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(scratch))
             weights = weights_sha256(scratch)  # of these weights alone, before they join a folder
-            _move_into_place(scratch, out)  # the model at the root of `out`: a valid --model for `generate`
             import pyarrow as pa
 
             row = {"path": str(out.resolve()), "weights_sha256": weights,
                    "base_model": model_ref(model_args.model_name_or_path), "recipe": recipe_text,
                    "metrics": json.dumps({k: counts[k] for k in PAIR_COUNTS if k in counts}, sort_keys=True)}
+            params = {"recipe_path": str(recipe_path), "dataset": cfg.dataset or "catalog",
+                      "world_size": trainer.args.world_size, "base_model": row["base_model"], "metrics": metrics,
+                      **_cpu_threads()}
+            # the marker holds the registration too: a run stopped after the move is finished by the next one
+            _move_into_place(scratch, out, {"work": work, "row": row, "params": params, "parents": parents,
+                                            "warnings": warnings})  # the model at the root of `out`
+            if cfg.progress:
+                print(f"model written to {out}; registering it", file=sys.stderr, flush=True)
             snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=iteration, parents=parents,
-                                    params={"recipe_path": str(recipe_path), "dataset": cfg.dataset or "catalog",
-                                            "world_size": trainer.args.world_size, "base_model": row["base_model"],
-                                            "metrics": metrics, **_cpu_threads()})
+                                    params=params)
     finally:
         if main:
             shutil.rmtree(scratch, ignore_errors=True)  # left only by a failure: the model was moved

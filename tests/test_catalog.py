@@ -100,6 +100,69 @@ def test_list_newest_get_by_prefix_and_tag(catalog: Catalog):
         catalog.get("nope")
 
 
+def test_lineage_is_named_by_kind_whatever_the_order_of_the_parents(catalog: Catalog, tmp_path: Path):
+    def prompts(ids: list[str]) -> pa.Table:
+        return pa.table({"prompt_id": ids, "prompt": [f"prompt {i[-3:]}" for i in ids], "source": [None] * len(ids)})
+
+    pool = catalog.register("prompts", prompts(pids(4)))
+    other_pool = catalog.register("prompts", prompts(pids(2, start=8)))
+    prompt_set = catalog.register("prompts", prompts(pids(2)), iteration=1, split="train", parents=[pool.id])
+    model = catalog.register("model", pa.table({"path": ["/m"], "weights_sha256": ["0" * 64], "base_model": ["b"],
+                                                "recipe": ["r"], "metrics": ["{}"]}), iteration=1)
+    gen_a = catalog.register("generations", gens(pids(2)), iteration=1, split="train",
+                             parents=[prompt_set.id, model.id])
+    gen_b = catalog.register("generations", gens(pids(2), text="other"), iteration=1, split="train",
+                             parents=[model.id, prompt_set.id])  # the same inputs, recorded in another order
+    scores = catalog.register("scores", gens(pids(2)).select(["prompt_id", "response_index"]).append_column(
+        "score", pa.array([0.5] * 6)), iteration=1, split="train", parents=[gen_a.id])
+    for gen in (gen_a, gen_b):
+        assert catalog.parent(gen, "prompts").id == prompt_set.id and catalog.parent(gen, "model").id == model.id
+        assert catalog.parent(gen, "scores") is None
+    assert [s.id for s in catalog.parents(gen_b)] == [model.id, prompt_set.id] == gen_b.parents
+    assert [s.id for s in catalog.parents(gen_b, "prompts")] == [prompt_set.id]
+    assert catalog.parent(prompt_set, "prompts").id == pool.id and catalog.parent(pool, "prompts") is None
+    # a snapshot named as `get` takes it (id prefix, tag, selector)
+    catalog.tag(scores.id, "scored")
+    for ref in (scores.id[:8], "scored", "scores:1:train"):
+        assert catalog.parent(ref, "generations").id == gen_a.id
+    # several inputs of one kind (a prompt set drawn from two pools): the first recorded, and all of them
+    union = catalog.register("prompts", prompts(pids(2, start=20)), iteration=2, split="train",
+                             parents=[other_pool.id, pool.id])
+    assert catalog.parent(union, "prompts").id == other_pool.id
+    assert [s.id for s in catalog.parents(union, "prompts")] == [other_pool.id, pool.id]
+    with pytest.raises(InputError, match="unknown snapshot kind"):
+        catalog.parent(gen_a, "prompt")
+    # lineage comes along with a merge
+    merged = Catalog(tmp_path / "merged.duckdb")
+    merged.merge([catalog.path])
+    assert merged.parent(gen_b.id, "prompts").id == prompt_set.id and merged.parent(gen_b.id, "model").id == model.id
+
+
+def test_a_shard_is_flagged_and_never_taken_for_the_complete_snapshot(catalog: Catalog, tmp_path: Path):
+    part = catalog.register("generations", gens(pids(2)), iteration=1, split="train", shard="0/2")
+    assert part.shard == "0/2" and part.params["shard"] == "0/2" and catalog.get(part.id).shard == "0/2"
+    # a shard recorded in the params (as catalogs written so far hold it) is the same flag
+    other = catalog.register("generations", gens(pids(2, start=2)), iteration=1, split="train",
+                             params={"shard": "1/2"})
+    assert catalog.get(other.id).shard == "1/2"
+    assert catalog.newest("generations", 1, "train") is None
+    with pytest.raises(NotFound, match="no generations:1:train snapshot"):
+        catalog.get("generations:1:train")
+    full = catalog.register("generations", gens(pids(4)), iteration=1, split="train")
+    assert full.shard is None and catalog.newest("generations", 1, "train").id == full.id
+    assert catalog.get("generations:1:train").id == full.id
+    assert [s.shard for s in catalog.list()] == ["0/2", "1/2", None]
+    # the flag is not content: the same rows are the same id
+    assert part.id == Catalog(tmp_path / "x.duckdb").register("generations", gens(pids(2)), iteration=1,
+                                                               split="train").id
+    # a flag that contradicts the params, or names no part, is refused before anything is stored
+    for shard, params in (("0/3", {"shard": "1/3"}), ("", {}), (" ", {})):
+        with pytest.raises(InputError, match="shard"):
+            catalog.register("generations", gens(pids(1, start=30)), iteration=1, split="train", shard=shard,
+                             params=params)
+    assert len(catalog.list()) == 3 and count(catalog, "rows_generations") == 12
+
+
 def test_diff_on_two_real_snapshots(catalog: Catalog):
     import_prompts(catalog, str(SAMPLE))
     snaps = {(s.iteration, s.split): s for s in split_prompts(catalog, SplitConfig(2, 30, 5, 1))}
@@ -229,13 +292,14 @@ _REGISTER_SLOWLY = textwrap.dedent("""
     import sys, time, pyarrow as pa
     from builders.catalog import Catalog
     from builders.config import CatalogConfig
-    import builders.catalog as c
-    original = c.Catalog._insert_rows
-    def slow(self, con, k, table, hashes):
-        original(self, con, k, table, hashes)
+    import builders.catalog.store as store
+    original = store.insert_rows
+    def slow(*args):
+        out = original(*args)
         print("inserted", flush=True)
         time.sleep(float(sys.argv[3]))
-    c.Catalog._insert_rows = slow
+        return out
+    store.insert_rows = slow
     cat = Catalog(sys.argv[1], CatalogConfig(sys.argv[1], lock_timeout=30))
     n = int(sys.argv[2])
     rows = [{"prompt_id": f"{i:064x}", "response_index": 0, "response": "r" * 50, "finish_reason": "stop",
@@ -265,14 +329,15 @@ def test_kill_during_registration_leaves_the_catalog_clean(catalog: Catalog):
 _ADD_WORK_THEN_HANG = textwrap.dedent("""
     import sys, time
     import builders.catalog as c
+    import builders.catalog.store as store
     from tests.test_catalog import gens, pids
-    original = c.Catalog._insert_rows
-    def slow(self, con, k, table, hashes):
-        out = original(self, con, k, table, hashes)
+    original = store.insert_rows
+    def slow(*args):
+        out = original(*args)
         print("inserted", flush=True)
         time.sleep(60)
         return out
-    c.Catalog._insert_rows = slow
+    store.insert_rows = slow
     c.Catalog(sys.argv[1]).add_work("key", "generations", gens(pids(2, start=2)), {p: None for p in pids(2, start=2)})
 """)
 

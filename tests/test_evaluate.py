@@ -171,3 +171,16 @@ def test_best_of_n_api_refuses_a_folder_as_output(tmp_path):
     (tmp_path / "model_outputs.candidates.jsonl").mkdir()  # the sidecar's place is taken
     with pytest.raises(InputError, match="sidecar"):
         best_of_n(BestOfNConfig(tmp_path / "p.json", tmp_path / "model_outputs.json", GenerateConfig(model="unused"), ranker=LONGER))
+
+
+def test_cli_best_of_n_shows_its_progress_on_stderr(cli, tmp_path, tiny_models):
+    # a run of many prompts took 25 silent minutes: generation and ranking each show a bar, as generate/rank do
+    prompts = _write(tmp_path / "prompts.json", [{"instruction": f"Say {w}."} for w in ("hi", "yes", "no")])
+    out = tmp_path / "model_outputs.json"
+    done = cli("best-of-n", "--model", tiny_models / "generator", "--prompts", prompts, "--num-responses", "3",
+               "--max-tokens", "6", "--batch-prompts", "2", "--ranker", "python", "--ranker-model",
+               "tests.scorers:longer_is_better", "--output", out, "--json", catalog=None)
+    assert done.code == 0, done.err
+    assert "best-of-3 generate: 100%" in done.err and "3/3" in done.err and "tok/s" in done.err
+    assert "best-of-n rank: 100%" in done.err
+    assert done.json()["prompts"] == 3 and "100%" not in done.out  # stdout is the JSON alone

@@ -166,6 +166,7 @@ generate(catalog, 1, GenerateConfig(model=sys.argv[2], splits=("train",), batch_
 """
 
 
+@pytest.mark.slow
 def test_kill_9_mid_generation_then_rerun_gives_the_uninterrupted_snapshot(split_catalog, tiny_models, tmp_path):
     reference = Catalog(tmp_path / "ref.duckdb")
     shutil.copy(split_catalog.path, reference.path)

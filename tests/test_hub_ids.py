@@ -30,6 +30,9 @@ def _cache(hub: Path, repo_id: str, source: Path) -> Path:
     return snapshot
 
 
+pytestmark = pytest.mark.slow  # every path a hub id takes, vLLM included
+
+
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory, tiny_models) -> Path:
     import torch

@@ -108,6 +108,27 @@ def test_missing_generations_need_allow_partial(tmp_path):
     assert partial.rows + sum(partial.params["drops"].values()) == 7
 
 
+def test_build_finds_its_inputs_by_kind_and_says_when_scores_record_none(tmp_path):
+    source = _scored_catalog(tmp_path / "c.duckdb")
+    expected = build_pairs(source, 1, BuildConfig()).snapshots[0]
+    tables = {k: source.read(source.newest(k, 1, "train").id) for k in ("prompts", "generations", "scores")}
+    catalog = Catalog(tmp_path / "o.duckdb")
+    p = catalog.register("prompts", tables["prompts"], iteration=1, split="train")
+    g = catalog.register("generations", tables["generations"], iteration=1, split="train", parents=[p.id])
+    orphan = catalog.register("scores", tables["scores"], iteration=1, split="train")  # no lineage recorded
+    with pytest.raises(InputError, match=f"scores snapshot {orphan.id[:12]} records no generations snapshot"):
+        build_pairs(catalog, 1, BuildConfig())
+    assert catalog.list(kind="pairs") == []
+    # the generations recorded after another parent: found by kind, not position
+    other = catalog.register("prompts", tables["prompts"].slice(0, 1), iteration=2, split="train")
+    shifted = tables["scores"].set_column(2, "score", pa.array([x + 1.0 for x in tables["scores"].column("score").to_pylist()]))
+    scores = catalog.register("scores", shifted, iteration=1, split="train", parents=[other.id, g.id])
+    snap = build_pairs(catalog, 1, BuildConfig(), from_refs=[scores.id]).snapshots[0]
+    assert (snap.params["generations"], snap.params["prompts"]) == (g.id, p.id)
+    assert catalog.read(snap.id).select(["prompt_id", "chosen", "rejected"]).equals(
+        source.read(expected.id).select(["prompt_id", "chosen", "rejected"]))
+
+
 def test_bad_build_options_and_missing_scores(tmp_path):
     catalog = _generations_catalog(tmp_path / "c.duckdb")
     with pytest.raises(InputError, match="has no scores.*rank first .iterdpo rank --iteration 1"):
@@ -202,54 +223,51 @@ def test_build_stores_each_text_once_and_every_reader_sees_the_full_rows(tmp_pat
     assert _stored_texts(merged) == (snap.rows, 0)
 
 
-def _with_references(catalog: Catalog, rows: pa.Table) -> pa.Table:
-    """`rows` (pairs of iteration 1) with the references build would give them."""
-    from builders.catalog import REF_SCHEMA
-
-    prompts = catalog.read_batches(catalog.newest("prompts", 1, "train").id, columns=("prompt_id",), with_hash=True)
-    prompt_hash = {p: h for b in prompts for p, h in zip(b.column("prompt_id").to_pylist(),
-                                                         b.column("row_hash").to_pylist())}
-    gens = catalog.read_batches(catalog.newest("generations", 1, "train").id,
-                                columns=("prompt_id", "response_index"), with_hash=True)
-    gen_hashes: dict[str, list[bytes]] = {}
-    for b in gens:
-        for p, h in zip(b.column("prompt_id").to_pylist(), b.column("row_hash").to_pylist()):
-            gen_hashes.setdefault(p, []).append(h)
-    listed = rows.to_pylist()
-    refs = {"prompt_ref": [prompt_hash[r["prompt_id"]] for r in listed],
-            "response_refs": [gen_hashes[r["prompt_id"]] for r in listed],
-            "chosen_ref": [r["all_generated_responses"].index(r["chosen"][1]["content"]) for r in listed],
-            "rejected_ref": [r["all_generated_responses"].index(r["rejected"][1]["content"]) for r in listed]}
-    for name in REF_SCHEMA.names:
-        rows = rows.append_column(REF_SCHEMA.field(name), pa.array(refs[name], REF_SCHEMA.field(name).type))
-    return rows
-
-
 def test_pairs_whose_texts_are_not_in_the_catalog_are_stored_in_full(tmp_path):
     catalog, _ = _long_catalog(tmp_path / "c.duckdb", n_prompts=6, chars=50)
     rows = catalog.read(build_pairs(catalog, 1, BuildConfig()).snapshots[0].id)
-    # other texts (a user's table of iteration 2): no row of the catalog holds them
+    sources = (catalog.newest("prompts", 1, "train").id, catalog.newest("generations", 1, "train").id)
+    # other prompts (a user's table of iteration 2): the named snapshots' rows do not hold them
     mine = rows.set_column(1, "prompt", pa.array([p + "!" for p in rows.column("prompt").to_pylist()]))
     mine = mine.set_column(2, "chosen", pa.array([[{"content": c[0]["content"] + "!", "role": "user"}, c[1]]
                                                    for c in rows.column("chosen").to_pylist()], mine.schema.field(2).type))
-    # references beside rows whose texts differ from the referenced ones: only the exact rows are stored by reference
+    # rows whose texts differ from the sources' in other ways: only the exact rows are stored by reference
     edited = rows.to_pylist()
     edited[0]["all_generated_responses"][0] += " (edited)"
     edited[1]["chosen"][1]["content"] = edited[1]["all_generated_responses"][-1] + "x"
     edited[2]["score_chosen"] = 99.0
     edited = pa.Table.from_pylist(edited, schema=rows.schema)
-    referencing = _with_references(catalog, rows)
-    for i, name in enumerate(rows.column_names):
-        referencing = referencing.set_column(i, name, edited.column(name))
     before = _stored_texts(catalog)
-    a = catalog.register("pairs", mine, iteration=2, split="train")
-    b = catalog.register("pairs", referencing, iteration=3, split="train")
+    a = catalog.register("pairs", mine, iteration=2, split="train", texts_from=sources)
+    b = catalog.register("pairs", edited, iteration=3, split="train", texts_from=sources)
     assert catalog.read(a.id).equals(mine) and catalog.read(b.id).equals(edited)
     assert b.id == Catalog(tmp_path / "other.duckdb").register("pairs", edited, iteration=3, split="train").id
     # mine: in full; edited: rows 0 and 1 in full (texts differ), row 2 by reference (only a score differs), the
     # others are iteration 1's rows (stored already)
     assert _stored_texts(catalog) == (before[0] + 1, before[1] + mine.num_rows + 2)
     assert catalog.verify()["ok"]
+
+
+def test_texts_from_must_name_a_prompts_and_a_generations_snapshot(tmp_path):
+    catalog, _ = _long_catalog(tmp_path / "c.duckdb", n_prompts=6, chars=50)
+    snap = build_pairs(catalog, 1, BuildConfig()).snapshots[0]
+    rows = catalog.read(snap.id).slice(0, 2)
+    rows = rows.set_column(6, "score_chosen", pa.array([99.0, 98.0]))  # rows not stored yet, the same texts
+    prompts, gens = catalog.newest("prompts", 1, "train").id, catalog.newest("generations", 1, "train").id
+    scores = catalog.newest("scores", 1, "train").id
+    before = (catalog.list(), _stored_texts(catalog))
+    for names, message in (((prompts, scores), "'.*' is a scores snapshot"),
+                           ((gens, gens), "is another generations snapshot"),
+                           ((prompts,), "not 1 snapshot")):
+        with pytest.raises(InputError, match=message):
+            catalog.register("pairs", rows, iteration=2, split="train", texts_from=names)
+    with pytest.raises(InputError, match="of scores rows"):
+        catalog.register("scores", catalog.read(scores), iteration=2, split="train", texts_from=(prompts, gens))
+    assert (catalog.list(), _stored_texts(catalog)) == before  # refused before anything was stored
+    # named by tag and selector as well as by id; the order does not matter
+    catalog.tag(gens, "gens-1")
+    stored = catalog.register("pairs", rows, iteration=2, split="train", texts_from=("gens-1", "prompts:1:train"))
+    assert _stored_texts(catalog) == (before[1][0] + 2, before[1][1]) and catalog.read(stored.id).equals(rows)
 
 
 def test_gc_keeps_the_rows_that_stored_pairs_refer_to(tmp_path):
@@ -292,15 +310,16 @@ def test_gc_keeps_the_rows_that_stored_pairs_refer_to(tmp_path):
 _BUILD_THEN_HANG = """
 import sys, time
 import builders.catalog as c
+import builders.catalog.store as store
 from builders.config import BuildConfig
 from builders.pairs import build_pairs
-original = c.Catalog._insert_rows
-def slow(self, *args):
-    out = original(self, *args)
+original = store.insert_rows
+def slow(*args):
+    out = original(*args)
     print("inserted", flush=True)
     time.sleep(60)
     return out
-c.Catalog._insert_rows = slow
+store.insert_rows = slow
 build_pairs(c.Catalog(sys.argv[1]), 1, BuildConfig())
 """
 

@@ -85,6 +85,7 @@ run_pipeline(Catalog(cfg.catalog), cfg, progress=False)
 """
 
 
+@pytest.mark.slow
 def test_kill_9_in_iteration_2_generation_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_models):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir()

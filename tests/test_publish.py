@@ -4,7 +4,9 @@ local HTTP server that answers the Hub endpoints huggingface_hub calls."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -285,16 +287,43 @@ class FakeHub(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+    def _drop(self):
+        """Close the connection without an answer: what a dropped connection looks like to the client."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def _handle(self, method: str):
         st = self.state
         body = self._body() if method == "POST" else b""
         st["requests"].append((method, self.path, self.headers.get("Authorization")))
+        path = self.path.split("?")[0]
+        for part in list(st["drop_once"]):  # scripted: the first request to a matching path loses its connection
+            if part in path:
+                st["drop_once"].remove(part)
+                return self._drop()
+        for part, status in list(st["fail_once"].items()):
+            if part in path:
+                del st["fail_once"][part]
+                return self._reply(status, {"error": "scripted failure"})
         if st.get("status_once"):
             status = st.pop("status_once")
             return self._reply(status, {"error": "scripted failure"})
         if st.get("status_always"):
             return self._reply(st["status_always"], {"error": "scripted failure"})
-        path = self.path.split("?")[0]
+        if path == "/api/whoami-v2":
+            return self._reply(200, {"type": "user", "name": "me",
+                                     "auth": {"type": "access_token", "accessToken": {"role": st["role"]}}})
+        if "/commits/" in path:  # the revision's history, newest first
+            return self._reply(200, [{"id": oid, "authors": [{"user": "me"}], "date": "2026-12-01T00:00:00.000Z",
+                                      "title": header["summary"], "message": header.get("description", "")}
+                                     for oid, header in reversed(st["history"])])
+        if path.endswith("/refs"):
+            head = st["history"][-1][0] if st["history"] else "0" * 40
+            return self._reply(200, {"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": head}],
+                                     "converts": [], "pullRequests": [],
+                                     "tags": [{"name": body["tag"], "ref": f"refs/tags/{body['tag']}",
+                                               "targetCommit": oid} for oid, body in st["tags"]]})
         if path == "/api/repos/create":
             st["repos"].add(json.loads(body)["name"])
             st["create_body"] = json.loads(body)
@@ -318,6 +347,10 @@ class FakeHub(BaseHTTPRequestHandler):
                 elif line["key"] == "deletedFile":
                     st["files"].pop(line["value"]["path"], None)
             oid = f"{len(st['commits']):040x}"
+            st["history"].append((oid, next(line["value"] for line in lines if line["key"] == "header")))
+            if st.get("lose_commit_answer"):  # applied, but the client never hears so
+                how = st.pop("lose_commit_answer")
+                return self._drop() if how == "drop" else self._reply(how, {"error": "scripted failure"})
             return self._reply(200, {"commitUrl": f"http://{self.headers['Host']}/datasets/me/iterative-dpo/commit/{oid}",
                                      "commitOid": oid})
         if "/tag/" in path:
@@ -334,7 +367,8 @@ class FakeHub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub(monkeypatch):
-    state = {"requests": [], "repos": set(), "files": {}, "commits": [], "tags": []}
+    state = {"requests": [], "repos": set(), "files": {}, "commits": [], "tags": [], "history": [], "role": "write",
+             "drop_once": [], "fail_once": {}}
     server = ThreadingHTTPServer(("127.0.0.1", 0), type("Hub", (FakeHub,), {"state": state}))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
@@ -472,3 +506,80 @@ def test_staged_parquet_streams_to_the_same_bytes_as_datasets_writes_the_whole_t
         ours = staged / config / "train_iteration_1-00000-of-00001.parquet"
         assert pq.ParquetFile(ours).num_row_groups >= 2
         assert ours.read_bytes() == reference.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------- Hub faults (issue 20)
+def _publications(catalog: Catalog) -> list[tuple]:
+    with catalog.connect() as con:
+        return con.execute("SELECT commit_id, tag FROM publications").fetchall()
+
+
+def test_a_dropped_connection_is_retried(built, tmp_path, hub):
+    # huggingface_hub 2.x raises httpx2's RemoteProtocolError for a connection closed without an answer
+    hub["drop_once"] += ["/api/repos/create", "/commit/"]
+    result = publish(built, _cfg(tmp_path))
+    assert hub["drop_once"] == []  # both drops happened, and were retried
+    assert len(hub["commits"]) == 1 and result.commit == hub["history"][0][0] and result.tag == result.staged.set_id
+
+
+@pytest.mark.parametrize("lost", [500, "drop"])
+def test_a_commit_whose_answer_is_lost_is_not_sent_again(built, tmp_path, hub, lost):
+    hub["lose_commit_answer"] = lost  # the Hub applies the commit, then answers 500 or drops the connection
+    result = publish(built, _cfg(tmp_path))
+    assert len(hub["commits"]) == 1  # the retry found the commit in the history instead of committing again
+    assert result.commit == hub["history"][0][0] and not result.already_published
+    assert [oid for oid, _ in hub["tags"]] == [result.commit]
+    assert _publications(built) == [(result.commit, result.staged.set_id)]
+
+
+def test_a_rerun_finds_a_commit_that_landed_unrecorded(built, tmp_path, hub):
+    # the answer of the commit is lost and no retry is left (or the process was killed while it was in flight):
+    # the Hub has the commit, the catalog does not
+    hub["lose_commit_answer"] = "drop"
+    with pytest.raises(IterdpoError, match="if it reached the Hub, rerun `iterdpo publish`"):
+        publish(built, _cfg(tmp_path, max_retries=0))
+    assert len(hub["commits"]) == 1 and hub["tags"] == [] and _publications(built) == []
+    again = publish(built, _cfg(tmp_path))
+    assert len(hub["commits"]) == 1  # not committed a second time
+    assert again.already_published and again.commit == hub["history"][0][0] and again.tag == again.staged.set_id
+    assert [oid for oid, _ in hub["tags"]] == [again.commit]
+    assert _publications(built) == [(again.commit, again.tag)]
+
+
+def test_a_commit_tagged_on_the_hub_is_published_even_if_the_catalog_lost_it(built, tmp_path, hub):
+    first = publish(built, _cfg(tmp_path))
+    with built.transaction() as con:  # the record is gone (an older catalog copy, a restore)
+        con.execute("DELETE FROM publications")
+    requests = len(hub["requests"])
+    again = publish(built, _cfg(tmp_path))
+    assert again.already_published and again.commit == first.commit and len(hub["commits"]) == 1
+    assert not any("/commit/" in path or "/tag/" in path for _, path, _ in hub["requests"][requests:])
+    assert _publications(built) == [(first.commit, first.tag)]
+
+
+@pytest.mark.parametrize("refusal", ["read-only", 401])
+def test_the_token_is_checked_before_anything_is_staged(built, tmp_path, hub, refusal):
+    if refusal == 401:
+        hub["fail_once"]["/api/whoami-v2"] = 401
+    else:
+        hub["role"] = "read"
+    cfg = _cfg(tmp_path)
+    with pytest.raises(IterdpoError, match="HTTP 401.*hf auth login" if refusal == 401 else "token is read-only"):
+        publish(built, cfg)
+    assert not cfg.local_dir.exists()  # nothing staged
+    assert [path for _, path, _ in hub["requests"]] == ["/api/whoami-v2"] and _publications(built) == []
+
+
+def test_huggingface_hub_retry_lines_stay_off_stderr(built, tmp_path, hub):
+    """huggingface_hub retries some requests itself and logs each retry; the CLI keeps stderr to its own lines."""
+    import huggingface_hub.constants as constants
+
+    from tests.conftest import run_iterdpo
+
+    hub["fail_once"]["/preupload/"] = 503  # huggingface_hub's own backoff retries this one, and logs it
+    done = run_iterdpo("--catalog", built.path, "publish", "me/iterative-dpo", "--local-dir", tmp_path / "staged",
+                       env={"HF_ENDPOINT": constants.ENDPOINT, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN})
+    assert done.returncode == 0, done.stderr
+    assert hub["fail_once"] == {} and len(hub["commits"]) == 1  # the 503 happened and was retried
+    assert "Retrying" not in done.stderr and "thrown while requesting" not in done.stderr, done.stderr
+    assert done.stdout.startswith("staged ") and "published me/iterative-dpo@main" in done.stdout

@@ -94,6 +94,7 @@ def test_generate_on_two_nodes_registers_the_local_snapshot(cluster, prompts_fil
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("iterdpo-")]
 
 
+@pytest.mark.slow
 def test_a_replica_killed_mid_run_is_replaced_and_the_run_ends_with_the_local_snapshot(
         cluster, prompts_file, tiny_models, tmp_path, local_ids, capsys):
     catalog = copy(prompts_file, tmp_path / "c.duckdb")
@@ -161,6 +162,7 @@ print(json.dumps([s.id for s in rank(catalog, 1, cfg, progress=False).snapshots]
 """
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_driver_then_the_same_command_registers_the_local_snapshot(cluster, tmp_path):
     cfg = RankConfig(ranker="python", ranker_model="tests.scorers:slow_longer_is_better")
     local = rank(generations_catalog(tmp_path / "local.duckdb", n_prompts=16), 1, cfg, progress=False)

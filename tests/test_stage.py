@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from builders.catalog import Catalog
-from builders.stage import Finished, Producer, SplitWork, StageSpec, Work, run_resumable, run_stage
+from builders.stage import Finished, Producer, SplitWork, StageSpec, WorkArea, run_resumable, run_stage
 
 UNITS = [f"{i:064x}" for i in range(6)]
 
@@ -17,8 +17,8 @@ def scored(units) -> Finished:
                                                         "score": [float(int(u, 16)) for u in units]}))
 
 
-def work(key: str = "k" * 64) -> Work:
-    return Work(key, "scores", 1, "train", {"ranker": {"ranker": "counting"}})
+def work(key: str = "k" * 64) -> WorkArea:
+    return WorkArea(key, "scores", 1, "train", {"ranker": {"ranker": "counting"}})
 
 
 def test_commit_seconds_0_commits_each_item_before_the_next_is_produced(tmp_path):

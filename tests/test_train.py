@@ -305,6 +305,75 @@ def test_a_killed_training_does_not_block_the_same_command(built, tmp_path, tiny
     assert len(built.list(kind="model")) == 1
 
 
+def test_a_training_killed_before_its_registration_is_finished_by_the_same_command(built, tmp_path, tiny_models,
+                                                                                   cli):
+    import duckdb
+
+    from builders.train import MODEL_MARKER
+
+    out = tmp_path / "m"
+    model = str(tiny_models / "generator")
+    cmd = [sys.executable, "-m", "builders.cli", "--catalog", str(built.path), "train", "--iteration", "1",
+           "--recipe", str(TINY), "--model", model, "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=_env())
+    lock = None
+    try:
+        for line in proc.stderr:
+            if line.startswith("training ") and lock is None:
+                # the pairs are read: hold the catalog (DuckDB lets one process open the file), so that the
+                # registration waits and the kill below lands between the move into place and the registration
+                lock = duckdb.connect(str(built.path))
+            if "model written to " in line:  # the handshake: the model is in place, the registration next
+                break
+        else:
+            pytest.fail(f"the model was never written (exit {proc.wait()})")
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+    finally:
+        proc.kill()
+        if lock is not None:
+            lock.close()
+    assert (out / "model.safetensors").is_file() and (out / MODEL_MARKER).is_file()
+    assert built.list(kind="model") == []
+    written = (out / "model.safetensors").stat().st_mtime_ns
+
+    # the same command again: the weights are verified and registered, nothing is trained
+    again = subprocess.run([*cmd, "--json"], capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    doc = json.loads(again.stdout)
+    assert doc["resumed"] and "train: " not in again.stderr and "(weights verified)" in again.stderr
+    assert (out / "model.safetensors").stat().st_mtime_ns == written
+    [snap] = built.list(kind="model")
+    row = built.read(snap.id).to_pylist()[0]
+    assert snap.id == doc["snapshot"]["id"] and snap.parents == [built.newest("pairs", 1, "train").id]
+    assert row["path"] == str(out.resolve()) and row["weights_sha256"] == weights_sha256(out)
+    assert json.loads(row["metrics"]) == {"train_pairs_used": 12, "train_pairs_dropped": 0, "train_pairs_truncated": 0}
+    assert snap.params["metrics"]["train_loss"] > 0  # the params of the run that trained it
+    said = cli("train", "--iteration", "1", "--recipe", TINY, "--model", model, "--output-dir", out, catalog=built.path)
+    assert said.code == 0 and said.out.startswith(f"the model of this training is already in {out} (iteration 1, "
+                                                  f"12 pairs; weights verified, not trained again)"), said.out
+    assert [m.id for m in built.list(kind="model")] == [snap.id]
+
+    # the model of another training there (another recipe), or a user's folder, is still refused
+    other = _recipe(tmp_path, "other.yaml", {"max_steps: 5": "max_steps: 3"})
+    with pytest.raises(InputError, match="holds the model of another training .*; pass --overwrite"):
+        train(built, 1, TrainConfig(other, model, output_dir=out, progress=False))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / MODEL_MARKER).write_text("{}")  # a marker of no training (a copy, a hand-made file)
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="pass --overwrite"):
+        train(built, 1, TrainConfig(TINY, model, output_dir=mine, progress=False))
+    assert sorted(p.name for p in mine.iterdir()) == [MODEL_MARKER, "notes.txt"]
+
+    # weights that no longer verify (cut short, changed): the same training runs again into its own folder, and
+    # registers the snapshot an uninterrupted run registers
+    (out / "model.safetensors").write_bytes(b"cut short")
+    retrained = train(built, 1, TrainConfig(TINY, model, output_dir=out, progress=False))
+    assert not retrained.resumed and weights_sha256(out) == row["weights_sha256"]
+    assert retrained.snapshot.id == snap.id and len(built.list(kind="model")) == 1
+
+
 def test_overwrite_replaces_our_model_folder_but_never_a_users_files(built, tmp_path, tiny_models):
     model = str(tiny_models / "generator")
     mine = tmp_path / "mine"

@@ -27,7 +27,7 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("vllm")
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # vLLM engines start in each test
 SAMPLING = SamplingConfig(num_responses=3, temperature=0.8, max_tokens=24, seed=11)
 
 

@@ -81,9 +81,6 @@ def device_for(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
 def check_device(device: str | None) -> None:
     """--device names a device this machine has (checked before any model loads)."""
     if device is None:

@@ -222,7 +222,7 @@ class OpenAIGenerator:
             except queue.Empty:
                 if window.done() and answers.empty():  # the loop ended without a word: should not happen
                     exc = None if window.cancelled() else window.exception()
-                    raise exc or IterdpoError("the openai backend's request loop stopped unexpectedly")
+                    raise (exc or IterdpoError("the openai backend's request loop stopped unexpectedly")) from None
 
     def _count_locally(self, ready: list, s: SamplingConfig) -> None:
         """Exact counts the server's `usage` cannot give (a total over n > 1 choices, or no usage at all), from

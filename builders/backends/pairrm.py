@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from builders.backends.base import device_for
-from builders.errors import InputError
-from builders.models import one_line, resolve_folder
+from builders.errors import InputError, one_line
+from builders.models import resolve_folder
 
 PAIRRM_PREFIXES = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")
 BACKBONE_PREFIX, HEAD_PREFIX = "pretrained_model.", "head_layer."

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 from builders.backends.base import unflatten
-from builders.errors import InputError
-from builders.models import one_line
+from builders.errors import InputError, one_line
 
 class PythonScorer:
     def __init__(self, spec: str):

@@ -37,8 +37,7 @@ from functools import partial
 from typing import Any
 
 from builders.config import EXECUTORS, ExecutorConfig, GenerateConfig, RankConfig
-from builders.errors import InputError, IterdpoError
-from builders.models import one_line
+from builders.errors import InputError, IterdpoError, one_line
 from builders.stage import Finished, Producer, chunks
 
 ATTEMPTS = 3  # a chunk whose actor is gone for good goes to a new actor at most this often, then the run fails

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from builders.backends.base import device_for, unflatten
-from builders.errors import InputError
-from builders.models import one_line, resolve_folder
+from builders.errors import InputError, one_line
+from builders.models import resolve_folder
 
 class ScalarRM:
     """AutoModelForSequenceClassification over (prompt, response), rendered with the chat template when the

@@ -10,8 +10,7 @@ from typing import Any
 
 from builders.backends.base import Request, Sample, call_sampling as _sampling
 from builders.config import SamplingConfig
-from builders.errors import InputError
-from builders.models import one_line as _one_line
+from builders.errors import InputError, one_line
 
 class Templated:
     """Shared by the local backends: the tokenizer, its chat template, and the context-length rule."""
@@ -24,7 +23,7 @@ class Templated:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         except Exception as e:
-            raise InputError(f"model {model!r}: cannot load its tokenizer ({_one_line(e)})") from None
+            raise InputError(f"model {model!r}: cannot load its tokenizer ({one_line(e)})") from None
         if chat_template is not None:
             try:
                 self.tokenizer.chat_template = Path(chat_template).read_text()
@@ -67,7 +66,7 @@ class TransformersGenerator(Templated):
         try:
             self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
         except Exception as e:
-            raise InputError(f"model {model!r}: cannot load it ({_one_line(e)})") from None
+            raise InputError(f"model {model!r}: cannot load it ({one_line(e)})") from None
         limits = [getattr(self.lm.config, "max_position_embeddings", None), self.tokenizer.model_max_length]
         self.context_length = min(x for x in limits if isinstance(x, int) and 0 < x < 10**8)
 

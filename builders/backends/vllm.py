@@ -27,8 +27,7 @@ from typing import Any
 from builders.backends.base import Request, Sample, call_sampling as _sampling
 from builders.backends.transformers import Templated
 from builders.config import SamplingConfig
-from builders.errors import InputError
-from builders.models import one_line
+from builders.errors import InputError, one_line
 
 # Set by the CLI unless --debug: capture vLLM's start-up output instead of letting it reach the terminal.
 QUIET = False

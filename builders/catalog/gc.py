@@ -4,14 +4,15 @@ belong to no snapshot and no work in progress, left by interrupted registrations
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
+import builders.catalog.store as store
+from builders.catalog.db import Database, execute, fetch_one
 from builders.catalog.hashing import row_hashes, snapshot_id
-from builders.catalog.snapshots import Snapshots
-from builders.catalog.store import _one, _rows_table, _run, has_refs
 from builders.errors import CatalogError
 from builders.schemas import KINDS, Kind, kind as get_kind
 
@@ -20,13 +21,17 @@ from builders.schemas import KINDS, Kind, kind as get_kind
 _VERIFY_ROWS = 1_000
 
 
-class Upkeep(Snapshots):
-    """Verification and garbage collection."""
+class Upkeep:
+    """Verification and garbage collection (a facet of Catalog: it reads snapshots through Catalog's `list` and
+    `read_batches`)."""
+
+    db: Database
+    path: Path
 
     # ----------------------------------------------------------------------------------------------------- verify
     def verify(self) -> dict[str, Any]:
         """Recompute every row hash and snapshot id from the stored rows; report each mismatch."""
-        self.require()
+        self.db.require()
         problems: list[str] = []
         snaps = self.list()
         for snap in snaps:
@@ -44,15 +49,15 @@ class Upkeep(Snapshots):
                 problems.append(f"{snap.id[:12]}: {seen['bad']} rows do not match their hash")
             if sid != snap.id:
                 problems.append(f"{snap.id[:12]}: recomputed id is {sid[:12]}")
-        with self.connect(read_only=True) as con:
-            dangling = _one(con, 
+        with self.db.connect(read_only=True) as con:
+            dangling = fetch_one(con,
                 "SELECT count(*) FROM snapshot_parents p ANTI JOIN snapshots s ON p.parent_id = s.id")[0]
             if dangling:
                 problems.append(f"{dangling} parent links name snapshots that are not in the catalog")
             # rows of interrupted registrations: in no snapshot and no work; harmless, reused by a retry,
             # removed by `versions gc`
-            refs = has_refs(con)
-            unreferenced = sum(_one(con, f"SELECT count(*) {_unreferenced(k, refs)}", [k.name, k.name])[0]
+            refs = store.has_refs(con)
+            unreferenced = sum(fetch_one(con, f"SELECT count(*) {_unreferenced(k, refs)}", [k.name, k.name])[0]
                                for k in KINDS.values())
         return {"catalog": str(self.path), "snapshots": len(snaps), "ok": not problems, "problems": problems,
                 "unreferenced_rows": unreferenced}
@@ -72,22 +77,22 @@ class Upkeep(Snapshots):
         """Remove stored rows that belong to no snapshot and to no work in progress (left by interrupted
         registrations), in one transaction. Work is kept: it is what a rerun resumes from. Safe beside other
         processes: a registration holds the file from its first stored row to its snapshot record."""
-        self.require()
+        self.db.require()
         removed: dict[str, int] = {}
-        with self.transaction() as con:
+        with self.db.atomic() as con:
             before = _free_bytes(con)
             # pairs first: the prompts and generations rows that only removed pairs rows referred to go too
             for k in sorted(KINDS.values(), key=lambda k: k.name != "pairs"):
-                n = _one(con, f"SELECT count(*) {_unreferenced(k)}", [k.name, k.name])[0]
+                n = fetch_one(con, f"SELECT count(*) {_unreferenced(k)}", [k.name, k.name])[0]
                 if n and not dry_run:
-                    _run(con, f"DELETE FROM {_rows_table(k.name)} WHERE row_id IN (SELECT r.row_id "
-                              f"{_unreferenced(k)})", [k.name, k.name])
+                    execute(con, f"DELETE FROM {store.rows_table(k.name)} WHERE row_id IN (SELECT r.row_id "
+                                 f"{_unreferenced(k)})", [k.name, k.name])
                 removed[k.name] = n
             removed = {k: removed[k] for k in KINDS}
         freed = 0
         if not dry_run and any(removed.values()):
-            with self.connect() as con:  # a checkpoint returns the deleted rows' blocks to the file's free list
-                _run(con, "CHECKPOINT")
+            with self.db.connect() as con:  # a checkpoint returns the deleted rows' blocks to the file's free list
+                execute(con, "CHECKPOINT")
                 freed = max(_free_bytes(con) - before, 0)
         return {"catalog": str(self.path), "dry_run": dry_run, "rows_removed": sum(removed.values()),
                 "rows_removed_by_kind": removed, "bytes_freed": freed, "file_bytes": self.path.stat().st_size}
@@ -99,7 +104,7 @@ def _unreferenced(k: Kind, refs: bool = True) -> str:
     referred = {"prompts": "SELECT prompt_ref AS h FROM rows_pairs WHERE prompt_ref IS NOT NULL",
                 "generations": "SELECT unnest(response_refs) AS h FROM rows_pairs WHERE prompt_ref IS NOT NULL"}
     by_pairs = f" ANTI JOIN ({referred[k.name]}) refd ON r.row_hash = refd.h" if refs and k.name in referred else ""
-    return f"""FROM {_rows_table(k.name)} r
+    return f"""FROM {store.rows_table(k.name)} r
         ANTI JOIN (SELECT row_id FROM snapshot_rows s JOIN snapshots n ON s.seq = n.seq WHERE n.kind = ?
                    UNION ALL SELECT row_id FROM work_rows w JOIN work k ON w.work_key = k.work_key
                    WHERE k.kind = ?) used ON r.row_id = used.row_id{by_pairs}"""
@@ -107,6 +112,6 @@ def _unreferenced(k: Kind, refs: bool = True) -> str:
 
 def _free_bytes(con: duckdb.DuckDBPyConnection) -> int:
     """Bytes of the file's free blocks (DuckDB reuses them; the file itself does not shrink)."""
-    block_size, free_blocks = _one(con, "SELECT block_size, free_blocks FROM pragma_database_size() "
-                                        "WHERE database_name = current_database()")
+    block_size, free_blocks = fetch_one(con, "SELECT block_size, free_blocks FROM pragma_database_size() "
+                                             "WHERE database_name = current_database()")
     return int(block_size) * int(free_blocks)

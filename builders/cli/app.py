@@ -19,7 +19,7 @@ import click
 from builders import __version__
 from builders.cli.options import example, flag_name
 from builders.config import CATALOG_ENV, DEFAULT_CATALOG
-from builders.errors import IterdpoError
+from builders.errors import IterdpoError, one_line
 
 
 @dataclass
@@ -41,6 +41,9 @@ def _quiet() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight loading/saving bars too
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # huggingface_hub sets its logger's level when it is imported (after this): its retry lines ("Retrying in 1s")
+    # would reach stderr; our own retries report a failure in one line
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     for name in ("datasets", "transformers", "huggingface_hub", "filelock", "urllib3", "fsspec"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from builders.backends import vllm as vllm_backend
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug or an unexpected library failure: still one line, the traceback on --debug
         if debug:
             raise
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = one_line(str(e), 1000)
         click.echo(f"Error: unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from builders.cli.app import State, cli
-from builders.cli.options import compose, config_from, example, field_option, json_option
+from builders.cli.options import QUICKSTART_CATALOG, compose, config_from, example, field_option, json_option
 from builders.cli.render import emit
 from builders.config import PublishConfig, PublishModelConfig, check_license as config_check_license, validate_publish
 from builders.errors import InputError
@@ -22,7 +22,7 @@ def repo_options(config: type):
 
 # ---------------------------------------------------------------------------------------------------------- publish
 @cli.command("publish", epilog=example(
-    "iterdpo publish me/ultrafeedback-iterative-dpo --iterations 1 --local-dir staged --dry-run"))
+    f"iterdpo --catalog {QUICKSTART_CATALOG} publish me/iterdpo-quickstart --iterations 1 --local-dir staged --dry-run"))
 @click.argument("repo_id")
 @click.option("--iterations", default=None, help="Comma-separated iterations, e.g. 1,2,3 (default: every built one).")
 @repo_options(PublishConfig)
@@ -77,7 +77,8 @@ def _print_publication(result, repo_id: str, revision: str, as_json: bool) -> No
 
 
 @cli.command("publish-model", epilog=example(
-    "iterdpo publish-model me/mistral-iterdpo-it1 --iteration 1 --local-dir staged-model --dry-run"))
+    f"iterdpo --catalog {QUICKSTART_CATALOG} publish-model me/smollm2-iterdpo-it1 --iteration 1 --local-dir staged-model "
+    "--dry-run"))
 @click.argument("repo_id")
 @click.option("--iteration", type=int, required=True, help="Publish the model trained on this iteration's pairs.")
 @field_option(PublishModelConfig, "dataset_repo")

@@ -12,8 +12,15 @@ import click
 
 
 def example(*commands: str) -> str:
-    """A help epilog: every command's --help ends with a runnable example."""
+    """A help epilog: every command's --help ends with an example that runs as written after `make quickstart`
+    (tests/test_examples.py runs each): it reads the quickstart's catalog and models and writes only new paths,
+    never over the quickstart's results. One command per line, run in order."""
     return "\b\nExample:\n" + "\n".join(f"  {c}" for c in commands)
+
+
+# the quickstart's catalog, read by the examples; a stage's example writes to a copy of its own instead
+QUICKSTART_CATALOG = "quickstart/catalog.duckdb"
+OWN_CATALOG = f"iterdpo --catalog my.duckdb versions merge {QUICKSTART_CATALOG}   # the quickstart's snapshots, in a catalog of your own"
 
 
 def json_option(f):

@@ -9,7 +9,7 @@ import click
 
 from builders.cli.app import State, debug_flag, cli, stage_output
 from builders.cli.options import (
-    backend_options, config_from, example, executor_options, field_option, json_option, ranker_options,
+    OWN_CATALOG, backend_options, config_from, example, executor_options, field_option, json_option, ranker_options,
     sampling_options,
 )
 from builders.cli.render import emit, print_executor, print_snapshots
@@ -18,7 +18,8 @@ from builders.config import SELECTIONS, SPLITS, BuildConfig, GenerateConfig, Qui
 
 # --------------------------------------------------------------------------------------------------------- generate
 @cli.command("generate", epilog=example(
-    "iterdpo generate --iteration 1 --model quickstart/models/generator --num-responses 5 --max-tokens 64"))
+    OWN_CATALOG, "iterdpo --catalog my.duckdb generate --iteration 4 --split test --model quickstart/models/iteration_1 "
+    "--num-responses 5 --max-tokens 64"))
 @click.option("--iteration", type=int, required=True)
 @field_option(GenerateConfig, "model")
 @sampling_options()
@@ -69,7 +70,8 @@ def _stage_command(state: State, stage, iteration: int, cfg, from_refs: tuple[st
 
 # ------------------------------------------------------------------------------------------------------------- rank
 @cli.command("rank", epilog=example(
-    "iterdpo rank --iteration 1 --ranker pairrm --ranker-model quickstart/models/ranker"))
+    OWN_CATALOG, "iterdpo --catalog my.duckdb rank --iteration 1 --ranker python "
+    "--ranker-model builders.rewards:complete_concise_answer"))
 @click.option("--iteration", type=int, required=True)
 @ranker_options()
 @click.option("--split", type=click.Choice(SPLITS), default=None, help="Only this split (default: both).")
@@ -97,7 +99,8 @@ def rank_cmd(state: State, iteration: int, split: str | None, from_refs: tuple[s
 
 
 # ------------------------------------------------------------------------------------------------------------ build
-@cli.command("build", epilog=example("iterdpo build --iteration 1 --length-penalty 0.001 --min-margin 0.05"))
+@cli.command("build", epilog=example(
+    OWN_CATALOG, "iterdpo --catalog my.duckdb build --iteration 1 --length-penalty 0.001 --min-margin 0.05"))
 @click.option("--iteration", type=int, required=True)
 @field_option(BuildConfig, "selection", choices=SELECTIONS)
 @field_option(BuildConfig, "length_penalty")
@@ -128,8 +131,8 @@ def build_cmd(state: State, iteration: int, from_refs: tuple[str, ...], as_json:
 
 # ------------------------------------------------------------------------------------------------------------ train
 @cli.command("train", epilog=example(
-    "iterdpo train --iteration 1 --recipe train/recipes/tiny-cpu.yaml --model quickstart/models/generator "
-    "--output-dir quickstart/models/iteration_1 --overwrite"))
+    OWN_CATALOG, "iterdpo --catalog my.duckdb train --iteration 1 --recipe train/recipes/quickstart-cpu.yaml "
+    "--model quickstart/models/smollm2 --output-dir models/my-run"))
 @click.option("--iteration", type=int, required=True)
 @field_option(TrainConfig, "recipe")
 @field_option(TrainConfig, "model")
@@ -155,8 +158,12 @@ def train_cmd(state: State, iteration: int, from_refs: tuple[str, ...], as_json:
 
     def human() -> None:
         loss = result.metrics.get("train_loss")
-        click.echo(f"trained iteration {iteration} on {counts_line(result.metrics)}: model in {result.output_dir}"
-                   + (f", train loss {loss:.4f}" if loss is not None else ""))
+        if result.resumed:  # an earlier run of the same training wrote it and was stopped before registering it
+            click.echo(f"the model of this training is already in {result.output_dir} (iteration {iteration}, "
+                       f"{counts_line(result.metrics)}; weights verified, not trained again)")
+        else:
+            click.echo(f"trained iteration {iteration} on {counts_line(result.metrics)}: model in {result.output_dir}"
+                       + (f", train loss {loss:.4f}" if loss is not None else ""))
         if result.snapshot:
             click.echo(f"model snapshot {result.snapshot.id[:12]}")
 

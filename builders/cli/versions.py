@@ -1,4 +1,4 @@
-"""`prompts` and `versions`: the prompt pool, the splits, and the catalog's snapshots."""
+"""`versions`: the catalog's snapshots (list, show, diff, tag, export, verify, gc, merge)."""
 
 from __future__ import annotations
 
@@ -9,66 +9,12 @@ from pathlib import Path
 import click
 
 from builders.cli.app import State, cli
-from builders.cli.options import example, field_option, json_option
+from builders.cli.options import OWN_CATALOG, QUICKSTART_CATALOG, example, json_option
 from builders.cli.render import emit, print_snapshots
-from builders.config import SplitConfig
-
-
-# ---------------------------------------------------------------------------------------------------------- prompts
-@cli.group(epilog=example("iterdpo prompts import data/ultrafeedback_sample.jsonl"))
-def prompts() -> None:
-    """Import a prompt pool and draw disjoint per-iteration prompt sets.
-    """
-
-
-@prompts.command("import", epilog=example("iterdpo prompts import data/ultrafeedback_sample.jsonl --column prompt"))
-@click.argument("source")
-@click.option("--column", default=None, help="Column holding the prompt (default: the first of prompt, instruction, "
-              "question, query, input, text).")
-@json_option
-@click.pass_obj
-def prompts_import(state: State, source: str, column: str | None, as_json: bool) -> None:
-    """Import prompts from SOURCE into a `prompts` pool snapshot.
-
-    SOURCE is a local .jsonl/.json/.parquet/.csv file, a dataset folder, or a Hub dataset id with an optional
-    split (openbmb/UltraFeedback, HuggingFaceH4/ultrafeedback_binarized:train_prefs). Prompts are
-    whitespace-stripped, empty and null ones skipped, duplicates dropped (prompt_id = sha256 of the text).
-    Importing the same prompts again is a no-op that returns the same snapshot.
-    """
-    from builders.prompts import import_prompts
-
-    result = import_prompts(state.catalog(), source, column)
-
-    def human() -> None:
-        click.echo(f"imported {result.snapshot.rows} prompts from {source} (column {result.column!r}): "
-                   f"{result.read} read, {result.skipped_empty} empty or null skipped, {result.duplicates} duplicates")
-        click.echo(f"snapshot {result.snapshot.id}")
-
-    emit(result.to_json(), as_json, human)
-
-
-@prompts.command("split", epilog=example("iterdpo prompts split --iterations 3 --train-size 40 --test-size 10 --seed 42"))
-@field_option(SplitConfig, "iterations")
-@field_option(SplitConfig, "train_size")
-@field_option(SplitConfig, "test_size")
-@field_option(SplitConfig, "seed")
-@click.option("--from", "from_refs", multiple=True, help="Pool snapshot(s) to draw from (repeatable; default: the newest pool).")
-@json_option
-@click.pass_obj
-def prompts_split(state: State, iterations: int, train_size: int, test_size: int, seed: int,
-                  from_refs: tuple[str, ...], as_json: bool) -> None:
-    """Draw train and test prompt sets for each iteration, disjoint across iterations and splits.
-
-    Deterministic for a seed: the same pool and options give the same snapshot ids.
-    """
-    from builders.prompts import split_prompts
-
-    snaps = split_prompts(state.catalog(), SplitConfig(iterations, train_size, test_size, seed), from_refs)
-    emit([s.to_json() for s in snaps], as_json, lambda: print_snapshots(snaps))
 
 
 # --------------------------------------------------------------------------------------------------------- versions
-@cli.group(epilog=example("iterdpo versions list --kind prompts"))
+@cli.group(epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions list --kind model"))
 def versions() -> None:
     """List, inspect, compare, tag, export, verify, merge and garbage-collect snapshots.
 
@@ -77,7 +23,7 @@ def versions() -> None:
     """
 
 
-@versions.command("list", epilog=example("iterdpo versions list --kind prompts --iteration 1 --json"))
+@versions.command("list", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions list --kind pairs --iteration 1 --json"))
 @click.option("--kind", default=None, help="Only this kind (prompts, generations, scores, pairs, model).")
 @click.option("--iteration", type=int, default=None)
 @click.option("--split", type=click.Choice(["train", "test"]), default=None)
@@ -90,7 +36,7 @@ def versions_list(state: State, kind: str | None, iteration: int | None, split: 
     emit([s.to_json() for s in snaps], as_json, lambda: print_snapshots(snaps))
 
 
-@versions.command("show", epilog=example("iterdpo versions show prompts:1:train"))
+@versions.command("show", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions show pairs:1:train"))
 @click.argument("ref")
 @json_option
 @click.pass_obj
@@ -124,7 +70,7 @@ def versions_show(state: State, ref: str, as_json: bool) -> None:
     emit(doc, as_json, human)
 
 
-@versions.command("diff", epilog=example("iterdpo versions diff prompts:1:train prompts:2:train"))
+@versions.command("diff", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions diff prompts:1:train prompts:2:train"))
 @click.argument("a")
 @click.argument("b")
 @click.option("--limit", type=int, default=10, show_default=True, help="Keys shown per category (human output).")
@@ -148,7 +94,7 @@ def versions_diff(state: State, a: str, b: str, limit: int, as_json: bool) -> No
     emit(result, as_json, human)
 
 
-@versions.command("tag", epilog=example("iterdpo versions tag prompts pool-v1"))
+@versions.command("tag", epilog=example(OWN_CATALOG, "iterdpo --catalog my.duckdb versions tag pairs:1:train quickstart-it1"))
 @click.argument("ref")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Move the tag if it already names another snapshot.")
@@ -163,7 +109,7 @@ def versions_tag(state: State, ref: str, name: str, force: bool, as_json: bool) 
     emit(snap.to_json(), as_json, lambda: click.echo(f"tagged {snap.id[:12]} as {name}"))
 
 
-@versions.command("export", epilog=example("iterdpo versions export pool-v1 prompts.parquet"))
+@versions.command("export", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions export pairs:1:train pairs-1.parquet"))
 @click.argument("ref")
 @click.argument("path", type=click.Path(dir_okay=False))
 @json_option
@@ -177,7 +123,7 @@ def versions_export(state: State, ref: str, path: str, as_json: bool) -> None:
     emit(result, as_json, lambda: click.echo(f"wrote {result['rows']} rows of {result['id'][:12]} to {result['path']}"))
 
 
-@versions.command("verify", epilog=example("iterdpo versions verify"))
+@versions.command("verify", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions verify"))
 @json_option
 @click.pass_obj
 def versions_verify(state: State, as_json: bool) -> None:
@@ -193,7 +139,7 @@ def versions_verify(state: State, as_json: bool) -> None:
         sys.exit(1)
 
 
-@versions.command("gc", epilog=example("iterdpo versions gc --dry-run"))
+@versions.command("gc", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions gc --dry-run"))
 @click.option("--dry-run", is_flag=True, help="Count what would be removed; change nothing.")
 @json_option
 @click.pass_obj
@@ -215,7 +161,7 @@ def versions_gc(state: State, dry_run: bool, as_json: bool) -> None:
     emit(report, as_json, human)
 
 
-@versions.command("merge", epilog=example("iterdpo --catalog data/catalog.duckdb versions merge shard-0.duckdb shard-1.duckdb"))
+@versions.command("merge", epilog=example(f"iterdpo --catalog my.duckdb versions merge {QUICKSTART_CATALOG}"))
 @click.argument("catalogs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @json_option
 @click.pass_obj
@@ -235,5 +181,3 @@ def versions_merge(state: State, catalogs: tuple[str, ...], as_json: bool) -> No
                 click.echo(f"  kept our tags where both differ: {', '.join(m['tag_conflicts_kept_ours'])}")
 
     emit(report, as_json, human)
-
-
