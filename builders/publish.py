@@ -223,11 +223,12 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
         plots.length_by_iteration({i.iteration: i.stats for i in infos if i.name.startswith("train_")},
                                   scratch / "plots" / "length_by_iteration.png")
         files += ["plots/score_distributions.png", "plots/length_by_iteration.png"]
-        card = render(repo_id, infos, _features(), set_id, __version__, origins(catalog, snaps), license)
+        lineage = origins(catalog, snaps)
+        card = render(repo_id, infos, _features(), set_id, __version__, lineage, license)
         # The reward on test prompts per iteration (cards/rewards.py), as its own block before Provenance.
         from cards.rewards import add_to_card
 
-        pinned = {it: s.parents[0] for (it, split), s in snaps.items() if split == "test" and s.parents}
+        pinned = {it: o.scores.id for (it, split), o in lineage.items() if split == "test" and o.scores is not None}
         card, reward_files = add_to_card(catalog, card, scratch, sorted({it for it, _ in snaps}), pinned)
         files += reward_files
         (scratch / "README.md").write_text(card)

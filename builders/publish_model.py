@@ -177,8 +177,8 @@ def _card(catalog: Catalog, iteration: int, cfg: PublishModelConfig, snap: Snaps
         license=cfg.license, datasets=datasets, steps=steps,
         hyperparameters=_hyperparameters(chain[-1].row["recipe"]),
         rewards=test_reward_table(catalog, list(range(1, iteration + 2)), {
-            step.iteration: catalog.get(step.pairs["test"]).parents[0] for step in chain
-            if "test" in step.pairs and catalog.get(step.pairs["test"]).parents}),
+            step.iteration: scores.id for step in chain
+            if "test" in step.pairs and (scores := catalog.parent(step.pairs["test"], "scores")) is not None}),
         drift=_drift(catalog, chain), prompt_format=prompt_format,
         snapshot=snap.id, version=__version__,
     )

@@ -59,12 +59,8 @@ class Origin:
 
 
 def _parent(catalog, snap, kind: str):
-    """The parent of `snap` of that kind (looked up by kind, not position)."""
-    for ref in snap.parents if snap is not None else ():
-        parent = catalog.get(ref)
-        if parent.kind == kind:
-            return parent
-    return None
+    """The parent of `snap` of that kind (by kind, not position), or None."""
+    return catalog.parent(snap, kind) if snap is not None else None
 
 
 def model_of(catalog, params: dict[str, Any], generations=None, cache: dict | None = None) -> Model:
@@ -121,7 +117,7 @@ def origins(catalog, snaps: dict[tuple[int, str], Any]) -> dict[tuple[int, str],
         o.prompts = _parent(catalog, o.generations, "prompts")
         if o.prompts is None and "prompts" in pairs.params:  # hand-built lineage: the pairs name their prompts
             o.prompts = catalog.get(pairs.params["prompts"])
-        o.pools = [catalog.get(p) for p in (o.prompts.parents if o.prompts is not None else ())]
+        o.pools = catalog.parents(o.prompts, "prompts") if o.prompts is not None else []
         gen_params = o.generations.params if o.generations is not None and o.generations.params.get("model") \
             else pairs.params.get("generator", {})
         if gen_params.get("model"):
