@@ -548,7 +548,7 @@ def test_a_rerun_finds_a_commit_that_landed_unrecorded(built, tmp_path, hub):
 
 def test_a_commit_tagged_on_the_hub_is_published_even_if_the_catalog_lost_it(built, tmp_path, hub):
     first = publish(built, _cfg(tmp_path))
-    with built.transaction() as con:  # the record is gone (an older catalog copy, a restore)
+    with built.atomic() as con:  # the record is gone (an older catalog copy, a restore)
         con.execute("DELETE FROM publications")
     requests = len(hub["requests"])
     again = publish(built, _cfg(tmp_path))
