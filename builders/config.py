@@ -302,6 +302,8 @@ class PublishModelConfig:
     repo_id: str
     dataset_repo: str | None = opt(None, "The dataset repo the card links (default: where the catalog published "
                                          "these pairs).")
+    base_model: str | None = opt(None, "Hub id of the base model, for the card's base_model (default: the base "
+                                       "when it is a hub id; give it when the base was a local copy).")
     local_dir: Path | None = opt(None, "Stage the repo folder here (kept); default: a temporary folder.")
     dry_run: bool = opt(False, "Stage only: no token, no network.")
     private: bool = opt(False, "Create the repo as private.")

@@ -229,7 +229,7 @@ def generate(catalog: Catalog, iteration: int, cfg: GenerateConfig, from_refs: S
                 return {
                     **identity, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
                     "seed_rule": "sha256(f'{seed}:{prompt_id}')[:8] mod floor(2^62/n), times n; responses use S..S+n-1",
-                    "skipped_too_long": skipped, "work_key": key, "prompts": prompts_id, **described,
+                    "skipped_too_long": skipped, "work_key": key, "prompts": prompts_id, **_engine(cfg), **described,
                 }
 
             yield SplitWork(split, key, items, [prompts_snap.id, *producer_of], params,
@@ -237,6 +237,19 @@ def generate(catalog: Catalog, iteration: int, cfg: GenerateConfig, from_refs: S
 
     spec = StageSpec("generate", "generations", iteration, "generator", producer(cfg), cfg.commit_seconds)
     return run_stage(catalog, spec, splits(), progress=progress, backend=generator)
+
+
+def _engine(cfg: GenerateConfig) -> dict[str, Any]:
+    """How the engine ran, beyond the work key, for the card's rebuild commands: vLLM's options (eager and compiled
+    runs sample differently on a CPU) and, for a local run on a CPU, torch's thread count (so do 1 and 2 threads)."""
+    import sys
+
+    out: dict[str, Any] = {"vllm": asdict(cfg.vllm)} if cfg.backend == "vllm" else {}
+    torch = sys.modules.get("torch")  # loaded by the local backends; the openai backend's server did the work
+    if cfg.backend != "openai" and cfg.scale_out.executor == "local" and torch is not None \
+            and not torch.cuda.is_available():
+        out["cpu_threads"] = torch.get_num_threads()
+    return out
 
 
 def _model_snapshot(catalog: Catalog, identity: dict[str, Any]) -> list[str]:

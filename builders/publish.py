@@ -198,6 +198,7 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
     """Write the repo folder. It is built in a scratch folder and moved into place, so it is whole or absent."""
     from cards import plots
     from cards.card import SplitInfo, render
+    from cards.provenance import origins
 
     validate_repo_id(repo_id)
     snaps = published_snapshots(catalog, iterations)
@@ -222,29 +223,17 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
         plots.length_by_iteration({i.iteration: i.stats for i in infos if i.name.startswith("train_")},
                                   scratch / "plots" / "length_by_iteration.png")
         files += ["plots/score_distributions.png", "plots/length_by_iteration.png"]
-        split_params = _split_params(catalog, snaps)
-        card = render(repo_id, infos, _features(), set_id, __version__, split_params, license)
+        lineage = origins(catalog, snaps)
+        card = render(repo_id, infos, _features(), set_id, __version__, lineage, license)
         # The reward on test prompts per iteration (cards/rewards.py), as its own block before Provenance.
         from cards.rewards import add_to_card
 
-        pinned = {it: s.parents[0] for (it, split), s in snaps.items() if split == "test" and s.parents}
+        pinned = {it: o.scores.id for (it, split), o in lineage.items() if split == "test" and o.scores is not None}
         card, reward_files = add_to_card(catalog, card, scratch, sorted({it for it, _ in snaps}), pinned)
         files += reward_files
         (scratch / "README.md").write_text(card)
         files.append("README.md")
     return StagedRepo(st.target, sorted(files), ids, set_id)
-
-
-def _split_params(catalog: Catalog, snaps: dict[tuple[int, str], Snapshot]) -> dict[str, Any]:
-    """How the prompts were split and where the pool came from (for the card's rebuild commands)."""
-    first = snaps[min(snaps)]
-    prompts = catalog.get(first.params["prompts"]) if "prompts" in first.params else None
-    if prompts is None:
-        return {}
-    out = dict(prompts.params)
-    if prompts.parents:
-        out["source"] = catalog.get(prompts.parents[0]).params.get("source")
-    return out
 
 
 def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:

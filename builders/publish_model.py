@@ -74,6 +74,29 @@ def lineage(catalog: Catalog, snap: Snapshot) -> tuple[str, list[Step]]:
     return chain[-1].row["base_model"], chain[::-1]
 
 
+def check_base_model(ref: str) -> None:
+    """--base-model is a hub model id (a name alone, like gpt2, is one too), never a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id as hub_validate
+
+    try:
+        hub_validate(ref)
+    except HFValidationError as e:
+        raise InputError(f"base model {ref!r} is not a hub model id: {str(e).splitlines()[0]}",
+                         option="base_model") from None
+
+
+def base_description(base: str, base_is_hub: bool, hub_id: str | None) -> dict[str, Any]:
+    """How the card names the base model: its hub id when known (given, or the base itself), and for a local
+    folder what identifies it (its weights' sha256, the GGUF file it was imported from)."""
+    from cards.provenance import local_facts
+
+    out: dict[str, Any] = {"name": hub_id or display_name(base), "hub_id": hub_id, "local": not base_is_hub,
+                           "folder": display_name(base), "weights_sha256": None, "gguf": None}
+    if not base_is_hub and Path(base).is_dir():
+        out.update(local_facts(Path(base)))
+    return out
+
+
 def _hyperparameters(recipe_text: str) -> dict[str, Any]:
     import yaml
 
@@ -101,6 +124,8 @@ def stage_model(catalog: Catalog, iteration: int, cfg: PublishModelConfig) -> tu
     validate_repo_id(cfg.repo_id)
     if cfg.dataset_repo:
         validate_repo_id(cfg.dataset_repo)
+    if cfg.base_model is not None:
+        check_base_model(cfg.base_model)
     snap = catalog.newest("model", iteration)
     if snap is None:
         raise InputError(f"iteration {iteration} has no trained model in catalog {catalog.path}; train it first "
@@ -146,13 +171,14 @@ def _card(catalog: Catalog, iteration: int, cfg: PublishModelConfig, snap: Snaps
     if cfg.dataset_repo and cfg.dataset_repo not in datasets:
         datasets.append(cfg.dataset_repo)
     base_is_hub = not Path(base).expanduser().exists() and not Path(base).is_absolute()
+    base_info = base_description(base, base_is_hub, cfg.base_model or (base if base_is_hub else None))
     return render(
-        repo_id=cfg.repo_id, iteration=iteration, base=display_name(base), base_is_hub=base_is_hub,
+        repo_id=cfg.repo_id, iteration=iteration, base=base_info,
         license=cfg.license, datasets=datasets, steps=steps,
         hyperparameters=_hyperparameters(chain[-1].row["recipe"]),
         rewards=test_reward_table(catalog, list(range(1, iteration + 2)), {
-            step.iteration: catalog.get(step.pairs["test"]).parents[0] for step in chain
-            if "test" in step.pairs and catalog.get(step.pairs["test"]).parents}),
+            step.iteration: scores.id for step in chain
+            if "test" in step.pairs and (scores := catalog.parent(step.pairs["test"], "scores")) is not None}),
         drift=_drift(catalog, chain), prompt_format=prompt_format,
         snapshot=snap.id, version=__version__,
     )

@@ -447,7 +447,8 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
                    "base_model": model_ref(model_args.model_name_or_path), "recipe": recipe_text,
                    "metrics": json.dumps({k: counts[k] for k in PAIR_COUNTS if k in counts}, sort_keys=True)}
             params = {"recipe_path": str(recipe_path), "dataset": cfg.dataset or "catalog",
-                      "world_size": trainer.args.world_size, "base_model": row["base_model"], "metrics": metrics}
+                      "world_size": trainer.args.world_size, "base_model": row["base_model"], "metrics": metrics,
+                      **_cpu_threads()}
             # the marker holds the registration too: a run stopped after the move is finished by the next one
             _move_into_place(scratch, out, {"work": work, "row": row, "params": params, "parents": parents,
                                             "warnings": warnings})  # the model at the root of `out`
@@ -460,6 +461,13 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
             shutil.rmtree(scratch, ignore_errors=True)  # left only by a failure: the model was moved
     _end_distributed()
     return TrainResult(out, metrics, snap, warnings)
+
+
+def _cpu_threads() -> dict[str, int]:
+    """torch's thread count of a training on a CPU (recorded for the card's rebuild commands: `--threads`)."""
+    import torch
+
+    return {} if torch.cuda.is_available() else {"cpu_threads": torch.get_num_threads()}
 
 
 def _count_warnings(counts: dict[str, int], args) -> list[str]:

@@ -32,9 +32,9 @@ def test_reward_table(catalog, iterations: list[int] | None = None,
     for n in wanted:
         scores_snap = (catalog.get(pinned[n]) if pinned and n in pinned
                        else catalog.newest("scores", n, "test"))
-        if scores_snap is None:
+        gen_snap = catalog.parent(scores_snap, "generations") if scores_snap is not None else None
+        if gen_snap is None:
             continue
-        gen_snap = catalog.get(scores_snap.parents[0])
         scores = catalog.read(scores_snap.id).to_pylist()
         gens = {(g["prompt_id"], g["response_index"]): g for g in catalog.read(gen_snap.id).to_pylist()}
         per_prompt: dict[str, list[float]] = defaultdict(list)

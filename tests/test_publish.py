@@ -124,7 +124,11 @@ def test_staged_files_are_what_datasets_writes_and_reads_back_without_warnings(t
     text = (staged / "README.md").read_text()
     # the prompt file, the generator and the ranker appear by name, never by this machine's path
     assert str(tmp_path) not in text and str(tiny_models) not in text and "/tmp/" not in text
-    assert "`generator`" in text and "`ranker`" in text and "prompts import my_prompts.jsonl" in text
+    assert "`generator`" in text and "`ranker`" in text
+    # the rebuild script asks for the local inputs by name, in variables it checks before any work
+    assert 'iterdpo prompts import "$PROMPTS_FILE"' in text and "set PROMPTS_FILE to your copy of the prompt file " \
+        "my_prompts.jsonl" in text
+    assert '--model "$BASE_MODEL"' in text and '--ranker-model "$RANKER_MODEL"' in text
     for config in ("default", "trl"):
         parquet = pq.ParquetFile(staged / config / "train_iteration_1-00000-of-00001.parquet")
         features = json.loads(parquet.schema_arrow.metadata[b"huggingface"])["info"]["features"]
@@ -544,7 +548,7 @@ def test_a_rerun_finds_a_commit_that_landed_unrecorded(built, tmp_path, hub):
 
 def test_a_commit_tagged_on_the_hub_is_published_even_if_the_catalog_lost_it(built, tmp_path, hub):
     first = publish(built, _cfg(tmp_path))
-    with built.transaction() as con:  # the record is gone (an older catalog copy, a restore)
+    with built.atomic() as con:  # the record is gone (an older catalog copy, a restore)
         con.execute("DELETE FROM publications")
     requests = len(hub["requests"])
     again = publish(built, _cfg(tmp_path))

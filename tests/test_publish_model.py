@@ -13,6 +13,7 @@ from builders.publish import publish
 from builders.publish_model import publish_model
 from tests.conftest import built_catalog
 from tests.test_publish import TOKEN, hub  # noqa: F401  (the fake Hub fixture)
+from builders.models import weights_sha256
 from builders.train import RECIPES, TrainConfig, train
 
 
@@ -126,3 +127,97 @@ def test_run_publishes_each_iterations_model_when_the_pipeline_names_a_model_rep
     with pytest.raises(InputError, match="publish.model_repo_id"):
         run_pipeline(Catalog(tmp_path / "other.duckdb"), load_pipeline(path), progress=False)
     assert not (tmp_path / "other.duckdb").exists()
+
+
+def _usage_snippets(card: str) -> list[str]:
+    usage = card[card.index("## Usage"):card.index("## Provenance")]
+    return [block.split("\n```", 1)[0] for block in usage.split("```python\n")[1:]]
+
+
+def test_the_cards_transformers_snippet_runs_on_the_staged_model(trained, tmp_path, capsys):
+    result = publish_model(trained, 1, PublishModelConfig("me/tiny-iterdpo", local_dir=tmp_path / "m", dry_run=True))
+    snippet = _usage_snippets((result.staged.folder / "README.md").read_text())[0]
+    assert "return_dict=True" in snippet and "generate(**inputs" in snippet
+    # the staged folder is what lands on the Hub: load it where the snippet names the repo
+    code = snippet.replace('"me/tiny-iterdpo"', repr(str(result.staged.folder)))
+    assert code != snippet
+    capsys.readouterr()
+    exec(compile(code.replace("max_new_tokens=128", "max_new_tokens=8"), "model_card_snippet", "exec"), {})
+    assert capsys.readouterr().out.endswith("\n")  # it printed the decoded answer
+
+
+def test_the_cards_vllm_snippet_runs_as_a_script_on_the_cpu(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if not os.environ.get("CI"):
+        pytest.importorskip("vllm")
+    result = publish_model(trained, 1, PublishModelConfig("me/tiny-iterdpo", local_dir=tmp_path / "m", dry_run=True))
+    snippet = _usage_snippets((result.staged.folder / "README.md").read_text())[1]
+    assert 'if __name__ == "__main__":' in snippet
+    # the staged folder for the repo id; eager mode only to start in 20 s instead of 60 on a CPU
+    code = snippet.replace('LLM("me/tiny-iterdpo")', f"LLM({str(result.staged.folder)!r}, enforce_eager=True)")
+    assert code != snippet
+    script = tmp_path / "snippet.py"
+    script.write_text(code.replace("max_tokens=128", "max_tokens=8"))
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"})
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_base_model_names_the_hub_base_of_a_local_copy(trained, tmp_path, cli, catalog_path, tiny_models):
+    from huggingface_hub import ModelCard
+
+    import shutil
+
+    shutil.copy(trained.path, catalog_path)
+    plain = cli("publish-model", "me/x", "--iteration", "1", "--dry-run", "--local-dir", tmp_path / "plain")
+    assert plain.code == 0, plain.err
+    card = ModelCard.load(tmp_path / "plain" / "README.md")
+    assert card.data.get("base_model") is None
+    assert (f"The base model was a local folder, `generator`; weights sha256 "
+            f"`{weights_sha256(tiny_models / 'generator')[:12]}`.") in card.text
+    assert "--base-model HUB_ID` sets it" in card.text
+
+    named = cli("publish-model", "me/x", "--iteration", "1", "--dry-run", "--local-dir", tmp_path / "named",
+                "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert named.code == 0, named.err
+    card = ModelCard.load(tmp_path / "named" / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "| base | `HuggingFaceTB/SmolLM2-135M-Instruct` (a local copy, `generator`) |" in card.text
+    assert "sets it" not in card.text
+
+    bad = cli("publish-model", "me/x", "--iteration", "1", "--dry-run", "--local-dir", tmp_path / "bad",
+              "--base-model", str(tiny_models / "generator"))
+    assert bad.code == 1 and len(bad.err.strip().splitlines()) == 1 and "not a hub model id" in bad.err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_gguf_imported_base_is_named_by_its_gguf_file_and_weights(tmp_path, tiny_models):
+    """The quickstart's base: a folder `models import-gguf` wrote (gguf_source.json) is described by the GGUF it came
+    from; with --base-model the card's metadata and lineage give the hub id."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from builders.publish_model import base_description
+    from cards.model_card import render
+
+    base = tmp_path / "smollm2"
+    shutil.copytree(tiny_models / "generator", base)
+    (base / "gguf_source.json").write_text('{"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": "'
+                                           + "12" * 32 + '", "dtype": "bfloat16"}\n')
+    step = {"iteration": 1, "name": "iteration_1", "snapshot": "ab" * 32, "weights_sha256": "cd" * 32,
+            "pairs": {"train": "ef" * 32}, "dataset": None, "metrics": {}}
+    for hub_id in (None, "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        text = render(repo_id="me/m", iteration=1, base=base_description(str(base), False, hub_id), license="mit",
+                      datasets=[], steps=[step], hyperparameters={}, rewards=[], drift=[], prompt_format="",
+                      snapshot="ab" * 32, version="0")
+        (tmp_path / "README.md").write_text(text)
+        card = ModelCard.load(tmp_path / "README.md")
+        assert card.data.get("base_model") == hub_id
+        assert ("The base model was a local folder, `smollm2`: `SmolLM2-135M-Instruct.Q4_1.gguf` (GGUF, sha256\n"
+                "`121212121212`) converted to bfloat16 safetensors by `iterdpo models import-gguf`; weights sha256 "
+                f"`{weights_sha256(base)[:12]}`.") in text
+        assert ("| base | `HuggingFaceTB/SmolLM2-135M-Instruct` (a local copy, `smollm2`) |" in text) == bool(hub_id)

@@ -82,6 +82,7 @@ def _print_publication(result, repo_id: str, revision: str, as_json: bool) -> No
 @click.argument("repo_id")
 @click.option("--iteration", type=int, required=True, help="Publish the model trained on this iteration's pairs.")
 @field_option(PublishModelConfig, "dataset_repo")
+@field_option(PublishModelConfig, "base_model")
 @repo_options(PublishModelConfig)
 @json_option
 @click.pass_obj
