@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from builders import __version__
 from builders.catalog import Catalog, Snapshot
-from builders.config import PUBLISH_DEFAULTS, PublishConfig
+from builders.config import PUBLISH_DEFAULTS, PublishConfig, SPLITS
 from builders.errors import InputError
 from builders.hub import HubTarget, check_token, recorded, snapshot_set_id, staged_as, staging, upload, validate_repo_id
 from builders.pairs import TRL_SCHEMA, to_trl
@@ -71,7 +71,7 @@ class PublishResult:
 def published_snapshots(catalog: Catalog, iterations: tuple[int, ...] | None) -> dict[tuple[int, str], Snapshot]:
     """The newest complete pairs snapshot per (iteration, split) for the requested iterations."""
     found = {(s.iteration, s.split): s for s in catalog.list(kind="pairs") if s.iteration is not None
-             and "shard" not in s.params}  # list is oldest first: later ones win
+             and s.shard is None}  # list is oldest first: later ones win
     built = sorted({it for it, _ in found})
     wanted = list(iterations) if iterations else built
     if not wanted:
@@ -80,7 +80,7 @@ def published_snapshots(catalog: Catalog, iterations: tuple[int, ...] | None) ->
     if missing:
         raise InputError(f"iteration(s) {', '.join(map(str, missing))} have no pairs (built: "
                          f"{', '.join(map(str, built)) or 'none'}); build them first (iterdpo build --iteration N)")
-    return {(it, split): found[(it, split)] for it in sorted(wanted) for split in ("train", "test")
+    return {(it, split): found[(it, split)] for it in sorted(wanted) for split in SPLITS
             if (it, split) in found}
 
 

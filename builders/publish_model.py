@@ -1,7 +1,7 @@
 """Publishing the trained model of an iteration: a Hub model repo whose card ties it to the data it learned from.
 
-    publish_model(catalog, PublishModelConfig("me/mistral-iterdpo-it3", iteration=3, dry_run=True,
-                                              local_dir=Path("staged-model")))
+    publish_model(catalog, 3, PublishModelConfig("me/mistral-iterdpo-it3", dry_run=True,
+                                                 local_dir=Path("staged-model")))
 
 The repo holds the `model` snapshot's files (safetensors weights, config, tokenizer, chat template, generation
 config) and a model card: base model, the lineage base -> iteration 1 -> ... -> this one with each iteration's
