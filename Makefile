@@ -43,6 +43,11 @@ TEST_WORKERS ?= 2
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
+# ruff: the formatter and the linter, as configured in pyproject.toml (CI runs it before the tests)
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
 # the inner loop: everything but the tests marked slow (vLLM engines, hub ids, kill -9, accelerate)
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"

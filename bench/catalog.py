@@ -11,13 +11,13 @@ characters, 5 responses of ~1,500 characters and 5 scores per row, in the publis
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
-import subprocess
 import resource
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,9 @@ def english_text(rng: np.random.Generator, words: int = 6_000_000) -> str:
     repeats that slicing one small real corpus would create."""
     source = SHARED if SHARED.exists() else BUNDLED
     rows = [json.loads(line) for line in source.read_text().splitlines()]
-    corpus = " ".join(v for r in rows for v in (r.get("prompt"), r.get("chosen"), r.get("rejected")) if isinstance(v, str))
+    corpus = " ".join(
+        v for r in rows for v in (r.get("prompt"), r.get("chosen"), r.get("rejected")) if isinstance(v, str)
+    )
     counts = Counter(corpus.split())
     vocab = list(counts)
     freq = np.array([counts[w] for w in vocab], dtype=np.float64)
@@ -66,16 +68,18 @@ def synthetic_pairs(rows: int, seed: int = 0, chunk: int = 10_000) -> pa.Table:
         def conv(i: int, j: int) -> list[dict]:
             return [{"content": prompts[i], "role": "user"}, {"content": resp[i][j], "role": "assistant"}]
 
-        return pa.table({
-            "prompt_id": [f"{first + i:064x}" for i in range(n)],
-            "prompt": prompts,
-            "chosen": [conv(i, best[i]) for i in range(n)],
-            "rejected": [conv(i, worst[i]) for i in range(n)],
-            "all_generated_responses": resp,
-            "all_rm_scores": scores.tolist(),
-            "score_chosen": scores.max(1),
-            "score_rejected": scores.min(1),
-        })
+        return pa.table(
+            {
+                "prompt_id": [f"{first + i:064x}" for i in range(n)],
+                "prompt": prompts,
+                "chosen": [conv(i, best[i]) for i in range(n)],
+                "rejected": [conv(i, worst[i]) for i in range(n)],
+                "all_generated_responses": resp,
+                "all_rm_scores": scores.tolist(),
+                "score_chosen": scores.max(1),
+                "score_rejected": scores.min(1),
+            }
+        )
 
     return pa.concat_tables([part(i, min(chunk, rows - i)) for i in range(0, rows, chunk)]).combine_chunks()
 
@@ -85,8 +89,9 @@ def change_fraction(table: pa.Table, fraction: float) -> pa.Table:
     step = table.num_rows // n
     mask = np.zeros(table.num_rows, dtype=bool)
     mask[::step] = True
-    edited = pc.if_else(pa.array(mask), pc.binary_join_element_wise(table.column("prompt"), " (edited)", ""),
-                        table.column("prompt"))
+    edited = pc.if_else(
+        pa.array(mask), pc.binary_join_element_wise(table.column("prompt"), " (edited)", ""), table.column("prompt")
+    )
     return table.set_column(table.schema.get_field_index("prompt"), "prompt", edited)
 
 
@@ -124,7 +129,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     table = synthetic_pairs(args.rows)
-    print(f"table: {args.rows:,} rows, {table.nbytes / 2**30:.2f} GiB in Arrow, built in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"table: {args.rows:,} rows, {table.nbytes / 2**30:.2f} GiB in Arrow, built in {time.perf_counter() - t0:.1f}s"
+    )
     rss_table = peak_rss_gb()
 
     t0 = time.perf_counter()
@@ -152,19 +159,29 @@ def main() -> None:
     parquet_bytes = (work / "pairs.parquet").stat().st_size
     # row groups of 5,000 rows, so that reading the file batch by batch does not decode it whole
     pq.write_table(table, work / "pairs-rg.parquet", row_group_size=5_000)
-    child = subprocess.run([sys.executable, __file__, "--stream-register", str(work / "pairs-rg.parquet"),
-                            str(work / "streamed.duckdb")], capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, __file__, "--stream-register", str(work / "pairs-rg.parquet"), str(work / "streamed.duckdb")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     t_stream, rss_stream = map(float, child.stdout.split())
     print(f"parquet write_table:       {t_parquet:7.2f} s   ({parquet_bytes / 2**20:,.0f} MiB)")
-    print(f"catalog register:          {t_register:7.2f} s   ratio vs parquet {t_register / t_parquet:.2f}x (goal <= 1.5x)")
+    print(
+        f"catalog register:          {t_register:7.2f} s   ratio vs parquet {t_register / t_parquet:.2f}x (goal <= 1.5x)"
+    )
     print(f"register again (no-op):    {t_again:7.2f} s")
     print(f"register with 1% changed:  {t_changed:7.2f} s")
     print(f"catalog bytes once:        {size_once:,} ({size_once / parquet_bytes:.2f}x the parquet file)")
     print(f"  again, identical:        +{size_again - size_once:,} bytes (goal ~0)")
-    print(f"  1% rows changed:         +{size_changed - size_again:,} bytes = "
-          f"{100 * (size_changed - size_again) / size_again:.2f}% growth (goal <= 2%)")
-    print(f"streamed from Parquet:     {t_stream:7.2f} s   peak RSS {rss_stream:.2f} GiB (goal < 2), "
-          f"a fresh process registering the file batch by batch")
+    print(
+        f"  1% rows changed:         +{size_changed - size_again:,} bytes = "
+        f"{100 * (size_changed - size_again) / size_again:.2f}% growth (goal <= 2%)"
+    )
+    print(
+        f"streamed from Parquet:     {t_stream:7.2f} s   peak RSS {rss_stream:.2f} GiB (goal < 2), "
+        f"a fresh process registering the file batch by batch"
+    )
     print(f"this process peak RSS:     {peak_rss_gb():.2f} GiB, of which building the input table: {rss_table:.2f} GiB")
     if args.workdir is None:
         import shutil

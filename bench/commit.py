@@ -56,21 +56,25 @@ class Rows:
         n = len(pids) * RESPONSES
         lengths = self.rng.integers(750, 2250, n)
         starts = self.rng.integers(0, len(self.text) - 2500, n)
-        return pa.table({
-            "prompt_id": [p for p in pids for _ in range(RESPONSES)],
-            "response_index": pa.array([i for _ in pids for i in range(RESPONSES)], pa.int32()),
-            "response": [self.text[s:s + k] for s, k in zip(starts.tolist(), lengths.tolist())],
-            "finish_reason": ["stop"] * n,
-            "prompt_tokens": pa.array(self.rng.integers(50, 400, n), pa.int32()),
-            "completion_tokens": pa.array(lengths // 4, pa.int32()),
-        })
+        return pa.table(
+            {
+                "prompt_id": [p for p in pids for _ in range(RESPONSES)],
+                "response_index": pa.array([i for _ in pids for i in range(RESPONSES)], pa.int32()),
+                "response": [self.text[s : s + k] for s, k in zip(starts.tolist(), lengths.tolist())],
+                "finish_reason": ["stop"] * n,
+                "prompt_tokens": pa.array(self.rng.integers(50, 400, n), pa.int32()),
+                "completion_tokens": pa.array(lengths // 4, pa.int32()),
+            }
+        )
 
     def scores(self, pids: list[str]) -> pa.Table:
-        return pa.table({
-            "prompt_id": [p for p in pids for _ in range(RESPONSES)],
-            "response_index": pa.array([i for _ in pids for i in range(RESPONSES)], pa.int32()),
-            "score": self.rng.normal(size=len(pids) * RESPONSES),
-        })
+        return pa.table(
+            {
+                "prompt_id": [p for p in pids for _ in range(RESPONSES)],
+                "response_index": pa.array([i for _ in pids for i in range(RESPONSES)], pa.int32()),
+                "score": self.rng.normal(size=len(pids) * RESPONSES),
+            }
+        )
 
 
 def work_key(iteration: int, kind: str) -> str:
@@ -81,11 +85,13 @@ def grow(catalog: Catalog, rows: Rows, iteration: int, pids_all: list[str]) -> N
     """One iteration of prompts: generation and scores work, each registered as a snapshot."""
     gen_key, score_key = work_key(iteration, "generations"), work_key(iteration, "scores")
     for at in range(0, len(pids_all), GROW_BATCH):
-        pids = pids_all[at:at + GROW_BATCH]
-        catalog.add_work(gen_key, "generations", rows.generations(pids), {p: None for p in pids},
-                         iteration=iteration, split="train")
-        catalog.add_work(score_key, "scores", rows.scores(pids), {p: None for p in pids},
-                         iteration=iteration, split="train")
+        pids = pids_all[at : at + GROW_BATCH]
+        catalog.add_work(
+            gen_key, "generations", rows.generations(pids), {p: None for p in pids}, iteration=iteration, split="train"
+        )
+        catalog.add_work(
+            score_key, "scores", rows.scores(pids), {p: None for p in pids}, iteration=iteration, split="train"
+        )
     for kind, key in (("generations", gen_key), ("scores", score_key)):
         catalog.register(kind, catalog.work_rows(key), iteration=iteration, split="train")
 
@@ -102,7 +108,7 @@ def ms(fn, repeats: int) -> float:
 def measure(catalog: Catalog, rows: Rows, iteration: int, spare: list[str], repeats: int) -> dict[str, float]:
     """Time add_work of the next batches of the newest iteration's stage (`spare`: its prompts not committed yet)."""
     gen_key, score_key = work_key(iteration, "generations"), work_key(iteration, "scores")
-    blocks = [spare[i * BATCH:(i + 1) * BATCH] for i in range(repeats)]
+    blocks = [spare[i * BATCH : (i + 1) * BATCH] for i in range(repeats)]
     gens = [rows.generations(pids) for pids in blocks]  # built outside the timed part
 
     def timed(key: str, kind: str, tables: list[pa.Table]) -> float:
@@ -124,14 +130,22 @@ def measure(catalog: Catalog, rows: Rows, iteration: int, spare: list[str], repe
     def bare_open() -> None:
         duckdb.connect(str(catalog.path)).close()
 
-    return {"generations": gen_ms, "scores": score_ms, "replay": replay_ms,
-            "transaction": ms(empty_transaction, repeats), "open_close": ms(bare_open, repeats)}
+    return {
+        "generations": gen_ms,
+        "scores": score_ms,
+        "replay": replay_ms,
+        "transaction": ms(empty_transaction, repeats),
+        "open_close": ms(bare_open, repeats),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="0,2000,60000",
-                        help="catalog sizes in prompts; above 20,000 they grow in iterations of 20,000")
+    parser.add_argument(
+        "--sizes",
+        default="0,2000,60000",
+        help="catalog sizes in prompts; above 20,000 they grow in iterations of 20,000",
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -144,8 +158,10 @@ def main() -> None:
     have, iteration = 0, 1
     spare = rows.prompt_ids(reserve)
     print(f"ms per call, median of {args.repeats}; batch = {BATCH} prompts x {RESPONSES} responses of ~1,500 chars")
-    print(f"{'catalog prompts':>16} {'MiB':>6} {'add gens':>9} {'add scores':>11} {'replay':>7} "
-          f"{'empty txn':>10} {'connect+close':>14} {'grow s':>7}")
+    print(
+        f"{'catalog prompts':>16} {'MiB':>6} {'add gens':>9} {'add scores':>11} {'replay':>7} "
+        f"{'empty txn':>10} {'connect+close':>14} {'grow s':>7}"
+    )
     for size in sizes:
         t0 = time.perf_counter()
         while have < size:
@@ -160,8 +176,11 @@ def main() -> None:
         grown = time.perf_counter() - t0
         r = measure(catalog, rows, iteration, spare, args.repeats)
         mib = catalog.path.stat().st_size / 2**20 if catalog.exists() else 0.0
-        print(f"{have:>16,} {mib:>6.0f} {r['generations']:>9.1f} {r['scores']:>11.1f} {r['replay']:>7.1f} "
-              f"{r['transaction']:>10.1f} {r['open_close']:>14.1f} {grown:>7.1f}", flush=True)
+        print(
+            f"{have:>16,} {mib:>6.0f} {r['generations']:>9.1f} {r['scores']:>11.1f} {r['replay']:>7.1f} "
+            f"{r['transaction']:>10.1f} {r['open_close']:>14.1f} {grown:>7.1f}",
+            flush=True,
+        )
     if args.workdir is None:
         import shutil
 

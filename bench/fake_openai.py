@@ -41,8 +41,14 @@ BUNDLED = Path(__file__).resolve().parents[1] / "data" / "ultrafeedback_sample.j
 PROMPT_TOKENS = 20  # what the short answers' usage reports per request
 HANG_SECONDS = 60  # bounds: a client that would wait forever fails its test, it does not hang it
 TRICKLE_SECONDS = 30
-SERVED = {"id": "served-model", "object": "model", "owned_by": "fake", "root": "org/base-model", "parent": None,
-          "max_model_len": 4096}
+SERVED = {
+    "id": "served-model",
+    "object": "model",
+    "owned_by": "fake",
+    "root": "org/base-model",
+    "parent": None,
+    "max_model_len": 4096,
+}
 
 
 def answer(seed: int) -> str:
@@ -109,8 +115,9 @@ class FakeOpenAI:
 
     def __enter__(self) -> FakeOpenAI:
         started = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.serve(ready=lambda _: started.set())),
-                                        name="fake-openai", daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self.serve(ready=lambda _: started.set())), name="fake-openai", daemon=True
+        )
         self._thread.start()
         if not started.wait(30):
             raise RuntimeError("the fake OpenAI server did not start")
@@ -127,8 +134,14 @@ class FakeOpenAI:
             self._loop.call_soon_threadsafe(self._release.set)
 
     def stats(self) -> dict:
-        return {"requests": self.requests, "answered": self.answered, "hung": self.hung,
-                "in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "latency_ms": self.latency * 1000}
+        return {
+            "requests": self.requests,
+            "answered": self.answered,
+            "hung": self.hung,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "latency_ms": self.latency * 1000,
+        }
 
     # ----------------------------------------------------------------------------------------- HTTP
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -146,8 +159,11 @@ class FakeOpenAI:
                     break
                 status, payload = out
                 data = json.dumps(payload).encode()
-                writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-                             f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+                writer.write(
+                    f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n".encode()
+                    + data
+                )
                 await writer.drain()
                 if lower.get("connection", "").lower() == "close":
                     break
@@ -160,8 +176,12 @@ class FakeOpenAI:
         if method == "POST" and path.endswith("/chat/completions"):
             return await self._chat(headers, lower, raw, port, writer)
         if method == "GET" and path.endswith("/models"):
-            entry = {**SERVED, "id": self.model, "created": int(time.time()),
-                     "permission": [{"id": f"modelperm-{time.time_ns()}"}]}
+            entry = {
+                **SERVED,
+                "id": self.model,
+                "created": int(time.time()),
+                "permission": [{"id": f"modelperm-{time.time_ns()}"}],
+            }
             return "200 OK", {"object": "list", "data": [entry]}
         if method == "GET" and path == "/stats":
             return "200 OK", self.stats()
@@ -225,12 +245,23 @@ class FakeOpenAI:
 
     def _short(self, body: dict) -> dict:
         seeds = [int(body.get("seed") or 0) + i for i in range(int(body.get("n") or 1))]
-        choices = [{"index": i, "message": {"role": "assistant", "content": answer(s)}, "finish_reason": "stop"}
-                   for i, s in enumerate(seeds)]
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": answer(s)}, "finish_reason": "stop"}
+            for i, s in enumerate(seeds)
+        ]
         completion = sum(map(tokens_of, seeds))
-        return {"id": f"chatcmpl-{seeds[0]}", "object": "chat.completion", "created": 0, "model": self.model,
-                "choices": choices, "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion,
-                                              "total_tokens": PROMPT_TOKENS + completion}}
+        return {
+            "id": f"chatcmpl-{seeds[0]}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": self.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": PROMPT_TOKENS,
+                "completion_tokens": completion,
+                "total_tokens": PROMPT_TOKENS + completion,
+            },
+        }
 
     def _long(self, body: dict) -> dict:
         n = int(body.get("n") or 1)
@@ -241,14 +272,28 @@ class FakeOpenAI:
             h = int.from_bytes(hashlib.sha256(key + bytes([i % 256])).digest()[:8], "big")
             length = 1000 + h % 1001
             start = (h >> 16) % (len(self._text) - 2100)
-            choices.append({"index": i, "message": {"role": "assistant", "content": self._text[start:start + length]},
-                            "finish_reason": "stop", "logprobs": None})
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": self._text[start : start + length]},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            )
         prompt_tokens = max(1, len(prompt) // 4)
         completion_tokens = sum(len(c["message"]["content"]) // 4 for c in choices)
-        return {"id": "chatcmpl-" + key.hex()[:24], "object": "chat.completion", "created": 0,
-                "model": body.get("model") or self.model, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        return {
+            "id": "chatcmpl-" + key.hex()[:24],
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model") or self.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from builders.catalog import Catalog  # noqa: E402
-from builders.config import GenerateConfig, SamplingConfig, SplitConfig, VllmConfig  # noqa: E402
 from builders.backends.transformers import TransformersGenerator  # noqa: E402
 from builders.backends.vllm import VllmGenerator  # noqa: E402
+from builders.catalog import Catalog  # noqa: E402
+from builders.config import GenerateConfig, SamplingConfig, SplitConfig, VllmConfig  # noqa: E402
 from builders.generate import generate, prompt_seed  # noqa: E402
 from builders.prompts import import_prompts, split_prompts  # noqa: E402
 from builders.tiny import build_tiny_models  # noqa: E402
@@ -46,8 +46,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--responses", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--model", default=None, help="a model folder instead of the tiny generator "
-                        "(e.g. the quickstart's quickstart/models/smollm2)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model folder instead of the tiny generator (e.g. the quickstart's quickstart/models/smollm2)",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="iterdpo-genbench-"))
     model = Path(args.model) if args.model else build_tiny_models(root / "models").generator
@@ -63,8 +66,11 @@ def main() -> None:
     hf_rate = hf_run.tokens / hf_wall
 
     # all prompts' sequences in one decoding batch (vLLM-CPU's default caps it at 256)
-    vcfg = replace(base, backend="vllm", vllm=VllmConfig(enforce_eager=True, max_model_len=4096,
-                                                         max_num_seqs=args.prompts * args.responses))
+    vcfg = replace(
+        base,
+        backend="vllm",
+        vllm=VllmConfig(enforce_eager=True, max_model_len=4096, max_num_seqs=args.prompts * args.responses),
+    )
     t0 = time.perf_counter()
     engine = VllmGenerator(str(model), sampling, None, vcfg.vllm)
     vllm_start = time.perf_counter() - t0
@@ -74,11 +80,14 @@ def main() -> None:
 
     catalog = fresh_catalog(root, "vllm", args.prompts)
     prompts = catalog.read(catalog.newest("prompts", 1, "train").id).to_pylist()
-    requests = engine.prepare([(p["prompt_id"], p["prompt"], prompt_seed(1, p["prompt_id"], args.responses))
-                               for p in prompts])
+    requests = engine.prepare(
+        [(p["prompt_id"], p["prompt"], prompt_seed(1, p["prompt_id"], args.responses)) for p in prompts]
+    )
     requests = [r for r in requests if not isinstance(r, str)]
-    params = [SamplingParams(n=args.responses, temperature=0.7, top_p=1.0, max_tokens=args.tokens, seed=r.seed)
-              for r in requests]
+    params = [
+        SamplingParams(n=args.responses, temperature=0.7, top_p=1.0, max_tokens=args.tokens, seed=r.seed)
+        for r in requests
+    ]
     engine.llm.generate([{"prompt_token_ids": r.token_ids} for r in requests[:8]], params[:8], use_tqdm=False)
     # alternate bare and stage runs (3 each, medians); each run starts from an empty prefix cache, and each stage
     # run from an empty catalog, so it really generates
@@ -99,15 +108,21 @@ def main() -> None:
     engine.close()
 
     n = args.prompts
-    print(f"workload: {n} prompts x {args.responses} responses x <= {args.tokens} tokens, "
-          f"{model.name if args.model else 'tiny Mistral'} on {os.cpu_count()} CPU cores "
-          f"({len(requests)} prompts fit the context)")
+    print(
+        f"workload: {n} prompts x {args.responses} responses x <= {args.tokens} tokens, "
+        f"{model.name if args.model else 'tiny Mistral'} on {os.cpu_count()} CPU cores "
+        f"({len(requests)} prompts fit the context)"
+    )
     print(f"start-up:      transformers {hf_start:6.2f} s   vllm {vllm_start:6.2f} s")
     print(f"transformers:  {hf_run.tokens:>7,} tokens in {hf_wall:7.2f} s = {hf_rate:9,.0f} tok/s")
-    print(f"vllm (stage):  {v_run.tokens:>7,} tokens in {v_wall:7.2f} s = {v_rate:9,.0f} tok/s   "
-          f"{v_rate / hf_rate:.1f}x transformers (goal >= 8x)")
-    print(f"bare LLM.generate: {bare_tokens:,} tokens in {bare_wall:.2f} s;  stage overhead "
-          f"{100 * (v_wall - bare_wall) / bare_wall:+.1f}% (goal <= 10%)")
+    print(
+        f"vllm (stage):  {v_run.tokens:>7,} tokens in {v_wall:7.2f} s = {v_rate:9,.0f} tok/s   "
+        f"{v_rate / hf_rate:.1f}x transformers (goal >= 8x)"
+    )
+    print(
+        f"bare LLM.generate: {bare_tokens:,} tokens in {bare_wall:.2f} s;  stage overhead "
+        f"{100 * (v_wall - bare_wall) / bare_wall:+.1f}% (goal <= 10%)"
+    )
     print(f"identical outputs: {v_run.tokens == bare_tokens}")
 
 

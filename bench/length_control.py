@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from builders.evaluate import length_controlled  # noqa: E402
 from tests.test_length_control import TRUE_RATE, alpaca_eval_minimal, synthetic  # noqa: E402
 
-ALPACA_EVAL = r'''
+ALPACA_EVAL = r"""
 import json, logging, sys, tempfile
 import pandas as pd
 import alpaca_eval.metrics.glm_winrate as g
@@ -43,7 +43,7 @@ for r in json.load(open(sys.argv[1])):
     m = g.get_length_controlled_winrate(ann, glm_name="length_controlled_minimal", save_weights_dir=None)
     out.append(m["length_controlled_winrate"] / 100)
 print(json.dumps(out))
-'''
+"""
 
 
 def main() -> None:
@@ -57,17 +57,29 @@ def main() -> None:
         for seed in range(seeds):
             prefs, diffs = synthetic(n, 1000 * n + seed)
             lc = length_controlled(prefs, diffs)
-            runs.append({"n": n, "prefs": prefs, "diffs": diffs, "raw": float(np.mean(prefs)), "lc": lc.win_rate,
-                         "se": lc.standard_error, "reference": alpaca_eval_minimal(prefs, diffs)})
+            runs.append(
+                {
+                    "n": n,
+                    "prefs": prefs,
+                    "diffs": diffs,
+                    "raw": float(np.mean(prefs)),
+                    "lc": lc.win_rate,
+                    "se": lc.standard_error,
+                    "reference": alpaca_eval_minimal(prefs, diffs),
+                }
+            )
     if args.alpaca_eval_python:
-        with tempfile.NamedTemporaryFile("w", suffix=".json") as f, \
-                tempfile.NamedTemporaryFile("w", suffix=".py") as script:
+        with (
+            tempfile.NamedTemporaryFile("w", suffix=".json") as f,
+            tempfile.NamedTemporaryFile("w", suffix=".py") as script,
+        ):
             json.dump(runs, f)
             f.flush()
             script.write(ALPACA_EVAL)
             script.flush()
-            done = subprocess.run([args.alpaca_eval_python, script.name, f.name], capture_output=True, text=True,
-                                  check=True)
+            done = subprocess.run(
+                [args.alpaca_eval_python, script.name, f.name], capture_output=True, text=True, check=True
+            )
         for r, v in zip(runs, json.loads(done.stdout.strip().splitlines()[-1])):
             r["alpaca_eval"] = v
     truth = 100 * TRUE_RATE
@@ -75,11 +87,13 @@ def main() -> None:
     for n in dict.fromkeys(r["n"] for r in runs):
         group = [r for r in runs if r["n"] == n]
 
-        def mean(key, err=False):
+        def mean(key, err=False, group=group):
             return np.mean([abs(100 * r[key] - truth) if err else 100 * r[key] for r in group])
 
-        line = (f"n={n:>4} ({len(group)} seeds): raw {mean('raw'):.1f}, "
-                f"iterdpo LC {mean('lc'):.1f} +/- {mean('se'):.1f}, reference {mean('reference'):.1f}")
+        line = (
+            f"n={n:>4} ({len(group)} seeds): raw {mean('raw'):.1f}, "
+            f"iterdpo LC {mean('lc'):.1f} +/- {mean('se'):.1f}, reference {mean('reference'):.1f}"
+        )
         if args.alpaca_eval_python:
             worst = max(abs(100 * (r["lc"] - r["alpaca_eval"])) for r in group)
             line += f", alpaca_eval {mean('alpaca_eval'):.1f} (max |iterdpo - alpaca_eval| {worst:.2f})"

@@ -45,51 +45,61 @@ def build_catalog(path: Path, prompts: int, seed: int = 0, chunk: int = 2_000) -
     # the stages work through prompts in canonical order, so their rows are stored in that order too
     ids, prompt_texts = map(list, zip(*sorted(zip(ids, prompt_texts))))
     cat = Catalog(path)
-    p = cat.register("prompts", pa.table({"prompt_id": ids, "prompt": prompt_texts, "source": ["bench"] * prompts}),
-                     iteration=1, split="train", params={"bench": True})
+    p = cat.register(
+        "prompts",
+        pa.table({"prompt_id": ids, "prompt": prompt_texts, "source": ["bench"] * prompts}),
+        iteration=1,
+        split="train",
+        params={"bench": True},
+    )
 
     def generations():
         for start in range(0, prompts, chunk):
             part = ids[start : start + chunk]
             n = len(part) * RESPONSES
-            yield pa.record_batch({
-                "prompt_id": [pid for pid in part for _ in range(RESPONSES)],
-                "response_index": pa.array(list(range(RESPONSES)) * len(part), pa.int32()),
-                "response": strings(n, 1500),
-                "finish_reason": ["stop"] * n,
-                "prompt_tokens": pa.array(rng.integers(50, 300, n), pa.int32()),
-                "completion_tokens": pa.array(rng.integers(100, 600, n), pa.int32()),
-            })
+            yield pa.record_batch(
+                {
+                    "prompt_id": [pid for pid in part for _ in range(RESPONSES)],
+                    "response_index": pa.array(list(range(RESPONSES)) * len(part), pa.int32()),
+                    "response": strings(n, 1500),
+                    "finish_reason": ["stop"] * n,
+                    "prompt_tokens": pa.array(rng.integers(50, 300, n), pa.int32()),
+                    "completion_tokens": pa.array(rng.integers(100, 600, n), pa.int32()),
+                }
+            )
 
     def scores():
         for start in range(0, prompts, chunk):
             part = ids[start : start + chunk]
             n = len(part) * RESPONSES
-            yield pa.record_batch({
-                "prompt_id": [pid for pid in part for _ in range(RESPONSES)],
-                "response_index": pa.array(list(range(RESPONSES)) * len(part), pa.int32()),
-                "score": rng.normal(size=n),
-            })
+            yield pa.record_batch(
+                {
+                    "prompt_id": [pid for pid in part for _ in range(RESPONSES)],
+                    "response_index": pa.array(list(range(RESPONSES)) * len(part), pa.int32()),
+                    "score": rng.normal(size=n),
+                }
+            )
 
-    g = cat.register("generations", generations(), iteration=1, split="train", parents=[p.id],
-                     params={"model": "bench"})
+    g = cat.register(
+        "generations", generations(), iteration=1, split="train", parents=[p.id], params={"model": "bench"}
+    )
     cat.register("scores", scores(), iteration=1, split="train", parents=[g.id], params={"ranker": "bench"})
 
 
 # each command in a fresh interpreter, so that its peak RSS is its own; in this order (verify checks the pairs too)
 COMMANDS = {
     "export": "from builders.export import export_snapshot; "
-              "export_snapshot(cat, 'generations:1:train', work / 'generations.parquet')",
+    "export_snapshot(cat, 'generations:1:train', work / 'generations.parquet')",
     "export-jsonl": "from builders.export import export_snapshot; "
-                    "export_snapshot(cat, 'generations:1:train', work / 'generations.jsonl')",
+    "export_snapshot(cat, 'generations:1:train', work / 'generations.jsonl')",
     "build": "from builders.config import BuildConfig; from builders.pairs import build_pairs; "
-             "print(build_pairs(cat, 1, BuildConfig()).splits[0].snapshot.id, file=sys.stderr)",
+    "print(build_pairs(cat, 1, BuildConfig()).splits[0].snapshot.id, file=sys.stderr)",
     "verify": "assert cat.verify()['ok']",
     "export-pairs": "from builders.export import export_snapshot; "
-                    "export_snapshot(cat, 'pairs:1:train', work / 'pairs.parquet')",
+    "export_snapshot(cat, 'pairs:1:train', work / 'pairs.parquet')",
     "publish": "from builders.config import PublishConfig; from builders.publish import publish; "
-               "import shutil; shutil.rmtree(work / 'staged', ignore_errors=True); "
-               "publish(cat, PublishConfig('bench/memory', dry_run=True, local_dir=work / 'staged'))",
+    "import shutil; shutil.rmtree(work / 'staged', ignore_errors=True); "
+    "publish(cat, PublishConfig('bench/memory', dry_run=True, local_dir=work / 'staged'))",
 }
 
 CHILD = """
@@ -109,9 +119,12 @@ print(wall, int(hwm.split()[1]) / 1024)
 
 def run(work: Path, name: str) -> tuple[float, float]:
     code = CHILD.format(root=str(ROOT), work=str(work), code=COMMANDS[name])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                              "TOKENIZERS_PARALLELISM": "false"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false"},
+    )
     if out.returncode:
         raise SystemExit(f"{name} failed:\n{out.stderr}")
     wall, rss = out.stdout.split()[-2:]
@@ -132,14 +145,23 @@ def main() -> None:
         if not (work / "catalog.duckdb").exists():
             t = time.perf_counter()
             build_catalog(work / "catalog.duckdb", n)
-            print(f"{n} prompts: catalog built in {time.perf_counter() - t:.1f}s "
-                  f"({(work / 'catalog.duckdb').stat().st_size / 1e6:.0f} MB)", flush=True)
+            print(
+                f"{n} prompts: catalog built in {time.perf_counter() - t:.1f}s "
+                f"({(work / 'catalog.duckdb').stat().st_size / 1e6:.0f} MB)",
+                flush=True,
+            )
         for name in args.commands:
             wall, rss = run(work, name)
             results.setdefault(name, {})[n] = (wall, rss)
             print(f"{n:>6} prompts  {name:<13} {wall:6.1f}s  peak RSS {rss:6.0f} MB", flush=True)
-    print(json.dumps({name: {str(n): {"seconds": round(w, 2), "peak_rss_mb": round(r)} for n, (w, r) in by.items()}
-                      for name, by in results.items()}))
+    print(
+        json.dumps(
+            {
+                name: {str(n): {"seconds": round(w, 2), "peak_rss_mb": round(r)} for n, (w, r) in by.items()}
+                for name, by in results.items()
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

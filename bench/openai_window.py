@@ -28,8 +28,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ------------------------------------------------------------------------------------------- the fake server
 def start_server(latency: float, model: str) -> tuple[subprocess.Popen, str]:
     """bench/fake_openai.py in its own process (its CPU is not the client's), listing `model` on /v1/models."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_openai.py")),
-                             "--latency-ms", str(latency * 1000), "--model", model], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("fake_openai.py")),
+            "--latency-ms",
+            str(latency * 1000),
+            "--model",
+            model,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     if not line.startswith("PORT "):
         proc.kill()
@@ -52,8 +62,11 @@ def run(prompts: int, latency: float, concurrency: int, responses: int, model: s
 
     source = root / "prompts.jsonl"
     if not source.exists():
-        source.write_text("".join(json.dumps({"prompt": f"Prompt number {i}: say something about {i}."}) + "\n"
-                                  for i in range(prompts)))
+        source.write_text(
+            "".join(
+                json.dumps({"prompt": f"Prompt number {i}: say something about {i}."}) + "\n" for i in range(prompts)
+            )
+        )
     catalog = Catalog(root / f"c{concurrency}.duckdb")
     import_prompts(catalog, str(source))
     split_prompts(catalog, SplitConfig(iterations=1, train_size=prompts, test_size=0, seed=0))
@@ -61,9 +74,13 @@ def run(prompts: int, latency: float, concurrency: int, responses: int, model: s
         gen.model_identity = lambda m, revision=None: {"model": m}  # a served name: nothing to resolve on the hub
     server, url = start_server(latency, model)
     try:
-        cfg = GenerateConfig(model=model, backend="openai", splits=("train",),
-                             sampling=SamplingConfig(num_responses=responses, max_tokens=512, seed=1),
-                             openai=OpenAIConfig(base_url=url, concurrency=concurrency))
+        cfg = GenerateConfig(
+            model=model,
+            backend="openai",
+            splits=("train",),
+            sampling=SamplingConfig(num_responses=responses, max_tokens=512, seed=1),
+            openai=OpenAIConfig(base_url=url, concurrency=concurrency),
+        )
         cpu0, t0 = time.process_time(), time.perf_counter()
         result = gen.generate(catalog, 1, cfg, progress=False)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -72,9 +89,17 @@ def run(prompts: int, latency: float, concurrency: int, responses: int, model: s
         server.terminate()
         server.wait()
     ideal = math.ceil(prompts / concurrency) * latency
-    return {"concurrency": concurrency, "wall_s": round(wall, 2), "ideal_s": round(ideal, 2),
-            "ratio": round(wall / ideal, 2), "max_in_flight": stats["max_in_flight"], "requests": stats["requests"],
-            "client_cpu_s": round(cpu, 2), "tokens": result.tokens, "tok_per_s": round(result.tokens / wall)}
+    return {
+        "concurrency": concurrency,
+        "wall_s": round(wall, 2),
+        "ideal_s": round(ideal, 2),
+        "ratio": round(wall / ideal, 2),
+        "max_in_flight": stats["max_in_flight"],
+        "requests": stats["requests"],
+        "client_cpu_s": round(cpu, 2),
+        "tokens": result.tokens,
+        "tok_per_s": round(result.tokens / wall),
+    }
 
 
 def main() -> None:
@@ -86,13 +111,18 @@ def main() -> None:
     parser.add_argument("--model", default="served-model", help="a served name (default) or a local model folder")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="iterdpo-openai-bench-"))
-    print(f"{args.prompts} prompts x {args.responses} responses, {args.latency * 1000:.0f} ms per request, "
-          f"{os.cpu_count()} CPU cores")
+    print(
+        f"{args.prompts} prompts x {args.responses} responses, {args.latency * 1000:.0f} ms per request, "
+        f"{os.cpu_count()} CPU cores"
+    )
     for c in args.concurrency:
         r = run(args.prompts, args.latency, c, args.responses, args.model, root)
-        print(f"concurrency {c:4d}: wall {r['wall_s']:6.2f} s  ideal {r['ideal_s']:6.2f} s  ({r['ratio']:.2f}x)  "
-              f"max in flight {r['max_in_flight']:4d}  client CPU {r['client_cpu_s']:6.2f} s  "
-              f"{r['tokens']:,} tokens ({r['tok_per_s']:,} tok/s)", flush=True)
+        print(
+            f"concurrency {c:4d}: wall {r['wall_s']:6.2f} s  ideal {r['ideal_s']:6.2f} s  ({r['ratio']:.2f}x)  "
+            f"max in flight {r['max_in_flight']:4d}  client CPU {r['client_cpu_s']:6.2f} s  "
+            f"{r['tokens']:,} tokens ({r['tok_per_s']:,} tok/s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

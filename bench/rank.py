@@ -65,10 +65,14 @@ def compare(ranker_dir: Path, prompts: list[str], cands: list[list[str]], batche
     print(f"N={n}: {len(prompts)} prompts, {passes:.0f} forward passes per prompt (N(N-1) = {n * (n - 1)})")
     print(f"  pairrm (native, batched):      {t_native:8.2f} s  {rate:7.2f} prompts/s")
     for bs, (t, _) in sorted(results.items()):
-        print(f"  llm-blender batch_size={bs:<3}      {t:8.2f} s  {len(prompts) / t:7.2f} prompts/s  "
-              f"pairrm is {t / t_native:.2f}x")
-    print(f"  vs llm-blender at one prompt per batch: {results[1][0] / t_native:.2f}x (goal >= 3x), "
-          f"max |score difference| {diff:.2e} (must be <= 1e-5)")
+        print(
+            f"  llm-blender batch_size={bs:<3}      {t:8.2f} s  {len(prompts) / t:7.2f} prompts/s  "
+            f"pairrm is {t / t_native:.2f}x"
+        )
+    print(
+        f"  vs llm-blender at one prompt per batch: {results[1][0] / t_native:.2f}x (goal >= 3x), "
+        f"max |score difference| {diff:.2e} (must be <= 1e-5)"
+    )
     print(f"  vs llm-blender at its fastest batch size ({fastest}): {results[fastest][0] / t_native:.2f}x (goal >= 3x)")
 
 

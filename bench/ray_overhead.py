@@ -49,15 +49,23 @@ def main() -> None:
         catalog = Catalog(pristine)
         import_prompts(catalog, str(SAMPLE))
         split_prompts(catalog, SplitConfig(iterations=1, train_size=args.prompts, test_size=0, seed=0))
-        cfg = GenerateConfig(model=str(model), splits=("train",), batch_prompts=args.batch_prompts,
-                             sampling=SamplingConfig(num_responses=args.responses, temperature=0.7,
-                                                     max_tokens=args.tokens, seed=1))
+        cfg = GenerateConfig(
+            model=str(model),
+            splits=("train",),
+            batch_prompts=args.batch_prompts,
+            sampling=SamplingConfig(num_responses=args.responses, temperature=0.7, max_tokens=args.tokens, seed=1),
+        )
 
         def run(name: str, scale_out: ExecutorConfig, generator=None):
             shutil.copy(pristine, root / f"{name}.duckdb")
             t0 = time.perf_counter()
-            result = generate(Catalog(root / f"{name}.duckdb"), 1, replace(cfg, scale_out=scale_out), progress=False,
-                              generator=generator)
+            result = generate(
+                Catalog(root / f"{name}.duckdb"),
+                1,
+                replace(cfg, scale_out=scale_out),
+                progress=False,
+                generator=generator,
+            )
             return result, time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -65,15 +73,22 @@ def main() -> None:
         load = time.perf_counter() - t0
         local, local_wall = run("local", ExecutorConfig(), generator)
         generator.close()
-        print(f"{args.prompts} prompts x {args.responses} responses x {args.tokens} tokens, tiny generator, "
-              f"chunks of {args.batch_prompts} prompts; {os.cpu_count()} cores")
+        print(
+            f"{args.prompts} prompts x {args.responses} responses x {args.tokens} tokens, tiny generator, "
+            f"chunks of {args.batch_prompts} prompts; {os.cpu_count()} cores"
+        )
         print(f"local:          {load + local_wall:6.1f} s wall = {load:.1f} s model load + {local_wall:.1f} s work")
 
         import ray
 
         t0 = time.perf_counter()
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 object_store_memory=100 * 1024 * 1024)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            object_store_memory=100 * 1024 * 1024,
+        )
         print(f"ray start-up:   {time.perf_counter() - t0:6.1f} s (a local instance; not counted below)")
         try:
             for replicas in (1, 2):
@@ -81,10 +96,12 @@ def main() -> None:
                 ex = result.executor
                 work = wall - ex["replicas_ready_seconds"]
                 assert result.snapshots[0].id == local.snapshots[0].id, "the ray run registered another snapshot"
-                print(f"ray, {replicas} replica{'s' if replicas > 1 else ' '}: {wall:6.1f} s wall = "
-                      f"{ex['replicas_ready_seconds']:.1f} s replicas' start-up + {work:.1f} s work "
-                      f"({work / local_wall:.2f}x the local work); prompts per replica "
-                      f"{'/'.join(map(str, ex['units_per_replica']))}")
+                print(
+                    f"ray, {replicas} replica{'s' if replicas > 1 else ' '}: {wall:6.1f} s wall = "
+                    f"{ex['replicas_ready_seconds']:.1f} s replicas' start-up + {work:.1f} s work "
+                    f"({work / local_wall:.2f}x the local work); prompts per replica "
+                    f"{'/'.join(map(str, ex['units_per_replica']))}"
+                )
         finally:
             ray.shutdown()
         print(f"same snapshot id in all runs: {local.snapshots[0].id[:12]}")

@@ -3,7 +3,8 @@
 Stages are plain functions (see builders.prompts, builders.catalog, ...); the CLI in builders.cli only calls them.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("iterdpo")

@@ -49,7 +49,7 @@ class CatalogConfig:
     read_memory_limit: str = "256MB"
 
     @classmethod
-    def from_env(cls, path: str | os.PathLike | None = None) -> "CatalogConfig":
+    def from_env(cls, path: str | os.PathLike | None = None) -> CatalogConfig:
         chosen = path or os.environ.get(CATALOG_ENV) or DEFAULT_CATALOG
         timeout = os.environ.get(LOCK_TIMEOUT_ENV)
         return cls(path=Path(chosen), lock_timeout=float(timeout) if timeout else cls.lock_timeout)
@@ -129,16 +129,21 @@ OPENAI_BASE_URL_ENV = "OPENAI_BASE_URL"
 
 @dataclass(frozen=True)
 class OpenAIConfig:
-    base_url: str = opt(help=f"openai: the server's /v1 URL (default: env {OPENAI_BASE_URL_ENV}, else "
-                             f"{OPENAI_BASE_URL}).", factory=lambda: os.environ.get(OPENAI_BASE_URL_ENV) or OPENAI_BASE_URL)
+    base_url: str = opt(
+        help=f"openai: the server's /v1 URL (default: env {OPENAI_BASE_URL_ENV}, else {OPENAI_BASE_URL}).",
+        factory=lambda: os.environ.get(OPENAI_BASE_URL_ENV) or OPENAI_BASE_URL,
+    )
     # the key is read from this variable, never logged or stored
     api_key_env: str = opt("OPENAI_API_KEY", "openai: environment variable holding the API key.")
     concurrency: int = opt(8, "openai: requests in flight, exactly.")
     max_retries: int = opt(5, "openai: retries of a request on 429, 5xx, timeouts and connection errors.")
     # bounds a whole request (connect, send, every byte of the answer): a server that accepts and never answers
     # costs this, times max_retries + 1, not forever; a long max_tokens on a slow server may need more
-    request_timeout: float = opt(300.0, "openai: seconds a request may take in all (connect to last byte of the "
-                                        "answer) before it is retried like other failures.")
+    request_timeout: float = opt(
+        300.0,
+        "openai: seconds a request may take in all (connect to last byte of the "
+        "answer) before it is retried like other failures.",
+    )
     backoff: float = opt(1.0, "openai: seconds before the first retry; doubles each time.")
 
 
@@ -150,12 +155,19 @@ class ExecutorConfig:
     """Where a stage's model work runs: in this process, or on `replicas` Ray actors that each hold the backend
     (builders/backends/ray.py). Never part of a work key: both register the same snapshots."""
 
-    executor: str = opt("local", "local (this process) or ray (replicas on a Ray cluster; needs "
-                                 "pip install 'iterdpo[ray]').")
-    replicas: int = opt(1, "ray: actors holding the backend, each on 1 GPU (vllm: tensor_parallel_size GPUs), or "
-                           "1 CPU where there are no GPUs.")
-    ray_address: str | None = opt(None, "ray: join a running cluster (auto, HOST:PORT or ray://HOST:PORT); default: "
-                                        "RAY_ADDRESS, else start a local Ray and stop it after.")
+    executor: str = opt(
+        "local", "local (this process) or ray (replicas on a Ray cluster; needs pip install 'iterdpo[ray]')."
+    )
+    replicas: int = opt(
+        1,
+        "ray: actors holding the backend, each on 1 GPU (vllm: tensor_parallel_size GPUs), or "
+        "1 CPU where there are no GPUs.",
+    )
+    ray_address: str | None = opt(
+        None,
+        "ray: join a running cluster (auto, HOST:PORT or ray://HOST:PORT); default: "
+        "RAY_ADDRESS, else start a local Ray and stop it after.",
+    )
 
 
 # Prompts per backend call: large for vLLM (throughput), small for the CPU fallback (progress); the openai backend
@@ -178,8 +190,11 @@ def check_commit_seconds(value: Any) -> None:
     """generate's and rank's commit interval: finite and 0 or more (0: every finished batch). A negative value would
     act as 0 unannounced, and NaN or infinity would commit nothing until the end: a kill loses the whole run."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InputError(f"commit_seconds must be a finite number of seconds, 0 or more (0: commit every finished "
-                         f"batch), not {value}", option="commit_seconds")
+        raise InputError(
+            f"commit_seconds must be a finite number of seconds, 0 or more (0: commit every finished "
+            f"batch), not {value}",
+            option="commit_seconds",
+        )
 
 
 @dataclass(frozen=True)
@@ -188,14 +203,19 @@ class GenerateConfig:
     backend: str = opt("transformers", "transformers (CPU fallback), vllm (GPUs) or openai (a server).")
     splits: tuple[str, ...] = opt(SPLITS, "Splits to generate for.")
     sampling: SamplingConfig = SamplingConfig()
-    shard: str | None = opt(None, "K/N: generate only this part of the prompts (K in 0..N-1), e.g. a Slurm array "
-                                  "task; merge the shard catalogs with `versions merge`.")
+    shard: str | None = opt(
+        None,
+        "K/N: generate only this part of the prompts (K in 0..N-1), e.g. a Slurm array "
+        "task; merge the shard catalogs with `versions merge`.",
+    )
     chat_template: Path | None = opt(None, "A Jinja chat template file, for tokenizers without one.")
     batch_prompts: int | None = opt(None, "Prompts per backend call (default: 512 vllm, 8 transformers).")
     commit_seconds: float = opt(COMMIT_SECONDS, "Seconds between commits of finished prompts (what a kill loses).")
     scale_out: ExecutorConfig = ExecutorConfig()
     vllm: VllmConfig = VllmConfig()
-    openai: OpenAIConfig = field(default_factory=OpenAIConfig)  # its base_url default is read from the environment when made
+    openai: OpenAIConfig = field(
+        default_factory=OpenAIConfig
+    )  # its base_url default is read from the environment when made
 
 
 RANKERS = ("pairrm", "llm-blender", "scalar", "python")
@@ -204,10 +224,14 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class RankConfig:
-    ranker: str = opt("pairrm", "pairrm (PairRM), llm-blender (the reference library), scalar (a sequence-"
-                                "classification reward model) or python (module:function).")
-    ranker_model: str = opt("llm-blender/PairRM", "Folder or hub id (PairRM layout for pairrm/llm-blender); "
-                                                  "module:function for python.")
+    ranker: str = opt(
+        "pairrm",
+        "pairrm (PairRM), llm-blender (the reference library), scalar (a sequence-"
+        "classification reward model) or python (module:function).",
+    )
+    ranker_model: str = opt(
+        "llm-blender/PairRM", "Folder or hub id (PairRM layout for pairrm/llm-blender); module:function for python."
+    )
     splits: tuple[str, ...] = opt(SPLITS, "Splits to score.")
     device: str | None = opt(None, "cuda, cpu, cuda:1 ... (default: cuda when available).")
     # float16 on GPU is what PairRM's config says
@@ -269,27 +293,37 @@ _BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(^|/)\.")
 
 def check_revision(revision: Any) -> None:
     """The Hub branch to commit to, by git's ref-name rules: checked before staging (a dry run never asks the Hub)."""
-    if (not isinstance(revision, str) or not revision or revision == "@" or _BAD_REF.search(revision)
-            or revision.startswith(("-", "/")) or revision.endswith(("/", ".", ".lock"))):
-        raise InputError(f"revision {revision!r} is not a branch name (e.g. main, dev, ablation/beta-0.1)",
-                         option="revision")
+    if (
+        not isinstance(revision, str)
+        or not revision
+        or revision == "@"
+        or _BAD_REF.search(revision)
+        or revision.startswith(("-", "/"))
+        or revision.endswith(("/", ".", ".lock"))
+    ):
+        raise InputError(
+            f"revision {revision!r} is not a branch name (e.g. main, dev, ablation/beta-0.1)", option="revision"
+        )
 
 
 def check_license(license_: Any) -> None:
     """A Hub licence id (apache-2.0, mit, cc-by-4.0, other, ...): one word, as the card's YAML metadata needs it."""
     if not isinstance(license_, str) or not license_.strip() or any(c.isspace() for c in license_):
-        raise InputError(f"license {license_!r} is not a licence id (e.g. apache-2.0, mit, cc-by-4.0)",
-                         option="license")
+        raise InputError(
+            f"license {license_!r} is not a licence id (e.g. apache-2.0, mit, cc-by-4.0)", option="license"
+        )
 
 
-def validate_publish(cfg: "PublishConfig | PublishModelConfig") -> None:
+def validate_publish(cfg: PublishConfig | PublishModelConfig) -> None:
     """The options publish and publish-model share (and the dataset's iterations), before anything is staged. An
     empty tuple of iterations names none; None means every built one."""
     iterations = getattr(cfg, "iterations", None)
     if iterations is not None:
         if not iterations:
-            raise InputError("iterations names no iteration; give e.g. 1,2,3, or leave it out to publish every "
-                             "built one", option="iterations")
+            raise InputError(
+                "iterations names no iteration; give e.g. 1,2,3, or leave it out to publish every built one",
+                option="iterations",
+            )
         bad = [it for it in iterations if isinstance(it, bool) or not isinstance(it, int) or it < 1]
         if bad:
             raise InputError(f"iterations must be numbers 1 or more, not {bad[0]}", option="iterations")
@@ -300,10 +334,14 @@ def validate_publish(cfg: "PublishConfig | PublishModelConfig") -> None:
 @dataclass(frozen=True)
 class PublishModelConfig:
     repo_id: str
-    dataset_repo: str | None = opt(None, "The dataset repo the card links (default: where the catalog published "
-                                         "these pairs).")
-    base_model: str | None = opt(None, "Hub id of the base model, for the card's base_model (default: the base "
-                                       "when it is a hub id; give it when the base was a local copy).")
+    dataset_repo: str | None = opt(
+        None, "The dataset repo the card links (default: where the catalog published these pairs)."
+    )
+    base_model: str | None = opt(
+        None,
+        "Hub id of the base model, for the card's base_model (default: the base "
+        "when it is a hub id; give it when the base was a local copy).",
+    )
     local_dir: Path | None = opt(None, "Stage the repo folder here (kept); default: a temporary folder.")
     dry_run: bool = opt(False, "Stage only: no token, no network.")
     private: bool = opt(False, "Create the repo as private.")
@@ -330,8 +368,11 @@ class TrainConfig:
     model: str | None = opt(None, "Base model folder or hub id (default: the recipe's model_name_or_path).")
     dataset: str | None = opt(None, "A staged dataset folder or hub id (default: the catalog's pairs).")
     output_dir: Path | None = opt(None, "Where the model is saved (default: the recipe's output_dir).")
-    overwrite: bool = opt(False, "Train again into a non-empty output folder: a user's, or another training's "
-                                 "model (the same training run again registers the model it left there without it).")
+    overwrite: bool = opt(
+        False,
+        "Train again into a non-empty output folder: a user's, or another training's "
+        "model (the same training run again registers the model it left there without it).",
+    )
     progress: bool = True  # a progress bar and the pair counts on stderr
     trainer_logs: bool = False  # the Trainer's own progress bar and metric dicts instead (`--debug`)
     # On 2 cores a 135M model's DPO step is 1.75x faster with 2 threads than 1; tiny models are faster with 1
@@ -342,8 +383,9 @@ def check_threads(threads: Any) -> None:
     """Training's torch threads: None (as the process has them) or a positive count; torch refuses anything else,
     and only after the model and data have loaded."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InputError(f"threads must be at least 1 (or unset: as the process has them), not {threads}",
-                         option="threads")
+        raise InputError(
+            f"threads must be at least 1 (or unset: as the process has them), not {threads}", option="threads"
+        )
 
 
 @dataclass(frozen=True)

@@ -185,8 +185,11 @@ def _best_of_n(cfg: BestOfNConfig, progress: bool) -> dict[str, Any]:
     finally:
         generator.close()
     ranked = [(p, answered[prompt_id(p)]) for p in prompts if answered.get(prompt_id(p))]
-    scores = score_all(cfg.ranker, [p for p, _ in ranked], [c for _, c in ranked], ranker, progress,
-                       "best-of-n rank") if ranked else []
+    scores = (
+        score_all(cfg.ranker, [p for p, _ in ranked], [c for _, c in ranked], ranker, progress, "best-of-n rank")
+        if ranked
+        else []
+    )
     by_prompt: dict[str, tuple[list[str], list[float], int]] = {}
     for (p, cands), values in zip(ranked, scores):
         check_finite(prompt_id(p), values)
@@ -202,17 +205,34 @@ def _best_of_n(cfg: BestOfNConfig, progress: bool) -> dict[str, Any]:
         dataset = datasets[i] if datasets[i] is not None else default_dataset
         output = cands[best] if best is not None else ""
         rows.append({"instruction": instruction, "output": output, "generator": name, "dataset": dataset})
-        sidecar.append({"instruction": instruction, "prompt_id": prompt_id(prompt), "dataset": dataset,
-                        "generator": name, "selected_index": best,
-                        "selection_score": values[best] if best is not None else None,
-                        "candidates": cands, "candidate_scores": values,
-                        "skipped": None if best is not None else "too_long"})
+        sidecar.append(
+            {
+                "instruction": instruction,
+                "prompt_id": prompt_id(prompt),
+                "dataset": dataset,
+                "generator": name,
+                "selected_index": best,
+                "selection_score": values[best] if best is not None else None,
+                "candidates": cands,
+                "candidate_scores": values,
+                "skipped": None if best is not None else "too_long",
+            }
+        )
     side = candidates_path(cfg.output)
-    _write_files({side: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sidecar),
-                  Path(cfg.output): json.dumps(rows, indent=2, ensure_ascii=False)})
-    return {"output": str(cfg.output), "candidates": str(side), "generator": name, "prompts": len(rows),
-            "skipped_empty": len(instructions) - len(keep),
-            "skipped_too_long": sum(1 for r in sidecar if r["skipped"])}
+    _write_files(
+        {
+            side: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sidecar),
+            Path(cfg.output): json.dumps(rows, indent=2, ensure_ascii=False),
+        }
+    )
+    return {
+        "output": str(cfg.output),
+        "candidates": str(side),
+        "generator": name,
+        "prompts": len(rows),
+        "skipped_empty": len(instructions) - len(keep),
+        "skipped_too_long": sum(1 for r in sidecar if r["skipped"]),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
@@ -226,8 +246,11 @@ def _load_outputs(path: Path) -> list[dict[str, Any]]:
     if not isinstance(data, list):
         raise InputError(f"{path}: expected AlpacaEval's format, a JSON list of {{instruction, output, generator}}")
     for i, row in enumerate(data):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or \
-                not isinstance(row.get("output"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("instruction"), str)
+            or not isinstance(row.get("output"), str)
+        ):
             raise InputError(f"{path}: record {i} lacks a text instruction and output")
     return data
 
@@ -236,8 +259,10 @@ def length_stats(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     by: dict[str, list[int]] = {}
     for row in rows:
         by.setdefault(str(row.get("generator", "unknown")), []).append(len(row["output"]))
-    return {g: {"n": len(v), "avg_length": statistics.fmean(v), "median_length": float(statistics.median(v))}
-            for g, v in by.items()}
+    return {
+        g: {"n": len(v), "avg_length": statistics.fmean(v), "median_length": float(statistics.median(v))}
+        for g, v in by.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -275,8 +300,9 @@ def _fit(y, x, weights, prior_precision: float):
     return rate, np.where(flat, 0.0, b)
 
 
-def length_controlled(prefs: list[float], length_diffs: list[float],
-                      cfg: LengthControlConfig = LengthControlConfig()) -> LengthControlled:
+def length_controlled(
+    prefs: list[float], length_diffs: list[float], cfg: LengthControlConfig = LengthControlConfig()
+) -> LengthControlled:
     """The length-controlled win rate of soft preferences (1 win, 0.5 tie, 0 loss) given each pair's length
     difference (output minus reference, characters), its bootstrap standard error and the length weight."""
     import numpy as np
@@ -288,7 +314,7 @@ def length_controlled(prefs: list[float], length_diffs: list[float],
         raise InputError("length control needs one length difference per preference, and at least one")
     sd = float(d.std(ddof=1)) if n > 1 else 0.0
     x = np.tanh(d / sd) if sd > 0 else np.zeros(n)
-    precision = 1.0 / cfg.length_prior_sd ** 2
+    precision = 1.0 / cfg.length_prior_sd**2
     rate, b = _fit(y, x, np.ones((1, n)), precision)
     rng = np.random.default_rng(cfg.seed)
     boot = []
@@ -310,8 +336,11 @@ def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | 
     refs = {}
     for row in _load_outputs(reference):
         refs.setdefault(row["instruction"].strip(), row["output"])
-    pairs = [(r["instruction"], r["output"], refs[r["instruction"].strip()]) for r in rows
-             if r["instruction"].strip() in refs]
+    pairs = [
+        (r["instruction"], r["output"], refs[r["instruction"].strip()])
+        for r in rows
+        if r["instruction"].strip() in refs
+    ]
     if not pairs:
         raise InputError(f"no instruction of {outputs} is in the reference {reference}")
     scorer = make_ranker(ranker or RankConfig())
@@ -321,10 +350,18 @@ def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | 
     win = statistics.fmean(prefs)
     se = (statistics.stdev(prefs) / math.sqrt(n)) if n > 1 else 0.0
     lc = length_controlled(prefs, [len(o) - len(r) for _, o, r in pairs])
-    report.update({
-        "reference": str(reference), "ranker": scorer.describe(), "compared": n, "unmatched": len(rows) - n,
-        "win_rate": 100 * win, "standard_error": 100 * se, "length_controlled_win_rate": 100 * lc.win_rate,
-        "length_controlled_standard_error": 100 * lc.standard_error, "length_weight": lc.length_weight,
-        "reference_avg_length": statistics.fmean(len(r) for _, _, r in pairs),
-    })
+    report.update(
+        {
+            "reference": str(reference),
+            "ranker": scorer.describe(),
+            "compared": n,
+            "unmatched": len(rows) - n,
+            "win_rate": 100 * win,
+            "standard_error": 100 * se,
+            "length_controlled_win_rate": 100 * lc.win_rate,
+            "length_controlled_standard_error": 100 * lc.standard_error,
+            "length_weight": lc.length_weight,
+            "reference_avg_length": statistics.fmean(len(r) for _, _, r in pairs),
+        }
+    )
     return report

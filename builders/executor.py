@@ -29,8 +29,15 @@ from builders.config import ExecutorConfig
 from builders.stage import Finished, Producer
 
 
-def producer(ex: ExecutorConfig, build: Callable[[], Any], run: Callable[[Any, Sequence[Any]], Iterable[Finished]],
-             *, chunk: int, resources: Callable[[float], dict[str, float]], label: str) -> Producer:
+def producer(
+    ex: ExecutorConfig,
+    build: Callable[[], Any],
+    run: Callable[[Any, Sequence[Any]], Iterable[Finished]],
+    *,
+    chunk: int,
+    resources: Callable[[float], dict[str, float]],
+    label: str,
+) -> Producer:
     """`build` and `run` must be picklable (module-level functions, or partials of them) for the ray executor;
     `chunk` items go to a replica at a time; `resources(cluster_gpus)`: what one replica takes (Ray's num_cpus,
     num_gpus)."""

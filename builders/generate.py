@@ -44,23 +44,38 @@ from typing import Any
 
 import pyarrow as pa
 
+from builders import executor
 from builders.backends.base import Generator, Request, Sample
 from builders.backends.ray import generator_resources
 from builders.catalog import Catalog, Snapshot
-from builders import executor
 from builders.config import (
-    BACKENDS, BATCH_PROMPTS, ExecutorConfig, GenerateConfig, SamplingConfig, check_commit_seconds, check_splits,
+    BACKENDS,
+    BATCH_PROMPTS,
+    ExecutorConfig,
+    GenerateConfig,
+    SamplingConfig,
+    check_commit_seconds,
+    check_splits,
 )
 from builders.errors import InputError, IterdpoError, one_line
 from builders.models import model_identity, served_identity
 from builders.schemas import KINDS
-from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, resolve_inputs, run_stage, \
-    hash_key
+from builders.stage import (
+    Finished,
+    Producer,
+    SplitWork,
+    StageResult,
+    StageSpec,
+    chunks,
+    hash_key,
+    resolve_inputs,
+    run_stage,
+)
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    """"K/N" -> (K, N), K in 0..N-1 (a Slurm array's SLURM_ARRAY_TASK_ID fits as K)."""
+    """ "K/N" -> (K, N), K in 0..N-1 (a Slurm array's SLURM_ARRAY_TASK_ID fits as K)."""
     if spec is None:
         return None
     try:
@@ -92,8 +107,11 @@ def validate_sampling(s: SamplingConfig) -> None:
         raise InputError(f"temperature must be a number, 0 or more, not {s.temperature}", option="temperature")
     if s.temperature == 0 and s.num_responses > 1:
         # temperature 0 is greedy decoding: the n responses would all be the same, and there is nothing to rank
-        raise InputError(f"temperature 0 is greedy decoding: its {s.num_responses} responses would be identical; "
-                         f"use a temperature above 0, or num_responses 1", option="temperature")
+        raise InputError(
+            f"temperature 0 is greedy decoding: its {s.num_responses} responses would be identical; "
+            f"use a temperature above 0, or num_responses 1",
+            option="temperature",
+        )
     if not isinstance(s.top_p, (int, float)) or not 0 < s.top_p <= 1:  # a NaN fails the comparison too
         raise InputError(f"top_p must be in (0, 1], not {s.top_p}", option="top_p")
     if not isinstance(s.max_tokens, int) or s.max_tokens < 1:
@@ -118,11 +136,16 @@ def validate_generate(cfg: GenerateConfig) -> None:
     if cfg.backend == "vllm":
         v = cfg.vllm
         if v.tensor_parallel_size < 1:
-            raise InputError(f"tensor_parallel_size must be at least 1, not {v.tensor_parallel_size}", option="tensor_parallel_size")
+            raise InputError(
+                f"tensor_parallel_size must be at least 1, not {v.tensor_parallel_size}", option="tensor_parallel_size"
+            )
         if v.dtype not in VLLM_DTYPES:
             raise InputError(f"dtype must be one of {', '.join(VLLM_DTYPES)}, not {v.dtype!r}", option="dtype")
         if not 0 < v.gpu_memory_utilization <= 1:  # NaN fails too
-            raise InputError(f"gpu_memory_utilization must be in (0, 1], not {v.gpu_memory_utilization}", option="gpu_memory_utilization")
+            raise InputError(
+                f"gpu_memory_utilization must be in (0, 1], not {v.gpu_memory_utilization}",
+                option="gpu_memory_utilization",
+            )
         for name, value in (("max_model_len", v.max_model_len), ("max_num_seqs", v.max_num_seqs)):
             if value is not None and value < 1:
                 raise InputError(f"{name} must be at least 1, not {value}", option=name)
@@ -157,17 +180,31 @@ def make_generator(cfg: GenerateConfig) -> Generator:
 def producer(cfg: GenerateConfig) -> Producer:
     """Generation's model work for `cfg`, on its executor: work items are (prompt_id, prompt)."""
     local = replace(cfg, scale_out=ExecutorConfig())  # what each Ray replica runs: the local backend
-    return executor.producer(cfg.scale_out, partial(make_generator, local), partial(_produce, local),
-                             chunk=cfg.batch_prompts or BATCH_PROMPTS[cfg.backend],
-                             resources=partial(generator_resources, cfg), label="generate")
+    return executor.producer(
+        cfg.scale_out,
+        partial(make_generator, local),
+        partial(_produce, local),
+        chunk=cfg.batch_prompts or BATCH_PROMPTS[cfg.backend],
+        resources=partial(generator_resources, cfg),
+        label="generate",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- stage
-def work_key(prompts: Snapshot, identity: dict[str, Any], backend: str, template_sha: str | None,
-             sampling: SamplingConfig) -> str:
+def work_key(
+    prompts: Snapshot, identity: dict[str, Any], backend: str, template_sha: str | None, sampling: SamplingConfig
+) -> str:
     """Everything that determines the responses (not the shard, batch size or machine)."""
-    return hash_key({"stage": "generate", "prompts": prompts.id, "model": identity, "backend": backend,
-                      "chat_template_sha256": template_sha, "sampling": asdict(sampling)})
+    return hash_key(
+        {
+            "stage": "generate",
+            "prompts": prompts.id,
+            "model": identity,
+            "backend": backend,
+            "chat_template_sha256": template_sha,
+            "sampling": asdict(sampling),
+        }
+    )
 
 
 def _template_sha(cfg: GenerateConfig) -> str | None:
@@ -186,8 +223,10 @@ def _template_sha(cfg: GenerateConfig) -> str | None:
     except Exception as e:
         raise InputError(f"model {cfg.model!r}: cannot load its tokenizer ({one_line(e)})") from None
     if not template:
-        raise InputError(f"model {cfg.model!r}: its tokenizer has no chat template; give a chat_template file",
-                         option="chat_template")
+        raise InputError(
+            f"model {cfg.model!r}: its tokenizer has no chat template; give a chat_template file",
+            option="chat_template",
+        )
     return hashlib.sha256(template.encode()).hexdigest()
 
 
@@ -204,8 +243,14 @@ def _rows(requests: Sequence[Request], samples: Sequence[Sequence[Sample]]) -> p
     return pa.Table.from_pydict(cols, schema=KINDS["generations"].schema)
 
 
-def generate(catalog: Catalog, iteration: int, cfg: GenerateConfig, from_refs: Sequence[str] = (),
-             progress: bool = True, generator: Generator | None = None) -> StageResult:
+def generate(
+    catalog: Catalog,
+    iteration: int,
+    cfg: GenerateConfig,
+    from_refs: Sequence[str] = (),
+    progress: bool = True,
+    generator: Generator | None = None,
+) -> StageResult:
     """Generate `num_responses` responses for each prompt of `iteration`'s prompt sets and register a
     `generations` snapshot per split (a shard snapshot with `shard`). Resumable: finished prompts are kept."""
     validate_generate(cfg)
@@ -221,19 +266,36 @@ def generate(catalog: Catalog, iteration: int, cfg: GenerateConfig, from_refs: S
         for split, prompts_snap in sets.items():  # one split's prompts in memory at a time
             key = work_key(prompts_snap, identity, cfg.backend, template_sha, cfg.sampling)
             prompts = catalog.read(prompts_snap.id)
-            items = {pid: (pid, text) for pid, text in zip(prompts.column("prompt_id").to_pylist(),
-                                                           prompts.column("prompt").to_pylist()) if in_shard(pid, shard)}
+            items = {
+                pid: (pid, text)
+                for pid, text in zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist())
+                if in_shard(pid, shard)
+            }
 
-            def params(described: dict[str, Any], skipped: int, key: str = key,
-                       prompts_id: str = prompts_snap.id) -> dict[str, Any]:
+            def params(
+                described: dict[str, Any], skipped: int, key: str = key, prompts_id: str = prompts_snap.id
+            ) -> dict[str, Any]:
                 return {
-                    **identity, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
+                    **identity,
+                    "backend": cfg.backend,
+                    "sampling": asdict(cfg.sampling),
                     "seed_rule": "sha256(f'{seed}:{prompt_id}')[:8] mod floor(2^62/n), times n; responses use S..S+n-1",
-                    "skipped_too_long": skipped, "work_key": key, "prompts": prompts_id, **_engine(cfg), **described,
+                    "skipped_too_long": skipped,
+                    "work_key": key,
+                    "prompts": prompts_id,
+                    **_engine(cfg),
+                    **described,
                 }
 
-            yield SplitWork(split, key, items, [prompts_snap.id, *producer_of], params,
-                            work_params={"prompts": prompts_snap.id}, shard=cfg.shard if shard else None)
+            yield SplitWork(
+                split,
+                key,
+                items,
+                [prompts_snap.id, *producer_of],
+                params,
+                work_params={"prompts": prompts_snap.id},
+                shard=cfg.shard if shard else None,
+            )
 
     spec = StageSpec("generate", "generations", iteration, "generator", producer(cfg), cfg.commit_seconds)
     return run_stage(catalog, spec, splits(), progress=progress, backend=generator)
@@ -246,8 +308,12 @@ def _engine(cfg: GenerateConfig) -> dict[str, Any]:
 
     out: dict[str, Any] = {"vllm": asdict(cfg.vllm)} if cfg.backend == "vllm" else {}
     torch = sys.modules.get("torch")  # loaded by the local backends; the openai backend's server did the work
-    if cfg.backend != "openai" and cfg.scale_out.executor == "local" and torch is not None \
-            and not torch.cuda.is_available():
+    if (
+        cfg.backend != "openai"
+        and cfg.scale_out.executor == "local"
+        and torch is not None
+        and not torch.cuda.is_available()
+    ):
         out["cpu_threads"] = torch.get_num_threads()
     return out
 
@@ -260,8 +326,9 @@ def _model_snapshot(catalog: Catalog, identity: dict[str, Any]) -> list[str]:
     return []
 
 
-def _finish(requests: Sequence[Request], answered: Sequence[Sequence[Sample]], units: dict[str, Any],
-            n: int) -> Finished:
+def _finish(
+    requests: Sequence[Request], answered: Sequence[Sequence[Sample]], units: dict[str, Any], n: int
+) -> Finished:
     """Rows and units of answered requests; a request answered with no samples was refused as too long."""
     kept, samples = [], []
     for req, outs in zip(requests, answered):
@@ -273,8 +340,10 @@ def _finish(requests: Sequence[Request], answered: Sequence[Sequence[Sample]], u
         kept.append(req)
         samples.append(outs)
     # a server's usage total counts even where the rows cannot say which sample had how many (n > 1)
-    tokens = sum(req.completion_tokens if req.completion_tokens is not None else
-                 sum(s.completion_tokens or 0 for s in outs) for req, outs in zip(kept, samples))
+    tokens = sum(
+        req.completion_tokens if req.completion_tokens is not None else sum(s.completion_tokens or 0 for s in outs)
+        for req, outs in zip(kept, samples)
+    )
     return Finished(units, _rows(kept, samples), tokens)
 
 

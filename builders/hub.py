@@ -24,13 +24,13 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from builders.catalog import Catalog
 from builders import scratch as scratch_dirs
+from builders.catalog import Catalog
 from builders.errors import InputError, IterdpoError, one_line
 
 MARKER = ".iterdpo-staged.json"  # in a staged folder: the files iterdpo wrote there (the only ones it may replace)
@@ -41,7 +41,8 @@ def snapshot_set_id(ids: list[str]) -> str:
 
 
 def validate_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id as hub_validate
+    from huggingface_hub.utils import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
 
     try:
         hub_validate(repo_id)
@@ -60,8 +61,9 @@ class Staging:
 
 
 @contextlib.contextmanager
-def staging(local_dir: Path | None, prefix: str = "iterdpo-publish-",
-            stamp: dict[str, Any] | None = None) -> Iterator[Staging]:
+def staging(
+    local_dir: Path | None, prefix: str = "iterdpo-publish-", stamp: dict[str, Any] | None = None
+) -> Iterator[Staging]:
     """Yield a scratch folder; when the block ends without error its files are moved into `local_dir` (default: a
     new temporary folder). The block appends every file it writes to `files`. `stamp` (what decided the content,
     e.g. the snapshot set id) is recorded in the marker with each file's size, for `staged_as`."""
@@ -69,8 +71,9 @@ def staging(local_dir: Path | None, prefix: str = "iterdpo-publish-",
     owned = _owned_files(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch_dirs.remove_stale("staging", target)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{scratch_dirs.prefix('staging', target)}{os.getpid()}-",
-                                    dir=target.parent))
+    scratch = Path(
+        tempfile.mkdtemp(prefix=f"{scratch_dirs.prefix('staging', target)}{os.getpid()}-", dir=target.parent)
+    )
     try:
         st = Staging(scratch, target)
         yield st
@@ -115,8 +118,9 @@ def _owned_files(target: Path) -> list[str] | None:
     try:
         return list(json.loads((target / MARKER).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise InputError(f"{target} is not empty and was not staged by iterdpo (no {MARKER}); choose an empty or "
-                         f"new --local-dir") from None
+        raise InputError(
+            f"{target} is not empty and was not staged by iterdpo (no {MARKER}); choose an empty or new --local-dir"
+        ) from None
 
 
 def _place(scratch: Path, target: Path, owned: list[str] | None) -> None:
@@ -181,16 +185,19 @@ def hub_error(e: Exception) -> tuple[bool, str]:
     if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else None
         if status in (401, 403):
-            return False, (f"the Hub refused the request (HTTP {status}): check your token "
-                           f"(`hf auth login` or HF_TOKEN) and its write access")
+            return False, (
+                f"the Hub refused the request (HTTP {status}): check your token "
+                f"(`hf auth login` or HF_TOKEN) and its write access"
+            )
         return (status is None or status >= 500 or status == 429), f"HTTP {status}: {one_line(str(e), 200)}"
     if isinstance(e, (*_transport_errors(), ConnectionError, TimeoutError, OSError)):
         return True, f"{type(e).__name__}: {one_line(str(e), 200) or 'network error'}"
     return False, f"{type(e).__name__}: {one_line(str(e), 200)}"
 
 
-def retry(what: str, call: Callable[[], Any], target: HubTarget, landed: str | None = None,
-          after: str | None = None) -> Any:
+def retry(
+    what: str, call: Callable[[], Any], target: HubTarget, landed: str | None = None, after: str | None = None
+) -> Any:
     """`call()`, retried on network errors and 5xx with exponential backoff; a final failure is one line saying
     what state the repo is in (`after`, default: nothing was published)."""
     delay = target.backoff
@@ -200,8 +207,11 @@ def retry(what: str, call: Callable[[], Any], target: HubTarget, landed: str | N
         except Exception as e:  # classified below: retryable network/5xx, or a final error
             retryable, message = hub_error(e)
             if not retryable or attempt == target.max_retries:
-                after = (f"commit {landed} landed; rerun `{target.command}` to tag it" if landed
-                         else after or "nothing was published")
+                after = (
+                    f"commit {landed} landed; rerun `{target.command}` to tag it"
+                    if landed
+                    else after or "nothing was published"
+                )
                 raise IterdpoError(f"{what} failed: {message}; {after}") from None
         time.sleep(delay * (0.5 + random.random()))
         delay *= 2
@@ -225,8 +235,10 @@ def check_token(target: HubTarget) -> str:
     info = retry("checking the Hugging Face token", lambda: api.whoami(token=secret), target)
     role = ((info or {}).get("auth") or {}).get("accessToken", {}).get("role")
     if role == "read":
-        raise InputError("the Hugging Face token is read-only: create one with write access "
-                         "(https://huggingface.co/settings/tokens) and `hf auth login` with it, or set HF_TOKEN")
+        raise InputError(
+            "the Hugging Face token is read-only: create one with write access "
+            "(https://huggingface.co/settings/tokens) and `hf auth login` with it, or set HF_TOKEN"
+        )
     return secret
 
 
@@ -243,8 +255,9 @@ def landed_commit(api, target: HubTarget, set_id: str) -> tuple[str, bool] | Non
     """(commit, tagged) of this snapshot set's commit in the target revision's history, if one landed: its message
     carries the set id (older publications: the title with its first 12 characters). None when none did."""
     commits = api.list_repo_commits(target.repo_id, repo_type=target.repo_type, revision=target.revision)
-    oid = next((c.commit_id for c in commits if set_id in f"{c.title}\n{c.message}"
-                or c.title == commit_title(set_id)), None)
+    oid = next(
+        (c.commit_id for c in commits if set_id in f"{c.title}\n{c.message}" or c.title == commit_title(set_id)), None
+    )
     if oid is None:
         return None
     tags = api.list_repo_refs(target.repo_id, repo_type=target.repo_type).tags
@@ -258,8 +271,9 @@ def recorded(catalog: Catalog, target: HubTarget, set_id: str) -> dict[str, Any]
     return catalog.publication(set_id, target.repo_id, target.revision, constants.ENDPOINT)
 
 
-def upload(catalog: Catalog, target: HubTarget, folder: Path, files: list[str], set_id: str,
-           snapshots: dict[str, str]) -> Uploaded:
+def upload(
+    catalog: Catalog, target: HubTarget, folder: Path, files: list[str], set_id: str, snapshots: dict[str, str]
+) -> Uploaded:
     """Commit `files` of `folder` to the repo as one commit, tag it `set_id`, and record the publication."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
@@ -274,32 +288,53 @@ def upload(catalog: Catalog, target: HubTarget, folder: Path, files: list[str], 
     api = HfApi(endpoint=endpoint, token=secret)
 
     def tag_commit(oid: str, already: bool) -> Uploaded:
-        retry("tagging the commit", lambda: api.create_tag(repo_id, tag=set_id, revision=oid, repo_type=kind,
-                                                           tag_message=f"iterdpo snapshot set {set_id}",
-                                                           exist_ok=True), target, landed=oid)
+        retry(
+            "tagging the commit",
+            lambda: api.create_tag(
+                repo_id,
+                tag=set_id,
+                revision=oid,
+                repo_type=kind,
+                tag_message=f"iterdpo snapshot set {set_id}",
+                exist_ok=True,
+            ),
+            target,
+            landed=oid,
+        )
         catalog.set_publication_tag(set_id, repo_id, revision, endpoint, set_id)
         return Uploaded(already, oid, set_id)
 
     if prior:  # the commit landed earlier but its tag did not: only the tag is missing
         return tag_commit(prior["commit"], True)
-    retry("creating the repo", lambda: api.create_repo(repo_id, repo_type=kind, private=target.private,
-                                                       exist_ok=True), target)
+    retry(
+        "creating the repo",
+        lambda: api.create_repo(repo_id, repo_type=kind, private=target.private, exist_ok=True),
+        target,
+    )
     if revision != "main":
-        retry("creating the branch", lambda: api.create_branch(repo_id, repo_type=kind, branch=revision,
-                                                               exist_ok=True), target)
+        retry(
+            "creating the branch",
+            lambda: api.create_branch(repo_id, repo_type=kind, branch=revision, exist_ok=True),
+            target,
+        )
     # an earlier run's commit whose answer was lost (or whose process was killed) is on the Hub but not in the
     # catalog: record it instead of committing the same files a second time
     landed = retry("reading the repo's history", lambda: landed_commit(api, target, set_id), target)
     if landed is not None:
         oid, tagged = landed
-        catalog.record_publication(set_id, repo_id, revision, oid, set_id if tagged else None,
-                                   list(snapshots.values()), endpoint)
+        catalog.record_publication(
+            set_id, repo_id, revision, oid, set_id if tagged else None, list(snapshots.values()), endpoint
+        )
         return Uploaded(True, oid, set_id) if tagged else tag_commit(oid, True)
-    existing = retry("listing the repo", lambda: api.list_repo_files(repo_id, repo_type=kind, revision=revision),
-                     target)
+    existing = retry(
+        "listing the repo", lambda: api.list_repo_files(repo_id, repo_type=kind, revision=revision), target
+    )
     keep = set(files) | {".gitattributes"}
-    deletes = [CommitOperationDelete(path_in_repo=path) for path in existing
-               if path not in keep and any(_owned(path, pattern) for pattern in target.managed)]
+    deletes = [
+        CommitOperationDelete(path_in_repo=path)
+        for path in existing
+        if path not in keep and any(_owned(path, pattern) for pattern in target.managed)
+    ]
 
     tries = 0
 
@@ -310,14 +345,23 @@ def upload(catalog: Catalog, target: HubTarget, folder: Path, files: list[str], 
         if tries > 1 and (again := landed_commit(api, target, set_id)) is not None:
             return again[0]
         adds = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files]  # single-use
-        return api.create_commit(repo_id, adds + deletes, repo_type=kind, revision=revision,
-                                 commit_message=commit_title(set_id),
-                                 commit_description=f"Snapshot set: {set_id}\nSnapshots: {json.dumps(snapshots)}"
-                                 + (f"\nLicense: {target.license}" if target.license else "")).oid
+        return api.create_commit(
+            repo_id,
+            adds + deletes,
+            repo_type=kind,
+            revision=revision,
+            commit_message=commit_title(set_id),
+            commit_description=f"Snapshot set: {set_id}\nSnapshots: {json.dumps(snapshots)}"
+            + (f"\nLicense: {target.license}" if target.license else ""),
+        ).oid
 
-    oid = retry("the commit", commit, target,
-                after=f"if it reached the Hub, rerun `{target.command}`: it finds the commit and tags it, without "
-                      f"sending it again")
+    oid = retry(
+        "the commit",
+        commit,
+        target,
+        after=f"if it reached the Hub, rerun `{target.command}`: it finds the commit and tags it, without "
+        f"sending it again",
+    )
     # recorded at once (the commit is on the Hub); the tag follows, and a rerun adds it if it failed
     catalog.record_publication(set_id, repo_id, revision, oid, None, list(snapshots.values()), endpoint)
     return tag_commit(oid, False)

@@ -64,8 +64,9 @@ def model_identity(model: str, revision: str | None = None) -> dict[str, Any]:
 
     try:
         if constants.HF_HUB_OFFLINE:
-            folder = huggingface_hub.snapshot_download(model, revision=revision, local_files_only=True,
-                                                       allow_patterns=["config.json"])
+            folder = huggingface_hub.snapshot_download(
+                model, revision=revision, local_files_only=True, allow_patterns=["config.json"]
+            )
             return {"model": model, "revision": Path(folder).name}
         return {"model": model, "revision": huggingface_hub.model_info(model, revision=revision).sha}
     except Exception as e:  # offline cache miss, unknown repo, no network: the user must fix the model argument
@@ -95,4 +96,3 @@ def resolve_folder(ref: str, what: str = "model") -> Path:
         return Path(huggingface_hub.snapshot_download(ref, local_files_only=constants.HF_HUB_OFFLINE))
     except Exception as e:  # offline cache miss, unknown repo, no network: the user must fix the argument
         raise InputError(f"{what} {ref!r} cannot be loaded (not a local folder; hub: {one_line(e)})") from None
-

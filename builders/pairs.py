@@ -20,8 +20,8 @@ import pyarrow as pa
 from builders.catalog import Catalog, Registration, Snapshot
 from builders.config import SELECTIONS, SPLITS, BuildConfig
 from builders.errors import InputError
-from builders.stage import SplitResult, StageResult, resolve_inputs
 from builders.schemas import KINDS, MESSAGE
+from builders.stage import SplitResult, StageResult, resolve_inputs
 
 DROP_REASONS = ("tie", "single_distinct", "below_margin", "missing")
 # pairs rows are built and spooled in batches of about this many characters of text (a row repeats the prompt
@@ -29,23 +29,33 @@ DROP_REASONS = ("tie", "single_distinct", "below_margin", "missing")
 _SPOOL_CHARS = 16 * 2**20
 _SCHEMA = KINDS["pairs"].schema
 
-TRL_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("prompt", pa.list_(MESSAGE)),
-    ("chosen", pa.list_(MESSAGE)),
-    ("rejected", pa.list_(MESSAGE)),
-])
+TRL_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.list_(MESSAGE)),
+        ("chosen", pa.list_(MESSAGE)),
+        ("rejected", pa.list_(MESSAGE)),
+    ]
+)
 
 
 def to_trl(pairs: pa.Table) -> pa.Table:
     """The `trl` config's rows: prompt = [user], chosen = [assistant], rejected = [assistant], prompt_id.
     (A string prompt beside message-list chosen/rejected crashes TRL >= 1 DPOTrainer.)"""
+
     def last(column: str) -> list[list[dict[str, str]]]:
         return [[conv[-1]] for conv in pairs.column(column).to_pylist()]
 
     prompts = [[{"content": p, "role": "user"}] for p in pairs.column("prompt").to_pylist()]
-    return pa.table({"prompt_id": pairs.column("prompt_id"), "prompt": prompts, "chosen": last("chosen"),
-                     "rejected": last("rejected")}, schema=TRL_SCHEMA)
+    return pa.table(
+        {
+            "prompt_id": pairs.column("prompt_id"),
+            "prompt": prompts,
+            "chosen": last("chosen"),
+            "rejected": last("rejected"),
+        },
+        schema=TRL_SCHEMA,
+    )
 
 
 def select(responses: Sequence[str], scores: Sequence[float], cfg: BuildConfig) -> tuple[int, int] | str:
@@ -69,8 +79,7 @@ def select(responses: Sequence[str], scores: Sequence[float], cfg: BuildConfig) 
 
 def validate_build(cfg: BuildConfig) -> None:
     if cfg.selection not in SELECTIONS:
-        raise InputError(f"unknown selection {cfg.selection!r}; use one of {', '.join(SELECTIONS)}",
-                         option="selection")
+        raise InputError(f"unknown selection {cfg.selection!r}; use one of {', '.join(SELECTIONS)}", option="selection")
     for name in ("length_penalty", "min_margin"):
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0:
@@ -81,8 +90,10 @@ def _input(catalog: Catalog, snap: Snapshot, kind: str) -> Snapshot:
     """The `kind` snapshot `snap` was made from."""
     found = catalog.parent(snap, kind)
     if found is None:
-        raise InputError(f"{snap.kind} snapshot {snap.id[:12]} records no {kind} snapshot it was made from; "
-                         f"build pairs from scores that `iterdpo rank` registered")
+        raise InputError(
+            f"{snap.kind} snapshot {snap.id[:12]} records no {kind} snapshot it was made from; "
+            f"build pairs from scores that `iterdpo rank` registered"
+        )
     return found
 
 
@@ -127,14 +138,16 @@ class _Cursor:
         return {}
 
 
-def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig,
-                     sink: pa.ipc.RecordBatchStreamWriter) -> tuple[int, dict[str, int], dict[str, Any]]:
+def _pairs_for_split(
+    catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig, sink: pa.ipc.RecordBatchStreamWriter
+) -> tuple[int, dict[str, int], dict[str, Any]]:
     """Write the split's pairs rows to `sink` in canonical order, batch by batch: prompts, generations and scores
     stream in prompt_id order and are merged one prompt at a time, so memory stays bounded by a batch."""
     gen = _input(catalog, scores_snap, "generations")
     prompts_snap = _input(catalog, gen, "prompts")
-    texts = _Cursor(_groups(catalog.read_batches(gen.id, columns=("prompt_id", "response_index", "response")),
-                            "response"))
+    texts = _Cursor(
+        _groups(catalog.read_batches(gen.id, columns=("prompt_id", "response_index", "response")), "response")
+    )
     scored = _Cursor(_groups(catalog.read_batches(scores_snap.id), "score"))
     skipped = _skipped_prompts(catalog, gen)
     drops = {reason: 0 for reason in DROP_REASONS}
@@ -162,8 +175,9 @@ def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig,
             rows["prompt_id"].append(pid)
             rows["prompt"].append(prompt)
             rows["chosen"].append([{"content": prompt, "role": "user"}, {"content": resp[best], "role": "assistant"}])
-            rows["rejected"].append([{"content": prompt, "role": "user"},
-                                     {"content": resp[worst], "role": "assistant"}])
+            rows["rejected"].append(
+                [{"content": prompt, "role": "user"}, {"content": resp[worst], "role": "assistant"}]
+            )
             rows["all_generated_responses"].append(resp)
             rows["all_rm_scores"].append(vals)
             rows["score_chosen"].append(vals[best])
@@ -173,11 +187,18 @@ def _pairs_for_split(catalog: Catalog, scores_snap: Snapshot, cfg: BuildConfig,
                 kept += _flush(rows, sink)
                 held = 0
     kept += _flush(rows, sink)
-    lineage = {"scores": scores_snap.id, "generations": gen.id, "prompts": prompts_snap.id,
-               "prompt_count": prompt_count,
-               "generator": {k: gen.params.get(k) for k in ("model", "model_sha256", "revision", "backend", "sampling")
-                             if k in gen.params},
-               "ranker": {k: v for k, v in scores_snap.params.items() if k.startswith("ranker")}}
+    lineage = {
+        "scores": scores_snap.id,
+        "generations": gen.id,
+        "prompts": prompts_snap.id,
+        "prompt_count": prompt_count,
+        "generator": {
+            k: gen.params.get(k)
+            for k in ("model", "model_sha256", "revision", "backend", "sampling")
+            if k in gen.params
+        },
+        "ranker": {k: v for k, v in scores_snap.params.items() if k.startswith("ranker")},
+    }
     return kept, drops, lineage
 
 
@@ -197,8 +218,9 @@ def _spooled(path: Path) -> Iterator[pa.RecordBatch]:
         yield from reader
 
 
-def build_pairs(catalog: Catalog, iteration: int, cfg: BuildConfig = BuildConfig(),
-                from_refs: Sequence[str] = ()) -> StageResult:
+def build_pairs(
+    catalog: Catalog, iteration: int, cfg: BuildConfig = BuildConfig(), from_refs: Sequence[str] = ()
+) -> StageResult:
     """Select chosen/rejected per prompt for `iteration` and register its `pairs` snapshots (train and test) in
     one transaction. Every dropped prompt is counted by reason in the snapshot params."""
     validate_build(cfg)
@@ -217,16 +239,26 @@ def build_pairs(catalog: Catalog, iteration: int, cfg: BuildConfig = BuildConfig
                 raise InputError(
                     f"{drops['missing']} of {lineage['prompt_count']} {split} prompts of iteration {iteration} have "
                     f"no generations or scores; finish generating and ranking them, or set allow_partial",
-                    option="allow_partial")
+                    option="allow_partial",
+                )
             if kept == 0:
                 raise InputError(f"no {split} pairs left for iteration {iteration}: every prompt was dropped ({drops})")
             params = {"selection": asdict(cfg), "drops": drops, **lineage}
-            result.splits.append(SplitResult(split, lineage["prompt_count"], processed=lineage["prompt_count"],
-                                             drops=drops))
+            result.splits.append(
+                SplitResult(split, lineage["prompt_count"], processed=lineage["prompt_count"], drops=drops)
+            )
             # the catalog stores each pair by reference to the prompts and generations rows holding its texts
-            items.append(Registration("pairs", _spooled(spool), iteration=iteration, split=split,
-                                      parents=(scores_snap.id,), params=params,
-                                      texts_from=(lineage["prompts"], lineage["generations"])))
+            items.append(
+                Registration(
+                    "pairs",
+                    _spooled(spool),
+                    iteration=iteration,
+                    split=split,
+                    parents=(scores_snap.id,),
+                    params=params,
+                    texts_from=(lineage["prompts"], lineage["generations"]),
+                )
+            )
         for split_result, snap in zip(result.splits, catalog.register_many(items)):
             split_result.snapshot = snap
     return result

@@ -19,8 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
-from builders.config import BACKENDS, RANKERS, ExecutorConfig, PipelineConfig, PublishConfig, PublishModelConfig, \
-    TrainConfig, build_config, check_license, check_revision, check_threads
+from builders.config import (
+    BACKENDS,
+    RANKERS,
+    ExecutorConfig,
+    PipelineConfig,
+    PublishConfig,
+    PublishModelConfig,
+    TrainConfig,
+    build_config,
+    check_license,
+    check_revision,
+    check_threads,
+)
 from builders.errors import InputError, IterdpoError
 
 
@@ -44,7 +55,9 @@ def _formatted(template: str, n: int, where: str) -> str:
     try:
         return template.format(n=n)
     except (KeyError, IndexError, ValueError) as e:
-        raise InputError(f"{where} {template!r}: use {{n}} for the iteration number ({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"{where} {template!r}: use {{n}} for the iteration number ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _under(path: str, folder: Path | None) -> bool:
@@ -75,21 +88,26 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     # prompts and split: a local source is read now, so a split larger than the pool fails here too
     sp = cfg.split
     if sp.iterations < 1 or sp.train_size < 1 or sp.test_size < 0:
-        raise InputError(f"{where}: split: iterations and train_size must be at least 1 and test_size 0 or more "
-                         f"(found {sp.iterations}, {sp.train_size}, {sp.test_size})")
+        raise InputError(
+            f"{where}: split: iterations and train_size must be at least 1 and test_size 0 or more "
+            f"(found {sp.iterations}, {sp.train_size}, {sp.test_size})"
+        )
     if looks_local(cfg.prompts.source):
         cols = check("prompts.source", read_source, cfg.prompts.source, cfg.prompts.column)
         check("split", plan_split, prompts_table(cols)[0], sp)
 
     gen = cfg.generation
     if gen.backend not in BACKENDS:
-        raise InputError(f"{where}: generation.backend: unknown backend {gen.backend!r}; use one of "
-                         f"{', '.join(BACKENDS)}")
+        raise InputError(
+            f"{where}: generation.backend: unknown backend {gen.backend!r}; use one of {', '.join(BACKENDS)}"
+        )
     check("generation.sampling", validate_sampling, gen.sampling)
     check("generation", validate_generate, gen)
     if gen.shard is not None:
-        raise InputError(f"{where}: generation.shard: a pipeline generates every prompt; shard with "
-                         f"`iterdpo generate --shard` instead")
+        raise InputError(
+            f"{where}: generation.shard: a pipeline generates every prompt; shard with "
+            f"`iterdpo generate --shard` instead"
+        )
     if gen.chat_template is not None and not Path(gen.chat_template).is_file():
         raise InputError(f"{where}: generation.chat_template {gen.chat_template}: no such file")
     if cfg.gguf is not None and not (Path(gen.model) / "config.json").exists():  # imported by the run
@@ -122,8 +140,11 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
         check("publish.repo_id", validate_repo_id, cfg.publish.repo_id)
     if cfg.publish.model_repo_id is not None:
         for n in range(1, sp.iterations + 1):
-            check("publish.model_repo_id", validate_repo_id,
-                  _formatted(cfg.publish.model_repo_id, n, f"{where}: publish.model_repo_id"))
+            check(
+                "publish.model_repo_id",
+                validate_repo_id,
+                _formatted(cfg.publish.model_repo_id, n, f"{where}: publish.model_repo_id"),
+            )
             if cfg.publish.model_local_dir is not None:
                 _formatted(cfg.publish.model_local_dir, n, f"{where}: publish.model_local_dir")
 
@@ -138,8 +159,7 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
 
     warnings = []
     for recipe, output_dir in recipes.items():
-        check("training.recipe", load_recipe, Path(recipe),
-              {"model_name_or_path": gen.model, "output_dir": output_dir})
+        check("training.recipe", load_recipe, Path(recipe), {"model_name_or_path": gen.model, "output_dir": output_dir})
         if (budget := check("training.recipe", check_budget, Path(recipe), gen.sampling.max_tokens)) is not None:
             warnings.append(budget)
     return warnings
@@ -155,9 +175,13 @@ class PipelineResult:
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"snapshots": [s.to_json() for s in self.snapshots], "models": self.models,
-                "staged": str(self.staged) if self.staged else None,
-                "staged_models": [str(p) for p in self.staged_models], "warnings": self.warnings}
+        return {
+            "snapshots": [s.to_json() for s in self.snapshots],
+            "models": self.models,
+            "staged": str(self.staged) if self.staged else None,
+            "staged_models": [str(p) for p in self.staged_models],
+            "warnings": self.warnings,
+        }
 
 
 def _model_path(catalog: Catalog, model: Snapshot) -> str:
@@ -179,16 +203,15 @@ def _recipe_content(text: str | None) -> Any:
     return {k: v for k, v in doc.items() if k not in ("env", "model_name_or_path", "output_dir")}
 
 
-def reusable_model(catalog: Catalog, iteration: int, pairs: list[Snapshot], base_model: str,
-                   recipe: Path) -> Snapshot | None:
+def reusable_model(
+    catalog: Catalog, iteration: int, pairs: list[Snapshot], base_model: str, recipe: Path
+) -> Snapshot | None:
     """The newest `model` snapshot of the iteration trained on exactly these pairs, from `base_model`, with the
     same recipe options, whose folder still holds its weights; None when the iteration must be trained (again).
     Metrics and timings are not compared: they differ between two identical trainings."""
-    from builders.models import weights_sha256
-
     import yaml
 
-    from builders.models import model_ref
+    from builders.models import model_ref, weights_sha256
     from builders.train import stored_recipe
 
     wanted = sorted(s.id for s in pairs)
@@ -204,7 +227,11 @@ def reusable_model(catalog: Catalog, iteration: int, pairs: list[Snapshot], base
         if sorted(snap.parents) != wanted:
             continue
         row = catalog.read(snap.id).to_pylist()[0]
-        if row.get("base_model") != model_ref(base_model) or current is None or _recipe_content(row.get("recipe")) != current:
+        if (
+            row.get("base_model") != model_ref(base_model)
+            or current is None
+            or _recipe_content(row.get("recipe")) != current
+        ):
             continue
         # the folder is shared by every training of the iteration: it may now hold another one's weights
         path = Path(row.get("path") or snap.params.get("path", ""))
@@ -213,7 +240,9 @@ def reusable_model(catalog: Catalog, iteration: int, pairs: list[Snapshot], base
     return None
 
 
-def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, where: str = "pipeline") -> PipelineResult:
+def run_pipeline(
+    catalog: Catalog, cfg: PipelineConfig, progress: bool = True, where: str = "pipeline"
+) -> PipelineResult:
     """The whole loop; `where` names the config in error messages (its file)."""
     from builders.generate import generate
     from builders.pairs import build_pairs
@@ -242,31 +271,63 @@ def run_pipeline(catalog: Catalog, cfg: PipelineConfig, progress: bool = True, w
     for n in range(1, cfg.split.iterations + 1):
         # each stage reads exactly what the previous one made in this run (not the newest of its kind, which
         # can be another run's when this run's content equals an older snapshot)
-        generated = generate(catalog, n, dataclasses.replace(cfg.generation, model=policy),
-                             [s.id for s in sets if s.iteration == n], progress=progress).snapshots
+        generated = generate(
+            catalog,
+            n,
+            dataclasses.replace(cfg.generation, model=policy),
+            [s.id for s in sets if s.iteration == n],
+            progress=progress,
+        ).snapshots
         ranked = rank(catalog, n, cfg.ranking, [s.id for s in generated], progress=progress).snapshots
         pairs = build_pairs(catalog, n, cfg.selection, [s.id for s in ranked]).snapshots
         out.snapshots += [*generated, *ranked, *pairs]
         recipe = Path(cfg.training.recipe.format(n=n))
         model = reusable_model(catalog, n, pairs, policy, recipe)
         if model is None:
-            model = train(catalog, n, TrainConfig(
-                recipe, policy, output_dir=Path(cfg.training.output_dir.format(n=n)), overwrite=True,
-                threads=cfg.training.threads), [s.id for s in pairs]).snapshot
+            model = train(
+                catalog,
+                n,
+                TrainConfig(
+                    recipe,
+                    policy,
+                    output_dir=Path(cfg.training.output_dir.format(n=n)),
+                    overwrite=True,
+                    threads=cfg.training.threads,
+                ),
+                [s.id for s in pairs],
+            ).snapshot
         out.snapshots.append(model)
         policy = _model_path(catalog, model)  # the generator of iteration n + 1
         out.models.append(policy)
     pub = cfg.publish
     if pub.repo_id:
-        out.staged = publish(catalog, PublishConfig(pub.repo_id, local_dir=pub.local_dir, dry_run=pub.dry_run,
-                                                    private=pub.private, revision=pub.revision,
-                                                    license=pub.license)).staged.folder
+        out.staged = publish(
+            catalog,
+            PublishConfig(
+                pub.repo_id,
+                local_dir=pub.local_dir,
+                dry_run=pub.dry_run,
+                private=pub.private,
+                revision=pub.revision,
+                license=pub.license,
+            ),
+        ).staged.folder
     if pub.model_repo_id:  # after the dataset, so each model card names the dataset commit its pairs landed in
         for n in range(1, cfg.split.iterations + 1):
             local = Path(pub.model_local_dir.format(n=n)) if pub.model_local_dir else None  # checked up front
-            staged = publish_model(catalog, n, PublishModelConfig(
-                pub.model_repo_id.format(n=n), dataset_repo=pub.repo_id, local_dir=local, dry_run=pub.dry_run,
-                private=pub.private, revision=pub.model_revision, license=pub.model_license)).staged.folder
+            staged = publish_model(
+                catalog,
+                n,
+                PublishModelConfig(
+                    pub.model_repo_id.format(n=n),
+                    dataset_repo=pub.repo_id,
+                    local_dir=local,
+                    dry_run=pub.dry_run,
+                    private=pub.private,
+                    revision=pub.model_revision,
+                    license=pub.model_license,
+                ),
+            ).staged.folder
             if staged is not None:  # None: already published, or uploaded from a temporary folder
                 out.staged_models.append(staged)
     return out

@@ -1,17 +1,17 @@
 """The prompts stage: import a prompt pool, then draw disjoint per-iteration train/test prompt sets.
 
-    >>> import tempfile
-    >>> from pathlib import Path
-    >>> from builders.catalog import Catalog
-    >>> from builders.config import BUNDLED_PROMPTS, SplitConfig
-    >>> from builders.prompts import import_prompts, split_prompts
-    >>> catalog = Catalog(Path(tempfile.mkdtemp()) / "catalog.duckdb")
-    >>> pool = import_prompts(catalog, str(BUNDLED_PROMPTS))  # or a hub id: "openbmb/UltraFeedback"
-    >>> pool.snapshot.kind, pool.snapshot.iteration, pool.snapshot.rows, pool.duplicates
-    ('prompts', None, 210, 0)
-    >>> sets = split_prompts(catalog, SplitConfig(iterations=2, train_size=50, test_size=10))
-    >>> sorted((s.iteration, s.split, s.rows) for s in sets)
-    [(1, 'test', 10), (1, 'train', 50), (2, 'test', 10), (2, 'train', 50)]
+>>> import tempfile
+>>> from pathlib import Path
+>>> from builders.catalog import Catalog
+>>> from builders.config import BUNDLED_PROMPTS, SplitConfig
+>>> from builders.prompts import import_prompts, split_prompts
+>>> catalog = Catalog(Path(tempfile.mkdtemp()) / "catalog.duckdb")
+>>> pool = import_prompts(catalog, str(BUNDLED_PROMPTS))  # or a hub id: "openbmb/UltraFeedback"
+>>> pool.snapshot.kind, pool.snapshot.iteration, pool.snapshot.rows, pool.duplicates
+('prompts', None, 210, 0)
+>>> sets = split_prompts(catalog, SplitConfig(iterations=2, train_size=50, test_size=10))
+>>> sorted((s.iteration, s.split, s.rows) for s in sets)
+[(1, 'test', 10), (1, 'train', 50), (2, 'test', 10), (2, 'train', 50)]
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -108,7 +109,9 @@ def _records_to_columns(records: list[Any], column: str | None, path: Path, line
         value = rec.get(col)
         if value is not None and not isinstance(value, str):
             where = f"{path}:{line_of[i]}" if line_of else f"{path} (record {i + 1})"
-            raise InputError(f"{where}: column {col!r} is not text (found {type(value).__name__}); choose another with --column")
+            raise InputError(
+                f"{where}: column {col!r} is not text (found {type(value).__name__}); choose another with --column"
+            )
         prompts.append(value)
     sources = [_as_source(rec.get("source")) for rec in records] if "source" in names else None
     return _Columns(prompts, sources, col, names)
@@ -303,7 +306,9 @@ def import_prompts(catalog: Catalog, source: str, column: str | None = None) -> 
     cols = read_source(source, column)
     table, empty, dupes = prompts_table(cols)
     if table.num_rows == 0:
-        raise InputError(f"{source}: no prompts left: all {len(cols.prompts)} values of column {cols.column!r} are empty or null")
+        raise InputError(
+            f"{source}: no prompts left: all {len(cols.prompts)} values of column {cols.column!r} are empty or null"
+        )
     params = {
         "source": source,
         "column": cols.column,
@@ -320,7 +325,9 @@ def _pool(catalog: Catalog, refs: Sequence[str]) -> tuple[pa.Table, list[str]]:
     if not snaps:
         newest = catalog.newest("prompts")
         if newest is None:
-            raise InputError(f"no prompt pool in catalog {catalog.path}; import prompts first (iterdpo prompts import SOURCE)")
+            raise InputError(
+                f"no prompt pool in catalog {catalog.path}; import prompts first (iterdpo prompts import SOURCE)"
+            )
         snaps = [newest]
     for s in snaps:
         if s.kind != "prompts":
@@ -371,8 +378,13 @@ def split_prompts(catalog: Catalog, cfg: SplitConfig = SplitConfig(), from_refs:
     """Draw and register the per-iteration prompt sets (all in one transaction)."""
     pool, pool_ids = _pool(catalog, from_refs)
     sets = plan_split(pool, cfg)
-    params = {"seed": cfg.seed, "iterations": cfg.iterations, "train_size": cfg.train_size,
-              "test_size": cfg.test_size, "pool_rows": pool.num_rows}
+    params = {
+        "seed": cfg.seed,
+        "iterations": cfg.iterations,
+        "train_size": cfg.train_size,
+        "test_size": cfg.test_size,
+        "pool_rows": pool.num_rows,
+    }
     items = [
         Registration("prompts", table, iteration=it, split=split, parents=tuple(pool_ids), params=params)
         for (it, split), table in sorted(sets.items())

@@ -21,12 +21,11 @@ import pyarrow.parquet as pq
 
 from builders import __version__
 from builders.catalog import Catalog, Snapshot
-from builders.config import PUBLISH_DEFAULTS, PublishConfig, SPLITS
+from builders.config import PUBLISH_DEFAULTS, SPLITS, PublishConfig
 from builders.errors import InputError
 from builders.hub import HubTarget, check_token, recorded, snapshot_set_id, staged_as, staging, upload, validate_repo_id
 from builders.pairs import TRL_SCHEMA, to_trl
 from builders.schemas import KINDS
-
 
 # what a publication writes: its configs' Parquet files, plots and card (stale ones of earlier publications are
 # deleted; other files in the repo are the user's)
@@ -47,8 +46,12 @@ class StagedRepo:
     set_id: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"folder": str(self.folder) if self.folder else None, "files": self.files,
-                "snapshots": self.snapshots, "set_id": self.set_id}
+        return {
+            "folder": str(self.folder) if self.folder else None,
+            "files": self.files,
+            "snapshots": self.snapshots,
+            "set_id": self.set_id,
+        }
 
 
 @dataclass
@@ -63,32 +66,43 @@ class PublishResult:
     license: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"repo_id": self.repo_id, "revision": self.revision, "license": self.license, "dry_run": self.dry_run,
-                "already_published": self.already_published, "commit": self.commit, "tag": self.tag,
-                **self.staged.to_json()}
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "license": self.license,
+            "dry_run": self.dry_run,
+            "already_published": self.already_published,
+            "commit": self.commit,
+            "tag": self.tag,
+            **self.staged.to_json(),
+        }
 
 
 def published_snapshots(catalog: Catalog, iterations: tuple[int, ...] | None) -> dict[tuple[int, str], Snapshot]:
     """The newest complete pairs snapshot per (iteration, split) for the requested iterations."""
-    found = {(s.iteration, s.split): s for s in catalog.list(kind="pairs") if s.iteration is not None
-             and s.shard is None}  # list is oldest first: later ones win
+    found = {
+        (s.iteration, s.split): s for s in catalog.list(kind="pairs") if s.iteration is not None and s.shard is None
+    }  # list is oldest first: later ones win
     built = sorted({it for it, _ in found})
     wanted = list(iterations) if iterations else built
     if not wanted:
         raise InputError(f"nothing built in catalog {catalog.path}: build pairs first (iterdpo build --iteration N)")
     missing = [it for it in wanted if (it, "train") not in found]
     if missing:
-        raise InputError(f"iteration(s) {', '.join(map(str, missing))} have no pairs (built: "
-                         f"{', '.join(map(str, built)) or 'none'}); build them first (iterdpo build --iteration N)")
-    return {(it, split): found[(it, split)] for it in sorted(wanted) for split in SPLITS
-            if (it, split) in found}
+        raise InputError(
+            f"iteration(s) {', '.join(map(str, missing))} have no pairs (built: "
+            f"{', '.join(map(str, built)) or 'none'}); build them first (iterdpo build --iteration N)"
+        )
+    return {(it, split): found[(it, split)] for it in sorted(wanted) for split in SPLITS if (it, split) in found}
 
 
 def _features() -> dict[str, Any]:
     from datasets import Features
 
-    return {"default": Features.from_arrow_schema(KINDS["pairs"].schema)._to_yaml_list(),
-            "trl": Features.from_arrow_schema(TRL_SCHEMA)._to_yaml_list()}
+    return {
+        "default": Features.from_arrow_schema(KINDS["pairs"].schema)._to_yaml_list(),
+        "trl": Features.from_arrow_schema(TRL_SCHEMA)._to_yaml_list(),
+    }
 
 
 class ParquetOut:
@@ -100,8 +114,14 @@ class ParquetOut:
     table of those rows with that `nbytes`. (Summed over batches, `nbytes` counts each batch's own validity and
     offset buffers: a few kB more than one table's, which can move a row group boundary by a row.)"""
 
-    def __init__(self, path: Path, schema: pa.Schema, num_rows: int, nbytes: int,
-                 max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes):
+    def __init__(
+        self,
+        path: Path,
+        schema: pa.Schema,
+        num_rows: int,
+        nbytes: int,
+        max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes,
+    ):
         from datasets import Features, config
         from datasets.arrow_writer import get_parquet_column_options
 
@@ -109,8 +129,13 @@ class ParquetOut:
         self.schema = features.arrow_schema
         self.rows_per_group = max(1, num_rows * max_row_group_bytes // nbytes) if nbytes else 1
         self.cdc = config.DEFAULT_CDC_OPTIONS
-        self.writer = pq.ParquetWriter(str(path), schema=self.schema, use_content_defined_chunking=self.cdc,
-                                       write_page_index=True, **get_parquet_column_options(features, self.schema))
+        self.writer = pq.ParquetWriter(
+            str(path),
+            schema=self.schema,
+            use_content_defined_chunking=self.cdc,
+            write_page_index=True,
+            **get_parquet_column_options(features, self.schema),
+        )
         self.pending: list[pa.Table] = []
         self.held = 0
 
@@ -132,7 +157,7 @@ class ParquetOut:
         self.writer.add_key_value_metadata({"content_defined_chunking": json.dumps(self.cdc)})
         self.writer.close()
 
-    def __enter__(self) -> "ParquetOut":
+    def __enter__(self) -> ParquetOut:
         return self
 
     def __exit__(self, exc_type, *_: Any) -> None:
@@ -160,8 +185,9 @@ def num_bytes(path: Path) -> int:
     return writer.finalize()[1]
 
 
-def _stage_split(catalog: Catalog, snap: Snapshot, folder: Path, name: str,
-                 max_row_group_bytes: int) -> tuple[list[str], dict[str, int], dict[str, Any], dict[str, list[float]]]:
+def _stage_split(
+    catalog: Catalog, snap: Snapshot, folder: Path, name: str, max_row_group_bytes: int
+) -> tuple[list[str], dict[str, int], dict[str, Any], dict[str, list[float]]]:
     """Write one split's files of both configs, streaming the pairs snapshot (sizes and statistics first, then the
     rows of each file), so memory is bounded by a row group. Returns the files, num_bytes per config, the split's statistics and
     its scores (for the plots)."""
@@ -192,9 +218,14 @@ def _stage_split(catalog: Catalog, snap: Snapshot, folder: Path, name: str,
     return list(files.values()), {c: num_bytes(folder / f) for c, f in files.items()}, stats, scores
 
 
-def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | None, local_dir: Path | None,
-               license: str = PUBLISH_DEFAULTS.license,
-               max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes) -> StagedRepo:
+def stage_repo(
+    catalog: Catalog,
+    repo_id: str,
+    iterations: tuple[int, ...] | None,
+    local_dir: Path | None,
+    license: str = PUBLISH_DEFAULTS.license,
+    max_row_group_bytes: int = PUBLISH_DEFAULTS.max_row_group_bytes,
+) -> StagedRepo:
     """Write the repo folder. It is built in a scratch folder and moved into place, so it is whole or absent."""
     from cards import plots
     from cards.card import SplitInfo, render
@@ -205,23 +236,42 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
     ids = {split_name(split, it): s.id for (it, split), s in snaps.items()}
     set_id = snapshot_set_id(list(ids.values()))
     # what decides the folder's content: the same stamp on a folder staged before means nothing to redo
-    stamp = {"repo_id": repo_id, "set_id": set_id, "license": license, "max_row_group_bytes": max_row_group_bytes,
-             "iterdpo": __version__}
+    stamp = {
+        "repo_id": repo_id,
+        "set_id": set_id,
+        "license": license,
+        "max_row_group_bytes": max_row_group_bytes,
+        "iterdpo": __version__,
+    }
     if (files := staged_as(local_dir, stamp)) is not None:
         return StagedRepo(Path(local_dir), sorted(files), ids, set_id)
     with staging(local_dir, stamp=stamp) as st:
         scratch, files, infos, score_data = st.folder, st.files, [], {}
         for (it, split), snap in snaps.items():
             name = split_name(split, it)
-            written, num_bytes_, stats, score_data[name] = _stage_split(catalog, snap, scratch, name,
-                                                                        max_row_group_bytes)
+            written, num_bytes_, stats, score_data[name] = _stage_split(
+                catalog, snap, scratch, name, max_row_group_bytes
+            )
             files += written
-            infos.append(SplitInfo(name, it, stats["rows"], snap.params.get("prompt_count", stats["rows"]),
-                                   num_bytes_, snap.params.get("drops", {}), stats, snap.id, snap.params))
+            infos.append(
+                SplitInfo(
+                    name,
+                    it,
+                    stats["rows"],
+                    snap.params.get("prompt_count", stats["rows"]),
+                    num_bytes_,
+                    snap.params.get("drops", {}),
+                    stats,
+                    snap.id,
+                    snap.params,
+                )
+            )
         (scratch / "plots").mkdir()
         plots.score_distributions(score_data, scratch / "plots" / "score_distributions.png")
-        plots.length_by_iteration({i.iteration: i.stats for i in infos if i.name.startswith("train_")},
-                                  scratch / "plots" / "length_by_iteration.png")
+        plots.length_by_iteration(
+            {i.iteration: i.stats for i in infos if i.name.startswith("train_")},
+            scratch / "plots" / "length_by_iteration.png",
+        )
         files += ["plots/score_distributions.png", "plots/length_by_iteration.png"]
         lineage = origins(catalog, snaps)
         card = render(repo_id, infos, _features(), set_id, __version__, lineage, license)
@@ -239,16 +289,31 @@ def stage_repo(catalog: Catalog, repo_id: str, iterations: tuple[int, ...] | Non
 def publish(catalog: Catalog, cfg: PublishConfig) -> PublishResult:
     """Stage the repo; unless dry-run, upload it as one commit, tag it, and record the publication. A snapshot set
     already published (and tagged) to that repo revision is found from its id alone, before any staging."""
-    target = HubTarget(cfg.repo_id, "dataset", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
-                       license=cfg.license, managed=MANAGED)
+    target = HubTarget(
+        cfg.repo_id,
+        "dataset",
+        cfg.revision,
+        cfg.private,
+        cfg.max_retries,
+        cfg.backoff,
+        license=cfg.license,
+        managed=MANAGED,
+    )
     if not cfg.dry_run:
         validate_repo_id(cfg.repo_id)
         ids = {split_name(split, it): s.id for (it, split), s in published_snapshots(catalog, cfg.iterations).items()}
         set_id = snapshot_set_id(list(ids.values()))
         prior = recorded(catalog, target, set_id)
         if prior and prior["tag"]:
-            return PublishResult(cfg.repo_id, cfg.revision, StagedRepo(None, [], ids, set_id), already_published=True,
-                                 commit=prior["commit"], tag=prior["tag"], license=cfg.license)
+            return PublishResult(
+                cfg.repo_id,
+                cfg.revision,
+                StagedRepo(None, [], ids, set_id),
+                already_published=True,
+                commit=prior["commit"],
+                tag=prior["tag"],
+                license=cfg.license,
+            )
         check_token(target)  # before the folder is staged: a bad token fails in seconds
     staged = stage_repo(catalog, cfg.repo_id, cfg.iterations, cfg.local_dir, cfg.license, cfg.max_row_group_bytes)
     result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run, license=cfg.license)

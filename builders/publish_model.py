@@ -30,8 +30,19 @@ from builders.publish import PublishResult, StagedRepo
 # checkpoint-* folders stay behind.
 MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "tokenizer.model", "merges.txt", "vocab.txt")
 # Recipe keys that are about where files go or how runs are logged, not how the model was trained
-RECIPE_NOISE = ("env", "output_dir", "overwrite_output_dir", "report_to", "run_name", "model_name_or_path",
-                "dataset_name", "dataset_config", "datasets", "dataset_train_split", "dataset_test_split")
+RECIPE_NOISE = (
+    "env",
+    "output_dir",
+    "overwrite_output_dir",
+    "report_to",
+    "run_name",
+    "model_name_or_path",
+    "dataset_name",
+    "dataset_config",
+    "datasets",
+    "dataset_train_split",
+    "dataset_test_split",
+)
 
 
 @dataclass
@@ -76,13 +87,15 @@ def lineage(catalog: Catalog, snap: Snapshot) -> tuple[str, list[Step]]:
 
 def check_base_model(ref: str) -> None:
     """--base-model is a hub model id (a name alone, like gpt2, is one too), never a local path."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id as hub_validate
+    from huggingface_hub.utils import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
 
     try:
         hub_validate(ref)
     except HFValidationError as e:
-        raise InputError(f"base model {ref!r} is not a hub model id: {str(e).splitlines()[0]}",
-                         option="base_model") from None
+        raise InputError(
+            f"base model {ref!r} is not a hub model id: {str(e).splitlines()[0]}", option="base_model"
+        ) from None
 
 
 def base_description(base: str, base_is_hub: bool, hub_id: str | None) -> dict[str, Any]:
@@ -90,8 +103,14 @@ def base_description(base: str, base_is_hub: bool, hub_id: str | None) -> dict[s
     folder what identifies it (its weights' sha256, the GGUF file it was imported from)."""
     from cards.provenance import local_facts
 
-    out: dict[str, Any] = {"name": hub_id or display_name(base), "hub_id": hub_id, "local": not base_is_hub,
-                           "folder": display_name(base), "weights_sha256": None, "gguf": None}
+    out: dict[str, Any] = {
+        "name": hub_id or display_name(base),
+        "hub_id": hub_id,
+        "local": not base_is_hub,
+        "folder": display_name(base),
+        "weights_sha256": None,
+        "gguf": None,
+    }
     if not base_is_hub and Path(base).is_dir():
         out.update(local_facts(Path(base)))
     return out
@@ -104,8 +123,11 @@ def _hyperparameters(recipe_text: str) -> dict[str, Any]:
         raw = yaml.safe_load(recipe_text) or {}
     except yaml.YAMLError:
         return {}
-    return {k: (display_name(v) if isinstance(v, str) and v.startswith("/") else v)
-            for k, v in raw.items() if k not in RECIPE_NOISE and not k.startswith(("hub_", "push_to_hub", "logging_"))}
+    return {
+        k: (display_name(v) if isinstance(v, str) and v.startswith("/") else v)
+        for k, v in raw.items()
+        if k not in RECIPE_NOISE and not k.startswith(("hub_", "push_to_hub", "logging_"))
+    }
 
 
 def _prompt_format(folder: Path) -> str:
@@ -113,8 +135,9 @@ def _prompt_format(folder: Path) -> str:
 
     try:
         tok = AutoTokenizer.from_pretrained(folder)
-        return tok.apply_chat_template([{"role": "user", "content": "{prompt}"}], tokenize=False,
-                                       add_generation_prompt=True)
+        return tok.apply_chat_template(
+            [{"role": "user", "content": "{prompt}"}], tokenize=False, add_generation_prompt=True
+        )
     except Exception:  # no chat template: the card says so
         return ""
 
@@ -128,33 +151,47 @@ def stage_model(catalog: Catalog, iteration: int, cfg: PublishModelConfig) -> tu
         check_base_model(cfg.base_model)
     snap = catalog.newest("model", iteration)
     if snap is None:
-        raise InputError(f"iteration {iteration} has no trained model in catalog {catalog.path}; train it first "
-                         f"(iterdpo train --iteration {iteration})")
+        raise InputError(
+            f"iteration {iteration} has no trained model in catalog {catalog.path}; train it first "
+            f"(iterdpo train --iteration {iteration})"
+        )
     base, chain = lineage(catalog, snap)
     row = chain[-1].row
     folder = Path(row["path"])
     if not folder.is_dir():
         raise InputError(f"the model of iteration {iteration} is gone from {folder}; train it again")
     if weights_sha256(folder) != row["weights_sha256"]:
-        raise InputError(f"the weights in {folder} changed since the model snapshot {snap.id[:12]} was registered; "
-                         f"train it again or restore them")
+        raise InputError(
+            f"the weights in {folder} changed since the model snapshot {snap.id[:12]} was registered; "
+            f"train it again or restore them"
+        )
     # never iterdpo's own marker files (dot files): a downloaded copy must not pass for a folder iterdpo wrote
-    names = sorted({p.name for pattern in MODEL_FILES for p in folder.glob(pattern)
-                    if p.is_file() and not p.name.startswith(".")})
+    names = sorted(
+        {p.name for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(".")}
+    )
     if not any(n.endswith(".safetensors") for n in names):
         raise InputError(f"{folder} holds no safetensors weights")
     with staging(cfg.local_dir, prefix="iterdpo-publish-model-") as st:
         for name in names:
             shutil.copy2(folder / name, st.folder / name)
             st.files.append(name)
-        (st.folder / "README.md").write_text(_card(catalog, iteration, cfg, snap, base, chain, _prompt_format(st.folder)))
+        (st.folder / "README.md").write_text(
+            _card(catalog, iteration, cfg, snap, base, chain, _prompt_format(st.folder))
+        )
         st.files.append("README.md")
     set_id = snapshot_set_id([snap.id])
     return StagedRepo(st.target, sorted(st.files), {"model": snap.id}, set_id), snap
 
 
-def _card(catalog: Catalog, iteration: int, cfg: PublishModelConfig, snap: Snapshot, base: str, chain: list[Step],
-          prompt_format: str) -> str:
+def _card(
+    catalog: Catalog,
+    iteration: int,
+    cfg: PublishModelConfig,
+    snap: Snapshot,
+    base: str,
+    chain: list[Step],
+    prompt_format: str,
+) -> str:
     from cards.model_card import render
     from cards.rewards import test_reward_table
 
@@ -164,23 +201,43 @@ def _card(catalog: Catalog, iteration: int, cfg: PublishModelConfig, snap: Snaps
         dataset = step.dataset
         if dataset is None and cfg.dataset_repo:
             dataset = {"repo_id": cfg.dataset_repo, "commit": None, "tag": None}
-        steps.append({"iteration": step.iteration, "name": display_name(step.row["path"]),
-                      "snapshot": step.snapshot.id, "weights_sha256": step.row["weights_sha256"],
-                      "pairs": step.pairs, "dataset": dataset, "metrics": m})
+        steps.append(
+            {
+                "iteration": step.iteration,
+                "name": display_name(step.row["path"]),
+                "snapshot": step.snapshot.id,
+                "weights_sha256": step.row["weights_sha256"],
+                "pairs": step.pairs,
+                "dataset": dataset,
+                "metrics": m,
+            }
+        )
     datasets = sorted({s["dataset"]["repo_id"] for s in steps if s["dataset"]})
     if cfg.dataset_repo and cfg.dataset_repo not in datasets:
         datasets.append(cfg.dataset_repo)
     base_is_hub = not Path(base).expanduser().exists() and not Path(base).is_absolute()
     base_info = base_description(base, base_is_hub, cfg.base_model or (base if base_is_hub else None))
     return render(
-        repo_id=cfg.repo_id, iteration=iteration, base=base_info,
-        license=cfg.license, datasets=datasets, steps=steps,
+        repo_id=cfg.repo_id,
+        iteration=iteration,
+        base=base_info,
+        license=cfg.license,
+        datasets=datasets,
+        steps=steps,
         hyperparameters=_hyperparameters(chain[-1].row["recipe"]),
-        rewards=test_reward_table(catalog, list(range(1, iteration + 2)), {
-            step.iteration: scores.id for step in chain
-            if "test" in step.pairs and (scores := catalog.parent(step.pairs["test"], "scores")) is not None}),
-        drift=_drift(catalog, chain), prompt_format=prompt_format,
-        snapshot=snap.id, version=__version__,
+        rewards=test_reward_table(
+            catalog,
+            list(range(1, iteration + 2)),
+            {
+                step.iteration: scores.id
+                for step in chain
+                if "test" in step.pairs and (scores := catalog.parent(step.pairs["test"], "scores")) is not None
+            },
+        ),
+        drift=_drift(catalog, chain),
+        prompt_format=prompt_format,
+        snapshot=snap.id,
+        version=__version__,
     )
 
 
@@ -192,26 +249,47 @@ def _drift(catalog: Catalog, chain: list[Step]) -> list[dict[str, Any]]:
     for step in chain:
         if "train" in step.pairs:
             st = pair_stats(catalog.read(step.pairs["train"]))
-            out.append({"iteration": step.iteration, "pairs": st["rows"], "chosen": st["chosen_length"]["mean"],
-                        "rejected": st["rejected_length"]["mean"], "chosen_longer": st["chosen_longer"]})
+            out.append(
+                {
+                    "iteration": step.iteration,
+                    "pairs": st["rows"],
+                    "chosen": st["chosen_length"]["mean"],
+                    "rejected": st["rejected_length"]["mean"],
+                    "chosen_longer": st["chosen_longer"],
+                }
+            )
     return out
 
 
 def publish_model(catalog: Catalog, iteration: int, cfg: PublishModelConfig) -> PublishResult:
     """Stage the model repo; unless dry-run, upload it as one commit, tag it, and record the publication. A model
     already published (and tagged) to that repo revision is found from its snapshot id, before any copying."""
-    target = HubTarget(cfg.repo_id, "model", cfg.revision, cfg.private, cfg.max_retries, cfg.backoff,
-                       command="iterdpo publish-model", license=cfg.license,
-                       managed=(*MODEL_FILES, "README.md"))
+    target = HubTarget(
+        cfg.repo_id,
+        "model",
+        cfg.revision,
+        cfg.private,
+        cfg.max_retries,
+        cfg.backoff,
+        command="iterdpo publish-model",
+        license=cfg.license,
+        managed=(*MODEL_FILES, "README.md"),
+    )
     snap = catalog.newest("model", iteration)
     if not cfg.dry_run and snap is not None:
         validate_repo_id(cfg.repo_id)
         set_id = snapshot_set_id([snap.id])
         prior = recorded(catalog, target, set_id)
         if prior and prior["tag"]:
-            return PublishResult(cfg.repo_id, cfg.revision, StagedRepo(None, [], {"model": snap.id}, set_id),
-                                 already_published=True, commit=prior["commit"], tag=prior["tag"],
-                                 license=cfg.license)
+            return PublishResult(
+                cfg.repo_id,
+                cfg.revision,
+                StagedRepo(None, [], {"model": snap.id}, set_id),
+                already_published=True,
+                commit=prior["commit"],
+                tag=prior["tag"],
+                license=cfg.license,
+            )
         check_token(target)  # before the weights are copied: a bad token fails in seconds
     staged, _ = stage_model(catalog, iteration, cfg)
     result = PublishResult(cfg.repo_id, cfg.revision, staged, dry_run=cfg.dry_run, license=cfg.license)

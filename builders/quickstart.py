@@ -16,18 +16,24 @@ what is already there.
 
 from __future__ import annotations
 
-import os
-
 import math
+import os
 import time
-from datetime import datetime, timezone
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from builders.catalog import Catalog, Snapshot
 from builders.config import (
-    SPLITS, GenerateConfig, PipelineConfig, PromptSource, PublishConfig, PublishSection, QuickstartConfig, RankConfig,
+    SPLITS,
+    GenerateConfig,
+    PipelineConfig,
+    PromptSource,
+    PublishConfig,
+    PublishSection,
+    QuickstartConfig,
+    RankConfig,
     TrainingSection,
 )
 from builders.errors import InputError
@@ -55,14 +61,26 @@ class QuickstartReport:
         a, b = by_it[1], by_it[max(trained)]
         se = math.sqrt(a["reward_se"] ** 2 + b["reward_se"] ** 2)
         diff = b["reward_mean"] - a["reward_mean"]
-        return {"from_iteration": 1, "to_iteration": b["iteration"], "difference": diff, "standard_error": se,
-                "significant": diff > 2 * se}
+        return {
+            "from_iteration": 1,
+            "to_iteration": b["iteration"],
+            "difference": diff,
+            "standard_error": se,
+            "significant": diff > 2 * se,
+        }
 
     def to_json(self) -> dict[str, Any]:
-        return {"workdir": str(self.workdir), "catalog": str(self.catalog), "model": str(self.model),
-                "models": self.models, "hub": str(self.hub) if self.hub else None,
-                "rewards": self.rewards, "gain": self.gain(), "seconds": self.seconds,
-                "snapshots": [s.to_json() for s in self.snapshots]}
+        return {
+            "workdir": str(self.workdir),
+            "catalog": str(self.catalog),
+            "model": str(self.model),
+            "models": self.models,
+            "hub": str(self.hub) if self.hub else None,
+            "rewards": self.rewards,
+            "gain": self.gain(),
+            "seconds": self.seconds,
+            "snapshots": [s.to_json() for s in self.snapshots],
+        }
 
 
 def base_model(cfg: QuickstartConfig) -> Path:
@@ -80,8 +98,9 @@ def pipeline_for(cfg: QuickstartConfig) -> PipelineConfig:
         split=cfg.split,
         generation=generation(cfg, str(base_model(cfg))),
         ranking=RankConfig(ranker="python", ranker_model=cfg.reward),
-        training=TrainingSection(recipe=str(cfg.recipe), output_dir=str(workdir / "models" / "iteration_{n}"),
-                                 threads=os.cpu_count()),
+        training=TrainingSection(
+            recipe=str(cfg.recipe), output_dir=str(workdir / "models" / "iteration_{n}"), threads=os.cpu_count()
+        ),
         publish=PublishSection(repo_id=cfg.repo_id, dry_run=True, local_dir=workdir / "hub"),
     )
 
@@ -92,7 +111,9 @@ def generation(cfg: QuickstartConfig, model: str, splits: tuple[str, ...] = SPLI
 
 def _check(cfg: QuickstartConfig) -> None:
     if not Path(cfg.prompts).exists():
-        raise InputError(f"bundled prompts not found at {cfg.prompts}; run from a source checkout or pass --prompts FILE")
+        raise InputError(
+            f"bundled prompts not found at {cfg.prompts}; run from a source checkout or pass --prompts FILE"
+        )
     if cfg.model is None:
         from builders.gguf import smollm2_gguf
 
@@ -112,8 +133,9 @@ def evaluate_final(catalog: Catalog, cfg: QuickstartConfig, final_model: str) ->
     sets = split_prompts(catalog, replace(cfg.split, iterations=nxt))  # blocks 1..K are unchanged (same ids)
     test = [s.id for s in sets if s.iteration == nxt and s.split == "test"]
     generated = generate(catalog, nxt, generation(cfg, final_model, ("test",)), test).snapshots
-    ranked = rank(catalog, nxt, RankConfig(ranker="python", ranker_model=cfg.reward, splits=("test",)),
-                  [s.id for s in generated]).snapshots
+    ranked = rank(
+        catalog, nxt, RankConfig(ranker="python", ranker_model=cfg.reward, splits=("test",)), [s.id for s in generated]
+    ).snapshots
     return [*generated, *ranked]
 
 
@@ -133,8 +155,10 @@ def run_quickstart(cfg: QuickstartConfig = QuickstartConfig()) -> QuickstartRepo
         try:
             plan_split(catalog.read(pool.id), replace(cfg.split, iterations=cfg.split.iterations + 1))
         except InputError as e:
-            raise InputError(f"{e} (the quickstart draws one more block than it has iterations: its test prompts "
-                             f"evaluate the final model)") from None
+            raise InputError(
+                f"{e} (the quickstart draws one more block than it has iterations: its test prompts "
+                f"evaluate the final model)"
+            ) from None
         if cfg.split.test_size < 2:
             raise InputError("the quickstart's evaluation needs a test size of at least 2 prompts")
     seconds: dict[str, float] = {}

@@ -41,22 +41,33 @@ Rankers (the `Ranker` protocol):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from functools import partial
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
 
+from builders import executor
 from builders.backends.base import Ranker, check_device, device_for
 from builders.backends.ray import ranker_resources
 from builders.catalog import Catalog
-from builders import executor
 from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_commit_seconds, check_splits
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity
-from builders.stage import Finished, Producer, SplitWork, StageResult, StageSpec, chunks, counted, progress_bar, \
-    hash_key, resolve_inputs, run_stage
+from builders.stage import (
+    Finished,
+    Producer,
+    SplitWork,
+    StageResult,
+    StageSpec,
+    chunks,
+    counted,
+    hash_key,
+    progress_bar,
+    resolve_inputs,
+    run_stage,
+)
 
 
 def validate_rank(cfg: RankConfig) -> None:
@@ -105,8 +116,14 @@ def producer(cfg: RankConfig, ranker: Ranker | None = None) -> Producer:
     `ranker`: an already built local ranker to use (locally) instead of building one."""
     local = replace(cfg, scale_out=ExecutorConfig())  # what each Ray replica runs: the local ranker
     build = partial(make_ranker, local) if ranker is None or cfg.scale_out.executor != "local" else lambda: ranker
-    return executor.producer(cfg.scale_out, build, partial(_produce, cfg.batch_prompts), chunk=cfg.batch_prompts,
-                             resources=partial(ranker_resources, cfg), label="rank")
+    return executor.producer(
+        cfg.scale_out,
+        build,
+        partial(_produce, cfg.batch_prompts),
+        chunk=cfg.batch_prompts,
+        resources=partial(ranker_resources, cfg),
+        label="rank",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- stage
@@ -120,8 +137,11 @@ def ranker_identity(cfg: RankConfig) -> dict[str, Any]:
 def grouped(table: pa.Table) -> tuple[list[str], dict[str, list[tuple[int, str]]]]:
     """prompt_id -> [(response_index, response)] in order, from a generations table (canonical order)."""
     by: dict[str, list[tuple[int, str]]] = {}
-    for pid, idx, text in zip(table.column("prompt_id").to_pylist(), table.column("response_index").to_pylist(),
-                              table.column("response").to_pylist()):
+    for pid, idx, text in zip(
+        table.column("prompt_id").to_pylist(),
+        table.column("response_index").to_pylist(),
+        table.column("response").to_pylist(),
+    ):
         by.setdefault(pid, []).append((idx, text))
     return list(by), by
 
@@ -132,8 +152,14 @@ def check_finite(prompt_id: str, scores: Sequence[float]) -> None:
             raise IterdpoError(f"the ranker returned a non-finite score ({s}) for prompt {prompt_id}")
 
 
-def rank(catalog: Catalog, iteration: int, cfg: RankConfig = RankConfig(), from_refs: Sequence[str] = (),
-         progress: bool = True, ranker: Ranker | None = None) -> StageResult:
+def rank(
+    catalog: Catalog,
+    iteration: int,
+    cfg: RankConfig = RankConfig(),
+    from_refs: Sequence[str] = (),
+    progress: bool = True,
+    ranker: Ranker | None = None,
+) -> StageResult:
     """Score every response of `iteration`'s generations; register a `scores` snapshot per split.
     Resumable like generation: scored prompts are committed as the run goes and skipped by a rerun."""
     validate_rank(cfg)
@@ -150,16 +176,24 @@ def rank(catalog: Catalog, iteration: int, cfg: RankConfig = RankConfig(), from_
             key = hash_key({"stage": "rank", "generations": gen.id, **identity, **settings})
             prompts_snap = catalog.parent(gen, "prompts")
             if prompts_snap is None:
-                raise InputError(f"generations {gen.id[:12]} record no prompts snapshot: rank needs the prompts they "
-                                 f"answer (register them with parents=[the prompts snapshot])")
-            prompt_text = dict(zip(*(catalog.read(prompts_snap.id).column(c).to_pylist()
-                                     for c in ("prompt_id", "prompt"))))
+                raise InputError(
+                    f"generations {gen.id[:12]} record no prompts snapshot: rank needs the prompts they "
+                    f"answer (register them with parents=[the prompts snapshot])"
+                )
+            prompt_text = dict(
+                zip(*(catalog.read(prompts_snap.id).column(c).to_pylist() for c in ("prompt_id", "prompt")))
+            )
             order, by = grouped(catalog.read(gen.id))
             items = {pid: (pid, prompt_text[pid], by[pid]) for pid in order}
 
             def params(described: dict[str, Any], skipped: int, key: str = key, gen_id: str = gen.id) -> dict[str, Any]:
-                return {**identity, **described, "generations": gen_id, "work_key": key,
-                        **{k: v for k, v in settings.items() if k.startswith("batch_")}}
+                return {
+                    **identity,
+                    **described,
+                    "generations": gen_id,
+                    "work_key": key,
+                    **{k: v for k, v in settings.items() if k.startswith("batch_")},
+                }
 
             yield SplitWork(split, key, items, [gen.id], params)
 
@@ -175,16 +209,18 @@ def _on_gpu(cfg: RankConfig) -> bool:
     return not device_for(cfg.device).startswith("cpu")
 
 
-def _produce(batch_prompts: int, ranker: Ranker, items: Sequence[tuple[str, str, list[tuple[int, str]]]]
-             ) -> Iterator[Finished]:
+def _produce(
+    batch_prompts: int, ranker: Ranker, items: Sequence[tuple[str, str, list[tuple[int, str]]]]
+) -> Iterator[Finished]:
     """Scores of (key, prompt, [(response_index, response)]) items, `batch_prompts` prompts per call."""
     for chunk in chunks(items, batch_prompts):
         scores = ranker.score([prompt for _, prompt, _ in chunk], [[t for _, t in cands] for _, _, cands in chunk])
         rows: dict[str, list] = {"prompt_id": [], "response_index": [], "score": []}
         for (pid, _, cands), values in zip(chunk, scores):
             if len(values) != len(cands):
-                raise IterdpoError(f"the ranker returned {len(values)} scores for the {len(cands)} "
-                                   f"responses of prompt {pid}")
+                raise IterdpoError(
+                    f"the ranker returned {len(values)} scores for the {len(cands)} responses of prompt {pid}"
+                )
             check_finite(pid, values)
             for (idx, _), value in zip(cands, values):
                 rows["prompt_id"].append(pid)
@@ -193,8 +229,14 @@ def _produce(batch_prompts: int, ranker: Ranker, items: Sequence[tuple[str, str,
         yield Finished({pid: None for pid, _, _ in chunk}, pa.table(rows))
 
 
-def score_all(cfg: RankConfig, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
-              ranker: Ranker | None = None, progress: bool = False, desc: str = "rank") -> list[list[float]]:
+def score_all(
+    cfg: RankConfig,
+    prompts: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    ranker: Ranker | None = None,
+    progress: bool = False,
+    desc: str = "rank",
+) -> list[list[float]]:
     """Scores of each prompt's candidates on `cfg`'s executor, outside the catalog (best-of-n), with the stages'
     progress bar."""
     run = producer(cfg, ranker)
@@ -204,8 +246,7 @@ def score_all(cfg: RankConfig, prompts: Sequence[str], candidates: Sequence[Sequ
         items = [(str(i), p, list(enumerate(c))) for i, (p, c) in enumerate(zip(prompts, candidates))]
         with progress_bar(len(items), desc, progress) as bar:
             for item in counted(run.run(backend, items), bar):
-                for key, score in zip(item.rows.column("prompt_id").to_pylist(),
-                                      item.rows.column("score").to_pylist()):
+                for key, score in zip(item.rows.column("prompt_id").to_pylist(), item.rows.column("score").to_pylist()):
                     got.setdefault(key, []).append(score)
     finally:
         if ranker is None or cfg.scale_out.executor != "local":

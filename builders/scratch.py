@@ -16,7 +16,7 @@ def prefix(what: str, target: Path) -> str:
 def remove_stale(what: str, target: Path) -> None:
     """Remove the scratch folders of `target` whose process is gone."""
     for old in target.parent.glob(f"{prefix(what, target)}*"):
-        pid = old.name[len(prefix(what, target)):].split("-")[0]
+        pid = old.name[len(prefix(what, target)) :].split("-")[0]
         if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
 

@@ -56,8 +56,12 @@ from builders.errors import InputError
 
 # Each input kind, and the stage that makes it (named in the error when an iteration has none).
 LABELS = {"prompts": "prompt sets", "generations": "generations", "scores": "scores", "pairs": "pairs"}
-MAKERS = {"prompts": ("split prompts", "prompts split"), "generations": ("generate", "generate --iteration {n}"),
-          "scores": ("rank", "rank --iteration {n}"), "pairs": ("build pairs", "build --iteration {n}")}
+MAKERS = {
+    "prompts": ("split prompts", "prompts split"),
+    "generations": ("generate", "generate --iteration {n}"),
+    "scores": ("rank", "rank --iteration {n}"),
+    "pairs": ("build pairs", "build --iteration {n}"),
+}
 
 
 def _make_first(kind: str, iteration: int) -> str:
@@ -65,8 +69,14 @@ def _make_first(kind: str, iteration: int) -> str:
     return f"{verb} first (iterdpo {command.format(n=iteration)})"
 
 
-def resolve_inputs(catalog: Catalog, kind: str, iteration: int, splits: Sequence[str], from_refs: Sequence[str] = (),
-                   require_train: bool = False) -> dict[str, Snapshot]:
+def resolve_inputs(
+    catalog: Catalog,
+    kind: str,
+    iteration: int,
+    splits: Sequence[str],
+    from_refs: Sequence[str] = (),
+    require_train: bool = False,
+) -> dict[str, Snapshot]:
     """A stage's input snapshots per split: those named in `from_refs` (checked), else the newest complete one
     of `kind` for each split of `iteration`."""
     if from_refs:
@@ -74,14 +84,18 @@ def resolve_inputs(catalog: Catalog, kind: str, iteration: int, splits: Sequence
         for ref in from_refs:
             snap = catalog.get(ref)
             if snap.kind != kind or snap.iteration != iteration or snap.split is None:
-                raise InputError(f"input {ref}: a {kind} snapshot of iteration {iteration} is needed, not "
-                                 f"{snap.kind} (iteration {snap.iteration}, split {snap.split})", option="from_refs")
+                raise InputError(
+                    f"input {ref}: a {kind} snapshot of iteration {iteration} is needed, not "
+                    f"{snap.kind} (iteration {snap.iteration}, split {snap.split})",
+                    option="from_refs",
+                )
             chosen[snap.split] = snap
         return chosen
     found = {s: snap for s in splits if (snap := catalog.newest(kind, iteration, s)) is not None}
     if not found:
-        raise InputError(f"iteration {iteration} has no {LABELS[kind]} in catalog {catalog.path}; "
-                         f"{_make_first(kind, iteration)}")
+        raise InputError(
+            f"iteration {iteration} has no {LABELS[kind]} in catalog {catalog.path}; {_make_first(kind, iteration)}"
+        )
     if require_train and "train" in splits and "train" not in found:
         raise InputError(f"iteration {iteration} has no train {LABELS[kind]}; {_make_first(kind, iteration)}")
     return found
@@ -125,8 +139,14 @@ class SplitResult:
     snapshot: Snapshot | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"split": self.split, "prompts": self.prompts, "processed": self.processed, "skipped": self.skipped,
-                "drops": self.drops, "snapshot": self.snapshot.to_json() if self.snapshot else None}
+        return {
+            "split": self.split,
+            "prompts": self.prompts,
+            "processed": self.processed,
+            "skipped": self.skipped,
+            "drops": self.drops,
+            "snapshot": self.snapshot.to_json() if self.snapshot else None,
+        }
 
 
 @dataclass
@@ -145,13 +165,26 @@ class StageResult:
         return [s.snapshot for s in self.splits if s.snapshot]
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": self.stage, "iteration": self.iteration, "seconds": round(self.seconds, 2),
-                "tokens": self.tokens, "splits": [s.to_json() for s in self.splits],
-                **({"executor": self.executor} if self.executor else {})}
+        return {
+            "stage": self.stage,
+            "iteration": self.iteration,
+            "seconds": round(self.seconds, 2),
+            "tokens": self.tokens,
+            "splits": [s.to_json() for s in self.splits],
+            **({"executor": self.executor} if self.executor else {}),
+        }
 
 
-def run_resumable(catalog: Catalog, work: WorkArea, todo: Sequence[str], produce: Callable[[Sequence[str]], Iterable[Finished]],
-                  *, commit_seconds: float, progress: bool, desc: str) -> tuple[int, int]:
+def run_resumable(
+    catalog: Catalog,
+    work: WorkArea,
+    todo: Sequence[str],
+    produce: Callable[[Sequence[str]], Iterable[Finished]],
+    *,
+    commit_seconds: float,
+    progress: bool,
+    desc: str,
+) -> tuple[int, int]:
     """Run `produce` over the units not yet done and commit what it finishes, at most every `commit_seconds`
     (0: every item) and at the end. Returns (units finished, tokens). What was committed survives any kill."""
     bar = progress_bar(len(todo), desc, progress)
@@ -164,8 +197,9 @@ def run_resumable(catalog: Catalog, work: WorkArea, todo: Sequence[str], produce
         if pending:
             units = {u: info for item in pending for u, info in item.units.items()}
             rows = pa.concat_tables([item.rows for item in pending])
-            catalog.add_work(work.key, work.kind, rows, units, iteration=work.iteration, split=work.split,
-                             params=work.params)
+            catalog.add_work(
+                work.key, work.kind, rows, units, iteration=work.iteration, split=work.split, params=work.params
+            )
             pending.clear()
         last = time.perf_counter()
 
@@ -243,8 +277,9 @@ class SplitWork:
     shard: str | None = None  # "K/N": the snapshot is one part of the stage's output (Snapshot.shard)
 
 
-def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *, progress: bool = True,
-              backend: Any = None) -> StageResult:
+def run_stage(
+    catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *, progress: bool = True, backend: Any = None
+) -> StageResult:
     """Each split's missing units through `spec.producer`, committed as they finish, then its snapshot registered.
     The backend is built at the first split with work left (a rerun with nothing to do loads no model) and closed
     at the end unless the caller passed it; a split with no work left takes the description its work recorded."""
@@ -262,17 +297,22 @@ def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *,
             work = WorkArea(sw.key, spec.kind, spec.iteration, sw.split, {spec.role: described or {}, **sw.work_params})
             if todo:
                 split_result.processed, tokens = run_resumable(
-                    catalog, work, todo,
+                    catalog,
+                    work,
+                    todo,
                     lambda units, items=sw.items, use=backend: spec.producer.run(use, [items[u] for u in units]),
-                    commit_seconds=spec.commit_seconds, progress=progress,
-                    desc=f"{spec.stage} it{spec.iteration} {sw.split}")
+                    commit_seconds=spec.commit_seconds,
+                    progress=progress,
+                    desc=f"{spec.stage} it{spec.iteration} {sw.split}",
+                )
                 result.tokens += tokens
             done = catalog.work_units(sw.key)
             split_result.skipped = sum(1 for u in sw.items if (done.get(u) or {}).get("skipped"))
             if described is None:
                 described = catalog.work_params(sw.key).get(spec.role, {})
-            split_result.snapshot = register_work(catalog, work, list(sw.items), sw.parents,
-                                                  sw.params(described, split_result.skipped), shard=sw.shard)
+            split_result.snapshot = register_work(
+                catalog, work, list(sw.items), sw.parents, sw.params(described, split_result.skipped), shard=sw.shard
+            )
             result.splits.append(split_result)
     finally:
         if owned and backend is not None:
@@ -282,11 +322,24 @@ def run_stage(catalog: Catalog, spec: StageSpec, splits: Iterable[SplitWork], *,
     return result
 
 
-def register_work(catalog: Catalog, work: WorkArea, units: Sequence[str], parents: Sequence[str],
-                  params: Mapping[str, Any], shard: str | None = None) -> Snapshot:
+def register_work(
+    catalog: Catalog,
+    work: WorkArea,
+    units: Sequence[str],
+    parents: Sequence[str],
+    params: Mapping[str, Any],
+    shard: str | None = None,
+) -> Snapshot:
     """The snapshot of a finished work area: its rows for `units` (all of them: this shard's), registered."""
-    return catalog.register(work.kind, catalog.work_rows(work.key, units=units), iteration=work.iteration,
-                            split=work.split, parents=list(parents), params=dict(params), shard=shard)
+    return catalog.register(
+        work.kind,
+        catalog.work_rows(work.key, units=units),
+        iteration=work.iteration,
+        split=work.split,
+        parents=list(parents),
+        params=dict(params),
+        shard=shard,
+    )
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

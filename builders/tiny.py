@@ -89,8 +89,13 @@ class TinyModels:
     ranker_params: int
 
     def to_json(self) -> dict:
-        return {"generator": str(self.generator), "ranker": str(self.ranker), "seconds": round(self.seconds, 2),
-                "generator_params": self.generator_params, "ranker_params": self.ranker_params}
+        return {
+            "generator": str(self.generator),
+            "ranker": str(self.ranker),
+            "seconds": round(self.seconds, 2),
+            "generator_params": self.generator_params,
+            "ranker_params": self.ranker_params,
+        }
 
 
 def build_generator(out_dir: Path, cfg: TinyConfig = TinyConfig()) -> int:
@@ -101,15 +106,27 @@ def build_generator(out_dir: Path, cfg: TinyConfig = TinyConfig()) -> int:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.gen_vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.gen_vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_batches(corpus(cfg.seed)), trainer=trainer)
     bos = tok.token_to_id("<s>")
     # BOS on plain encodes, like Mistral's tokenizer; the chat template writes its own bos_token
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                 pad_token="<pad>", model_max_length=cfg.gen_max_positions,
-                                 clean_up_tokenization_spaces=False)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=cfg.gen_max_positions,
+        clean_up_tokenization_spaces=False,
+    )
     hf.chat_template = MISTRAL_CHAT_TEMPLATE
     hf.save_pretrained(out_dir)
     # Llama/Mistral tokenizers return no token_type_ids (generate() rejects them)
@@ -117,11 +134,21 @@ def build_generator(out_dir: Path, cfg: TinyConfig = TinyConfig()) -> int:
 
     torch.manual_seed(cfg.seed)
     mcfg = MistralConfig(
-        vocab_size=len(hf), hidden_size=cfg.gen_hidden_size, intermediate_size=cfg.gen_intermediate_size,
-        num_hidden_layers=cfg.gen_layers, num_attention_heads=cfg.gen_heads, num_key_value_heads=cfg.gen_kv_heads,
-        head_dim=cfg.gen_head_dim, max_position_embeddings=cfg.gen_max_positions, sliding_window=None,
-        bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id,
-        tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0,
+        vocab_size=len(hf),
+        hidden_size=cfg.gen_hidden_size,
+        intermediate_size=cfg.gen_intermediate_size,
+        num_hidden_layers=cfg.gen_layers,
+        num_attention_heads=cfg.gen_heads,
+        num_key_value_heads=cfg.gen_kv_heads,
+        head_dim=cfg.gen_head_dim,
+        max_position_embeddings=cfg.gen_max_positions,
+        sliding_window=None,
+        bos_token_id=hf.bos_token_id,
+        eos_token_id=hf.eos_token_id,
+        pad_token_id=hf.pad_token_id,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
     )
     model = MistralForCausalLM(mcfg).to(torch.float32)
     model.generation_config.pad_token_id = hf.pad_token_id
@@ -143,26 +170,52 @@ def build_ranker(out_dir: Path, cfg: TinyConfig = TinyConfig()) -> int:
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]  # deberta-v3's ids: pad 0, cls 1, sep 2, unk 3
-    trainer = trainers.BpeTrainer(vocab_size=cfg.rank_vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'\u2581"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.rank_vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'\u2581"),
+    )
     tok.train_from_iterator(_batches(corpus(cfg.seed + 1)), trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     # DeBERTa-v3 post-processing, which PairRM's collator relies on: [CLS] A [SEP] (B [SEP])
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-                                 unk_token="[UNK]", mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]",
-                                 model_max_length=2048)
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        unk_token="[UNK]",
+        mask_token="[MASK]",
+        bos_token="[CLS]",
+        eos_token="[SEP]",
+        model_max_length=2048,
+    )
     hf.save_pretrained(backbone)
     _portable(backbone)
 
     torch.manual_seed(cfg.seed)
     dcfg = DebertaV2Config(
-        vocab_size=len(hf), hidden_size=cfg.rank_hidden_size, num_hidden_layers=cfg.rank_layers,
-        num_attention_heads=cfg.rank_heads, intermediate_size=cfg.rank_intermediate_size,
-        max_position_embeddings=cfg.rank_max_positions, relative_attention=True, position_buckets=256,
-        norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
-        layer_norm_eps=1e-7, max_relative_positions=-1, type_vocab_size=0, pad_token_id=hf.pad_token_id,
+        vocab_size=len(hf),
+        hidden_size=cfg.rank_hidden_size,
+        num_hidden_layers=cfg.rank_layers,
+        num_attention_heads=cfg.rank_heads,
+        intermediate_size=cfg.rank_intermediate_size,
+        max_position_embeddings=cfg.rank_max_positions,
+        relative_attention=True,
+        position_buckets=256,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        layer_norm_eps=1e-7,
+        max_relative_positions=-1,
+        type_vocab_size=0,
+        pad_token_id=hf.pad_token_id,
     )
     model = DebertaV2Model(dcfg)
     model.save_pretrained(backbone)
@@ -175,11 +228,23 @@ def build_ranker(out_dir: Path, cfg: TinyConfig = TinyConfig()) -> int:
     state.update({f"{HEAD_PREFIX}{k}": v for k, v in pairwise_head(h).state_dict().items()})
     save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
     ranker_config = {
-        "ranker_type": "pairranker", "model_type": "deberta", "model_name": "backbone", "cache_dir": None,
-        "load_checkpoint": None, "source_maxlength": cfg.source_maxlength,
-        "candidate_maxlength": cfg.candidate_maxlength, "n_tasks": 1, "num_pos": 5, "num_neg": 5,
-        "sub_sampling_mode": "all_pair", "sub_sampling_ratio": 0.4, "loss_type": "instructgpt",
-        "reduce_type": "linear", "inference_mode": "bubble", "drop_out": 0.05, "fp16": False,
+        "ranker_type": "pairranker",
+        "model_type": "deberta",
+        "model_name": "backbone",
+        "cache_dir": None,
+        "load_checkpoint": None,
+        "source_maxlength": cfg.source_maxlength,
+        "candidate_maxlength": cfg.candidate_maxlength,
+        "n_tasks": 1,
+        "num_pos": 5,
+        "num_neg": 5,
+        "sub_sampling_mode": "all_pair",
+        "sub_sampling_ratio": 0.4,
+        "loss_type": "instructgpt",
+        "reduce_type": "linear",
+        "inference_mode": "bubble",
+        "drop_out": 0.05,
+        "fp16": False,
     }
     (out_dir / "config.json").write_text(json.dumps(ranker_config, indent=2) + "\n")
     return sum(v.numel() for v in state.values())

@@ -44,9 +44,13 @@ class TrainResult:
     resumed: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"output_dir": str(self.output_dir), "metrics": self.metrics,
-                "snapshot": self.snapshot.to_json() if self.snapshot else None, "warnings": self.warnings,
-                "resumed": self.resumed}
+        return {
+            "output_dir": str(self.output_dir),
+            "metrics": self.metrics,
+            "snapshot": self.snapshot.to_json() if self.snapshot else None,
+            "warnings": self.warnings,
+            "resumed": self.resumed,
+        }
 
 
 # what the model row's `metrics` holds: counts fixed by the data, the recipe and the tokenizer, so the same training
@@ -93,16 +97,20 @@ def load_recipe(path: Path, overrides: dict[str, Any] | None = None):
     known = {f for dc in parser.dataclass_types for f in dc.__dataclass_fields__}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise InputError(f"recipe {path}: unknown key(s) {', '.join(unknown)} (TRL `trl dpo` options; renamed from "
-                         f"alignment-handbook: torch_dtype -> dtype, dataset_mixer -> datasets, "
-                         f"dataset_splits -> dataset_train_split/dataset_test_split)")
+        raise InputError(
+            f"recipe {path}: unknown key(s) {', '.join(unknown)} (TRL `trl dpo` options; renamed from "
+            f"alignment-handbook: torch_dtype -> dtype, dataset_mixer -> datasets, "
+            f"dataset_splits -> dataset_train_split/dataset_test_split)"
+        )
     _check_values(path, raw, parser.dataclass_types)
     import torch
 
     for flag in ("bf16", "fp16"):
         if raw.get(flag) and not torch.cuda.is_available():
-            raise InputError(f"recipe {path} asks for {flag} but no CUDA GPU is available; set {flag}: false "
-                             f"(see train/recipes/tiny-cpu.yaml)")
+            raise InputError(
+                f"recipe {path} asks for {flag} but no CUDA GPU is available; set {flag}: false "
+                f"(see train/recipes/tiny-cpu.yaml)"
+            )
     try:
         script, training, model, mixture = parser.parse_dict(raw)
     except (ValueError, TypeError) as e:
@@ -140,8 +148,15 @@ def _check_values(path: Path, raw: dict[str, Any], dataclass_types) -> None:
         if hint is None or value is None:
             continue
         args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        if any(a is str or a is Any or typing.get_origin(a) is not None or isinstance(a, type) and
-               issubclass(a, (str, dict, list)) for a in args if a is not type(None)):
+        if any(
+            a is str
+            or a is Any
+            or typing.get_origin(a) is not None
+            or isinstance(a, type)
+            and issubclass(a, (str, dict, list))
+            for a in args
+            if a is not type(None)
+        ):
             continue  # text, enums given as text, lists and mappings: TRL and transformers check those
         if bool in args:
             if not isinstance(value, bool):
@@ -160,7 +175,6 @@ def _catalog_dataset(catalog: Catalog, iteration: int, from_refs: Sequence[str] 
     import datasets
 
     from builders.pairs import to_trl
-
     from builders.stage import resolve_inputs
 
     sets = resolve_inputs(catalog, "pairs", iteration, SPLITS, from_refs, require_train=True)
@@ -180,8 +194,10 @@ def _hub_dataset(ref: str, script) -> tuple[Any, Any]:
     except Exception as e:  # a missing path, an unknown hub id, a config that is not there
         raise InputError(f"dataset {ref!r} (config {script.dataset_config}) cannot be loaded ({one_line(e)})") from None
     if script.dataset_train_split not in loaded:
-        raise InputError(f"dataset {ref!r} has no split {script.dataset_train_split!r} (splits: "
-                         f"{', '.join(loaded)}); set dataset_train_split in the recipe")
+        raise InputError(
+            f"dataset {ref!r} has no split {script.dataset_train_split!r} (splits: "
+            f"{', '.join(loaded)}); set dataset_train_split in the recipe"
+        )
     test = loaded[script.dataset_test_split] if script.dataset_test_split in loaded else None
     return loaded[script.dataset_train_split], test
 
@@ -203,10 +219,12 @@ def check_budget(recipe: Path | str, max_tokens: int, prompt_tokens: int | None 
     if "truncation_mode" in raw:
         return None
     prompt = f" + {prompt_tokens} prompt tokens" if prompt_tokens else ""
-    return (f"generation allows {max_tokens} new tokens{prompt} but recipe {recipe} trains at max_length "
-            f"{args.max_length}: longer pairs are cut to {args.max_length} tokens ({args.truncation_mode}) and pairs "
-            f"whose prompt alone reaches it are dropped (counted as train_pairs_dropped); set truncation_mode in the "
-            f"recipe to make that choice explicit, or raise max_length")
+    return (
+        f"generation allows {max_tokens} new tokens{prompt} but recipe {recipe} trains at max_length "
+        f"{args.max_length}: longer pairs are cut to {args.max_length} tokens ({args.truncation_mode}) and pairs "
+        f"whose prompt alone reaches it are dropped (counted as train_pairs_dropped); set truncation_mode in the "
+        f"recipe to make that choice explicit, or raise max_length"
+    )
 
 
 def pair_counts(before: Any, prepared: Any, max_length: int | None, split: str) -> dict[str, int]:
@@ -224,8 +242,11 @@ def pair_counts(before: Any, prepared: Any, max_length: int | None, split: str) 
         lengths = [pc.list_value_length(table.column(c)) for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
         longest = pc.add(lengths[0], pc.max_element_wise(lengths[1], lengths[2]))
         truncated = int(pc.sum(pc.greater(longest, max_length)).as_py() or 0)
-    return {f"{split}_pairs_used": used, f"{split}_pairs_dropped": len(before) - used,
-            f"{split}_pairs_truncated": truncated}
+    return {
+        f"{split}_pairs_used": used,
+        f"{split}_pairs_dropped": len(before) - used,
+        f"{split}_pairs_truncated": truncated,
+    }
 
 
 def _scratch_dir(out: Path) -> Path:
@@ -270,11 +291,16 @@ def _finish(catalog: Catalog, out: Path, marker: dict[str, Any], main: bool, pro
         import pyarrow as pa
 
         if progress:
-            print(f"{out} already holds the model of this training (weights verified): registering it, not "
-                  f"training again", file=sys.stderr, flush=True)
+            print(
+                f"{out} already holds the model of this training (weights verified): registering it, not "
+                f"training again",
+                file=sys.stderr,
+                flush=True,
+            )
         row["path"] = str(out.resolve())
-        snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=marker["work"]["iteration"],
-                                parents=parents, params=params)
+        snap = catalog.register(
+            "model", pa.Table.from_pylist([row]), iteration=marker["work"]["iteration"], parents=parents, params=params
+        )
     return TrainResult(out, dict(params.get("metrics") or {}), snap, list(marker.get("warnings") or []), resumed=True)
 
 
@@ -317,8 +343,9 @@ class _Progress:
 
             def on_train_begin(self, args, state, control, **kwargs):
                 if state.is_world_process_zero:
-                    self.bar = tqdm(total=state.max_steps, desc="train", unit="step", file=sys.stderr,
-                                    dynamic_ncols=True)
+                    self.bar = tqdm(
+                        total=state.max_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True
+                    )
 
             def on_step_end(self, args, state, control, **kwargs):
                 if self.bar is not None:
@@ -336,7 +363,9 @@ class _Progress:
         return Progress()
 
 
-def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), from_refs: Sequence[str] = ()) -> TrainResult:
+def train(
+    catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), from_refs: Sequence[str] = ()
+) -> TrainResult:
     """DPO on the iteration's pairs: those named by `from_refs`, else the newest (or `cfg.dataset`)."""
     check_threads(cfg.threads)
     recipe_path = Path(cfg.recipe) if cfg.recipe else RECIPES / f"iteration_{iteration}.yaml"
@@ -366,10 +395,14 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
         marker = _marker(out)
         if marker is None or marker.get("work") != work:
             if main:
-                what = ("holds the model of another training (another recipe, base model or pairs)" if marker
-                        else "exists and is not empty")
-                raise InputError(f"output dir {out} {what}; pass --overwrite to replace it or choose another "
-                                 f"--output-dir")
+                what = (
+                    "holds the model of another training (another recipe, base model or pairs)"
+                    if marker
+                    else "exists and is not empty"
+                )
+                raise InputError(
+                    f"output dir {out} {what}; pass --overwrite to replace it or choose another --output-dir"
+                )
         else:
             finished = _finish(catalog, out, marker, main, cfg.progress)
             if finished is not None:
@@ -383,9 +416,12 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import DPOTrainer
 
-    args.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision,
-                              "attn_implementation": model_args.attn_implementation,
-                              **(args.model_init_kwargs or {})}
+    args.model_init_kwargs = {
+        "dtype": model_args.dtype,
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        **(args.model_init_kwargs or {}),
+    }
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     except Exception as e:
@@ -410,19 +446,27 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
     try:
         # the Trainer prints its logs on stdout, which belongs to --json: send them to stderr with the progress
         with contextlib.redirect_stdout(sys.stderr), _datasets_bars(enabled=not quiet):
-            trainer = DPOTrainer(model=model_args.model_name_or_path, args=args, train_dataset=train_ds,
-                                 eval_dataset=test_ds, processing_class=tokenizer)
+            trainer = DPOTrainer(
+                model=model_args.model_name_or_path,
+                args=args,
+                train_dataset=train_ds,
+                eval_dataset=test_ds,
+                processing_class=tokenizer,
+            )
             if quiet:
                 for callback in {PrinterCallback, ProgressCallback, DEFAULT_PROGRESS_CALLBACK}:
                     trainer.remove_callback(callback)
                 if cfg.progress:
                     trainer.add_callback(_Progress())
-            counts = {**pair_counts(train_ds, trainer.train_dataset, args.max_length, "train"),
-                      **(pair_counts(test_ds, trainer.eval_dataset, args.max_length, "eval") if test_ds is not None
-                         else {})}
+            counts = {
+                **pair_counts(train_ds, trainer.train_dataset, args.max_length, "train"),
+                **(pair_counts(test_ds, trainer.eval_dataset, args.max_length, "eval") if test_ds is not None else {}),
+            }
             if counts.get("train_pairs_used") == 0:
-                raise InputError(f"all {counts['train_pairs_dropped']} train pairs were dropped: their prompt alone "
-                                 f"reaches max_length {args.max_length} tokens; raise max_length in {recipe_path}")
+                raise InputError(
+                    f"all {counts['train_pairs_dropped']} train pairs were dropped: their prompt alone "
+                    f"reaches max_length {args.max_length} tokens; raise max_length in {recipe_path}"
+                )
             warnings = _count_warnings(counts, args)
             if main and cfg.progress:
                 for w in warnings:
@@ -443,19 +487,30 @@ def train(catalog: Catalog, iteration: int, cfg: TrainConfig = TrainConfig(), fr
             weights = weights_sha256(scratch)  # of these weights alone, before they join a folder
             import pyarrow as pa
 
-            row = {"path": str(out.resolve()), "weights_sha256": weights,
-                   "base_model": model_ref(model_args.model_name_or_path), "recipe": recipe_text,
-                   "metrics": json.dumps({k: counts[k] for k in PAIR_COUNTS if k in counts}, sort_keys=True)}
-            params = {"recipe_path": str(recipe_path), "dataset": cfg.dataset or "catalog",
-                      "world_size": trainer.args.world_size, "base_model": row["base_model"], "metrics": metrics,
-                      **_cpu_threads()}
+            row = {
+                "path": str(out.resolve()),
+                "weights_sha256": weights,
+                "base_model": model_ref(model_args.model_name_or_path),
+                "recipe": recipe_text,
+                "metrics": json.dumps({k: counts[k] for k in PAIR_COUNTS if k in counts}, sort_keys=True),
+            }
+            params = {
+                "recipe_path": str(recipe_path),
+                "dataset": cfg.dataset or "catalog",
+                "world_size": trainer.args.world_size,
+                "base_model": row["base_model"],
+                "metrics": metrics,
+                **_cpu_threads(),
+            }
             # the marker holds the registration too: a run stopped after the move is finished by the next one
-            _move_into_place(scratch, out, {"work": work, "row": row, "params": params, "parents": parents,
-                                            "warnings": warnings})  # the model at the root of `out`
+            _move_into_place(
+                scratch, out, {"work": work, "row": row, "params": params, "parents": parents, "warnings": warnings}
+            )  # the model at the root of `out`
             if cfg.progress:
                 print(f"model written to {out}; registering it", file=sys.stderr, flush=True)
-            snap = catalog.register("model", pa.Table.from_pylist([row]), iteration=iteration, parents=parents,
-                                    params=params)
+            snap = catalog.register(
+                "model", pa.Table.from_pylist([row]), iteration=iteration, parents=parents, params=params
+            )
     finally:
         if main:
             shutil.rmtree(scratch, ignore_errors=True)  # left only by a failure: the model was moved
@@ -475,8 +530,10 @@ def _count_warnings(counts: dict[str, int], args) -> list[str]:
     for split in ("train", "eval"):
         dropped, used = counts.get(f"{split}_pairs_dropped", 0), counts.get(f"{split}_pairs_used", 0)
         if dropped:
-            out.append(f"{dropped} of {dropped + used} {split} pairs dropped: their prompt alone reaches max_length "
-                       f"{args.max_length} tokens (raise max_length in the recipe, or set truncation_mode: keep_end)")
+            out.append(
+                f"{dropped} of {dropped + used} {split} pairs dropped: their prompt alone reaches max_length "
+                f"{args.max_length} tokens (raise max_length in the recipe, or set truncation_mode: keep_end)"
+            )
     return out
 
 
@@ -487,10 +544,13 @@ def counts_line(counts: dict[str, int]) -> str:
         if f"{split}_pairs_used" not in counts:
             continue
         used, dropped = counts[f"{split}_pairs_used"], counts[f"{split}_pairs_dropped"]
-        extra = [f"{counts[f'{split}_pairs_{w}']} {w}" for w in ("dropped", "truncated")
-                 if counts[f"{split}_pairs_{w}"]]
-        parts.append((f"{used} of {used + dropped} {label}" if dropped else f"{used} {label}")
-                     + (f" ({', '.join(extra)} at max_length)" if extra else ""))
+        extra = [
+            f"{counts[f'{split}_pairs_{w}']} {w}" for w in ("dropped", "truncated") if counts[f"{split}_pairs_{w}"]
+        ]
+        parts.append(
+            (f"{used} of {used + dropped} {label}" if dropped else f"{used} {label}")
+            + (f" ({', '.join(extra)} at max_length)" if extra else "")
+        )
     return ", ".join(parts) or "a streaming dataset"
 
 

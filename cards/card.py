@@ -42,12 +42,23 @@ def metadata(splits: list[SplitInfo], features: dict[str, Any], license: str, pr
     """The card's YAML header: both configs with every split's files, dataset_info, license, categories, tags.
     dataset_info is what datasets reads back without a warning: every split of both configs with name,
     num_examples and num_bytes (the uncompressed Arrow size, as datasets records it)."""
-    configs = [{"config_name": name, "data_files": [{"split": s.name, "path": f"{name}/{s.name}-*"} for s in splits],
-                **({"default": True} if name == "default" else {})} for name in ("default", "trl")]
-    info = [{"config_name": name, "features": features[name],
-             "splits": [{"name": s.name, "num_bytes": s.num_bytes[name], "num_examples": s.rows} for s in splits],
-             "dataset_size": sum(s.num_bytes[name] for s in splits)}
-            for name in ("default", "trl")]
+    configs = [
+        {
+            "config_name": name,
+            "data_files": [{"split": s.name, "path": f"{name}/{s.name}-*"} for s in splits],
+            **({"default": True} if name == "default" else {}),
+        }
+        for name in ("default", "trl")
+    ]
+    info = [
+        {
+            "config_name": name,
+            "features": features[name],
+            "splits": [{"name": s.name, "num_bytes": s.num_bytes[name], "num_examples": s.rows} for s in splits],
+            "dataset_size": sum(s.num_bytes[name] for s in splits),
+        }
+        for name in ("default", "trl")
+    ]
     return {
         "pretty_name": pretty_name,
         "license": license,
@@ -67,25 +78,33 @@ def _recipe_rows(splits: list[SplitInfo], origins: dict[tuple[int, str], Any]) -
             continue
         origin = origins.get((s.iteration, "train"))
         gen, sel = s.params.get("generator", {}), s.params.get("selection", {})
-        ranker = origin.scores.params if origin is not None and origin.scores is not None else s.params.get("ranker", {})
+        ranker = (
+            origin.scores.params if origin is not None and origin.scores is not None else s.params.get("ranker", {})
+        )
         model = origin.generator if origin is not None else None
         sampling = origin.sampling if origin is not None else gen.get("sampling", {})
         kind = ranker.get("ranker")
         reward = display_ref(ranker.get("function") or ranker.get("ranker_model") or "?")
-        rows.append({
-            "iteration": s.iteration,
-            "responses": sampling.get("num_responses", "?"),
-            "model": model.name if model else display_ref(gen.get("model", "?")),
-            # a hub id's commit, or the weights' sha256 as the model snapshot hashes them (not the whole folder,
-            # whose training_args.bin differs between two identical trainings)
-            "revision": model.identity() if model else "not recorded",
-            "sampling": (f"n={sampling.get('num_responses')}, T={sampling.get('temperature')}, "
-                         f"top_p={sampling.get('top_p')}, max_tokens={sampling.get('max_tokens')}, "
-                         f"seed={sampling.get('seed')}, {gen.get('backend', '?')}"),
-            "ranker": f"{kind}: {reward}" if kind else reward,
-            "selection": (f"{sel.get('selection', 'max-min')}, length penalty {sel.get('length_penalty', 0)}, "
-                          f"min margin {sel.get('min_margin', 0)}, ties {'kept' if sel.get('keep_ties') else 'dropped'}"),
-        })
+        rows.append(
+            {
+                "iteration": s.iteration,
+                "responses": sampling.get("num_responses", "?"),
+                "model": model.name if model else display_ref(gen.get("model", "?")),
+                # a hub id's commit, or the weights' sha256 as the model snapshot hashes them (not the whole folder,
+                # whose training_args.bin differs between two identical trainings)
+                "revision": model.identity() if model else "not recorded",
+                "sampling": (
+                    f"n={sampling.get('num_responses')}, T={sampling.get('temperature')}, "
+                    f"top_p={sampling.get('top_p')}, max_tokens={sampling.get('max_tokens')}, "
+                    f"seed={sampling.get('seed')}, {gen.get('backend', '?')}"
+                ),
+                "ranker": f"{kind}: {reward}" if kind else reward,
+                "selection": (
+                    f"{sel.get('selection', 'max-min')}, length penalty {sel.get('length_penalty', 0)}, "
+                    f"min margin {sel.get('min_margin', 0)}, ties {'kept' if sel.get('keep_ties') else 'dropped'}"
+                ),
+            }
+        )
     return rows
 
 
@@ -94,7 +113,9 @@ def generators_line(recipe: list[dict[str, Any]]) -> str:
     by_model: dict[str, list[int]] = {}
     for r in sorted(recipe, key=lambda r: r["iteration"]):
         by_model.setdefault(r["model"], []).append(r["iteration"])
-    parts = [f"`{m}` (iteration{'s' if len(its) > 1 else ''} {', '.join(map(str, its))})" for m, its in by_model.items()]
+    parts = [
+        f"`{m}` (iteration{'s' if len(its) > 1 else ''} {', '.join(map(str, its))})" for m, its in by_model.items()
+    ]
     said = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1] if parts else "an unrecorded model"
     counts = sorted({str(r["responses"]) for r in recipe})
     return f"responses generated by {said}, {' or '.join(counts) or '?'} per prompt"
@@ -104,28 +125,48 @@ def pretty_name(repo_id: str) -> str:
     return f"{repo_id.split('/')[-1]}: iterative DPO preference pairs"
 
 
-def render(repo_id: str, splits: list[SplitInfo], features: dict[str, Any], set_id: str, version: str,
-           origins: dict[tuple[int, str], Any], license: str) -> str:
+def render(
+    repo_id: str,
+    splits: list[SplitInfo],
+    features: dict[str, Any],
+    set_id: str,
+    version: str,
+    origins: dict[tuple[int, str], Any],
+    license: str,
+) -> str:
     """The card. `origins`: the lineage of each published split (cards/provenance.py: origins)."""
     import jinja2
 
     from cards.provenance import prompt_formats
     from cards.rebuild import script
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), keep_trailing_newline=True,
-                             autoescape=False, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        keep_trailing_newline=True,
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+    )
     recipe = _recipe_rows(splits, origins)
     pools = [p for o in origins.values() for p in o.pools]
     sets = [o.prompts for o in origins.values() if o.prompts is not None and "seed" in o.prompts.params]
     source = next((p.params.get("source") for p in pools if p.params.get("source")), None)
     rebuild = script(origins, repo_id, set_id)
     return env.get_template("dataset_card.md.j2").render(
-        metadata=yaml.safe_dump(metadata(splits, features, license, pretty_name(repo_id)), sort_keys=False,
-                                allow_unicode=True),
-        title=repo_id.split("/")[-1], repo_id=repo_id, license=license,
+        metadata=yaml.safe_dump(
+            metadata(splits, features, license, pretty_name(repo_id)), sort_keys=False, allow_unicode=True
+        ),
+        title=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        license=license,
         prompt_source=display_ref(source or "openbmb/UltraFeedback"),
-        first_train=next((s.name for s in splits if s.name.startswith("train_")), "train_iteration_1"), splits=splits,
-        recipe=recipe, set_id=set_id, version=version,
-        split_seed=sets[0].params.get("seed", "?") if sets else "?", commands=rebuild.text(),
-        fills=rebuild.fills, formats=prompt_formats(origins), recipe_line=generators_line(recipe),
+        first_train=next((s.name for s in splits if s.name.startswith("train_")), "train_iteration_1"),
+        splits=splits,
+        recipe=recipe,
+        set_id=set_id,
+        version=version,
+        split_seed=sets[0].params.get("seed", "?") if sets else "?",
+        commands=rebuild.text(),
+        fills=rebuild.fills,
+        formats=prompt_formats(origins),
+        recipe_line=generators_line(recipe),
     )

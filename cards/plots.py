@@ -26,17 +26,24 @@ def score_distributions(splits: dict[str, dict[str, list[float]]], path: Path) -
         by_kind.setdefault(kind, {})[int(it)] = data
     kinds = [k for k in ("train", "test") if k in by_kind] + sorted(set(by_kind) - {"train", "test"})
     its = sorted({i for k in kinds for i in by_kind[k]})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(min(4.5 * len(kinds), 9) + 0.25 * len(its), 3.6),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(min(4.5 * len(kinds), 9) + 0.25 * len(its), 3.6), squeeze=False, sharey=True
+    )
     colors = {"score_chosen": "#1f77b4", "score_rejected": "#ff7f0e"}
     for ax, kind in zip(axes[0], kinds):
         for offset, column in ((-0.18, "score_chosen"), (0.18, "score_rejected")):
             present = [i for i in its if i in by_kind[kind] and by_kind[kind][i][column]]
-            box = ax.boxplot([by_kind[kind][i][column] for i in present], positions=[i + offset for i in present],
-                             widths=0.32, patch_artist=True, showmeans=True, showfliers=True,
-                             meanprops={"marker": "^", "markerfacecolor": "white", "markeredgecolor": "black",
-                                        "markersize": 5},
-                             medianprops={"color": "black"}, flierprops={"markersize": 3})
+            box = ax.boxplot(
+                [by_kind[kind][i][column] for i in present],
+                positions=[i + offset for i in present],
+                widths=0.32,
+                patch_artist=True,
+                showmeans=True,
+                showfliers=True,
+                meanprops={"marker": "^", "markerfacecolor": "white", "markeredgecolor": "black", "markersize": 5},
+                medianprops={"color": "black"},
+                flierprops={"markersize": 3},
+            )
             for patch in box["boxes"]:
                 patch.set_facecolor(colors[column])
                 patch.set_alpha(0.75)
@@ -51,9 +58,16 @@ def score_distributions(splits: dict[str, dict[str, list[float]]], path: Path) -
     from matplotlib.patches import Patch
 
     # above the panels, where it covers no box
-    fig.legend(handles=[Patch(facecolor=colors["score_chosen"], alpha=0.75, label="chosen"),
-                        Patch(facecolor=colors["score_rejected"], alpha=0.75, label="rejected")],
-               fontsize=9, loc="upper center", ncol=2, frameon=False)
+    fig.legend(
+        handles=[
+            Patch(facecolor=colors["score_chosen"], alpha=0.75, label="chosen"),
+            Patch(facecolor=colors["score_rejected"], alpha=0.75, label="rejected"),
+        ],
+        fontsize=9,
+        loc="upper center",
+        ncol=2,
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=100)
     plt.close(fig)

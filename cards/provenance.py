@@ -54,8 +54,9 @@ class Origin:
 
     @property
     def sampling(self) -> dict[str, Any]:
-        return (self.generations.params.get("sampling") if self.generations else None) or \
-            self.pairs.params.get("generator", {}).get("sampling", {})
+        return (self.generations.params.get("sampling") if self.generations else None) or self.pairs.params.get(
+            "generator", {}
+        ).get("sampling", {})
 
 
 def _parent(catalog, snap, kind: str):
@@ -70,8 +71,9 @@ def model_of(catalog, params: dict[str, Any], generations=None, cache: dict | No
     if cache is not None and key in cache:
         return cache[key]
     local = "model_sha256" in params or Path(ref).is_absolute()
-    model = Model(ref, display_name(ref), local, revision=params.get("revision"),
-                  folder_sha256=params.get("model_sha256"))
+    model = Model(
+        ref, display_name(ref), local, revision=params.get("revision"), folder_sha256=params.get("model_sha256")
+    )
     trained = _parent(catalog, generations, "model") if generations is not None else None
     if trained is not None:
         model.trained = trained
@@ -118,8 +120,11 @@ def origins(catalog, snaps: dict[tuple[int, str], Any]) -> dict[tuple[int, str],
         if o.prompts is None and "prompts" in pairs.params:  # hand-built lineage: the pairs name their prompts
             o.prompts = catalog.get(pairs.params["prompts"])
         o.pools = catalog.parents(o.prompts, "prompts") if o.prompts is not None else []
-        gen_params = o.generations.params if o.generations is not None and o.generations.params.get("model") \
+        gen_params = (
+            o.generations.params
+            if o.generations is not None and o.generations.params.get("model")
             else pairs.params.get("generator", {})
+        )
         if gen_params.get("model"):
             o.generator = model_of(catalog, gen_params, o.generations, cache)
         out[(it, split)] = o
@@ -129,8 +134,13 @@ def origins(catalog, snaps: dict[tuple[int, str], Any]) -> dict[tuple[int, str],
 # ------------------------------------------------------------------------------------------------- chat templates
 def template_family(template: str) -> str:
     """A chat template's family by its markers (what a reader recognises)."""
-    for marker, name in (("<|im_start|>", "ChatML"), ("<|start_header_id|>", "Llama 3"), ("[INST]", "Mistral [INST]"),
-                         ("<start_of_turn>", "Gemma"), ("<|user|>", "Zephyr <|user|>")):
+    for marker, name in (
+        ("<|im_start|>", "ChatML"),
+        ("<|start_header_id|>", "Llama 3"),
+        ("[INST]", "Mistral [INST]"),
+        ("<start_of_turn>", "Gemma"),
+        ("<|user|>", "Zephyr <|user|>"),
+    ):
         if marker in template:
             return name
     return "custom"
@@ -142,8 +152,9 @@ def render_template(template: str) -> str | None:
     try:
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        rendered = render_jinja_template([[{"role": "user", "content": "{prompt}"}]], chat_template=template,
-                                         add_generation_prompt=True)
+        rendered = render_jinja_template(
+            [[{"role": "user", "content": "{prompt}"}]], chat_template=template, add_generation_prompt=True
+        )
         text = rendered[0][0] if isinstance(rendered, tuple) else rendered
         return text.rstrip("\n")  # the generator's answer follows; a trailing newline shows as a blank line
     except Exception:  # a template that needs its tokenizer's variables or functions
@@ -162,9 +173,17 @@ def prompt_formats(origins_: dict[tuple[int, str], Origin]) -> list[dict[str, An
             entry = found.setdefault(key, {"kind": "server", "iterations": [], "models": []})
         elif template or sha:
             key = sha or template
-            entry = found.setdefault(key, {"kind": "template", "iterations": [], "models": [], "sha256": sha,
-                                           "family": template_family(template) if template else "not recorded",
-                                           "rendered": render_template(template) if template else None})
+            entry = found.setdefault(
+                key,
+                {
+                    "kind": "template",
+                    "iterations": [],
+                    "models": [],
+                    "sha256": sha,
+                    "family": template_family(template) if template else "not recorded",
+                    "rendered": render_template(template) if template else None,
+                },
+            )
         else:
             entry = found.setdefault("unknown", {"kind": "unknown", "iterations": [], "models": []})
         if it not in entry["iterations"]:

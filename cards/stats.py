@@ -11,16 +11,21 @@ import pyarrow as pa
 def _summary(values: list[float]) -> dict[str, float]:
     if not values:
         return {"mean": 0.0, "median": 0.0, "min": 0.0, "max": 0.0}
-    return {"mean": statistics.fmean(values), "median": float(statistics.median(values)),
-            "min": float(min(values)), "max": float(max(values))}
+    return {
+        "mean": statistics.fmean(values),
+        "median": float(statistics.median(values)),
+        "min": float(min(values)),
+        "max": float(max(values)),
+    }
 
 
 def pair_stats(pairs: pa.Table) -> dict[str, Any]:
     """Length (characters) and score statistics of chosen vs rejected responses in a `pairs` table."""
     chosen = [float(len(conv[-1]["content"])) for conv in pairs.column("chosen").to_pylist()]
     rejected = [float(len(conv[-1]["content"])) for conv in pairs.column("rejected").to_pylist()]
-    return pair_stats_of(chosen, rejected, pairs.column("score_chosen").to_pylist(),
-                         pairs.column("score_rejected").to_pylist())
+    return pair_stats_of(
+        chosen, rejected, pairs.column("score_chosen").to_pylist(), pairs.column("score_rejected").to_pylist()
+    )
 
 
 def pair_stats_of(chosen: list[float], rejected: list[float], sc: list[float], sr: list[float]) -> dict[str, Any]:

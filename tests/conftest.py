@@ -79,7 +79,11 @@ def run_iterdpo(*args: str, env: dict | None = None, timeout: float = 120) -> su
     """The installed command in a fresh process: what a user's shell sees."""
     return subprocess.run(
         [sys.executable, "-m", "builders.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -92,8 +96,10 @@ def tiny_models(tmp_path_factory) -> Path:
     return root
 
 
-WORDS = ("the a model answer explains quickly python function list steps because however city river plan poem "
-         "reason table error data music history people water better worse simple clear").split()
+WORDS = (
+    "the a model answer explains quickly python function list steps because however city river plan poem "
+    "reason table error data music history people water better worse simple clear"
+).split()
 
 
 def text(rng: random.Random, words: int) -> str:
@@ -109,10 +115,24 @@ def generations_catalog(path: Path, n_prompts: int = 6, n: int = 4) -> Catalog:
     rng = random.Random(1)
     prompts = [text(rng, 8) for _ in range(n_prompts)]
     ids = [prompt_id(p) for p in prompts]
-    pool = catalog.register("prompts", pa.table({"prompt_id": ids, "prompt": prompts, "source": [None] * n_prompts}),
-                            iteration=1, split="train")
-    rows = [{"prompt_id": pid, "response_index": i, "response": text(rng, rng.randint(1, 30)), "finish_reason": "stop",
-             "prompt_tokens": 5, "completion_tokens": 7} for pid in ids for i in range(n)]
+    pool = catalog.register(
+        "prompts",
+        pa.table({"prompt_id": ids, "prompt": prompts, "source": [None] * n_prompts}),
+        iteration=1,
+        split="train",
+    )
+    rows = [
+        {
+            "prompt_id": pid,
+            "response_index": i,
+            "response": text(rng, rng.randint(1, 30)),
+            "finish_reason": "stop",
+            "prompt_tokens": 5,
+            "completion_tokens": 7,
+        }
+        for pid in ids
+        for i in range(n)
+    ]
     catalog.register("generations", pa.Table.from_pylist(rows), iteration=1, split="train", parents=[pool.id])
     return catalog
 
@@ -124,7 +144,6 @@ def built_catalog(path: Path, n_prompts: int):
     from builders.rank import rank
 
     catalog = generations_catalog(path, n_prompts=n_prompts)
-    rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"),
-         progress=False)
+    rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"), progress=False)
     build_pairs(catalog, 1, BuildConfig())
     return catalog

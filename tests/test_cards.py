@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
 
 from builders.catalog import Catalog
 from builders.config import BuildConfig, PublishConfig
@@ -31,7 +30,7 @@ SMOLLM2_TEMPLATE = (
 
 def rebuild_block(card: str) -> str:
     """The bash block after "Rebuild with" in a dataset card."""
-    rest = card[card.index("Rebuild with iterdpo"):]
+    rest = card[card.index("Rebuild with iterdpo") :]
     return rest.split("```bash\n", 1)[1].split("\n```", 1)[0] + "\n"
 
 
@@ -45,22 +44,28 @@ def _shims(folder: Path) -> dict[str, str]:
     return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
 
 
-def test_the_cards_rebuild_script_registers_the_published_snapshots_again_on_a_fresh_catalog(cli, tmp_path,
-                                                                                             tiny_models):
+def test_the_cards_rebuild_script_registers_the_published_snapshots_again_on_a_fresh_catalog(
+    cli, tmp_path, tiny_models
+):
     """Two iterations through the CLI, with a DPO round between them (training is deterministic on a CPU, so the
     second iteration's responses replay too), staged; the card's commands run as a script in an empty folder."""
     work = tmp_path / "original"
     base = tiny_models / "generator"
     sampling = ["--num-responses", 3, "--temperature", 0.9, "--top-p", 0.95, "--max-tokens", 16, "--seed", 5]
-    steps = [("prompts", "import", SAMPLE),
-             ("prompts", "split", "--iterations", 2, "--train-size", 4, "--test-size", 2, "--seed", 5)]
+    steps = [
+        ("prompts", "import", SAMPLE),
+        ("prompts", "split", "--iterations", 2, "--train-size", 4, "--test-size", 2, "--seed", 5),
+    ]
     for n, model in ((1, base), (2, work / "dpo_1")):
-        steps += [("generate", "--iteration", n, "--model", model, *sampling),
-                  ("rank", "--iteration", n, "--ranker", "python", "--ranker-model", "tests.scorers:longer_is_better"),
-                  ("build", "--iteration", n, "--length-penalty", 0.001, "--keep-ties")]
+        steps += [
+            ("generate", "--iteration", n, "--model", model, *sampling),
+            ("rank", "--iteration", n, "--ranker", "python", "--ranker-model", "tests.scorers:longer_is_better"),
+            ("build", "--iteration", n, "--length-penalty", 0.001, "--keep-ties"),
+        ]
         if n == 1:  # a recipe that is not the default, a base that is a local folder
-            steps.append(("train", "--iteration", 1, "--recipe", TINY_RECIPE, "--model", base,
-                          "--output-dir", work / "dpo_1"))
+            steps.append(
+                ("train", "--iteration", 1, "--recipe", TINY_RECIPE, "--model", base, "--output-dir", work / "dpo_1")
+            )
     for step in steps:
         out = cli(*step)
         assert out.code == 0, (step, out.err)
@@ -74,9 +79,17 @@ def test_the_cards_rebuild_script_registers_the_published_snapshots_again_on_a_f
     assert "Mistral [INST] template" in card and "[INST] {prompt} [/INST]" in card  # the tiny model's own template
 
     script = rebuild_block(card)
-    assert re.findall(r'\$\{(\w+):\?', script) == ["BASE_MODEL"]  # the one local input; the DPO model is rebuilt
-    for option in ("--ranker python", "--temperature 0.9", "--top-p 0.95", "--keep-ties", "--length-penalty 0.001",
-                   "--output-dir models/dpo_1 --threads 1", "--model models/dpo_1", "OMP_NUM_THREADS=1 iterdpo generate"):
+    assert re.findall(r"\$\{(\w+):\?", script) == ["BASE_MODEL"]  # the one local input; the DPO model is rebuilt
+    for option in (
+        "--ranker python",
+        "--temperature 0.9",
+        "--top-p 0.95",
+        "--keep-ties",
+        "--length-penalty 0.001",
+        "--output-dir models/dpo_1 --threads 1",
+        "--model models/dpo_1",
+        "OMP_NUM_THREADS=1 iterdpo generate",
+    ):
         assert option in script, option
     assert "learning_rate: 0.0001" in script and "max_steps: 5" in script  # the recipe as trained, inlined
     fresh = tmp_path / "fresh"
@@ -87,11 +100,19 @@ def test_the_cards_rebuild_script_registers_the_published_snapshots_again_on_a_f
     unset = subprocess.run(["bash", "rebuild.sh"], cwd=fresh, env=env, capture_output=True, text=True, timeout=60)
     assert unset.returncode != 0 and "BASE_MODEL" in unset.stderr and not (fresh / "catalog.duckdb").exists()
 
-    done = subprocess.run(["bash", "rebuild.sh"], cwd=fresh, env={**env, "BASE_MODEL": str(base)},
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", "rebuild.sh"],
+        cwd=fresh,
+        env={**env, "BASE_MODEL": str(base)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    rebuilt = {f"{split}_iteration_{it}": s.id for (it, split), s in
-               published_snapshots(Catalog(fresh / "catalog.duckdb"), None).items()}
+    rebuilt = {
+        f"{split}_iteration_{it}": s.id
+        for (it, split), s in published_snapshots(Catalog(fresh / "catalog.duckdb"), None).items()
+    }
     assert rebuilt == staged["snapshots"] and len(rebuilt) == 4
     assert f"snapshot set {staged['set_id'][:12]}" in done.stdout
     # two identical runs give the same card, byte for byte (models, weights, recipe, statistics, ids)
@@ -108,22 +129,63 @@ def _hand_built(path: Path, generator: Path, template: str | None) -> Catalog:
     prompts = [f"Question {i}: why is the sky blue?" for i in range(6)]
     table = pa.table({"prompt_id": [prompt_id(p) for p in prompts], "prompt": prompts, "source": [None] * 6})
     pool = catalog.register("prompts", table, params={"source": "openbmb/UltraFeedback", "column": "instruction"})
-    split = catalog.register("prompts", table, iteration=1, split="train", parents=[pool.id],
-                             params={"seed": 42, "iterations": 3, "train_size": 6, "test_size": 0})
-    params = {**model_identity(str(generator)), "backend": "vllm", "context_length": 2048, "cpu_threads": 1,
-              "vllm": {"enforce_eager": True, "max_model_len": 2048, "dtype": "auto", "tensor_parallel_size": 1},
-              "sampling": {"num_responses": 3, "temperature": 0.7, "top_p": 1.0, "max_tokens": 64, "seed": 42}}
+    split = catalog.register(
+        "prompts",
+        table,
+        iteration=1,
+        split="train",
+        parents=[pool.id],
+        params={"seed": 42, "iterations": 3, "train_size": 6, "test_size": 0},
+    )
+    params = {
+        **model_identity(str(generator)),
+        "backend": "vllm",
+        "context_length": 2048,
+        "cpu_threads": 1,
+        "vllm": {"enforce_eager": True, "max_model_len": 2048, "dtype": "auto", "tensor_parallel_size": 1},
+        "sampling": {"num_responses": 3, "temperature": 0.7, "top_p": 1.0, "max_tokens": 64, "seed": 42},
+    }
     if template is not None:
         params.update(chat_template=template, chat_template_sha256="ab" * 32)
-    gen = catalog.register("generations", pa.Table.from_pylist([
-        {"prompt_id": pid, "response_index": i, "response": "word " * (i + 1), "finish_reason": "stop",
-         "prompt_tokens": 5, "completion_tokens": i + 1} for pid in table["prompt_id"].to_pylist() for i in range(3)]),
-        iteration=1, split="train", parents=[split.id], params=params)
-    catalog.register("scores", pa.Table.from_pylist([
-        {"prompt_id": pid, "response_index": i, "score": float(i)} for pid in table["prompt_id"].to_pylist()
-        for i in range(3)]), iteration=1, split="train", parents=[gen.id],
-        params={"ranker_model": "builders.rewards:complete_concise_answer", "ranker": "python",
-                "function": "builders.rewards:complete_concise_answer"})
+    gen = catalog.register(
+        "generations",
+        pa.Table.from_pylist(
+            [
+                {
+                    "prompt_id": pid,
+                    "response_index": i,
+                    "response": "word " * (i + 1),
+                    "finish_reason": "stop",
+                    "prompt_tokens": 5,
+                    "completion_tokens": i + 1,
+                }
+                for pid in table["prompt_id"].to_pylist()
+                for i in range(3)
+            ]
+        ),
+        iteration=1,
+        split="train",
+        parents=[split.id],
+        params=params,
+    )
+    catalog.register(
+        "scores",
+        pa.Table.from_pylist(
+            [
+                {"prompt_id": pid, "response_index": i, "score": float(i)}
+                for pid in table["prompt_id"].to_pylist()
+                for i in range(3)
+            ]
+        ),
+        iteration=1,
+        split="train",
+        parents=[gen.id],
+        params={
+            "ranker_model": "builders.rewards:complete_concise_answer",
+            "ranker": "python",
+            "function": "builders.rewards:complete_concise_answer",
+        },
+    )
     build_pairs(catalog, 1, BuildConfig())
     return catalog
 
@@ -136,20 +198,23 @@ def test_the_card_names_the_generators_chat_template_and_rebuilds_a_gguf_import(
     smollm2 = tmp_path / "models" / "smollm2"
     shutil.copytree(tiny_models / "generator", smollm2)
     (smollm2 / "gguf_source.json").write_text(
-        '{"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": "' + "12" * 32 + '", "dtype": "bfloat16"}\n')
+        '{"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": "' + "12" * 32 + '", "dtype": "bfloat16"}\n'
+    )
     catalog = _hand_built(tmp_path / "c.duckdb", smollm2, SMOLLM2_TEMPLATE)
     publish(catalog, PublishConfig("me/quick", local_dir=tmp_path / "staged", dry_run=True))
     card = (tmp_path / "staged" / "README.md").read_text()
-    formats = card[card.index("Each prompt was rendered"):card.index("## Chosen vs rejected")]
+    formats = card[card.index("Each prompt was rendered") : card.index("## Chosen vs rejected")]
     assert "ChatML template" in formats and "Mistral" not in formats and "[INST]" not in formats
     assert "<|im_start|>user\n  {prompt}<|im_end|>\n  <|im_start|>assistant" in formats
     script = rebuild_block(card)
     assert "SMOLLM2_GGUF=\"$(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())')\"" in script
     assert 'iterdpo models import-gguf "$SMOLLM2_GGUF" models/smollm2' in script
     # what the engine ran with beyond the work key: on a CPU, thread count and eager mode change the samples
-    assert ("OMP_NUM_THREADS=1 iterdpo generate --iteration 1 --split train --model models/smollm2 --backend vllm "
-            "--num-responses 3 --temperature 0.7 --top-p 1.0 --max-tokens 64 --seed 42 --max-model-len 2048 "
-            "--enforce-eager\n") in script
+    assert (
+        "OMP_NUM_THREADS=1 iterdpo generate --iteration 1 --split train --model models/smollm2 --backend vllm "
+        "--num-responses 3 --temperature 0.7 --top-p 1.0 --max-tokens 64 --seed 42 --max-model-len 2048 "
+        "--enforce-eager\n"
+    ) in script
     assert "iterdpo prompts import openbmb/UltraFeedback --column instruction" in script
     assert "--ranker python --ranker-model builders.rewards:complete_concise_answer" in script
     assert ":?" not in script  # nothing for the reader to fill in
@@ -183,9 +248,14 @@ def test_score_plot_is_a_readable_figure_at_the_cards_width(tmp_path):
     from cards.plots import score_distributions
 
     rng = random.Random(0)
-    splits = {f"{split}_iteration_{it}": {"score_chosen": [rng.random() + 1 for _ in range(16)],
-                                          "score_rejected": [rng.random() for _ in range(16)]}
-              for it in (1, 2, 3) for split in ("train", "test")}
+    splits = {
+        f"{split}_iteration_{it}": {
+            "score_chosen": [rng.random() + 1 for _ in range(16)],
+            "score_rejected": [rng.random() for _ in range(16)],
+        }
+        for it in (1, 2, 3)
+        for split in ("train", "test")
+    }
     width, height = Image.open(score_distributions(splits, tmp_path / "p.png")).size
     # one figure of two panels (train, test), iterations on the x axis: not six panels in a 2400x300 strip
     assert width <= 1100 and height >= 300 and width / height < 3.5

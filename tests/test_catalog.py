@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from builders.catalog import SCHEMA_VERSION, Catalog, snapshot_id, row_hashes
+from builders.catalog import SCHEMA_VERSION, Catalog, row_hashes, snapshot_id
 from builders.config import CatalogConfig, SplitConfig
 from builders.errors import CatalogBusy, CatalogError, InputError, NotFound
 from builders.prompts import import_prompts, split_prompts
@@ -28,9 +28,16 @@ from tests.conftest import ROOT, SAMPLE
 
 def gens(prompt_ids: list[str], n: int = 3, text: str = "answer") -> pa.Table:
     rows = [
-        {"prompt_id": p, "response_index": i, "response": f"{text} {p[:6]} {i}", "finish_reason": "stop",
-         "prompt_tokens": 10, "completion_tokens": 5 + i}
-        for p in prompt_ids for i in range(n)
+        {
+            "prompt_id": p,
+            "response_index": i,
+            "response": f"{text} {p[:6]} {i}",
+            "finish_reason": "stop",
+            "prompt_tokens": 10,
+            "completion_tokens": 5 + i,
+        }
+        for p in prompt_ids
+        for i in range(n)
     ]
     return pa.Table.from_pylist(rows)
 
@@ -48,8 +55,13 @@ def test_id_is_content_only_and_rows_are_shared(catalog: Catalog):
     table = gens(pids(4))
     a = catalog.register("generations", table, iteration=1, split="train", params={"seed": 1})
     # the same rows in another order, with other params and parents: the same snapshot
-    b = catalog.register("generations", table.take([5, 3, 1, 0, 2, 4, 6, 7, 8, 9, 10, 11]), iteration=1,
-                         split="train", params={"seed": 999})
+    b = catalog.register(
+        "generations",
+        table.take([5, 3, 1, 0, 2, 4, 6, 7, 8, 9, 10, 11]),
+        iteration=1,
+        split="train",
+        params={"seed": 999},
+    )
     assert a.id == b.id and b.params["seed"] == 1
     assert a.id == snapshot_id("generations", 1, "train", row_hashes(catalog.read(a.id)))
     # the same rows for another split are another snapshot, but no row is stored twice
@@ -107,14 +119,26 @@ def test_lineage_is_named_by_kind_whatever_the_order_of_the_parents(catalog: Cat
     pool = catalog.register("prompts", prompts(pids(4)))
     other_pool = catalog.register("prompts", prompts(pids(2, start=8)))
     prompt_set = catalog.register("prompts", prompts(pids(2)), iteration=1, split="train", parents=[pool.id])
-    model = catalog.register("model", pa.table({"path": ["/m"], "weights_sha256": ["0" * 64], "base_model": ["b"],
-                                                "recipe": ["r"], "metrics": ["{}"]}), iteration=1)
-    gen_a = catalog.register("generations", gens(pids(2)), iteration=1, split="train",
-                             parents=[prompt_set.id, model.id])
-    gen_b = catalog.register("generations", gens(pids(2), text="other"), iteration=1, split="train",
-                             parents=[model.id, prompt_set.id])  # the same inputs, recorded in another order
-    scores = catalog.register("scores", gens(pids(2)).select(["prompt_id", "response_index"]).append_column(
-        "score", pa.array([0.5] * 6)), iteration=1, split="train", parents=[gen_a.id])
+    model = catalog.register(
+        "model",
+        pa.table(
+            {"path": ["/m"], "weights_sha256": ["0" * 64], "base_model": ["b"], "recipe": ["r"], "metrics": ["{}"]}
+        ),
+        iteration=1,
+    )
+    gen_a = catalog.register(
+        "generations", gens(pids(2)), iteration=1, split="train", parents=[prompt_set.id, model.id]
+    )
+    gen_b = catalog.register(
+        "generations", gens(pids(2), text="other"), iteration=1, split="train", parents=[model.id, prompt_set.id]
+    )  # the same inputs, recorded in another order
+    scores = catalog.register(
+        "scores",
+        gens(pids(2)).select(["prompt_id", "response_index"]).append_column("score", pa.array([0.5] * 6)),
+        iteration=1,
+        split="train",
+        parents=[gen_a.id],
+    )
     for gen in (gen_a, gen_b):
         assert catalog.parent(gen, "prompts").id == prompt_set.id and catalog.parent(gen, "model").id == model.id
         assert catalog.parent(gen, "scores") is None
@@ -126,8 +150,9 @@ def test_lineage_is_named_by_kind_whatever_the_order_of_the_parents(catalog: Cat
     for ref in (scores.id[:8], "scored", "scores:1:train"):
         assert catalog.parent(ref, "generations").id == gen_a.id
     # several inputs of one kind (a prompt set drawn from two pools): the first recorded, and all of them
-    union = catalog.register("prompts", prompts(pids(2, start=20)), iteration=2, split="train",
-                             parents=[other_pool.id, pool.id])
+    union = catalog.register(
+        "prompts", prompts(pids(2, start=20)), iteration=2, split="train", parents=[other_pool.id, pool.id]
+    )
     assert catalog.parent(union, "prompts").id == other_pool.id
     assert [s.id for s in catalog.parents(union, "prompts")] == [other_pool.id, pool.id]
     with pytest.raises(InputError, match="unknown snapshot kind"):
@@ -142,8 +167,7 @@ def test_a_shard_is_flagged_and_never_taken_for_the_complete_snapshot(catalog: C
     part = catalog.register("generations", gens(pids(2)), iteration=1, split="train", shard="0/2")
     assert part.shard == "0/2" and part.params["shard"] == "0/2" and catalog.get(part.id).shard == "0/2"
     # a shard recorded in the params (as catalogs written so far hold it) is the same flag
-    other = catalog.register("generations", gens(pids(2, start=2)), iteration=1, split="train",
-                             params={"shard": "1/2"})
+    other = catalog.register("generations", gens(pids(2, start=2)), iteration=1, split="train", params={"shard": "1/2"})
     assert catalog.get(other.id).shard == "1/2"
     assert catalog.newest("generations", 1, "train") is None
     with pytest.raises(NotFound, match="no generations:1:train snapshot"):
@@ -153,13 +177,15 @@ def test_a_shard_is_flagged_and_never_taken_for_the_complete_snapshot(catalog: C
     assert catalog.get("generations:1:train").id == full.id
     assert [s.shard for s in catalog.list()] == ["0/2", "1/2", None]
     # the flag is not content: the same rows are the same id
-    assert part.id == Catalog(tmp_path / "x.duckdb").register("generations", gens(pids(2)), iteration=1,
-                                                               split="train").id
+    assert (
+        part.id == Catalog(tmp_path / "x.duckdb").register("generations", gens(pids(2)), iteration=1, split="train").id
+    )
     # a flag that contradicts the params, or names no part, is refused before anything is stored
     for shard, params in (("0/3", {"shard": "1/3"}), ("", {}), (" ", {})):
         with pytest.raises(InputError, match="shard"):
-            catalog.register("generations", gens(pids(1, start=30)), iteration=1, split="train", shard=shard,
-                             params=params)
+            catalog.register(
+                "generations", gens(pids(1, start=30)), iteration=1, split="train", shard=shard, params=params
+            )
     assert len(catalog.list()) == 3 and count(catalog, "rows_generations") == 12
 
 
@@ -207,8 +233,9 @@ def test_read_batches_stream_the_snapshot_in_canonical_order(catalog: Catalog):
         batches = list(catalog.read_batches(snap.id, size))
         assert [b.num_rows for b in batches[:-1]] == [size] * (len(batches) - 1) and batches[-1].num_rows <= size
         assert pa.Table.from_batches(batches).equals(whole)
-    some = pa.Table.from_batches(list(catalog.read_batches(snap.id, 10, columns=["prompt_id", "response"],
-                                                           with_hash=True)))
+    some = pa.Table.from_batches(
+        list(catalog.read_batches(snap.id, 10, columns=["prompt_id", "response"], with_hash=True))
+    )
     assert some.column_names == ["row_hash", "prompt_id", "response"]
     assert some.drop_columns(["row_hash"]).equals(whole.select(["prompt_id", "response"]))
     assert some.column("row_hash").to_pylist() == row_hashes(whole)
@@ -248,8 +275,14 @@ def test_work_is_resumable_hidden_and_merged(catalog: Catalog, tmp_path: Path):
     assert catalog.list() == []  # work in progress is not a snapshot
     # a shard on a copy of the catalog finishes other prompts; merging brings them back, twice is a no-op
     shard = Catalog(tmp_path / "shard.duckdb")
-    shard.add_work(key, "generations", gens(pids(2, start=2)), {p: {"skipped": False} for p in pids(2, start=2)},
-                   iteration=1, split="train")
+    shard.add_work(
+        key,
+        "generations",
+        gens(pids(2, start=2)),
+        {p: {"skipped": False} for p in pids(2, start=2)},
+        iteration=1,
+        split="train",
+    )
     shard_snap = shard.register("generations", gens(pids(2, start=2)), iteration=1, split="train")
     first = catalog.merge([shard.path])
     again = catalog.merge([shard.path])
@@ -260,8 +293,10 @@ def test_work_is_resumable_hidden_and_merged(catalog: Catalog, tmp_path: Path):
     full = catalog.work_rows(key)
     assert full.num_rows == 12
     # registering from the merged work equals registering the whole thing at once
-    assert catalog.register("generations", full, iteration=1, split="train").id == \
-        Catalog(tmp_path / "fresh.duckdb").register("generations", gens(pids(4)), iteration=1, split="train").id
+    assert (
+        catalog.register("generations", full, iteration=1, split="train").id
+        == Catalog(tmp_path / "fresh.duckdb").register("generations", gens(pids(4)), iteration=1, split="train").id
+    )
     assert catalog.get(shard_snap.id).rows == 6
     assert catalog.verify()["ok"]
     with pytest.raises(InputError, match="into itself"):
@@ -283,7 +318,9 @@ def test_corrupt_file_foreign_database_and_newer_schema_are_clear_errors(tmp_pat
     newer = Catalog(tmp_path / "newer.duckdb")
     newer.register("generations", gens(pids(1)))
     with newer.connect() as con:
-        con.execute("UPDATE iterdpo_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)]).fetchall()
+        con.execute(
+            "UPDATE iterdpo_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)]
+        ).fetchall()
     with pytest.raises(CatalogError, match="newer than this iterdpo"):
         newer.list()
 
@@ -310,8 +347,9 @@ _REGISTER_SLOWLY = textwrap.dedent("""
 
 
 def _spawn(script: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_kill_during_registration_leaves_the_catalog_clean(catalog: Catalog):
@@ -385,7 +423,8 @@ def test_a_writer_waits_then_fails_clearly_when_the_catalog_stays_busy(catalog: 
     catalog.register("generations", gens(pids(1)))
     holder = _spawn(
         "import sys, time, duckdb; con = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(30)",
-        str(catalog.path))
+        str(catalog.path),
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         impatient = Catalog(catalog.path, CatalogConfig(catalog.path, lock_timeout=1.0))
@@ -449,6 +488,7 @@ def test_rows_of_an_interrupted_registration_are_reported_and_reused(catalog: Ca
 
 def _interrupted_registration(catalog: Catalog, monkeypatch, table: pa.Table) -> None:
     """Rows stored, then the process stopped before the snapshot was recorded."""
+
     def crash(self, con, item, sid, hashes):
         raise KeyboardInterrupt
 
@@ -462,8 +502,9 @@ def test_gc_removes_rows_of_no_snapshot_and_keeps_snapshots_and_work(catalog: Ca
     import_prompts(catalog, str(SAMPLE))
     split_prompts(catalog, SplitConfig(1, 20, 5, 1))
     keep = catalog.register("generations", gens(pids(3)), iteration=1, split="train")
-    catalog.add_work("w1", "generations", gens(pids(2, start=50)), {p: None for p in pids(2, start=50)},
-                     iteration=1, split="train")  # work in progress: a rerun resumes from it
+    catalog.add_work(
+        "w1", "generations", gens(pids(2, start=50)), {p: None for p in pids(2, start=50)}, iteration=1, split="train"
+    )  # work in progress: a rerun resumes from it
     _interrupted_registration(catalog, monkeypatch, gens(pids(4, start=10)))
     before = {s.id: catalog.read(s.id) for s in catalog.list()}
     work_before = catalog.work_rows("w1")
@@ -510,8 +551,11 @@ def test_merge_checks_every_source_before_merging_any(catalog: Catalog, tmp_path
     empty = tmp_path / "empty.duckdb"
     duckdb.connect(str(empty)).close()  # a DuckDB file without the catalog's tables
     before = [s.id for s in catalog.list()]
-    for source, message in ((bad, "cannot be opened"), (empty, "not an iterdpo catalog"),
-                            (tmp_path / "missing.duckdb", "does not exist")):
+    for source, message in (
+        (bad, "cannot be opened"),
+        (empty, "not an iterdpo catalog"),
+        (tmp_path / "missing.duckdb", "does not exist"),
+    ):
         with pytest.raises((CatalogError, InputError), match=message):
             catalog.merge([good.path, source])
         assert [s.id for s in catalog.list()] == before and count(catalog, "rows_generations") == 3
@@ -523,8 +567,13 @@ def test_merge_checks_every_source_before_merging_any(catalog: Catalog, tmp_path
 def test_reads_never_create_a_catalog_and_share_the_file_with_other_readers(tmp_path: Path):
     missing = Catalog(tmp_path / "nope" / "missing.duckdb")
     assert missing.list() == [] and missing.newest("prompts") is None  # a stage's "nothing yet"
-    for call in (missing.verify, missing.gc, lambda: missing.tag("abcd1234", "x"), missing.require,
-                 lambda: missing.work_rows("k")):
+    for call in (
+        missing.verify,
+        missing.gc,
+        lambda: missing.tag("abcd1234", "x"),
+        missing.require,
+        lambda: missing.work_rows("k"),
+    ):
         with pytest.raises(CatalogError, match="does not exist"):
             call()
     assert not missing.path.exists() and not missing.path.parent.exists()
@@ -532,8 +581,11 @@ def test_reads_never_create_a_catalog_and_share_the_file_with_other_readers(tmp_
     catalog = Catalog(tmp_path / "c.duckdb")
     snap = catalog.register("generations", gens(pids(2)), iteration=1, split="train")
     # another process reads the file: readers go on beside it, a writer waits for it (then gives up clearly)
-    reader = _spawn("import sys, time, duckdb; con = duckdb.connect(sys.argv[1], read_only=True); "
-                    "print('reading', flush=True); time.sleep(30)", str(catalog.path))
+    reader = _spawn(
+        "import sys, time, duckdb; con = duckdb.connect(sys.argv[1], read_only=True); "
+        "print('reading', flush=True); time.sleep(30)",
+        str(catalog.path),
+    )
     try:
         assert reader.stdout.readline().strip() == "reading"
         impatient = Catalog(catalog.path, CatalogConfig(catalog.path, lock_timeout=1.0))
@@ -560,13 +612,31 @@ def test_a_catalog_of_schema_1_reads_unchanged_and_is_upgraded_in_place_by_its_f
     def turn(prompt: str, answer: str) -> list[dict[str, str]]:
         return [{"content": prompt, "role": "user"}, {"content": answer, "role": "assistant"}]
 
-    expected = pa.Table.from_pylist([
-        {"prompt_id": "a", "prompt": "P a", "chosen": turn("P a", "r0"), "rejected": turn("P a", "r1"),
-         "all_generated_responses": ["r0", "r1"], "all_rm_scores": [1.0, 0.0], "score_chosen": 1.0,
-         "score_rejected": 0.0},
-        {"prompt_id": "b", "prompt": "P b", "chosen": turn("P b", "s1"), "rejected": turn("P b", "s0"),
-         "all_generated_responses": ["s0", "s1"], "all_rm_scores": [0.5, 2.0], "score_chosen": 2.0,
-         "score_rejected": 0.5}], schema=KINDS["pairs"].schema)
+    expected = pa.Table.from_pylist(
+        [
+            {
+                "prompt_id": "a",
+                "prompt": "P a",
+                "chosen": turn("P a", "r0"),
+                "rejected": turn("P a", "r1"),
+                "all_generated_responses": ["r0", "r1"],
+                "all_rm_scores": [1.0, 0.0],
+                "score_chosen": 1.0,
+                "score_rejected": 0.0,
+            },
+            {
+                "prompt_id": "b",
+                "prompt": "P b",
+                "chosen": turn("P b", "s1"),
+                "rejected": turn("P b", "s0"),
+                "all_generated_responses": ["s0", "s1"],
+                "all_rm_scores": [0.5, 2.0],
+                "score_chosen": 2.0,
+                "score_rejected": 0.5,
+            },
+        ],
+        schema=KINDS["pairs"].schema,
+    )
     assert Catalog(tmp_path / "fresh.duckdb").register("pairs", expected, iteration=1, split="train").id == pairs_id
 
     def version(path: Path) -> str:
@@ -593,5 +663,6 @@ def test_a_catalog_of_schema_1_reads_unchanged_and_is_upgraded_in_place_by_its_f
     assert catalog.read("v1-pairs").equals(expected) and catalog.verify()["ok"]
     from builders.config import BuildConfig
     from builders.pairs import build_pairs
+
     assert build_pairs(catalog, 1, BuildConfig()).snapshots[0].id == pairs_id  # the same rows again: a no-op
     assert [s.id for s in catalog.list(kind="pairs")] == [pairs_id]

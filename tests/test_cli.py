@@ -38,8 +38,9 @@ def test_import_split_list_show_json_shapes(cli, catalog_path: Path, tmp_path: P
     assert all(s["parents"] == [pool["id"]] for s in split)
     listed = cli("versions", "list", "--json").json()
     assert [s["id"] for s in listed] == [pool["id"]] + [s["id"] for s in split]
-    assert [s["id"] for s in cli("versions", "list", "--iteration", "2", "--split", "test", "--json").json()] == \
-        [s["id"] for s in split if (s["iteration"], s["split"]) == (2, "test")]
+    assert [s["id"] for s in cli("versions", "list", "--iteration", "2", "--split", "test", "--json").json()] == [
+        s["id"] for s in split if (s["iteration"], s["split"]) == (2, "test")
+    ]
     shown = cli("versions", "show", pool["id"][:10], "--json").json()
     assert shown["id"] == pool["id"]
     tagged = cli("versions", "tag", pool["id"], "pool-v1", "--json").json()
@@ -118,16 +119,19 @@ def test_column_option_errors_list_the_columns(cli, tmp_path: Path):
     assert result.code == 1 and "no column 'prompt'; columns found: instruction, source" in result.err
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["prompts", "split", "--train-size", "-3"], "train-size must be at least 1"),
-    (["prompts", "split", "--test-size", "-1"], "test-size must be 0 or more"),
-    (["prompts", "split", "--train-size", "500"], r"asked for 4500 prompts .* pool holds 210"),
-    (["versions", "show", "deadbeef"], "no snapshot or tag 'deadbeef'"),
-    (["versions", "show", "no-such-tag"], "no snapshot or tag 'no-such-tag'"),
-    (["versions", "tag", "nothere", "x"], "no snapshot or tag 'nothere'"),
-    (["versions", "diff", "aaaa", "bbbb"], "no snapshot or tag 'aaaa'"),
-    (["versions", "export", "nothere", "out.parquet"], "no snapshot or tag 'nothere'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prompts", "split", "--train-size", "-3"], "train-size must be at least 1"),
+        (["prompts", "split", "--test-size", "-1"], "test-size must be 0 or more"),
+        (["prompts", "split", "--train-size", "500"], r"asked for 4500 prompts .* pool holds 210"),
+        (["versions", "show", "deadbeef"], "no snapshot or tag 'deadbeef'"),
+        (["versions", "show", "no-such-tag"], "no snapshot or tag 'no-such-tag'"),
+        (["versions", "tag", "nothere", "x"], "no snapshot or tag 'nothere'"),
+        (["versions", "diff", "aaaa", "bbbb"], "no snapshot or tag 'aaaa'"),
+        (["versions", "export", "nothere", "out.parquet"], "no snapshot or tag 'nothere'"),
+    ],
+)
 def test_bad_split_sizes_and_unknown_ids_are_one_line_errors(cli, catalog_path: Path, args, message):
     assert cli("prompts", "import", SAMPLE).code == 0
     before = state(catalog_path)
@@ -168,8 +172,9 @@ def test_usage_errors_are_clicks_exit_2(cli):
 def test_verify_exits_1_on_a_tampered_catalog(cli, catalog_path: Path):
     assert cli("prompts", "import", SAMPLE).code == 0
     with Catalog(catalog_path).connect() as con:
-        con.execute("UPDATE rows_prompts SET prompt = 'x' WHERE prompt_id = (SELECT min(prompt_id) FROM rows_prompts)"
-                    ).fetchall()
+        con.execute(
+            "UPDATE rows_prompts SET prompt = 'x' WHERE prompt_id = (SELECT min(prompt_id) FROM rows_prompts)"
+        ).fetchall()
     result = cli("versions", "verify")
     assert result.code == 1 and "PROBLEMS" in result.out
 
@@ -185,7 +190,9 @@ def test_every_command_help_ends_with_a_runnable_example(cli):
     for path, _ in walk(group, []):
         lines = [line.strip() for line in cli(*path, "--help", catalog=None).out.strip().splitlines()]
         assert "Example:" in lines, f"`iterdpo {' '.join(path)} --help` does not end with an example"
-        commands = lines[len(lines) - lines[::-1].index("Example:"):]  # one command per line (tests/test_examples.py runs them)
+        commands = lines[
+            len(lines) - lines[::-1].index("Example:") :
+        ]  # one command per line (tests/test_examples.py runs them)
         assert commands and all(c.startswith("iterdpo ") for c in commands), path
 
 
@@ -200,11 +207,18 @@ def test_selectors_name_the_newest_snapshot_of_a_kind(cli):
     assert missing.code == 1 and "no generations:1:train snapshot" in missing.err
 
 
-@pytest.mark.parametrize("args", [
-    ["versions", "list"], ["versions", "show", "prompts"], ["versions", "diff", "abcd", "abce"],
-    ["versions", "export", "prompts", "out.parquet"], ["versions", "verify"], ["versions", "gc"],
-    ["versions", "tag", "prompts", "pool-v1"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["versions", "list"],
+        ["versions", "show", "prompts"],
+        ["versions", "diff", "abcd", "abce"],
+        ["versions", "export", "prompts", "out.parquet"],
+        ["versions", "verify"],
+        ["versions", "gc"],
+        ["versions", "tag", "prompts", "pool-v1"],
+    ],
+)
 def test_commands_on_a_missing_catalog_fail_in_one_line_and_create_nothing(cli, tmp_path: Path, args):
     missing = tmp_path / "no" / "catalog.duckdb"
     result = cli(*args, catalog=missing)
@@ -222,8 +236,14 @@ def _as_a_user_who_cannot_write(*args: str) -> subprocess.CompletedProcess:
             pytest.skip("root writes read-only files and setpriv is not there to drop that capability")
         caps = "-dac_override,-dac_read_search"
         prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
-    return subprocess.run([*prefix, sys.executable, "-m", "builders.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "builders.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_read_commands_work_on_a_read_only_catalog(cli, catalog_path: Path, tmp_path: Path):
@@ -231,6 +251,7 @@ def test_read_commands_work_on_a_read_only_catalog(cli, catalog_path: Path, tmp_
     tmp_path.chmod(0o755)
     catalog_path.chmod(0o444)
     try:
+
         def run(*args):
             return _as_a_user_who_cannot_write("--catalog", catalog_path, *args)
 
@@ -263,7 +284,9 @@ def test_merge_with_one_bad_source_merges_nothing(cli, catalog_path: Path, tmp_p
     assert cli("prompts", "import", SAMPLE).code == 0
     good = tmp_path / "good.duckdb"
     cli("prompts", "import", SAMPLE, catalog=good)
-    assert cli("prompts", "split", "--iterations", "1", "--train-size", "20", "--test-size", "5", catalog=good).code == 0
+    assert (
+        cli("prompts", "split", "--iterations", "1", "--train-size", "20", "--test-size", "5", catalog=good).code == 0
+    )
     bad = tmp_path / "bad.txt"
     bad.write_text("hello\n")
     before = state(catalog_path)
@@ -301,8 +324,11 @@ def _run_config(tmp: Path, tiny: Path, **sections) -> Path:
     doc = {
         "prompts": {"source": str(SAMPLE)},
         "split": {"iterations": 1, "train_size": 4, "test_size": 2, "seed": 5},
-        "generation": {"model": str(tiny / "generator"), "backend": "transformers",
-                       "sampling": {"num_responses": 2, "max_tokens": 8}},
+        "generation": {
+            "model": str(tiny / "generator"),
+            "backend": "transformers",
+            "sampling": {"num_responses": 2, "max_tokens": 8},
+        },
         "ranking": {"ranker": "python", "ranker_model": "tests.scorers:longer_is_better"},
         "training": {"recipe": str(ROOT / "train/recipes/tiny-cpu.yaml"), "output_dir": str(tmp / "m{n}")},
     }
@@ -314,35 +340,44 @@ def _run_config(tmp: Path, tiny: Path, **sections) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"generation__backend": "tensorflow"}, "generation.backend: unknown backend 'tensorflow'"),
-    ({"generation__sampling": {"num_responses": 0}}, "generation.sampling: num_responses must be at least 1"),
-    ({"generation__sampling": {"top_p": 1.5}}, "generation.sampling: top_p must be in"),
-    ({"generation__model": "/nowhere/model"}, "generation.model: model '/nowhere/model'"),
-    ({"generation__backend": "openai", "generation__openai": {"concurrency": 0}},
-     "generation: .*concurrency must be at least 1"),
-    ({"generation__sampling": {"temperature": 0.0, "num_responses": 2}}, "generation.sampling: .*greedy decoding"),
-    ({"ranking__ranker": "bogus"}, "ranking.ranker: unknown ranker 'bogus'"),
-    ({"ranking__dtype": "float128"}, "ranking: .*dtype"),
-    ({"ranking__ranker_model": "tests.scorers:no_such"}, "ranking.ranker_model: "),
-    ({"selection__selection": "best-of"}, "selection: unknown selection 'best-of'"),
-    ({"selection__length_penalty": -1.0}, "selection: length_penalty must be"),
-    ({"training__recipe": "/nowhere/iteration_{n}.yaml"}, "training.recipe: recipe /nowhere/iteration_1.yaml"),
-    ({"training__recipe": "train/recipes/iteration_{it}.yaml"}, "training.recipe .*use \\{n\\}"),
-    ({"prompts__source": "/nowhere/prompts.jsonl"}, "prompts.source: /nowhere/prompts.jsonl: no such file"),
-    ({"split__train_size": 5000}, "split: asked for"),
-    ({"generation__commit_seconds": -1}, "generation: commit_seconds must be a finite number of seconds, 0 or more"),
-    ({"generation__commit_seconds": float("nan")}, "generation: commit_seconds must be .*, not nan"),
-    ({"ranking__commit_seconds": float("inf")}, "ranking: commit_seconds must be .*, not inf"),
-    ({"training__threads": 0}, "training.threads: threads must be at least 1 .*not 0"),
-    ({"training__threads": -1}, "training.threads: threads must be at least 1 .*not -1"),
-    ({"publish__license": "my licence"}, "publish.license: license 'my licence' is not a licence id"),
-    ({"publish__model_license": "my licence"}, "publish.model_license: license 'my licence' is not a licence id"),
-    ({"publish__revision": ""}, "publish.revision: revision '' is not a branch name"),
-    ({"publish__model_revision": "a b"}, "publish.model_revision: revision 'a b' is not a branch name"),
-])
-def test_run_checks_the_whole_pipeline_before_registering_anything(cli, catalog_path: Path, tmp_path: Path,
-                                                                   tiny_models: Path, change, message):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"generation__backend": "tensorflow"}, "generation.backend: unknown backend 'tensorflow'"),
+        ({"generation__sampling": {"num_responses": 0}}, "generation.sampling: num_responses must be at least 1"),
+        ({"generation__sampling": {"top_p": 1.5}}, "generation.sampling: top_p must be in"),
+        ({"generation__model": "/nowhere/model"}, "generation.model: model '/nowhere/model'"),
+        (
+            {"generation__backend": "openai", "generation__openai": {"concurrency": 0}},
+            "generation: .*concurrency must be at least 1",
+        ),
+        ({"generation__sampling": {"temperature": 0.0, "num_responses": 2}}, "generation.sampling: .*greedy decoding"),
+        ({"ranking__ranker": "bogus"}, "ranking.ranker: unknown ranker 'bogus'"),
+        ({"ranking__dtype": "float128"}, "ranking: .*dtype"),
+        ({"ranking__ranker_model": "tests.scorers:no_such"}, "ranking.ranker_model: "),
+        ({"selection__selection": "best-of"}, "selection: unknown selection 'best-of'"),
+        ({"selection__length_penalty": -1.0}, "selection: length_penalty must be"),
+        ({"training__recipe": "/nowhere/iteration_{n}.yaml"}, "training.recipe: recipe /nowhere/iteration_1.yaml"),
+        ({"training__recipe": "train/recipes/iteration_{it}.yaml"}, "training.recipe .*use \\{n\\}"),
+        ({"prompts__source": "/nowhere/prompts.jsonl"}, "prompts.source: /nowhere/prompts.jsonl: no such file"),
+        ({"split__train_size": 5000}, "split: asked for"),
+        (
+            {"generation__commit_seconds": -1},
+            "generation: commit_seconds must be a finite number of seconds, 0 or more",
+        ),
+        ({"generation__commit_seconds": float("nan")}, "generation: commit_seconds must be .*, not nan"),
+        ({"ranking__commit_seconds": float("inf")}, "ranking: commit_seconds must be .*, not inf"),
+        ({"training__threads": 0}, "training.threads: threads must be at least 1 .*not 0"),
+        ({"training__threads": -1}, "training.threads: threads must be at least 1 .*not -1"),
+        ({"publish__license": "my licence"}, "publish.license: license 'my licence' is not a licence id"),
+        ({"publish__model_license": "my licence"}, "publish.model_license: license 'my licence' is not a licence id"),
+        ({"publish__revision": ""}, "publish.revision: revision '' is not a branch name"),
+        ({"publish__model_revision": "a b"}, "publish.model_revision: revision 'a b' is not a branch name"),
+    ],
+)
+def test_run_checks_the_whole_pipeline_before_registering_anything(
+    cli, catalog_path: Path, tmp_path: Path, tiny_models: Path, change, message
+):
     config = _run_config(tmp_path, tiny_models, **change)
     result = cli("run", config)
     assert result.code == 1 and result.out == "", result.err
@@ -353,18 +388,29 @@ def test_run_checks_the_whole_pipeline_before_registering_anything(cli, catalog_
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf"])
 @pytest.mark.parametrize("command", ["generate", "rank"])
 def test_a_commit_interval_that_is_not_a_finite_number_of_seconds_fails_before_any_work(
-        cli, catalog_path: Path, tiny_models: Path, command, value):
+    cli, catalog_path: Path, tiny_models: Path, command, value
+):
     from tests.conftest import generations_catalog
 
     generations_catalog(catalog_path, n_prompts=2)
     before = state(catalog_path)
-    args = {"generate": ["generate", "--iteration", "1", "--model", tiny_models / "generator", "--num-responses", "2",
-                         "--max-tokens", "4"],
-            "rank": ["rank", "--iteration", "1", "--ranker", "python", "--ranker-model",
-                     "tests.scorers:longer_is_better"]}[command]
+    args = {
+        "generate": [
+            "generate",
+            "--iteration",
+            "1",
+            "--model",
+            tiny_models / "generator",
+            "--num-responses",
+            "2",
+            "--max-tokens",
+            "4",
+        ],
+        "rank": ["rank", "--iteration", "1", "--ranker", "python", "--ranker-model", "tests.scorers:longer_is_better"],
+    }[command]
     result = cli(*args, "--commit-seconds", value)
     assert result.code == 1 and result.out == "" and len(result.err.splitlines()) == 1, result.err
-    assert result.err.startswith(f"Error: --commit-seconds must be a finite number of seconds, 0 or more"), result.err
+    assert result.err.startswith("Error: --commit-seconds must be a finite number of seconds, 0 or more"), result.err
     assert state(catalog_path) == before
     with Catalog(catalog_path).connect() as con:
         assert con.execute("SELECT count(*) FROM work_units").fetchone()[0] == 0
@@ -372,17 +418,21 @@ def test_a_commit_interval_that_is_not_a_finite_number_of_seconds_fails_before_a
         assert cli(*args, "--commit-seconds", "0").code == 0
 
 
-@pytest.mark.parametrize(("command", "option", "bad", "good", "message"), [
-    ("publish", "--iterations", ",,", "1", "--iterations names no iteration"),
-    ("publish", "--iterations", "", "1", "--iterations names no iteration"),
-    ("publish", "--iterations", "1,0", "1", "--iterations must be numbers 1 or more, not 0"),
-    ("publish", "--revision", "", "dev/ablation-1", "--revision '' is not a branch name"),
-    ("publish", "--revision", "my branch", "dev/ablation-1", "--revision 'my branch' is not a branch name"),
-    ("publish", "--revision", "v1..2", "dev/ablation-1", "--revision 'v1..2' is not a branch name"),
-    ("publish-model", "--revision", "", None, "--revision '' is not a branch name"),
-])
-def test_publish_options_that_name_nothing_fail_before_anything_is_staged(cli, catalog_path: Path, tmp_path: Path,
-                                                                           command, option, bad, good, message):
+@pytest.mark.parametrize(
+    ("command", "option", "bad", "good", "message"),
+    [
+        ("publish", "--iterations", ",,", "1", "--iterations names no iteration"),
+        ("publish", "--iterations", "", "1", "--iterations names no iteration"),
+        ("publish", "--iterations", "1,0", "1", "--iterations must be numbers 1 or more, not 0"),
+        ("publish", "--revision", "", "dev/ablation-1", "--revision '' is not a branch name"),
+        ("publish", "--revision", "my branch", "dev/ablation-1", "--revision 'my branch' is not a branch name"),
+        ("publish", "--revision", "v1..2", "dev/ablation-1", "--revision 'v1..2' is not a branch name"),
+        ("publish-model", "--revision", "", None, "--revision '' is not a branch name"),
+    ],
+)
+def test_publish_options_that_name_nothing_fail_before_anything_is_staged(
+    cli, catalog_path: Path, tmp_path: Path, command, option, bad, good, message
+):
     from tests.conftest import built_catalog
 
     built_catalog(catalog_path, n_prompts=4)

@@ -13,8 +13,19 @@ from builders.errors import InputError
 
 
 def test_flat_options_fill_nested_configs_and_unset_ones_keep_the_defaults():
-    cfg = config_from(GenerateConfig, {"model": "m", "num_responses": 3, "temperature": None, "dtype": "float16",
-                                       "executor": "ray", "replicas": 2, "iteration": 1, "as_json": False})
+    cfg = config_from(
+        GenerateConfig,
+        {
+            "model": "m",
+            "num_responses": 3,
+            "temperature": None,
+            "dtype": "float16",
+            "executor": "ray",
+            "replicas": 2,
+            "iteration": 1,
+            "as_json": False,
+        },
+    )
     assert cfg.model == "m" and cfg.sampling.num_responses == 3
     assert cfg.sampling.temperature == SamplingConfig().temperature  # None: the option was not given
     assert cfg.vllm == VllmConfig(dtype="float16")
@@ -22,20 +33,35 @@ def test_flat_options_fill_nested_configs_and_unset_ones_keep_the_defaults():
 
 
 def test_a_pipeline_section_and_the_same_options_give_the_same_config():
-    yaml_like = {"model": "m", "backend": "vllm", "sampling": {"num_responses": 3, "max_tokens": 64},
-                 "vllm": {"enforce_eager": True}, "scale_out": {"executor": "ray", "replicas": 2}}
-    flat = {"model": "m", "backend": "vllm", "num_responses": 3, "max_tokens": 64, "enforce_eager": True,
-            "executor": "ray", "replicas": 2}
+    yaml_like = {
+        "model": "m",
+        "backend": "vllm",
+        "sampling": {"num_responses": 3, "max_tokens": 64},
+        "vllm": {"enforce_eager": True},
+        "scale_out": {"executor": "ray", "replicas": 2},
+    }
+    flat = {
+        "model": "m",
+        "backend": "vllm",
+        "num_responses": 3,
+        "max_tokens": 64,
+        "enforce_eager": True,
+        "executor": "ray",
+        "replicas": 2,
+    }
     assert build_config(GenerateConfig, yaml_like, "p.yaml: generation") == config_from(GenerateConfig, flat)
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"sampling": {"num_respones": 3}}, "p.yaml: generation.sampling: unknown key 'num_respones'"),
-    ({"sampling": {"num_responses": "3"}}, "p.yaml: generation.sampling.num_responses must be int, not '3'"),
-    ({"sampling": {"num_responses": True}}, "must be int, not True"),
-    ({"splits": "train"}, "p.yaml: generation.splits must be a list"),
-    ({"sampling": 3}, "p.yaml: generation.sampling: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"sampling": {"num_respones": 3}}, "p.yaml: generation.sampling: unknown key 'num_respones'"),
+        ({"sampling": {"num_responses": "3"}}, "p.yaml: generation.sampling.num_responses must be int, not '3'"),
+        ({"sampling": {"num_responses": True}}, "must be int, not True"),
+        ({"splits": "train"}, "p.yaml: generation.splits must be a list"),
+        ({"sampling": 3}, "p.yaml: generation.sampling: expected a mapping"),
+    ],
+)
 def test_pipeline_values_of_the_wrong_shape_name_their_key(data, message):
     with pytest.raises(InputError, match=message.replace(".", r"\.").replace("(", r"\(")):
         build_config(GenerateConfig, data, "p.yaml: generation")

@@ -39,8 +39,11 @@ from tests.conftest import ROOT
 HELP_SKIPPED: dict[str, str] = {}
 # (a string that identifies the block, why it cannot run after `make quickstart` on this machine)
 README_SKIPPED = [
-    ("make test", "`make quickstart` is the set-up itself (this test's working directory is what it leaves) and "
-                  "`make test` the whole suite"),
+    (
+        "make test",
+        "`make quickstart` is the set-up itself (this test's working directory is what it leaves) and "
+        "`make test` the whole suite",
+    ),
     ("pip install", "installs packages: needs the network"),
     ("pipelines/snorkel.yaml", "the full-scale loop: Mistral-7B and UltraFeedback from the Hub, on GPUs"),
     ("openbmb/UltraFeedback", "imports UltraFeedback from the Hub: needs the network"),
@@ -49,8 +52,10 @@ README_SKIPPED = [
     ("OPENAI_API_KEY", "an OpenAI-compatible server and its key: needs the network"),
     ("ray start", "a Ray cluster of GPU nodes (Mistral-7B from the Hub)"),
     ("mistralai/", "Mistral-7B from the Hub, on GPUs"),
-    ("train/recipes/iteration_1.yaml", "the Snorkel recipes: bf16 on GPUs, Mistral-7B and the published dataset from "
-                                       "the Hub"),
+    (
+        "train/recipes/iteration_1.yaml",
+        "the Snorkel recipes: bf16 on GPUs, Mistral-7B and the published dataset from the Hub",
+    ),
 ]
 
 
@@ -75,8 +80,10 @@ def _help_examples() -> list[tuple[str, str]]:
 def _readme_blocks() -> list[tuple[str, str, str]]:
     """(where: README line, language, text) of every ```bash and ```python block."""
     text = (ROOT / "README.md").read_text()
-    return [(f"README.md:{text[:m.start()].count(chr(10)) + 1}", m.group(1), m.group(2))
-            for m in re.finditer(r"^```(bash|python)\n(.*?)^```", text, re.S | re.M)]
+    return [
+        (f"README.md:{text[: m.start()].count(chr(10)) + 1}", m.group(1), m.group(2))
+        for m in re.finditer(r"^```(bash|python)\n(.*?)^```", text, re.S | re.M)
+    ]
 
 
 HELP_EXAMPLES = _help_examples()
@@ -90,8 +97,14 @@ class Checkout:
     before: dict[str, str]  # sha256 of each file that must not change
 
     def run(self, script: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=self.root, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", script],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def digest(self) -> dict[str, str]:
         """The quickstart's results and the repository files beside them."""
@@ -122,8 +135,13 @@ def checkout(tmp_path_factory, tiny_models) -> Checkout:
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_models / "generator", root / "quickstart" / "models" / "smollm2")
     env = {k: v for k, v in os.environ.items() if k not in ("ITERDPO_CATALOG", "HF_TOKEN", "PYTHONPATH")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        PYTHONPATH=str(ROOT),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     made = Checkout(root, env, {})
     done = made.run("iterdpo quickstart --workdir quickstart", timeout=1200)  # what `make quickstart` runs
     assert done.returncode == 0, done.stderr[-3000:]

@@ -109,8 +109,12 @@ def test_prompts_too_long_for_the_context_are_skipped_and_counted(split_catalog,
 
     sampling = SamplingConfig(num_responses=2, max_tokens=8, seed=1)
     prompts = split_catalog.read(split_catalog.newest("prompts", 1, "test").id).to_pylist()
-    lengths = sorted(r.prompt_tokens for r in TransformersGenerator(str(tiny_models / "generator")).prepare(
-        [(p["prompt_id"], p["prompt"], 1) for p in prompts], sampling))
+    lengths = sorted(
+        r.prompt_tokens
+        for r in TransformersGenerator(str(tiny_models / "generator")).prepare(
+            [(p["prompt_id"], p["prompt"], 1) for p in prompts], sampling
+        )
+    )
     # a copy of the generator whose context holds the shorter prompts and max_tokens, not the longest one
     short = tmp_path / "short-context"
     shutil.copytree(tiny_models / "generator", short)
@@ -143,9 +147,16 @@ def test_temperature_0_is_greedy_with_one_response(split_catalog, tiny_models):
     rows = split_catalog.read(one.snapshots[0].id).to_pylist()
     assert len(rows) == 4 and all(r["response_index"] == 0 for r in rows)
     # greedy ignores the seed: another seed gives the same responses
-    other = generate(split_catalog, 1, cfg(tiny_models / "generator", splits=("test",),
-                                        sampling=SamplingConfig(num_responses=1, temperature=0.0, max_tokens=6,
-                                                                seed=2)), progress=False)
+    other = generate(
+        split_catalog,
+        1,
+        cfg(
+            tiny_models / "generator",
+            splits=("test",),
+            sampling=SamplingConfig(num_responses=1, temperature=0.0, max_tokens=6, seed=2),
+        ),
+        progress=False,
+    )
     assert other.snapshots[0].id == one.snapshots[0].id
 
 
@@ -170,8 +181,13 @@ generate(catalog, 1, GenerateConfig(model=sys.argv[2], splits=("train",), batch_
 def test_kill_9_mid_generation_then_rerun_gives_the_uninterrupted_snapshot(split_catalog, tiny_models, tmp_path):
     reference = Catalog(tmp_path / "ref.duckdb")
     shutil.copy(split_catalog.path, reference.path)
-    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(split_catalog.path), str(tiny_models / "generator")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE, str(split_catalog.path), str(tiny_models / "generator")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     commits = 0
     for line in proc.stdout:  # the child prints after each commit; EOF if it dies first
         commits += line.strip() == "committed"
@@ -189,8 +205,9 @@ def test_kill_9_mid_generation_then_rerun_gives_the_uninterrupted_snapshot(split
         pass
 
     sampling = SamplingConfig(num_responses=3, max_tokens=48, seed=7)
-    resumed = generate(split_catalog, 1, cfg(tiny_models / "generator", splits=("train",), sampling=sampling),
-                       progress=False)
+    resumed = generate(
+        split_catalog, 1, cfg(tiny_models / "generator", splits=("train",), sampling=sampling), progress=False
+    )
     assert resumed.splits[0].processed == 12 - done_before
     full = generate(reference, 1, cfg(tiny_models / "generator", splits=("train",), sampling=sampling), progress=False)
     assert resumed.snapshots[0].id == full.snapshots[0].id
@@ -234,16 +251,27 @@ def test_a_tokenizer_without_chat_template_needs_one(split_catalog, tiny_models,
     with pytest.raises(InputError, match="no chat template; give a chat_template file"):
         generate(split_catalog, 1, cfg(bare), progress=False)
     (tmp_path / "mistral.jinja").write_text(template)
-    result = generate(split_catalog, 1, cfg(bare, chat_template=tmp_path / "mistral.jinja", splits=("test",)),
-                      progress=False)
+    result = generate(
+        split_catalog, 1, cfg(bare, chat_template=tmp_path / "mistral.jinja", splits=("test",)), progress=False
+    )
     assert result.snapshots[0].rows == 4 * 3
 
 
 def test_cli_generate_json_and_one_line_errors(cli, tiny_models):
     assert cli("prompts", "import", SAMPLE).code == 0
     assert cli("prompts", "split", "--iterations", "1", "--train-size", "5", "--test-size", "2").code == 0
-    out = cli("generate", "--iteration", "1", "--model", tiny_models / "generator", "--num-responses", "2",
-              "--max-tokens", "8", "--json")
+    out = cli(
+        "generate",
+        "--iteration",
+        "1",
+        "--model",
+        tiny_models / "generator",
+        "--num-responses",
+        "2",
+        "--max-tokens",
+        "8",
+        "--json",
+    )
     assert out.code == 0, out.err
     doc = out.json()
     assert [s["snapshot"]["rows"] for s in doc["splits"]] == [10, 4]
@@ -256,15 +284,18 @@ def _state(path: Path) -> list[int]:
         return [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("snapshots", "work_units")]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--temperature", "0", "--num-responses", "2"], "--temperature 0 is greedy decoding"),
-    (["--temperature", "nan"], "--temperature must be a number, 0 or more, not nan"),
-    (["--batch-prompts", "-1"], "--batch-prompts must be at least 1, not -1"),
-    (["--backend", "openai", "--concurrency", "0"], "--concurrency must be at least 1, not 0"),
-    (["--backend", "openai", "--max-retries", "-1"], "--max-retries must be 0 or more, not -1"),
-    (["--backend", "openai", "--base-url", "localhost:8000"], "--base-url must be an http:// or https:// URL"),
-    (["--backend", "vllm", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "0", "--num-responses", "2"], "--temperature 0 is greedy decoding"),
+        (["--temperature", "nan"], "--temperature must be a number, 0 or more, not nan"),
+        (["--batch-prompts", "-1"], "--batch-prompts must be at least 1, not -1"),
+        (["--backend", "openai", "--concurrency", "0"], "--concurrency must be at least 1, not 0"),
+        (["--backend", "openai", "--max-retries", "-1"], "--max-retries must be 0 or more, not -1"),
+        (["--backend", "openai", "--base-url", "localhost:8000"], "--base-url must be an http:// or https:// URL"),
+        (["--backend", "vllm", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization must be in (0, 1]"),
+    ],
+)
 def test_cli_generate_bad_options_fail_before_any_work(cli, catalog_path, tiny_models, args, message):
     assert cli("prompts", "import", SAMPLE).code == 0
     assert cli("prompts", "split", "--iterations", "1", "--train-size", "5", "--test-size", "2").code == 0
@@ -283,8 +314,14 @@ def fake_server():
 
 
 def _openai_cfg(url: str, model: str = "served-model", **kw) -> GenerateConfig:
-    return GenerateConfig(model=model, backend="openai", splits=("train",), sampling=FAST,
-                          batch_prompts=4, openai=OpenAIConfig(base_url=url, backoff=0.01, **kw))
+    return GenerateConfig(
+        model=model,
+        backend="openai",
+        splits=("train",),
+        sampling=FAST,
+        batch_prompts=4,
+        openai=OpenAIConfig(base_url=url, backoff=0.01, **kw),
+    )
 
 
 def test_openai_backend_retries_then_keeps_finished_prompts(split_catalog, fake_server, tmp_path, monkeypatch):
@@ -298,7 +335,7 @@ def test_openai_backend_retries_then_keeps_finished_prompts(split_catalog, fake_
     assert "sk-secret" not in str(err.value)
     assert all(a == "Bearer sk-secret-value" for a in fake.auth)
     with split_catalog.connect() as con:
-        keys = [k for k, in con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()]
+        keys = [k for (k,) in con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()]
     # every prompt the server answered is kept (requests stream: no batch is lost with its failed neighbour)
     assert len(keys) == 1 and len(split_catalog.work_units(keys[0])) == fake.answered == 6
     fake.fail_after = None
@@ -310,7 +347,8 @@ def test_openai_backend_retries_then_keeps_finished_prompts(split_catalog, fake_
     # no secret anywhere in the catalog
     with split_catalog.connect() as con:
         dump = json.dumps(con.execute("SELECT * FROM snapshots").fetchall()) + json.dumps(
-            con.execute("SELECT * FROM work").fetchall())
+            con.execute("SELECT * FROM work").fetchall()
+        )
     assert "sk-secret" not in dump
 
 
@@ -364,8 +402,10 @@ def test_cli_stages_print_only_json_on_stdout_and_progress_on_stderr(tmp_path, t
     db = tmp_path / "c.duckdb"
     import_prompts(Catalog(db), str(SAMPLE))
     split_prompts(Catalog(db), SplitConfig(iterations=1, train_size=3, test_size=0, seed=1))
-    for args in (["generate", "--model", tiny_models / "generator", "--num-responses", "2", "--max-tokens", "4"],
-                 ["rank", "--ranker-model", tiny_models / "ranker"]):
+    for args in (
+        ["generate", "--model", tiny_models / "generator", "--num-responses", "2", "--max-tokens", "4"],
+        ["rank", "--ranker-model", tiny_models / "ranker"],
+    ):
         done = run_iterdpo("--catalog", db, *args, "--iteration", "1", "--json")
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["splits"][0]["snapshot"]["rows"] == 6

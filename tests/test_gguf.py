@@ -19,8 +19,10 @@ gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
 
 HIDDEN, HEADS, LAYERS, FFN = 64, 2, 2, 128
-TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}" \
-           "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def write_tiny_gguf(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
@@ -94,8 +96,12 @@ def test_import_gives_a_folder_transformers_loads_and_generates_with(tiny_gguf, 
     assert tok.chat_template == TEMPLATE and tok.eos_token_id == 2
     # the weights are the GGUF's: transformers reading the GGUF directly gives the same logits
     direct = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
-    ids = tok.apply_chat_template([{"role": "user", "content": "write a short poem"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "write a short poem"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         assert torch.allclose(lm(ids).logits, direct(ids).logits, atol=2e-2)  # bfloat16 weights
         new = lm.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=3)
@@ -132,8 +138,9 @@ def test_bad_inputs_fail_before_any_work_and_leave_nothing(tiny_gguf, tmp_path, 
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bool", "float99"])
-def test_a_dtype_the_weights_cannot_be_saved_in_fails_before_the_dequantization(tiny_gguf, tmp_path, cli, monkeypatch,
-                                                                                 dtype):
+def test_a_dtype_the_weights_cannot_be_saved_in_fails_before_the_dequantization(
+    tiny_gguf, tmp_path, cli, monkeypatch, dtype
+):
     """int8 is a torch dtype, so it used to pass the check and fail after the whole GGUF was dequantized."""
     import transformers
 

@@ -76,35 +76,73 @@ def _snapshots(doc: dict) -> list[dict]:
 
 
 def test_generate_rank_and_train_take_hub_ids(iterdpo, tmp_path):
-    gen = iterdpo("generate", "--iteration", "1", "--model", GENERATOR, "--num-responses", "3", "--max-tokens", "8",
-                  "--json")
+    gen = iterdpo(
+        "generate", "--iteration", "1", "--model", GENERATOR, "--num-responses", "3", "--max-tokens", "8", "--json"
+    )
     assert {s["split"] for s in _snapshots(gen)} == {"train", "test"}
     assert {(s["params"]["model"], s["params"]["revision"]) for s in _snapshots(gen)} == {(GENERATOR, REV)}
     # the default ranker, by its hub id
     ranked = iterdpo("rank", "--iteration", "1", "--json")
     assert {s["params"]["ranker"] for s in _snapshots(ranked)} == {"pairrm"}
-    blender = iterdpo("rank", "--iteration", "1", "--ranker", "llm-blender", "--ranker-model", "llm-blender/PairRM",
-                      "--json")
+    blender = iterdpo(
+        "rank", "--iteration", "1", "--ranker", "llm-blender", "--ranker-model", "llm-blender/PairRM", "--json"
+    )
     for ours, theirs in zip(_snapshots(ranked), _snapshots(blender)):
         assert ours["rows"] == theirs["rows"] == (18 if ours["split"] == "train" else 6)
     scalar = iterdpo("rank", "--iteration", "1", "--ranker", "scalar", "--ranker-model", SCALAR, "--json")
     assert len(_snapshots(scalar)) == 2
     iterdpo("build", "--iteration", "1", "--allow-partial")
-    model = iterdpo("train", "--iteration", "1", "--recipe", "train/recipes/tiny-cpu.yaml", "--model", GENERATOR,
-                    "--output-dir", str(tmp_path / "m1"), "--json")
+    model = iterdpo(
+        "train",
+        "--iteration",
+        "1",
+        "--recipe",
+        "train/recipes/tiny-cpu.yaml",
+        "--model",
+        GENERATOR,
+        "--output-dir",
+        str(tmp_path / "m1"),
+        "--json",
+    )
     assert (tmp_path / "m1" / "model.safetensors").exists() and model["snapshot"]["kind"] == "model"
 
 
 def test_best_of_n_takes_hub_ids(iterdpo, tmp_path):
     out, prompts = tmp_path / "model_outputs.json", tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"instruction": f"Name a colour ({i})."}) + "\n" for i in range(3)))
-    iterdpo("best-of-n", "--model", GENERATOR, "--prompts", prompts, "--num-responses", "2", "--max-tokens", "6",
-            "--output", str(out))
+    iterdpo(
+        "best-of-n",
+        "--model",
+        GENERATOR,
+        "--prompts",
+        prompts,
+        "--num-responses",
+        "2",
+        "--max-tokens",
+        "6",
+        "--output",
+        str(out),
+    )
     rows = json.loads(out.read_text())
     assert len(rows) == 3 and all(isinstance(r["output"], str) for r in rows)
 
 
 def test_vllm_backend_takes_a_hub_id(iterdpo):
-    gen = iterdpo("generate", "--iteration", "1", "--model", GENERATOR, "--backend", "vllm", "--num-responses", "2",
-                  "--max-tokens", "8", "--split", "test", "--json", timeout=600)
+    gen = iterdpo(
+        "generate",
+        "--iteration",
+        "1",
+        "--model",
+        GENERATOR,
+        "--backend",
+        "vllm",
+        "--num-responses",
+        "2",
+        "--max-tokens",
+        "8",
+        "--split",
+        "test",
+        "--json",
+        timeout=600,
+    )
     assert _snapshots(gen)[0]["rows"] == 4

@@ -45,9 +45,14 @@ def catalog_with(path: Path, train: int, test: int = 0) -> Catalog:
 
 def openai_cfg(url: str, concurrency: int, model: str = "served-model", sampling=ONE, **kw) -> GenerateConfig:
     splits = kw.pop("splits", ("train",))
-    return GenerateConfig(model=model, backend="openai", splits=splits, sampling=sampling,
-                          commit_seconds=kw.pop("commit_seconds", 5.0),
-                          openai=OpenAIConfig(base_url=url, concurrency=concurrency, backoff=0.01, **kw))
+    return GenerateConfig(
+        model=model,
+        backend="openai",
+        splits=splits,
+        sampling=sampling,
+        commit_seconds=kw.pop("commit_seconds", 5.0),
+        openai=OpenAIConfig(base_url=url, concurrency=concurrency, backoff=0.01, **kw),
+    )
 
 
 def no_loop_thread() -> bool:
@@ -114,8 +119,9 @@ def test_server_token_counts_land_in_rows_and_summary(tmp_path, server, tiny_mod
     local = generate(catalog, 1, openai_cfg(url, 4, model=str(model), sampling=THREE), progress=False)
     rows = catalog.read(local.snapshots[0].id).to_pylist()
     tok = AutoTokenizer.from_pretrained(model)
-    assert all(r["completion_tokens"] == len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1
-               for r in rows)
+    assert all(
+        r["completion_tokens"] == len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1 for r in rows
+    )
     assert local.tokens == three.tokens
     params = local.snapshots[0].params
     assert "tokenizer" in params["token_counts"] and params["model_sha256"]
@@ -123,8 +129,9 @@ def test_server_token_counts_land_in_rows_and_summary(tmp_path, server, tiny_mod
     assert params["server_model"] is None and "does not list" in params["server_model_note"]
 
 
-def test_a_failing_server_keeps_finished_prompts_and_a_rerun_matches_an_uninterrupted_run(tmp_path, server,
-                                                                                         monkeypatch):
+def test_a_failing_server_keeps_finished_prompts_and_a_rerun_matches_an_uninterrupted_run(
+    tmp_path, server, monkeypatch
+):
     url, fake = server
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     broken = catalog_with(tmp_path / "broken.duckdb", 12)
@@ -136,7 +143,7 @@ def test_a_failing_server_keeps_finished_prompts_and_a_rerun_matches_an_uninterr
     assert KEY not in message and "\n" not in message
     assert no_loop_thread()  # nothing left running
     with broken.connect() as con:
-        (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
+        ((key,),) = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
     assert len(broken.work_units(key)) == 5  # every answered prompt was committed
 
     fake.fail_after = None
@@ -193,11 +200,40 @@ def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, serve
     catalog_with(db, 60)
     read, write = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CLI_WITH_HANDSHAKE, str(write), "--catalog", str(db), "generate", "--iteration", "1",
-         "--model", "served-model", "--backend", "openai", "--base-url", url, "--concurrency", "4",
-         "--num-responses", "1", "--split", "train", "--commit-seconds", "0", "--request-timeout", "3600"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=(write,),
-        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-c",
+            _CLI_WITH_HANDSHAKE,
+            str(write),
+            "--catalog",
+            str(db),
+            "generate",
+            "--iteration",
+            "1",
+            "--model",
+            "served-model",
+            "--backend",
+            "openai",
+            "--base-url",
+            url,
+            "--concurrency",
+            "4",
+            "--num-responses",
+            "1",
+            "--split",
+            "train",
+            "--commit-seconds",
+            "0",
+            "--request-timeout",
+            "3600",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=(write,),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     os.close(write)
     commits = 0
     with open(read) as handshake:
@@ -218,7 +254,7 @@ def test_ctrl_c_stops_the_cli_at_once_and_keeps_finished_prompts(tmp_path, serve
     assert "Traceback" not in err and "Task was destroyed" not in err and "Exception ignored" not in err, err
     catalog = Catalog(db)
     with catalog.connect() as con:
-        (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
+        ((key,),) = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
     assert len(catalog.work_units(key)) == 12  # every answered prompt, and nothing else
 
 
@@ -227,19 +263,41 @@ def test_a_server_that_never_answers_fails_in_one_line_after_the_retries_and_a_r
     fake.hang_after = 5  # it accepts the 6th request and every later one, and never answers them
     db = tmp_path / "c.duckdb"
     catalog_with(db, 12)
-    command = ("--catalog", db, "generate", "--iteration", "1", "--model", "served-model", "--backend", "openai",
-               "--base-url", url, "--concurrency", "4", "--num-responses", "1", "--split", "train",
-               "--request-timeout", "1", "--max-retries", "1", "--json")
+    command = (
+        "--catalog",
+        db,
+        "generate",
+        "--iteration",
+        "1",
+        "--model",
+        "served-model",
+        "--backend",
+        "openai",
+        "--base-url",
+        url,
+        "--concurrency",
+        "4",
+        "--num-responses",
+        "1",
+        "--split",
+        "train",
+        "--request-timeout",
+        "1",
+        "--max-retries",
+        "1",
+        "--json",
+    )
     failed = run_iterdpo(*command, timeout=300)  # hung for good before the option existed (600 s an attempt)
     assert failed.returncode == 1 and failed.stdout == "", failed.stderr
     assert failed.stderr.strip().splitlines()[-1] == (
         f"Error: the server at {url} did not answer within 1 s (--request-timeout) after 2 attempts; "
-        f"finished prompts are kept, rerun to resume")
+        f"finished prompts are kept, rerun to resume"
+    )
     assert "Traceback" not in failed.stderr, failed.stderr
     assert fake.hung >= 2  # the request that gave up was sent twice: retried like other failures
     catalog = Catalog(db)
     with catalog.connect() as con:
-        (key,), = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
+        ((key,),) = con.execute("SELECT DISTINCT work_key FROM work_units").fetchall()
     assert len(catalog.work_units(key)) == 5 and catalog.list(kind="generations") == []
 
     fake.hang_after = None
@@ -253,12 +311,15 @@ def test_a_server_that_never_answers_fails_in_one_line_after_the_retries_and_a_r
 def test_the_request_timeout_bounds_the_whole_request_not_each_read(server):
     url, fake = server
     fake.hang_after, fake.trickle = 0, True  # headers at once, then a byte every 0.2 s: no read waits 1 s
-    gen = OpenAIGenerator("served-model", ONE, None,
-                          OpenAIConfig(base_url=url, concurrency=2, max_retries=0, request_timeout=1))
+    gen = OpenAIGenerator(
+        "served-model", ONE, None, OpenAIConfig(base_url=url, concurrency=2, max_retries=0, request_timeout=1)
+    )
     with pytest.raises(IterdpoError) as err:
         list(gen.stream([(f"{i:064x}", f"prompt {i}", i) for i in range(3)], ONE))
-    assert str(err.value) == (f"the server at {url} did not answer within 1 s (request_timeout) after 1 attempt; "
-                              f"finished prompts are kept, rerun to resume")
+    assert str(err.value) == (
+        f"the server at {url} did not answer within 1 s (request_timeout) after 1 attempt; "
+        f"finished prompts are kept, rerun to resume"
+    )
     assert err.value.option == "request_timeout" and no_loop_thread()
 
 
@@ -269,8 +330,19 @@ def test_the_request_timeout_option_is_checked_before_any_work(cli, server, cata
     assert cli("prompts", "import", SAMPLE).code == 0
     assert cli("prompts", "split", "--iterations", "1", "--train-size", "3", "--test-size", "0").code == 0
     for value in ("0", "-1", "nan"):
-        bad = cli("generate", "--iteration", "1", "--model", "served-model", "--backend", "openai",
-                  "--base-url", url, "--request-timeout", value)
+        bad = cli(
+            "generate",
+            "--iteration",
+            "1",
+            "--model",
+            "served-model",
+            "--backend",
+            "openai",
+            "--base-url",
+            url,
+            "--request-timeout",
+            value,
+        )
         assert bad.code == 1 and bad.err.startswith("Error: --request-timeout must be a positive number of seconds")
         assert bad.err.count("\n") == 1, bad.err
     assert fake.requests == 0
@@ -278,8 +350,7 @@ def test_the_request_timeout_option_is_checked_before_any_work(cli, server, cata
         assert con.execute("SELECT count(*) FROM work_units").fetchone() == (0,)
 
 
-def test_a_served_name_needs_no_hub_no_model_folder_and_no_tokenizer(cli, server, tmp_path, monkeypatch,
-                                                                      catalog_path):
+def test_a_served_name_needs_no_hub_no_model_folder_and_no_tokenizer(cli, server, tmp_path, monkeypatch, catalog_path):
     import huggingface_hub
     import transformers
 
@@ -294,8 +365,20 @@ def test_a_served_name_needs_no_hub_no_model_folder_and_no_tokenizer(cli, server
         m.setattr(transformers.AutoTokenizer, "from_pretrained", looked_up)
         assert cli("prompts", "import", SAMPLE).code == 0
         assert cli("prompts", "split", "--iterations", "1", "--train-size", "4", "--test-size", "0").code == 0
-        done = cli("generate", "--iteration", "1", "--model", "served-model", "--backend", "openai",
-                   "--base-url", url, "--num-responses", "2", "--json")
+        done = cli(
+            "generate",
+            "--iteration",
+            "1",
+            "--model",
+            "served-model",
+            "--backend",
+            "openai",
+            "--base-url",
+            url,
+            "--num-responses",
+            "2",
+            "--json",
+        )
     assert done.code == 0, done.err
     snap = done.json()["splits"][0]["snapshot"]
     params = snap["params"]
@@ -306,12 +389,15 @@ def test_a_served_name_needs_no_hub_no_model_folder_and_no_tokenizer(cli, server
     assert "null" in params["token_counts"]
     rows = Catalog(catalog_path).read(snap["id"]).to_pylist()
     assert len(rows) == 8 and all(r["completion_tokens"] is None and r["prompt_tokens"] == PROMPT_TOKENS for r in rows)
-    assert done.json()["tokens"] == sum(tokens_of(prompt_seed(42, r["prompt_id"], 2) + r["response_index"])
-                                        for r in rows)
+    assert done.json()["tokens"] == sum(
+        tokens_of(prompt_seed(42, r["prompt_id"], 2) + r["response_index"]) for r in rows
+    )
 
     # the dataset card names the served model
-    assert cli("rank", "--iteration", "1", "--ranker", "python",
-               "--ranker-model", "tests.scorers:longer_is_better").code == 0
+    assert (
+        cli("rank", "--iteration", "1", "--ranker", "python", "--ranker-model", "tests.scorers:longer_is_better").code
+        == 0
+    )
     assert cli("build", "--iteration", "1").code == 0
     staged = tmp_path / "staged"
     published = cli("publish", "me/served-dpo", "--iterations", "1", "--local-dir", staged, "--dry-run")

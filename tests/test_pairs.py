@@ -39,8 +39,7 @@ def test_ties_distinctness_margin_and_length_penalty():
 
 def _scored_catalog(path: Path, **kw) -> Catalog:
     catalog = _generations_catalog(path, **kw)
-    rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"),
-         progress=False)
+    rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"), progress=False)
     return catalog
 
 
@@ -99,8 +98,9 @@ def test_missing_generations_need_allow_partial(tmp_path):
     p = catalog.register("prompts", pa.concat_tables([prompts, extra]), iteration=1, split="train")
     g = catalog.register("generations", gens, iteration=1, split="train", parents=[p.id])
     catalog.register("scores", scores, iteration=1, split="train", parents=[g.id])
-    with pytest.raises(InputError, match="1 of 7 train prompts of iteration 1 have no generations or scores.*"
-                                         "allow_partial"):
+    with pytest.raises(
+        InputError, match="1 of 7 train prompts of iteration 1 have no generations or scores.*allow_partial"
+    ):
         build_pairs(catalog, 1, BuildConfig())
     assert catalog.list(kind="pairs") == []
     partial = build_pairs(catalog, 1, BuildConfig(allow_partial=True)).snapshots[0]
@@ -121,12 +121,17 @@ def test_build_finds_its_inputs_by_kind_and_says_when_scores_record_none(tmp_pat
     assert catalog.list(kind="pairs") == []
     # the generations recorded after another parent: found by kind, not position
     other = catalog.register("prompts", tables["prompts"].slice(0, 1), iteration=2, split="train")
-    shifted = tables["scores"].set_column(2, "score", pa.array([x + 1.0 for x in tables["scores"].column("score").to_pylist()]))
+    shifted = tables["scores"].set_column(
+        2, "score", pa.array([x + 1.0 for x in tables["scores"].column("score").to_pylist()])
+    )
     scores = catalog.register("scores", shifted, iteration=1, split="train", parents=[other.id, g.id])
     snap = build_pairs(catalog, 1, BuildConfig(), from_refs=[scores.id]).snapshots[0]
     assert (snap.params["generations"], snap.params["prompts"]) == (g.id, p.id)
-    assert catalog.read(snap.id).select(["prompt_id", "chosen", "rejected"]).equals(
-        source.read(expected.id).select(["prompt_id", "chosen", "rejected"]))
+    assert (
+        catalog.read(snap.id)
+        .select(["prompt_id", "chosen", "rejected"])
+        .equals(source.read(expected.id).select(["prompt_id", "chosen", "rejected"]))
+    )
 
 
 def test_bad_build_options_and_missing_scores(tmp_path):
@@ -161,17 +166,31 @@ def _long_catalog(path: Path, n_prompts: int = 200, n: int = 4, chars: int = 600
     prompts = [f"{i} {t}" for i, t in enumerate(texts(n_prompts, 300))]
     ids = [f"{i:064x}" for i in range(n_prompts)]
     catalog = Catalog(path)
-    p = catalog.register("prompts", pa.table({"prompt_id": ids, "prompt": prompts, "source": ["t"] * n_prompts}),
-                         iteration=1, split="train")
+    p = catalog.register(
+        "prompts",
+        pa.table({"prompt_id": ids, "prompt": prompts, "source": ["t"] * n_prompts}),
+        iteration=1,
+        split="train",
+    )
     responses = texts(n_prompts * n, chars)
-    gens = pa.table({"prompt_id": [i for i in ids for _ in range(n)],
-                     "response_index": pa.array(list(range(n)) * n_prompts, pa.int32()), "response": responses,
-                     "finish_reason": ["stop"] * (n_prompts * n),
-                     "prompt_tokens": pa.array([3] * (n_prompts * n), pa.int32()),
-                     "completion_tokens": pa.array([9] * (n_prompts * n), pa.int32())})
+    gens = pa.table(
+        {
+            "prompt_id": [i for i in ids for _ in range(n)],
+            "response_index": pa.array(list(range(n)) * n_prompts, pa.int32()),
+            "response": responses,
+            "finish_reason": ["stop"] * (n_prompts * n),
+            "prompt_tokens": pa.array([3] * (n_prompts * n), pa.int32()),
+            "completion_tokens": pa.array([9] * (n_prompts * n), pa.int32()),
+        }
+    )
     g = catalog.register("generations", gens, iteration=1, split="train", parents=[p.id])
-    catalog.register("scores", gens.select(["prompt_id", "response_index"]).append_column(
-        "score", pa.array(rng.normal(size=n_prompts * n))), iteration=1, split="train", parents=[g.id])
+    catalog.register(
+        "scores",
+        gens.select(["prompt_id", "response_index"]).append_column("score", pa.array(rng.normal(size=n_prompts * n))),
+        iteration=1,
+        split="train",
+        parents=[g.id],
+    )
     return catalog, sum(len(r.encode()) for r in responses)
 
 
@@ -229,8 +248,14 @@ def test_pairs_whose_texts_are_not_in_the_catalog_are_stored_in_full(tmp_path):
     sources = (catalog.newest("prompts", 1, "train").id, catalog.newest("generations", 1, "train").id)
     # other prompts (a user's table of iteration 2): the named snapshots' rows do not hold them
     mine = rows.set_column(1, "prompt", pa.array([p + "!" for p in rows.column("prompt").to_pylist()]))
-    mine = mine.set_column(2, "chosen", pa.array([[{"content": c[0]["content"] + "!", "role": "user"}, c[1]]
-                                                   for c in rows.column("chosen").to_pylist()], mine.schema.field(2).type))
+    mine = mine.set_column(
+        2,
+        "chosen",
+        pa.array(
+            [[{"content": c[0]["content"] + "!", "role": "user"}, c[1]] for c in rows.column("chosen").to_pylist()],
+            mine.schema.field(2).type,
+        ),
+    )
     # rows whose texts differ from the sources' in other ways: only the exact rows are stored by reference
     edited = rows.to_pylist()
     edited[0]["all_generated_responses"][0] += " (edited)"
@@ -256,9 +281,11 @@ def test_texts_from_must_name_a_prompts_and_a_generations_snapshot(tmp_path):
     prompts, gens = catalog.newest("prompts", 1, "train").id, catalog.newest("generations", 1, "train").id
     scores = catalog.newest("scores", 1, "train").id
     before = (catalog.list(), _stored_texts(catalog))
-    for names, message in (((prompts, scores), "'.*' is a scores snapshot"),
-                           ((gens, gens), "is another generations snapshot"),
-                           ((prompts,), "not 1 snapshot")):
+    for names, message in (
+        ((prompts, scores), "'.*' is a scores snapshot"),
+        ((gens, gens), "is another generations snapshot"),
+        ((prompts,), "not 1 snapshot"),
+    ):
         with pytest.raises(InputError, match=message):
             catalog.register("pairs", rows, iteration=2, split="train", texts_from=names)
     with pytest.raises(InputError, match="of scores rows"):
@@ -279,6 +306,7 @@ def test_gc_keeps_the_rows_that_stored_pairs_refer_to(tmp_path):
     import shutil
 
     from builders.errors import CatalogError
+
     broken = Catalog(shutil.copy(catalog.path, tmp_path / "broken.duckdb"))
     with broken.connect() as con:
         con.execute("DELETE FROM rows_generations WHERE row_id = (SELECT min(row_id) FROM rows_generations)").fetchall()
@@ -288,8 +316,10 @@ def test_gc_keeps_the_rows_that_stored_pairs_refer_to(tmp_path):
 
     def drop(kind: str) -> None:  # as if the snapshot were gone: its rows belong to no snapshot
         with catalog.connect() as con:
-            con.execute("DELETE FROM snapshot_rows WHERE seq = (SELECT seq FROM snapshots WHERE id = ?)",
-                        [catalog.newest(kind, 1, "train").id]).fetchall()
+            con.execute(
+                "DELETE FROM snapshot_rows WHERE seq = (SELECT seq FROM snapshots WHERE id = ?)",
+                [catalog.newest(kind, 1, "train").id],
+            ).fetchall()
 
     drop("prompts")
     drop("generations")
@@ -334,8 +364,13 @@ def test_a_build_killed_while_storing_referencing_rows_leaves_the_catalog_as_bef
 
     catalog, _ = _long_catalog(tmp_path / "c.duckdb", n_prompts=6, chars=50)
     before = [s.id for s in catalog.list()]
-    proc = subprocess.Popen([sys.executable, "-c", _BUILD_THEN_HANG, str(catalog.path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BUILD_THEN_HANG, str(catalog.path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "inserted"  # pairs rows in, their transaction not committed
     finally:

@@ -34,8 +34,11 @@ def test_the_quickstart_pipeline_matches_the_quickstart_command():
 
     cfg = load_pipeline(PIPELINES / "quickstart.yaml")
     ref = pipeline_for(QuickstartConfig())
-    assert (cfg.split, cfg.generation.sampling, cfg.generation.backend) == (ref.split, ref.generation.sampling,
-                                                                             ref.generation.backend)
+    assert (cfg.split, cfg.generation.sampling, cfg.generation.backend) == (
+        ref.split,
+        ref.generation.sampling,
+        ref.generation.backend,
+    )
     assert Path(cfg.training.recipe).name == Path(ref.training.recipe).name
 
 
@@ -54,8 +57,11 @@ def _pipeline(tmp: Path, tiny: Path) -> Path:
         "catalog": str(tmp / "catalog.duckdb"),
         "prompts": {"source": str(SAMPLE)},
         "split": {"iterations": 2, "train_size": 6, "test_size": 2, "seed": 5},
-        "generation": {"model": str(tiny / "generator"), "backend": "transformers",
-                       "sampling": {"num_responses": 3, "max_tokens": 24, "seed": 5}},
+        "generation": {
+            "model": str(tiny / "generator"),
+            "backend": "transformers",
+            "sampling": {"num_responses": 3, "max_tokens": 24, "seed": 5},
+        },
         "ranking": {"ranker": "python", "ranker_model": "tests.scorers:longer_is_better"},
         "training": {"recipe": str(ROOT / "train/recipes/tiny-cpu.yaml"), "output_dir": str(tmp / "m{n}")},
     }
@@ -90,16 +96,23 @@ def test_kill_9_in_iteration_2_generation_then_rerun_matches_an_uninterrupted_ru
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir()
     run_dir.mkdir()
-    reference = run_pipeline(Catalog(ref_dir / "catalog.duckdb"), load_pipeline(_pipeline(ref_dir, tiny_models)),
-                             progress=False)
+    reference = run_pipeline(
+        Catalog(ref_dir / "catalog.duckdb"), load_pipeline(_pipeline(ref_dir, tiny_models)), progress=False
+    )
     assert len(reference.models) == 2
     pipeline = _pipeline(run_dir, tiny_models)
     doc = yaml.safe_load(pipeline.read_text())
     doc["generation"].update(batch_prompts=1, commit_seconds=0)  # a commit per prompt: a kill lands mid-split
     pipeline.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(pipeline)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE, str(pipeline)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     # the handshake: the child prints a line after each commit of iteration 2's generations
     killed_mid = proc.stdout.readline().strip() == "committed"
     os.kill(proc.pid, signal.SIGKILL)
@@ -123,8 +136,9 @@ def _one_iteration(tmp: Path, tiny: Path, name: str, recipe: Path | None = None,
     return path
 
 
-def test_run_retrains_when_the_pairs_or_recipe_change_and_reuses_the_model_otherwise(tmp_path, tiny_models,
-                                                                                    monkeypatch):
+def test_run_retrains_when_the_pairs_or_recipe_change_and_reuses_the_model_otherwise(
+    tmp_path, tiny_models, monkeypatch
+):
     import builders.train
 
     trained: list[list[str]] = []  # the pairs each training used

@@ -24,8 +24,10 @@ def _rows(path: Path) -> list[dict]:
 def test_import_eval200_keys_are_sha256_of_stripped_text(catalog: Catalog, uf_data: Path):
     result = import_prompts(catalog, str(uf_data / "eval200.jsonl"))
     table = catalog.read(result.snapshot.id)
-    expected = {hashlib.sha256(r["prompt"].strip().encode()).hexdigest(): r["prompt"].strip()
-                for r in _rows(uf_data / "eval200.jsonl")}
+    expected = {
+        hashlib.sha256(r["prompt"].strip().encode()).hexdigest(): r["prompt"].strip()
+        for r in _rows(uf_data / "eval200.jsonl")
+    }
     assert dict(zip(table.column("prompt_id").to_pylist(), table.column("prompt").to_pylist())) == expected
     assert result.column == "prompt"
     assert result.read == 200
@@ -59,13 +61,19 @@ def test_reimport_is_a_noop_with_the_same_id_and_no_new_rows(catalog: Catalog):
 
 def test_strip_skip_empty_and_dedupe_are_counted(catalog: Catalog, tmp_path: Path):
     src = tmp_path / "p.jsonl"
-    src.write_text("\n".join(json.dumps(r) for r in [
-        {"instruction": "  What is DPO?\n", "source": "evol"},
-        {"instruction": "What is DPO?", "source": "other"},  # same text after stripping: a duplicate
-        {"instruction": "   "},
-        {"instruction": None},
-        {"instruction": "Explain PairRM."},
-    ]) + "\n")
+    src.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"instruction": "  What is DPO?\n", "source": "evol"},
+                {"instruction": "What is DPO?", "source": "other"},  # same text after stripping: a duplicate
+                {"instruction": "   "},
+                {"instruction": None},
+                {"instruction": "Explain PairRM."},
+            ]
+        )
+        + "\n"
+    )
     result = import_prompts(catalog, str(src))
     assert result.column == "instruction"  # openbmb/UltraFeedback's column name is found without --column
     assert (result.read, result.skipped_empty, result.duplicates) == (5, 2, 1)
@@ -79,14 +87,16 @@ def test_parquet_csv_json_and_dataset_folder_give_the_same_snapshot(catalog: Cat
     rows = [{"question": f"Question number {i}?", "source": "s"} for i in range(7)]
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, tmp_path / "p.parquet")
-    (tmp_path / "p.csv").write_text("question,source\n" + "".join(f"\"{r['question']}\",s\n" for r in rows))
+    (tmp_path / "p.csv").write_text("question,source\n" + "".join(f'"{r["question"]}",s\n' for r in rows))
     (tmp_path / "p.json").write_text(json.dumps(rows))
     (tmp_path / "cols.json").write_text(json.dumps({"question": [r["question"] for r in rows], "source": ["s"] * 7}))
     import datasets
 
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    ids = {name: import_prompts(catalog, str(tmp_path / name)).snapshot.id
-           for name in ("p.parquet", "p.csv", "p.json", "cols.json", "saved")}
+    ids = {
+        name: import_prompts(catalog, str(tmp_path / name)).snapshot.id
+        for name in ("p.parquet", "p.csv", "p.json", "cols.json", "saved")
+    }
     assert len(set(ids.values())) == 1, ids
 
 
@@ -109,7 +119,8 @@ def test_split_sets_are_disjoint_sized_and_recorded(catalog: Catalog):
     pool = import_prompts(catalog, str(SAMPLE)).snapshot
     snaps = split_prompts(catalog, SplitConfig(iterations=3, train_size=40, test_size=10, seed=7))
     assert sorted((s.iteration, s.split, s.rows) for s in snaps) == [
-        (i, split, n) for i in (1, 2, 3) for split, n in (("test", 10), ("train", 40))]
+        (i, split, n) for i in (1, 2, 3) for split, n in (("test", 10), ("train", 40))
+    ]
     seen: set[str] = set()
     for s in snaps:
         ids = set(catalog.read(s.id).column("prompt_id").to_pylist())
@@ -138,20 +149,28 @@ def test_split_is_deterministic_across_catalogs_and_import_order(tmp_path: Path)
 
 
 def test_iteration_sets_do_not_depend_on_how_many_iterations_are_drawn():
-    pool = pa.table({"prompt_id": [f"{i:064x}" for i in range(100)], "prompt": [str(i) for i in range(100)],
-                     "source": pa.array([None] * 100, pa.string())})
+    pool = pa.table(
+        {
+            "prompt_id": [f"{i:064x}" for i in range(100)],
+            "prompt": [str(i) for i in range(100)],
+            "source": pa.array([None] * 100, pa.string()),
+        }
+    )
     two = plan_split(pool, SplitConfig(iterations=2, train_size=20, test_size=5))
     three = plan_split(pool, SplitConfig(iterations=3, train_size=20, test_size=5))
     for key in two:
         assert two[key].equals(three[key])
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"train_size": -1}, "train-size must be at least 1"),
-    ({"test_size": -5}, "test-size must be 0 or more"),
-    ({"iterations": 0}, "iterations must be at least 1"),
-    ({"train_size": 100, "test_size": 10}, "asked for 330 prompts .* but the pool holds 210"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"train_size": -1}, "train-size must be at least 1"),
+        ({"test_size": -5}, "test-size must be 0 or more"),
+        ({"iterations": 0}, "iterations must be at least 1"),
+        ({"train_size": 100, "test_size": 10}, "asked for 330 prompts .* but the pool holds 210"),
+    ],
+)
 def test_split_rejects_bad_sizes_and_writes_nothing(catalog: Catalog, kwargs, message):
     import_prompts(catalog, str(SAMPLE))
     with pytest.raises(InputError, match=message):

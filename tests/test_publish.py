@@ -48,7 +48,8 @@ def test_dry_run_stages_a_folder_that_datasets_loads_exactly(built, tmp_path, mo
     assert {c["config_name"] for c in card.data.configs} == {"default", "trl"}
     assert card.data.license == "apache-2.0" and "dpo" in card.data.tags
     assert result.staged.set_id in card.text and result.staged.set_id == snapshot_set_id(
-        list(result.staged.snapshots.values()))
+        list(result.staged.snapshots.values())
+    )
     assert "iterdpo build --iteration 1" in card.text
     # staging again into the same folder is allowed (it is ours); a foreign folder is not
     publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True))
@@ -91,18 +92,54 @@ def _local_catalog(path, tiny_models, source) -> Catalog:
     prompts = [f"Question {i}: why is the sky blue?" for i in range(8)]
     table = pa.table({"prompt_id": [prompt_id(p) for p in prompts], "prompt": prompts, "source": [None] * 8})
     pool = catalog.register("prompts", table, params={"source": str(source)})
-    split = catalog.register("prompts", table, iteration=1, split="train", parents=[pool.id],
-                             params={"seed": 42, "iterations": 1, "train_size": 8, "test_size": 0})
-    gen = catalog.register("generations", pa.Table.from_pylist([
-        {"prompt_id": pid, "response_index": i, "response": "word " * (i + 1), "finish_reason": "stop",
-         "prompt_tokens": 5, "completion_tokens": i + 1} for pid in table["prompt_id"].to_pylist() for i in range(3)]),
-        iteration=1, split="train", parents=[split.id],
-        params={"model": str(tiny_models / "generator"), "model_sha256": "ab" * 32, "backend": "transformers",
-                "sampling": {"num_responses": 3, "temperature": 0.7, "top_p": 1.0, "max_tokens": 16, "seed": 42}})
-    scores = catalog.register("scores", pa.Table.from_pylist([
-        {"prompt_id": pid, "response_index": i, "score": float(i)} for pid in table["prompt_id"].to_pylist()
-        for i in range(3)]), iteration=1, split="train", parents=[gen.id],
-        params={"ranker_model": str(tiny_models / "ranker"), "ranker_model_sha256": "cd" * 32})
+    split = catalog.register(
+        "prompts",
+        table,
+        iteration=1,
+        split="train",
+        parents=[pool.id],
+        params={"seed": 42, "iterations": 1, "train_size": 8, "test_size": 0},
+    )
+    gen = catalog.register(
+        "generations",
+        pa.Table.from_pylist(
+            [
+                {
+                    "prompt_id": pid,
+                    "response_index": i,
+                    "response": "word " * (i + 1),
+                    "finish_reason": "stop",
+                    "prompt_tokens": 5,
+                    "completion_tokens": i + 1,
+                }
+                for pid in table["prompt_id"].to_pylist()
+                for i in range(3)
+            ]
+        ),
+        iteration=1,
+        split="train",
+        parents=[split.id],
+        params={
+            "model": str(tiny_models / "generator"),
+            "model_sha256": "ab" * 32,
+            "backend": "transformers",
+            "sampling": {"num_responses": 3, "temperature": 0.7, "top_p": 1.0, "max_tokens": 16, "seed": 42},
+        },
+    )
+    scores = catalog.register(
+        "scores",
+        pa.Table.from_pylist(
+            [
+                {"prompt_id": pid, "response_index": i, "score": float(i)}
+                for pid in table["prompt_id"].to_pylist()
+                for i in range(3)
+            ]
+        ),
+        iteration=1,
+        split="train",
+        parents=[gen.id],
+        params={"ranker_model": str(tiny_models / "ranker"), "ranker_model_sha256": "cd" * 32},
+    )
     assert scores.rows == 24
     build_pairs(catalog, 1, BuildConfig())
     return catalog
@@ -117,8 +154,10 @@ def test_staged_files_are_what_datasets_writes_and_reads_back_without_warnings(t
     source = tmp_path / "my_prompts.jsonl"
     built = _local_catalog(tmp_path / "local.duckdb", tiny_models, source)
     staged = tmp_path / "staged"
-    publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True, license="cc-by-4.0",
-                                 max_row_group_bytes=600))  # a tiny bound: several row groups on 8 rows
+    publish(
+        built,
+        PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True, license="cc-by-4.0", max_row_group_bytes=600),
+    )  # a tiny bound: several row groups on 8 rows
     card = DatasetCard.load(staged / "README.md")
     assert card.data.pretty_name and card.data.license == "cc-by-4.0" and "`cc-by-4.0`" in card.text
     text = (staged / "README.md").read_text()
@@ -126,8 +165,10 @@ def test_staged_files_are_what_datasets_writes_and_reads_back_without_warnings(t
     assert str(tmp_path) not in text and str(tiny_models) not in text and "/tmp/" not in text
     assert "`generator`" in text and "`ranker`" in text
     # the rebuild script asks for the local inputs by name, in variables it checks before any work
-    assert 'iterdpo prompts import "$PROMPTS_FILE"' in text and "set PROMPTS_FILE to your copy of the prompt file " \
-        "my_prompts.jsonl" in text
+    assert (
+        'iterdpo prompts import "$PROMPTS_FILE"' in text
+        and "set PROMPTS_FILE to your copy of the prompt file my_prompts.jsonl" in text
+    )
     assert '--model "$BASE_MODEL"' in text and '--ranker-model "$RANKER_MODEL"' in text
     for config in ("default", "trl"):
         parquet = pq.ParquetFile(staged / config / "train_iteration_1-00000-of-00001.parquet")
@@ -136,8 +177,11 @@ def test_staged_files_are_what_datasets_writes_and_reads_back_without_warnings(t
         groups = [parquet.read_row_group(i) for i in range(parquet.num_row_groups)]
         assert len(groups) > 1 and all(g.nbytes <= 600 or g.num_rows == 1 for g in groups)
     loaded = {}
-    warnings = _datasets_warnings(lambda: loaded.update(
-        {c: datasets.load_dataset(str(staged), c, split="train_iteration_1") for c in ("default", "trl")}))
+    warnings = _datasets_warnings(
+        lambda: loaded.update(
+            {c: datasets.load_dataset(str(staged), c, split="train_iteration_1") for c in ("default", "trl")}
+        )
+    )
     assert warnings == []
     # num_bytes in the card is what datasets records when it loads the same files without the card
     info = {i["config_name"]: i for i in card.data.dataset_info}
@@ -166,12 +210,24 @@ def test_default_config_trains_the_way_the_card_says(built, tmp_path, tiny_model
     publish(built, PublishConfig("me/iterative-dpo", local_dir=staged, dry_run=True))
     text = (staged / "README.md").read_text()
     assert "columns: [chosen, rejected]" in text and "test_iteration_N` split there leaks" in text
-    mixture = trl.DatasetMixtureConfig(datasets=[DatasetConfig(
-        path=str(staged), name="default", split="train_iteration_1", columns=["chosen", "rejected"])])
+    mixture = trl.DatasetMixtureConfig(
+        datasets=[
+            DatasetConfig(path=str(staged), name="default", split="train_iteration_1", columns=["chosen", "rejected"])
+        ]
+    )
     ds = trl.get_dataset(mixture)["train"]
     assert ds.column_names == ["chosen", "rejected"] and len(ds) == 8
-    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), bf16=False, use_cpu=True, report_to=[], max_steps=2,
-                         per_device_train_batch_size=2, max_length=256, save_strategy="no", disable_tqdm=True)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        max_steps=2,
+        per_device_train_batch_size=2,
+        max_length=256,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     tok = AutoTokenizer.from_pretrained(tiny_models / "generator")
     trainer = trl.DPOTrainer(model=str(tiny_models / "generator"), args=args, train_dataset=ds, processing_class=tok)
     assert trainer.train_dataset[0]["prompt_ids"]  # the prompt was recovered from the conversations
@@ -238,8 +294,8 @@ def test_scratch_folders_of_a_killed_staging_are_removed(built, tmp_path):
 
 
 def test_trl_config_passes_dpo_trainer_dataset_preparation(built, tmp_path, tiny_models):
-    import trl
     import datasets
+    import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     staged = tmp_path / "staged"
@@ -247,8 +303,14 @@ def test_trl_config_passes_dpo_trainer_dataset_preparation(built, tmp_path, tiny
     ds = datasets.load_dataset(str(staged), "trl", split="train_iteration_1")
     tok = AutoTokenizer.from_pretrained(tiny_models / "generator")
     model = AutoModelForCausalLM.from_pretrained(tiny_models / "generator")
-    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), bf16=False, report_to=[], max_steps=1,
-                         per_device_train_batch_size=2, max_length=256)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        bf16=False,
+        report_to=[],
+        max_steps=1,
+        per_device_train_batch_size=2,
+        max_length=256,
+    )
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     prepared = trainer.train_dataset
     assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(prepared.column_names) and len(prepared) > 0
@@ -312,32 +374,54 @@ class FakeHub(BaseHTTPRequestHandler):
         if st.get("status_always"):
             return self._reply(st["status_always"], {"error": "scripted failure"})
         if path == "/api/whoami-v2":
-            return self._reply(200, {"type": "user", "name": "me",
-                                     "auth": {"type": "access_token", "accessToken": {"role": st["role"]}}})
+            return self._reply(
+                200,
+                {"type": "user", "name": "me", "auth": {"type": "access_token", "accessToken": {"role": st["role"]}}},
+            )
         if "/commits/" in path:  # the revision's history, newest first
-            return self._reply(200, [{"id": oid, "authors": [{"user": "me"}], "date": "2026-12-01T00:00:00.000Z",
-                                      "title": header["summary"], "message": header.get("description", "")}
-                                     for oid, header in reversed(st["history"])])
+            return self._reply(
+                200,
+                [
+                    {
+                        "id": oid,
+                        "authors": [{"user": "me"}],
+                        "date": "2026-12-01T00:00:00.000Z",
+                        "title": header["summary"],
+                        "message": header.get("description", ""),
+                    }
+                    for oid, header in reversed(st["history"])
+                ],
+            )
         if path.endswith("/refs"):
             head = st["history"][-1][0] if st["history"] else "0" * 40
-            return self._reply(200, {"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": head}],
-                                     "converts": [], "pullRequests": [],
-                                     "tags": [{"name": body["tag"], "ref": f"refs/tags/{body['tag']}",
-                                               "targetCommit": oid} for oid, body in st["tags"]]})
+            return self._reply(
+                200,
+                {
+                    "branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": head}],
+                    "converts": [],
+                    "pullRequests": [],
+                    "tags": [
+                        {"name": body["tag"], "ref": f"refs/tags/{body['tag']}", "targetCommit": oid}
+                        for oid, body in st["tags"]
+                    ],
+                },
+            )
         if path == "/api/repos/create":
             st["repos"].add(json.loads(body)["name"])
             st["create_body"] = json.loads(body)
             host = f"http://{self.headers['Host']}"
-            return self._reply(200, {"url": f"{host}/datasets/{json.loads(body)['organization']}/"
-                                            f"{json.loads(body)['name']}"})
+            return self._reply(
+                200, {"url": f"{host}/datasets/{json.loads(body)['organization']}/{json.loads(body)['name']}"}
+            )
         if path == "/api/validate-yaml":
             return self._reply(200, {"errors": [], "warnings": []})
         if "/tree/" in path:
             return self._reply(200, [{"type": "file", "path": p, "size": 1, "oid": "0" * 40} for p in st["files"]])
         if path.endswith("/preupload/main"):
             files = json.loads(body)["files"]
-            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                               for f in files]})
+            return self._reply(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         if "/commit/" in path:
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
             st["commits"].append(lines)
@@ -351,8 +435,13 @@ class FakeHub(BaseHTTPRequestHandler):
             if st.get("lose_commit_answer"):  # applied, but the client never hears so
                 how = st.pop("lose_commit_answer")
                 return self._drop() if how == "drop" else self._reply(how, {"error": "scripted failure"})
-            return self._reply(200, {"commitUrl": f"http://{self.headers['Host']}/datasets/me/iterative-dpo/commit/{oid}",
-                                     "commitOid": oid})
+            return self._reply(
+                200,
+                {
+                    "commitUrl": f"http://{self.headers['Host']}/datasets/me/iterative-dpo/commit/{oid}",
+                    "commitOid": oid,
+                },
+            )
         if "/tag/" in path:
             st["tags"].append((path.rsplit("/", 1)[-1], json.loads(body)))
             return self._reply(200, {})
@@ -367,8 +456,17 @@ class FakeHub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub(monkeypatch):
-    state = {"requests": [], "repos": set(), "files": {}, "commits": [], "tags": [], "history": [], "role": "write",
-             "drop_once": [], "fail_once": {}}
+    state = {
+        "requests": [],
+        "repos": set(),
+        "files": {},
+        "commits": [],
+        "tags": [],
+        "history": [],
+        "role": "write",
+        "drop_once": [],
+        "fail_once": {},
+    }
     server = ThreadingHTTPServer(("127.0.0.1", 0), type("Hub", (FakeHub,), {"state": state}))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
@@ -396,13 +494,15 @@ def test_upload_is_one_commit_then_a_tag_and_republishing_is_a_noop(built, tmp_p
     added = sorted(op["value"]["path"] for op in ops if op["key"] == "file")
     assert added == sorted(result.staged.files)
     assert [op["value"]["path"] for op in ops if op["key"] == "deletedFile"] == [
-        "default/train_iteration_9-00000-of-00001.parquet"]
+        "default/train_iteration_9-00000-of-00001.parquet"
+    ]
     header = next(op["value"] for op in ops if op["key"] == "header")
     assert header["description"].endswith("License: apache-2.0")  # the licence is recorded with the publication
     staged = result.staged.folder
     assert all(hub["files"][rel] == (staged / rel).read_bytes() for rel in result.staged.files)  # what landed
-    assert hub["tags"] == [("1".rjust(40, "0"), {"tag": result.staged.set_id,
-                                                  "message": f"iterdpo snapshot set {result.staged.set_id}"})]
+    assert hub["tags"] == [
+        ("1".rjust(40, "0"), {"tag": result.staged.set_id, "message": f"iterdpo snapshot set {result.staged.set_id}"})
+    ]
     repo_calls = [r for r in hub["requests"] if r[1].startswith(("/api/datasets/", "/api/repos/"))]
     assert repo_calls and all(auth == f"Bearer {TOKEN}" for _, _, auth in repo_calls)
     # again: nothing sent, the catalog says it is published
@@ -410,7 +510,9 @@ def test_upload_is_one_commit_then_a_tag_and_republishing_is_a_noop(built, tmp_p
     mtimes = {p: p.stat().st_mtime_ns for p in staged.rglob("*")}
     again = publish(built, _cfg(tmp_path))
     assert again.already_published and again.commit == result.commit and len(hub["requests"]) == before
-    assert again.staged.folder is None and {p: p.stat().st_mtime_ns for p in staged.rglob("*")} == mtimes  # not restaged
+    assert (
+        again.staged.folder is None and {p: p.stat().st_mtime_ns for p in staged.rglob("*")} == mtimes
+    )  # not restaged
     # the token is nowhere on disk
     for path in [built.path, *staged.rglob("*")]:
         if path.is_file():
@@ -479,8 +581,9 @@ def test_cli_publish_dry_run_json(cli, built, tmp_path, catalog_path):
     assert doc["dry_run"] and (tmp_path / "cli-staged" / "README.md").exists() and doc["license"] == "apache-2.0"
     bad = cli("publish", "me/iterative-dpo", "--iterations", "one", "--dry-run")
     assert bad.code == 2
-    licensed = cli("publish", "me/iterative-dpo", "--local-dir", tmp_path / "cli-staged", "--dry-run",
-                   "--license", "mit")
+    licensed = cli(
+        "publish", "me/iterative-dpo", "--local-dir", tmp_path / "cli-staged", "--dry-run", "--license", "mit"
+    )
     assert licensed.code == 0, licensed.err
     assert "license: mit" in (tmp_path / "cli-staged" / "README.md").read_text()
     bad = cli("publish", "me/iterative-dpo", "--dry-run", "--license", "my licence")
@@ -577,8 +680,15 @@ def test_huggingface_hub_retry_lines_stay_off_stderr(built, tmp_path, hub):
     from tests.conftest import run_iterdpo
 
     hub["fail_once"]["/preupload/"] = 503  # huggingface_hub's own backoff retries this one, and logs it
-    done = run_iterdpo("--catalog", built.path, "publish", "me/iterative-dpo", "--local-dir", tmp_path / "staged",
-                       env={"HF_ENDPOINT": constants.ENDPOINT, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN})
+    done = run_iterdpo(
+        "--catalog",
+        built.path,
+        "publish",
+        "me/iterative-dpo",
+        "--local-dir",
+        tmp_path / "staged",
+        env={"HF_ENDPOINT": constants.ENDPOINT, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN},
+    )
     assert done.returncode == 0, done.stderr
     assert hub["fail_once"] == {} and len(hub["commits"]) == 1  # the 503 happened and was retried
     assert "Retrying" not in done.stderr and "thrown while requesting" not in done.stderr, done.stderr

@@ -9,12 +9,12 @@ import pytest
 from builders.catalog import Catalog
 from builders.config import PublishConfig, PublishModelConfig
 from builders.errors import InputError, IterdpoError
+from builders.models import weights_sha256
 from builders.publish import publish
 from builders.publish_model import publish_model
+from builders.train import RECIPES, TrainConfig, train
 from tests.conftest import built_catalog
 from tests.test_publish import TOKEN, hub  # noqa: F401  (the fake Hub fixture)
-from builders.models import weights_sha256
-from builders.train import RECIPES, TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,23 @@ def trained(tmp_path_factory, tiny_models) -> Catalog:
     model trained on them."""
     root = tmp_path_factory.mktemp("pm")
     catalog = built_catalog(root / "c.duckdb", n_prompts=8)
-    train(catalog, 1, TrainConfig(RECIPES / "tiny-cpu.yaml", str(tiny_models / "generator"),
-                               output_dir=root / "models" / "iteration_1"))
+    train(
+        catalog,
+        1,
+        TrainConfig(
+            RECIPES / "tiny-cpu.yaml", str(tiny_models / "generator"), output_dir=root / "models" / "iteration_1"
+        ),
+    )
     staged = publish(catalog, PublishConfig("me/iterative-dpo", local_dir=root / "ds", dry_run=True)).staged
-    catalog.record_publication(staged.set_id, "me/iterative-dpo", "main", "c0ffee" * 6 + "ab", staged.set_id,
-                               list(staged.snapshots.values()), "https://huggingface.co")
+    catalog.record_publication(
+        staged.set_id,
+        "me/iterative-dpo",
+        "main",
+        "c0ffee" * 6 + "ab",
+        staged.set_id,
+        list(staged.snapshots.values()),
+        "https://huggingface.co",
+    )
     return catalog
 
 
@@ -41,8 +53,9 @@ def test_dry_run_stages_a_model_that_transformers_loads_and_a_card_that_ties_it_
     assert "training_args.bin" not in result.staged.files  # a pickle: never published
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Say hi."}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
     card = ModelCard.load(folder / "README.md")
@@ -109,8 +122,13 @@ def test_run_publishes_each_iterations_model_when_the_pipeline_names_a_model_rep
 
     path = _pipeline(tmp_path, tiny_models)
     doc = yaml.safe_load(path.read_text())
-    doc["publish"] = {"repo_id": "me/iterative-dpo", "dry_run": True, "local_dir": str(tmp_path / "ds"),
-                      "model_repo_id": "me/tiny-iterdpo-it{n}", "model_local_dir": str(tmp_path / "model-{n}")}
+    doc["publish"] = {
+        "repo_id": "me/iterative-dpo",
+        "dry_run": True,
+        "local_dir": str(tmp_path / "ds"),
+        "model_repo_id": "me/tiny-iterdpo-it{n}",
+        "model_local_dir": str(tmp_path / "model-{n}"),
+    }
     path.write_text(yaml.safe_dump(doc))
     cfg = load_pipeline(path)
     result = run_pipeline(Catalog(cfg.catalog), cfg, progress=False)
@@ -130,7 +148,7 @@ def test_run_publishes_each_iterations_model_when_the_pipeline_names_a_model_rep
 
 
 def _usage_snippets(card: str) -> list[str]:
-    usage = card[card.index("## Usage"):card.index("## Provenance")]
+    usage = card[card.index("## Usage") : card.index("## Provenance")]
     return [block.split("\n```", 1)[0] for block in usage.split("```python\n")[1:]]
 
 
@@ -161,35 +179,61 @@ def test_the_cards_vllm_snippet_runs_as_a_script_on_the_cpu(trained, tmp_path):
     assert code != snippet
     script = tmp_path / "snippet.py"
     script.write_text(code.replace("max_tokens=128", "max_tokens=8"))
-    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=400,
-                         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"})
+    run = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_base_model_names_the_hub_base_of_a_local_copy(trained, tmp_path, cli, catalog_path, tiny_models):
-    from huggingface_hub import ModelCard
-
     import shutil
+
+    from huggingface_hub import ModelCard
 
     shutil.copy(trained.path, catalog_path)
     plain = cli("publish-model", "me/x", "--iteration", "1", "--dry-run", "--local-dir", tmp_path / "plain")
     assert plain.code == 0, plain.err
     card = ModelCard.load(tmp_path / "plain" / "README.md")
     assert card.data.get("base_model") is None
-    assert (f"The base model was a local folder, `generator`; weights sha256 "
-            f"`{weights_sha256(tiny_models / 'generator')[:12]}`.") in card.text
+    assert (
+        f"The base model was a local folder, `generator`; weights sha256 "
+        f"`{weights_sha256(tiny_models / 'generator')[:12]}`."
+    ) in card.text
     assert "--base-model HUB_ID` sets it" in card.text
 
-    named = cli("publish-model", "me/x", "--iteration", "1", "--dry-run", "--local-dir", tmp_path / "named",
-                "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    named = cli(
+        "publish-model",
+        "me/x",
+        "--iteration",
+        "1",
+        "--dry-run",
+        "--local-dir",
+        tmp_path / "named",
+        "--base-model",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
     assert named.code == 0, named.err
     card = ModelCard.load(tmp_path / "named" / "README.md")
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "| base | `HuggingFaceTB/SmolLM2-135M-Instruct` (a local copy, `generator`) |" in card.text
     assert "sets it" not in card.text
 
-    bad = cli("publish-model", "me/x", "--iteration", "1", "--dry-run", "--local-dir", tmp_path / "bad",
-              "--base-model", str(tiny_models / "generator"))
+    bad = cli(
+        "publish-model",
+        "me/x",
+        "--iteration",
+        "1",
+        "--dry-run",
+        "--local-dir",
+        tmp_path / "bad",
+        "--base-model",
+        str(tiny_models / "generator"),
+    )
     assert bad.code == 1 and len(bad.err.strip().splitlines()) == 1 and "not a hub model id" in bad.err
     assert not (tmp_path / "bad").exists()
 
@@ -206,18 +250,39 @@ def test_a_gguf_imported_base_is_named_by_its_gguf_file_and_weights(tmp_path, ti
 
     base = tmp_path / "smollm2"
     shutil.copytree(tiny_models / "generator", base)
-    (base / "gguf_source.json").write_text('{"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": "'
-                                           + "12" * 32 + '", "dtype": "bfloat16"}\n')
-    step = {"iteration": 1, "name": "iteration_1", "snapshot": "ab" * 32, "weights_sha256": "cd" * 32,
-            "pairs": {"train": "ef" * 32}, "dataset": None, "metrics": {}}
+    (base / "gguf_source.json").write_text(
+        '{"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": "' + "12" * 32 + '", "dtype": "bfloat16"}\n'
+    )
+    step = {
+        "iteration": 1,
+        "name": "iteration_1",
+        "snapshot": "ab" * 32,
+        "weights_sha256": "cd" * 32,
+        "pairs": {"train": "ef" * 32},
+        "dataset": None,
+        "metrics": {},
+    }
     for hub_id in (None, "HuggingFaceTB/SmolLM2-135M-Instruct"):
-        text = render(repo_id="me/m", iteration=1, base=base_description(str(base), False, hub_id), license="mit",
-                      datasets=[], steps=[step], hyperparameters={}, rewards=[], drift=[], prompt_format="",
-                      snapshot="ab" * 32, version="0")
+        text = render(
+            repo_id="me/m",
+            iteration=1,
+            base=base_description(str(base), False, hub_id),
+            license="mit",
+            datasets=[],
+            steps=[step],
+            hyperparameters={},
+            rewards=[],
+            drift=[],
+            prompt_format="",
+            snapshot="ab" * 32,
+            version="0",
+        )
         (tmp_path / "README.md").write_text(text)
         card = ModelCard.load(tmp_path / "README.md")
         assert card.data.get("base_model") == hub_id
-        assert ("The base model was a local folder, `smollm2`: `SmolLM2-135M-Instruct.Q4_1.gguf` (GGUF, sha256\n"
-                "`121212121212`) converted to bfloat16 safetensors by `iterdpo models import-gguf`; weights sha256 "
-                f"`{weights_sha256(base)[:12]}`.") in text
+        assert (
+            "The base model was a local folder, `smollm2`: `SmolLM2-135M-Instruct.Q4_1.gguf` (GGUF, sha256\n"
+            "`121212121212`) converted to bfloat16 safetensors by `iterdpo models import-gguf`; weights sha256 "
+            f"`{weights_sha256(base)[:12]}`."
+        ) in text
         assert ("| base | `HuggingFaceTB/SmolLM2-135M-Instruct` (a local copy, `smollm2`) |" in text) == bool(hub_id)

@@ -20,10 +20,14 @@ from tests.conftest import ROOT
 
 
 def _small(tmp_path, tiny_models, **changes) -> QuickstartConfig:
-    small = dict(workdir=tmp_path / "qs", model=tiny_models / "generator", backend="transformers",
-                 recipe=ROOT / "train" / "recipes" / "tiny-cpu.yaml",
-                 split=SplitConfig(iterations=2, train_size=6, test_size=3, seed=1),
-                 sampling=SamplingConfig(num_responses=3, max_tokens=8, seed=1))
+    small = dict(
+        workdir=tmp_path / "qs",
+        model=tiny_models / "generator",
+        backend="transformers",
+        recipe=ROOT / "train" / "recipes" / "tiny-cpu.yaml",
+        split=SplitConfig(iterations=2, train_size=6, test_size=3, seed=1),
+        sampling=SamplingConfig(num_responses=3, max_tokens=8, seed=1),
+    )
     return replace(QuickstartConfig(), **{**small, **changes})
 
 
@@ -62,10 +66,13 @@ def test_quickstart_small(tmp_path, tiny_models):
         assert row["cut_share"] == pytest.approx(sum(g["finish_reason"] == "length" for g in gens) / len(gens))
     gain = report.gain()
     assert gain["to_iteration"] == 2 and gain["difference"] == pytest.approx(
-        report.rewards[1]["reward_mean"] - report.rewards[0]["reward_mean"])
+        report.rewards[1]["reward_mean"] - report.rewards[0]["reward_mean"]
+    )
 
     card = (report.hub / "README.md").read_text()
-    assert "## Reward on test prompts by iteration" in card and card.index("Reward on test") < card.index("## Provenance")
+    assert "## Reward on test prompts by iteration" in card and card.index("Reward on test") < card.index(
+        "## Provenance"
+    )
     assert (report.hub / "plots" / "test_reward_by_iteration.png").stat().st_size > 0
     assert f"{report.rewards[2]['reward_mean']:.3f} ± {report.rewards[2]['reward_se']:.3f}" in card
 
@@ -76,7 +83,9 @@ def test_quickstart_small(tmp_path, tiny_models):
 
 
 def test_quickstart_refuses_a_pool_too_small_for_the_evaluation_before_any_work(tmp_path, tiny_models):
-    cfg = _small(tmp_path, tiny_models, split=SplitConfig(iterations=2, train_size=65, test_size=10, seed=1))  # 2 x 75 fit, 3 x 75 do not
+    cfg = _small(
+        tmp_path, tiny_models, split=SplitConfig(iterations=2, train_size=65, test_size=10, seed=1)
+    )  # 2 x 75 fit, 3 x 75 do not
     with pytest.raises(InputError, match="one more block than it has iterations"):
         run_quickstart(cfg)
     assert not (tmp_path / "qs" / "models").exists()
@@ -90,8 +99,12 @@ def test_the_quickstart_reward_prefers_finished_answers_of_useful_length_without
     one_word = "Paris."
     rambling = " ".join([answer.replace("Paris", f"City {i}") for i in range(12)])  # ~200 words, finished
     loop = "Paris is nice. " * 12
-    scores = dict(zip(["answer", "cut", "one_word", "rambling", "loop", "empty"], complete_concise_answer(
-        ["Where is Paris?"] * 6, [answer, cut, one_word, rambling, loop, "  "])))
+    scores = dict(
+        zip(
+            ["answer", "cut", "one_word", "rambling", "loop", "empty"],
+            complete_concise_answer(["Where is Paris?"] * 6, [answer, cut, one_word, rambling, loop, "  "]),
+        )
+    )
     assert scores["answer"] == 1.0 and scores["empty"] == 0.0
     assert scores["answer"] > scores["cut"] and scores["answer"] > scores["one_word"]
     assert scores["answer"] > scores["rambling"] and scores["answer"] > scores["loop"]

@@ -8,12 +8,14 @@ import shutil
 
 import pytest
 
-from builders.config import RankConfig
-from builders.errors import InputError, IterdpoError
 from builders.backends.llm_blender import LlmBlender
 from builders.backends.pairrm import PairRM
+from builders.config import RankConfig
+from builders.errors import InputError, IterdpoError
 from builders.rank import rank
-from tests.conftest import generations_catalog as _generations_catalog, text
+from tests.conftest import generations_catalog as _generations_catalog
+from tests.conftest import text
+
 
 @pytest.fixture(scope="module")
 def rankers(tiny_models):
@@ -72,8 +74,11 @@ def test_pairrm_scores_are_bit_identical_whatever_the_batching(short_ranker):
         ranker.batch_tokens = batch_tokens
         assert ranker.score(prompts, cands) == reference
     for size in (1, 3):  # other prompts in the same call (rank's --batch-prompts)
-        got = [s for at in range(0, len(prompts), size) for s in ranker.score(prompts[at:at + size],
-                                                                             cands[at:at + size])]
+        got = [
+            s
+            for at in range(0, len(prompts), size)
+            for s in ranker.score(prompts[at : at + size], cands[at : at + size])
+        ]
         assert got == reference
     # the score of C - C^T sums to zero over the candidates
     assert all(abs(sum(s)) < 1e-5 for s in reference)
@@ -83,8 +88,7 @@ def test_rank_snapshot_ids_do_not_depend_on_batch_options(tmp_path, short_ranker
     ids = set()
     for name, batch_prompts, batch_tokens in (("a", 64, None), ("b", 1, 16), ("c", 4, 200)):
         catalog = _generations_catalog(tmp_path / f"{name}.duckdb")
-        cfg = RankConfig(ranker_model=str(short_ranker), batch_prompts=batch_prompts,
-                         batch_tokens=batch_tokens)
+        cfg = RankConfig(ranker_model=str(short_ranker), batch_prompts=batch_prompts, batch_tokens=batch_tokens)
         ids.add(rank(catalog, 1, cfg, progress=False).snapshots[0].id)
     assert len(ids) == 1
 
@@ -94,11 +98,21 @@ def test_on_gpu_the_batch_options_are_part_of_the_resume_key(tmp_path, short_ran
     ranker = PairRM(str(short_ranker), device="cpu")
     monkeypatch.setattr("builders.rank.device_for", lambda device: "cuda")
     catalog = _generations_catalog(tmp_path / "c.duckdb")
-    first = rank(catalog, 1, RankConfig(ranker_model=str(short_ranker), batch_prompts=2, batch_tokens=64),
-                 progress=False, ranker=ranker)
+    first = rank(
+        catalog,
+        1,
+        RankConfig(ranker_model=str(short_ranker), batch_prompts=2, batch_tokens=64),
+        progress=False,
+        ranker=ranker,
+    )
     assert (first.snapshots[0].params["batch_prompts"], first.snapshots[0].params["batch_tokens"]) == (2, 64)
-    other = rank(catalog, 1, RankConfig(ranker_model=str(short_ranker), batch_prompts=3, batch_tokens=64),
-                 progress=False, ranker=ranker)
+    other = rank(
+        catalog,
+        1,
+        RankConfig(ranker_model=str(short_ranker), batch_prompts=3, batch_tokens=64),
+        progress=False,
+        ranker=ranker,
+    )
     assert other.splits[0].processed == 6  # nothing reused from the run with other batch options
 
 
@@ -129,8 +143,9 @@ def test_rank_stage_registers_scores_and_is_resumable(tmp_path, tiny_models):
     again = rank(catalog, 1, cfg, progress=False)
     assert again.splits[0].processed == 0 and again.snapshots[0].id == snap.id
     # same scores as the reference library, through the whole stage
-    blender = rank(catalog, 1, RankConfig(ranker="llm-blender", ranker_model=str(tiny_models / "ranker")),
-                   progress=False).snapshots[0]
+    blender = rank(
+        catalog, 1, RankConfig(ranker="llm-blender", ranker_model=str(tiny_models / "ranker")), progress=False
+    ).snapshots[0]
     a = catalog.read(snap.id).column("score").to_pylist()
     b = catalog.read(blender.id).column("score").to_pylist()
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
@@ -138,21 +153,22 @@ def test_rank_stage_registers_scores_and_is_resumable(tmp_path, tiny_models):
 
 def test_python_scorer_and_its_bad_outputs(tmp_path):
     catalog = _generations_catalog(tmp_path / "c.duckdb")
-    ok = rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"),
-              progress=False).snapshots[0]
+    ok = rank(
+        catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"), progress=False
+    ).snapshots[0]
     rows = catalog.read(ok.id).to_pylist()
-    gens = {(r["prompt_id"], r["response_index"]): r["response"]
-            for r in catalog.read(catalog.newest("generations", 1, "train").id).to_pylist()}
+    gens = {
+        (r["prompt_id"], r["response_index"]): r["response"]
+        for r in catalog.read(catalog.newest("generations", 1, "train").id).to_pylist()
+    }
     assert all(r["score"] == len(gens[(r["prompt_id"], r["response_index"])]) for r in rows)
     first_prompt = rows[0]["prompt_id"]
     with pytest.raises(IterdpoError, match=f"non-finite score \\(nan\\) for prompt {first_prompt}"):
-        rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:nan_for_second"),
-             progress=False)
+        rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:nan_for_second"), progress=False)
     with pytest.raises(InputError, match="returned 23 scores for 24 responses"):
         rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:too_few"), progress=False)
     with pytest.raises(InputError, match="must return a list of numbers"):
-        rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:not_numbers"),
-             progress=False)
+        rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:not_numbers"), progress=False)
     with pytest.raises(InputError, match="cannot be imported"):
         rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:nope"), progress=False)
     with pytest.raises(InputError, match="unknown ranker 'gpt4'"):
@@ -171,8 +187,7 @@ def test_scalar_reward_model(tmp_path, tiny_models):
     DebertaV2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     AutoTokenizer.from_pretrained(backbone).save_pretrained(tmp_path / "rm")
     catalog = _generations_catalog(tmp_path / "c.duckdb")
-    snap = rank(catalog, 1, RankConfig(ranker="scalar", ranker_model=str(tmp_path / "rm")),
-                progress=False).snapshots[0]
+    snap = rank(catalog, 1, RankConfig(ranker="scalar", ranker_model=str(tmp_path / "rm")), progress=False).snapshots[0]
     scores = catalog.read(snap.id).column("score").to_pylist()
     assert len(scores) == 24 and len(set(scores)) > 12
 
@@ -181,8 +196,9 @@ def test_scalar_ranker_refuses_a_model_without_a_trained_head(tmp_path, tiny_mod
     catalog = _generations_catalog(tmp_path / "c.duckdb")
     # a PairRM folder, and a bare backbone: transformers would fill the classifier with random weights
     for folder in (tiny_models / "ranker", tiny_models / "ranker" / "backbone"):
-        with pytest.raises(InputError, match="weights are missing from its checkpoint and would be random "
-                                             "\\(classifier"):
+        with pytest.raises(
+            InputError, match="weights are missing from its checkpoint and would be random \\(classifier"
+        ):
             rank(catalog, 1, RankConfig(ranker="scalar", ranker_model=str(folder)), progress=False)
     assert catalog.list(kind="scores") == []
 
@@ -194,13 +210,16 @@ def _state(path):
         return [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("snapshots", "work_units")]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-prompts", "0"], "--batch-prompts must be at least 1, not 0"),
-    (["--batch-tokens", "-5"], "--batch-tokens must be at least 1, not -5"),
-    (["--dtype", "float128"], "--dtype must be one of auto, float32, float16, bfloat16, not 'float128'"),
-    (["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
-    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-prompts", "0"], "--batch-prompts must be at least 1, not 0"),
+        (["--batch-tokens", "-5"], "--batch-tokens must be at least 1, not -5"),
+        (["--dtype", "float128"], "--dtype must be one of auto, float32, float16, bfloat16, not 'float128'"),
+        (["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+        (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+    ],
+)
 def test_cli_rank_bad_options_fail_before_any_work(cli, catalog_path, tiny_models, monkeypatch, args, message):
     import torch
 
@@ -220,4 +239,7 @@ def test_cli_rank_without_generations_is_one_line(cli):
     assert cli("prompts", "split", "--iterations", "1", "--train-size", "5", "--test-size", "0").code == 0
     result = cli("rank", "--iteration", "1")
     assert result.code == 1 and len(result.err.splitlines()) == 1
-    assert "iteration 1 has no generations" in result.err and "generate first (iterdpo generate --iteration 1)" in result.err
+    assert (
+        "iteration 1 has no generations" in result.err
+        and "generate first (iterdpo generate --iteration 1)" in result.err
+    )

@@ -36,8 +36,9 @@ def cluster():
     Replicas of 1 CPU each land one per node, so every run here crosses nodes."""
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * MB,
-                                                       "include_dashboard": False})
+    c = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * MB, "include_dashboard": False}
+    )
     c.add_node(num_cpus=1, object_store_memory=80 * MB)
     ray.init(address=c.address, log_to_driver=False, logging_level="ERROR")
     c.wait_for_nodes()
@@ -96,23 +97,30 @@ def test_generate_on_two_nodes_registers_the_local_snapshot(cluster, prompts_fil
 
 @pytest.mark.slow
 def test_a_replica_killed_mid_run_is_replaced_and_the_run_ends_with_the_local_snapshot(
-        cluster, prompts_file, tiny_models, tmp_path, local_ids, capsys):
+    cluster, prompts_file, tiny_models, tmp_path, local_ids, capsys
+):
     catalog = copy(prompts_file, tmp_path / "c.duckdb")
     commit, killed = catalog.add_work, []
 
     def add_work(*args, **kwargs):  # after the first commit, kill a replica that has chunks in flight
         commit(*args, **kwargs)
         if not killed:
-            names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                           if a["name"].startswith("iterdpo-generate-"))
-            actor = ray.get_actor(names[0], namespace=next(a["namespace"] for a in ray.util.list_named_actors(
-                all_namespaces=True) if a["name"] == names[0]))
+            names = sorted(
+                a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("iterdpo-generate-")
+            )
+            actor = ray.get_actor(
+                names[0],
+                namespace=next(
+                    a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == names[0]
+                ),
+            )
             ray.kill(actor)  # gone for good: Ray does not restart it
             killed.append(len(catalog.work_units(_work_key(catalog))))
 
     catalog.add_work = add_work
-    result = generate(catalog, 1, gen_cfg(tiny_models / "generator", scale_out=RAY2, commit_seconds=0),
-                      progress=False)
+    result = generate(catalog, 1, gen_cfg(tiny_models / "generator", scale_out=RAY2, commit_seconds=0), progress=False)
     assert killed and killed[0] < 12, "kill a replica in the middle of the run"
     assert result.executor["replaced_replicas"] == 1 and result.executor["resubmitted_chunks"] >= 1
     assert "generate replica" in capsys.readouterr().err
@@ -123,8 +131,9 @@ def test_a_replica_killed_mid_run_is_replaced_and_the_run_ends_with_the_local_sn
 def test_a_node_lost_mid_run_leaves_its_chunks_to_the_other_replicas(cluster, tmp_path, capsys):
     """A third node joins, one replica runs there; the node goes away after the first commit. Its chunks go to the
     two replicas left (its replacement finds no room and is never needed) and the run ends with the local ids."""
-    cfg = RankConfig(ranker="python", ranker_model="tests.scorers:slow_longer_is_better", batch_prompts=1,
-                     commit_seconds=0)
+    cfg = RankConfig(
+        ranker="python", ranker_model="tests.scorers:slow_longer_is_better", batch_prompts=1, commit_seconds=0
+    )
     local = rank(generations_catalog(tmp_path / "local.duckdb", n_prompts=12), 1, cfg, progress=False)
     node = cluster.add_node(num_cpus=1, object_store_memory=80 * MB)
     cluster.wait_for_nodes()
@@ -192,8 +201,9 @@ def test_rank_on_ray_registers_the_local_snapshot(cluster, tiny_models, tmp_path
     model = str(tiny_models / "ranker") if ranker == "pairrm" else "tests.scorers:longer_is_better"
     cfg = RankConfig(ranker=ranker, ranker_model=model, batch_prompts=3)
     local = rank(generations_catalog(tmp_path / "local.duckdb", n_prompts=10), 1, cfg, progress=False)
-    on_ray = rank(generations_catalog(tmp_path / "ray.duckdb", n_prompts=10), 1, replace(cfg, scale_out=RAY2),
-                  progress=False)
+    on_ray = rank(
+        generations_catalog(tmp_path / "ray.duckdb", n_prompts=10), 1, replace(cfg, scale_out=RAY2), progress=False
+    )
     assert [s.id for s in on_ray.snapshots] == [s.id for s in local.snapshots]
     assert on_ray.executor["nodes"] == 2 and sum(on_ray.executor["units_per_replica"]) == 10
     # the work key is the local one: a local rerun finds everything done
@@ -203,14 +213,42 @@ def test_rank_on_ray_registers_the_local_snapshot(cluster, tiny_models, tmp_path
 
 def test_cli_rank_starts_a_local_ray_and_stops_it(tmp_path):
     """No --ray-address: the command starts its own Ray (2 replicas on this machine) and shuts it down."""
-    local = rank(generations_catalog(tmp_path / "local.duckdb", n_prompts=8), 1,
-                 RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"), progress=False)
+    local = rank(
+        generations_catalog(tmp_path / "local.duckdb", n_prompts=8),
+        1,
+        RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"),
+        progress=False,
+    )
     generations_catalog(tmp_path / "ray.duckdb", n_prompts=8)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not this file's cluster
-    out = subprocess.run([sys.executable, "-m", "builders.cli", "--catalog", str(tmp_path / "ray.duckdb"), "rank",
-                          "--iteration", "1", "--ranker", "python", "--ranker-model", "tests.scorers:longer_is_better",
-                          "--batch-prompts", "2", "--executor", "ray", "--replicas", "2", "--json"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "builders.cli",
+            "--catalog",
+            str(tmp_path / "ray.duckdb"),
+            "rank",
+            "--iteration",
+            "1",
+            "--ranker",
+            "python",
+            "--ranker-model",
+            "tests.scorers:longer_is_better",
+            "--batch-prompts",
+            "2",
+            "--executor",
+            "ray",
+            "--replicas",
+            "2",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads(out.stdout)
     assert doc["splits"][0]["snapshot"]["id"] == local.snapshots[0].id
@@ -223,19 +261,28 @@ def test_best_of_n_on_ray_writes_the_local_outputs(cluster, tiny_models, tmp_pat
     from builders.evaluate import best_of_n
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"instruction": f"Say something about {w}."}) + "\n"
-                               for w in ("rivers", "music", "tables", "python", "cities")))
-    gen = GenerateConfig(model=str(tiny_models / "generator"), batch_prompts=2,
-                         sampling=SamplingConfig(num_responses=3, temperature=0.7, max_tokens=8, seed=3))
+    prompts.write_text(
+        "".join(
+            json.dumps({"instruction": f"Say something about {w}."}) + "\n"
+            for w in ("rivers", "music", "tables", "python", "cities")
+        )
+    )
+    gen = GenerateConfig(
+        model=str(tiny_models / "generator"),
+        batch_prompts=2,
+        sampling=SamplingConfig(num_responses=3, temperature=0.7, max_tokens=8, seed=3),
+    )
     ranker = RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better", batch_prompts=2)
     best_of_n(BestOfNConfig(prompts, tmp_path / "local.json", gen, ranker))
-    best_of_n(BestOfNConfig(prompts, tmp_path / "ray.json", replace(gen, scale_out=RAY2),
-                            replace(ranker, scale_out=RAY2)))
+    best_of_n(
+        BestOfNConfig(prompts, tmp_path / "ray.json", replace(gen, scale_out=RAY2), replace(ranker, scale_out=RAY2))
+    )
     local, on_ray = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "ray"))
     assert [r["output"] for r in on_ray] == [r["output"] for r in local] and len(local) == 5
     sidecar = [json.loads(line) for line in (tmp_path / "ray.candidates.jsonl").read_text().splitlines()]
     assert [r["candidate_scores"] for r in sidecar] == [
-        json.loads(line)["candidate_scores"] for line in (tmp_path / "local.candidates.jsonl").read_text().splitlines()]
+        json.loads(line)["candidate_scores"] for line in (tmp_path / "local.candidates.jsonl").read_text().splitlines()
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------- bad input
@@ -244,26 +291,43 @@ def _state(path: Path) -> list[int]:
         return [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("snapshots", "work_units")]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--executor", "ray", "--replicas", "0"], "--replicas must be at least 1, not 0"),
-    (["--replicas", "2"], "--replicas 2 needs the ray executor"),
-    (["--ray-address", "auto"], "--ray-address needs the ray executor"),
-    (["--executor", "ray", "--ray-address", "http://head:8265"], "--ray-address must be auto, HOST:PORT or ray://"),
-    (["--executor", "ray", "NO_RAY"], "the ray executor needs Ray, which is not installed: pip install 'iterdpo[ray]'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--executor", "ray", "--replicas", "0"], "--replicas must be at least 1, not 0"),
+        (["--replicas", "2"], "--replicas 2 needs the ray executor"),
+        (["--ray-address", "auto"], "--ray-address needs the ray executor"),
+        (["--executor", "ray", "--ray-address", "http://head:8265"], "--ray-address must be auto, HOST:PORT or ray://"),
+        (
+            ["--executor", "ray", "NO_RAY"],
+            "the ray executor needs Ray, which is not installed: pip install 'iterdpo[ray]'",
+        ),
+    ],
+)
 @pytest.mark.parametrize("command", ["generate", "rank", "best-of-n"])
-def test_bad_executor_options_fail_before_any_work(cli, catalog_path, tiny_models, tmp_path, monkeypatch, command,
-                                                   args, message):
+def test_bad_executor_options_fail_before_any_work(
+    cli, catalog_path, tiny_models, tmp_path, monkeypatch, command, args, message
+):
     if "NO_RAY" in args:
         args = [a for a in args if a != "NO_RAY"]
         monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     generations_catalog(catalog_path, n_prompts=2)
     before = _state(catalog_path)
-    common = {"generate": ["generate", "--iteration", "1", "--model", tiny_models / "generator"],
-              "rank": ["rank", "--iteration", "1", "--ranker", "python", "--ranker-model",
-                       "tests.scorers:longer_is_better"],
-              "best-of-n": ["best-of-n", "--model", tiny_models / "generator", "--prompts", SAMPLE,
-                            "--ranker-model", tiny_models / "ranker", "--output", tmp_path / "out.json"]}[command]
+    common = {
+        "generate": ["generate", "--iteration", "1", "--model", tiny_models / "generator"],
+        "rank": ["rank", "--iteration", "1", "--ranker", "python", "--ranker-model", "tests.scorers:longer_is_better"],
+        "best-of-n": [
+            "best-of-n",
+            "--model",
+            tiny_models / "generator",
+            "--prompts",
+            SAMPLE,
+            "--ranker-model",
+            tiny_models / "ranker",
+            "--output",
+            tmp_path / "out.json",
+        ],
+    }[command]
     result = cli(*common, *args)
     assert result.code == 1 and result.out == "" and len(result.err.splitlines()) == 1, result.err
     assert result.err.startswith(f"Error: {message}")
@@ -275,10 +339,30 @@ def test_an_unreachable_cluster_is_one_line_at_once(catalog_path):
     already connected to the file's cluster, which a stage reuses)."""
     generations_catalog(catalog_path, n_prompts=2)
     before = _state(catalog_path)
-    out = subprocess.run([sys.executable, "-m", "builders.cli", "--catalog", str(catalog_path), "rank", "--iteration",
-                          "1", "--ranker", "python", "--ranker-model", "tests.scorers:longer_is_better",
-                          "--executor", "ray", "--ray-address", "127.0.0.1:1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "builders.cli",
+            "--catalog",
+            str(catalog_path),
+            "rank",
+            "--iteration",
+            "1",
+            "--ranker",
+            "python",
+            "--ranker-model",
+            "tests.scorers:longer_is_better",
+            "--executor",
+            "ray",
+            "--ray-address",
+            "127.0.0.1:1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and out.stdout == "" and len(out.stderr.splitlines()) == 1, out.stderr
     assert out.stderr.startswith("Error: cannot reach Ray at 127.0.0.1:1")
     assert _state(catalog_path) == before
@@ -309,19 +393,25 @@ def test_a_pipeline_on_ray_is_validated_without_starting_replicas(tiny_models, t
         f"generation:\n  model: {tiny_models / 'generator'}\n  scale_out: {{executor: ray, replicas: 1}}\n"
         f"ranking:\n  ranker: python\n  ranker_model: tests.scorers:longer_is_better\n"
         f"  scale_out: {{executor: ray, replicas: 4, ray_address: auto}}\n"
-        f"training:\n  recipe: {ROOT / 'train' / 'recipes' / 'tiny-cpu.yaml'}\n")
+        f"training:\n  recipe: {ROOT / 'train' / 'recipes' / 'tiny-cpu.yaml'}\n"
+    )
     cfg = load_pipeline(tmp_path / "p.yaml")
     assert cfg.ranking.scale_out == ExecutorConfig(executor="ray", replicas=4, ray_address="auto")
     validate_pipeline(cfg, "p.yaml")
-
 
 
 # ------------------------------------------------------------- checks that need Ray's view, before the first snapshot
 def _fresh(*args, timeout: float = 120, **env_vars: str) -> subprocess.CompletedProcess:
     """`iterdpo ARGS` in a new process, not connected to this file's cluster (a stage would reuse that one)."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env_vars}
-    return subprocess.run([sys.executable, "-m", "builders.cli", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "builders.cli", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _one_line_error(out: subprocess.CompletedProcess) -> str:
@@ -335,18 +425,23 @@ def test_more_replicas_than_this_machines_cpus_is_one_line_before_any_work(catal
     session folder under RAY_TMPDIR when it starts)."""
     generations_catalog(catalog_path, n_prompts=2)
     before = _state(catalog_path)
-    stage = {"generate": ["generate", "--iteration", "1", "--model", tiny_models / "generator"],
-             "rank": ["rank", "--iteration", "1", "--ranker", "python", "--ranker-model",
-                      "tests.scorers:longer_is_better"]}[command]
+    stage = {
+        "generate": ["generate", "--iteration", "1", "--model", tiny_models / "generator"],
+        "rank": ["rank", "--iteration", "1", "--ranker", "python", "--ranker-model", "tests.scorers:longer_is_better"],
+    }[command]
     ray_tmp = Path(tempfile.mkdtemp(prefix="iterdpo-ray-", dir="/tmp"))  # short: Ray's socket paths must fit
     try:
-        err = _one_line_error(_fresh("--catalog", catalog_path, *stage, "--executor", "ray", "--replicas", "4096",
-                                     RAY_TMPDIR=str(ray_tmp)))
+        err = _one_line_error(
+            _fresh(
+                "--catalog", catalog_path, *stage, "--executor", "ray", "--replicas", "4096", RAY_TMPDIR=str(ray_tmp)
+            )
+        )
         assert not any(ray_tmp.rglob("session_*")), "Ray was started to say so"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert re.match(r"Error: --replicas 4096 need 4096 CPUs; this machine's Ray has \d+ CPUs: use fewer replicas",
-                    err), err
+    assert re.match(
+        r"Error: --replicas 4096 need 4096 CPUs; this machine's Ray has \d+ CPUs: use fewer replicas", err
+    ), err
     assert _state(catalog_path) == before
 
 
@@ -357,8 +452,17 @@ def test_rank_on_ray_with_a_device_this_machine_lacks_says_what_the_local_path_s
         pytest.skip("this machine has CUDA")
     generations_catalog(catalog_path, n_prompts=2)
     before = _state(catalog_path)
-    stage = ["rank", "--iteration", "1", "--ranker", "pairrm", "--ranker-model", tiny_models / "ranker", "--device",
-             "cuda"]
+    stage = [
+        "rank",
+        "--iteration",
+        "1",
+        "--ranker",
+        "pairrm",
+        "--ranker-model",
+        tiny_models / "ranker",
+        "--device",
+        "cuda",
+    ]
     local = cli(*stage)
     assert local.code == 1 and local.err.startswith("Error: --device cuda: CUDA is not available"), local.err
     assert _one_line_error(_fresh("--catalog", catalog_path, *stage, "--executor", "ray")) == local.err
@@ -369,8 +473,21 @@ def test_a_device_index_on_ray_is_refused(cli, catalog_path, tiny_models):
     """Ray shows each replica only the GPU it was given (as cuda:0): cuda:1 would fail inside every replica."""
     generations_catalog(catalog_path, n_prompts=2)
     before = _state(catalog_path)
-    result = cli("rank", "--iteration", "1", "--ranker", "pairrm", "--ranker-model", tiny_models / "ranker",
-                 "--device", "cuda:1", "--executor", "ray", "--ray-address", "127.0.0.1:1")
+    result = cli(
+        "rank",
+        "--iteration",
+        "1",
+        "--ranker",
+        "pairrm",
+        "--ranker-model",
+        tiny_models / "ranker",
+        "--device",
+        "cuda:1",
+        "--executor",
+        "ray",
+        "--ray-address",
+        "127.0.0.1:1",
+    )
     assert result.code == 1 and len(result.err.splitlines()) == 1, result.err
     assert result.err.startswith("Error: --device cuda:1: on the ray executor every replica is given a GPU of its own")
     assert _state(catalog_path) == before
@@ -391,23 +508,38 @@ def test_ray_replicas_ask_for_a_gpu_when_the_device_is_cuda():
 def _pipeline_yaml(tmp_path: Path, tiny: Path, generation: dict, ranking: dict) -> Path:
     import yaml
 
-    doc = {"prompts": {"source": str(SAMPLE)}, "split": {"iterations": 1, "train_size": 4, "test_size": 2},
-           "generation": {"model": str(tiny / "generator"), "sampling": {"num_responses": 2, "max_tokens": 8},
-                          **generation},
-           "ranking": {"ranker": "python", "ranker_model": "tests.scorers:longer_is_better", **ranking},
-           "training": {"recipe": str(ROOT / "train/recipes/tiny-cpu.yaml"), "output_dir": str(tmp_path / "m{n}")}}
+    doc = {
+        "prompts": {"source": str(SAMPLE)},
+        "split": {"iterations": 1, "train_size": 4, "test_size": 2},
+        "generation": {
+            "model": str(tiny / "generator"),
+            "sampling": {"num_responses": 2, "max_tokens": 8},
+            **generation,
+        },
+        "ranking": {"ranker": "python", "ranker_model": "tests.scorers:longer_is_better", **ranking},
+        "training": {"recipe": str(ROOT / "train/recipes/tiny-cpu.yaml"), "output_dir": str(tmp_path / "m{n}")},
+    }
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
 
 
-@pytest.mark.parametrize(("generation", "ranking", "message"), [
-    ({"scale_out": {"executor": "ray", "ray_address": "127.0.0.1:1"}}, {},
-     "generation: cannot reach Ray at 127.0.0.1:1"),
-    ({}, {"scale_out": {"executor": "ray", "replicas": 4096}}, "ranking: replicas 4096 need 4096 CPUs"),
-    ({}, {"ranker": "pairrm", "ranker_model": "TINY_RANKER", "device": "cuda", "scale_out": {"executor": "ray"}},
-     "ranking: device cuda: CUDA is not available on this machine"),
-])
+@pytest.mark.parametrize(
+    ("generation", "ranking", "message"),
+    [
+        (
+            {"scale_out": {"executor": "ray", "ray_address": "127.0.0.1:1"}},
+            {},
+            "generation: cannot reach Ray at 127.0.0.1:1",
+        ),
+        ({}, {"scale_out": {"executor": "ray", "replicas": 4096}}, "ranking: replicas 4096 need 4096 CPUs"),
+        (
+            {},
+            {"ranker": "pairrm", "ranker_model": "TINY_RANKER", "device": "cuda", "scale_out": {"executor": "ray"}},
+            "ranking: device cuda: CUDA is not available on this machine",
+        ),
+    ],
+)
 def test_run_checks_the_ray_cluster_before_the_first_snapshot(tiny_models, tmp_path, generation, ranking, message):
     """`iterdpo run` used to import and split the prompts, then fail when the first Ray stage started."""
     if "device" in ranking:

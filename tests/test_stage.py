@@ -13,8 +13,12 @@ UNITS = [f"{i:064x}" for i in range(6)]
 
 
 def scored(units) -> Finished:
-    return Finished({u: None for u in units}, pa.table({"prompt_id": list(units), "response_index": [0] * len(units),
-                                                        "score": [float(int(u, 16)) for u in units]}))
+    return Finished(
+        {u: None for u in units},
+        pa.table(
+            {"prompt_id": list(units), "response_index": [0] * len(units), "score": [float(int(u, 16)) for u in units]}
+        ),
+    )
 
 
 def work(key: str = "k" * 64) -> WorkArea:
@@ -72,8 +76,9 @@ def test_a_failing_commit_is_raised_once_and_not_retried_on_the_way_out(tmp_path
 
     monkeypatch.setattr(catalog, "add_work", failing)
     with pytest.raises(OSError, match="disk full"):
-        run_resumable(catalog, work(), UNITS, lambda todo: (scored([u]) for u in todo), commit_seconds=0,
-                      progress=False, desc="t")
+        run_resumable(
+            catalog, work(), UNITS, lambda todo: (scored([u]) for u in todo), commit_seconds=0, progress=False, desc="t"
+        )
     assert calls == [1]
 
 

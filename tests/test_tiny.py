@@ -14,15 +14,21 @@ from builders.tiny import PAIRRM_PREFIXES, build_tiny_models
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_other_seed_other_weights(tiny_models: Path, tmp_path: Path):
     build_tiny_models(tmp_path / "again")
     assert _digest(tiny_models) == _digest(tmp_path / "again")
     build_tiny_models(tmp_path / "other", cfg=TinyConfig(seed=1))
-    assert _digest(tmp_path / "other")["generator/model.safetensors"] != _digest(tiny_models)["generator/model.safetensors"]
+    assert (
+        _digest(tmp_path / "other")["generator/model.safetensors"]
+        != _digest(tiny_models)["generator/model.safetensors"]
+    )
     assert sum((tiny_models / f).stat().st_size for f in _digest(tiny_models)) < 5 * 2**20  # a few MB
 
 
@@ -32,8 +38,9 @@ def test_generator_loads_renders_mistral_format_and_generates(tiny_models: Path)
 
     tok = AutoTokenizer.from_pretrained(tiny_models / "generator")
     model = AutoModelForCausalLM.from_pretrained(tiny_models / "generator")
-    text = tok.apply_chat_template([{"role": "user", "content": "What is DPO?"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is DPO?"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<s>[INST] What is DPO? [/INST]"
     cfg = model.config
     assert cfg.model_type == "mistral" and cfg.head_dim == 32  # vLLM's CPU attention needs a supported head_dim

@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 
 from builders.catalog import Catalog
-from builders.models import weights_sha256
 from builders.config import SamplingConfig
 from builders.errors import InputError
-from tests.conftest import ROOT
-from tests.conftest import built_catalog
+from builders.models import weights_sha256
 from builders.train import RECIPES, TrainConfig, load_recipe, train
+from tests.conftest import ROOT, built_catalog
 
 TINY = RECIPES / "tiny-cpu.yaml"
 
@@ -99,8 +98,9 @@ def test_bad_training_inputs(built, tmp_path, tiny_models):
 
     publish(built, PublishConfig("me/x", local_dir=staged, dry_run=True))
     wrong = tmp_path / "wrong.yaml"
-    wrong.write_text(TINY.read_text().replace("dataset_train_split: train_iteration_1",
-                                              "dataset_train_split: train_iteration_9"))
+    wrong.write_text(
+        TINY.read_text().replace("dataset_train_split: train_iteration_1", "dataset_train_split: train_iteration_9")
+    )
     with pytest.raises(InputError, match="has no split 'train_iteration_9'"):
         train(built, 1, TrainConfig(wrong, model, dataset=str(staged), output_dir=tmp_path / "o3"))
     assert built.list(kind="model") == []
@@ -115,10 +115,38 @@ def test_two_cpu_processes_with_accelerate(built, tmp_path, tiny_models):
     # `--multi_gpu` picks accelerate's torchrun launcher; without CUDA each process runs on the CPU over gloo
     # (`--cpu` would start a single process)
     done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train.dpo", "--catalog", str(built.path),
-         "--iteration", "1", "--recipe", str(TINY), "--model", str(tiny_models / "generator"),
-         "--output-dir", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env())
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "train.dpo",
+            "--catalog",
+            str(built.path),
+            "--iteration",
+            "1",
+            "--recipe",
+            str(TINY),
+            "--model",
+            str(tiny_models / "generator"),
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=_env(),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     models = built.list(kind="model")
     assert len(models) == 1 and models[0].params["world_size"] == 2
@@ -133,9 +161,24 @@ def test_the_recipe_runs_under_plain_trl_dpo(built, tmp_path, tiny_models):
     publish(built, PublishConfig("me/x", local_dir=staged, dry_run=True))
     trl_cli = shutil.which("trl", path=str(Path(sys.executable).parent)) or "trl"
     done = subprocess.run(
-        [trl_cli, "dpo", "--config", str(TINY), "--dataset_name", str(staged), "--model_name_or_path",
-         str(tiny_models / "generator"), "--output_dir", str(tmp_path / "trl-out")],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env())
+        [
+            trl_cli,
+            "dpo",
+            "--config",
+            str(TINY),
+            "--dataset_name",
+            str(staged),
+            "--model_name_or_path",
+            str(tiny_models / "generator"),
+            "--output_dir",
+            str(tmp_path / "trl-out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=_env(),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "trl-out" / "model.safetensors").exists()
 
@@ -152,10 +195,20 @@ def _recipe(tmp_path: Path, name: str, replace: dict[str, str] | None = None, ex
 
 
 def test_the_same_training_twice_is_the_same_model_snapshot_and_prints_a_summary_not_dicts(
-        built, tmp_path, tiny_models, cli, catalog_path):
+    built, tmp_path, tiny_models, cli, catalog_path
+):
     shutil.copy(built.path, catalog_path)
-    args = ("train", "--iteration", "1", "--recipe", TINY, "--model", tiny_models / "generator",
-            "--output-dir", tmp_path / "m")
+    args = (
+        "train",
+        "--iteration",
+        "1",
+        "--recipe",
+        TINY,
+        "--model",
+        tiny_models / "generator",
+        "--output-dir",
+        tmp_path / "m",
+    )
     first = cli(*args, "--json")
     assert first.code == 0, first.err
     doc = first.json()  # stdout is the JSON document alone
@@ -177,21 +230,30 @@ def test_pairs_that_trl_drops_are_counted_and_warned(built, tmp_path, tiny_model
     tok = AutoTokenizer.from_pretrained(tiny_models / "generator")
     prompts = built.read(built.newest("pairs", 1, "train").id).column("prompt").to_pylist()
     # TRL drops a pair when its tokenized prompt (chat template, generation prompt) reaches max_length
-    lengths = sorted(len(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=True)["input_ids"]) for p in prompts)
+    lengths = sorted(
+        len(
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
+        for p in prompts
+    )
     max_length = lengths[len(lengths) // 2]
     expected = sum(n >= max_length for n in lengths)
     assert 0 < expected < len(lengths)
     recipe = _recipe(tmp_path, "short.yaml", {"max_length: 256": f"max_length: {max_length}"})
-    result = train(built, 1, TrainConfig(recipe, str(tiny_models / "generator"), output_dir=tmp_path / "m",
-                                      progress=False))
+    result = train(
+        built, 1, TrainConfig(recipe, str(tiny_models / "generator"), output_dir=tmp_path / "m", progress=False)
+    )
     row = built.read(result.snapshot.id).to_pylist()[0]
     counts = json.loads(row["metrics"])
     assert counts["train_pairs_dropped"] == expected and counts["train_pairs_used"] == len(lengths) - expected
     assert counts["train_pairs_truncated"] == counts["train_pairs_used"]  # every kept prompt + answer is too long
-    assert result.warnings == [f"{expected} of {len(lengths)} train pairs dropped: their prompt alone reaches "
-                               f"max_length {max_length} tokens (raise max_length in the recipe, or set "
-                               f"truncation_mode: keep_end)"]
+    assert result.warnings == [
+        f"{expected} of {len(lengths)} train pairs dropped: their prompt alone reaches "
+        f"max_length {max_length} tokens (raise max_length in the recipe, or set "
+        f"truncation_mode: keep_end)"
+    ]
     every = _recipe(tmp_path, "tiny.yaml", {"max_length: 256": f"max_length: {lengths[0]}"})
     with pytest.raises(InputError, match=f"all {len(lengths)} train pairs were dropped"):
         train(built, 1, TrainConfig(every, str(tiny_models / "generator"), output_dir=tmp_path / "m2"))
@@ -228,8 +290,9 @@ def test_recipe_secrets_never_reach_the_catalog_or_exports(built, tmp_path, tiny
     canary = "hf_CANARYsecret0123456789"
     monkeypatch.setenv("ITERDPO_TEST_TOKEN", "unset")  # restored after the test (train sets the recipe's env)
     recipe = _recipe(tmp_path, "env.yaml", extra=f"env:\n  ITERDPO_TEST_TOKEN: {canary}\n")
-    result = train(built, 1, TrainConfig(recipe, str(tiny_models / "generator"), output_dir=tmp_path / "m",
-                                      progress=False))
+    result = train(
+        built, 1, TrainConfig(recipe, str(tiny_models / "generator"), output_dir=tmp_path / "m", progress=False)
+    )
     assert os.environ["ITERDPO_TEST_TOKEN"] == canary  # the env block still applies to the run
     row = built.read(result.snapshot.id).to_pylist()[0]
     assert "ITERDPO_TEST_TOKEN: <redacted>" in row["recipe"] and "beta: 0.01" in row["recipe"]
@@ -256,8 +319,9 @@ def test_bad_recipe_values_fail_before_the_model_loads(built, tmp_path, cli, cat
     before = [s.id for s in Catalog(catalog_path).list()]
     bad = _recipe(tmp_path, "bad.yaml", {"learning_rate: 1.0e-4": "learning_rate: fast"})
     # the model does not exist: an error about it would mean the recipe was checked after loading
-    out = cli("train", "--iteration", "1", "--recipe", bad, "--model", tmp_path / "no-model", "--output-dir",
-              tmp_path / "m")
+    out = cli(
+        "train", "--iteration", "1", "--recipe", bad, "--model", tmp_path / "no-model", "--output-dir", tmp_path / "m"
+    )
     assert out.code == 1 and out.err.strip().count("\n") == 0
     assert out.err.startswith("Error: recipe ") and "learning_rate must be a number, found 'fast'" in out.err
     assert [s.id for s in Catalog(catalog_path).list()] == before and not (tmp_path / "m").exists()
@@ -271,19 +335,45 @@ def test_a_thread_count_below_1_fails_before_anything_loads(built, tmp_path, cli
     ignored without a word."""
     shutil.copy(built.path, catalog_path)
     before = [s.id for s in Catalog(catalog_path).list()]
-    out = cli("train", "--iteration", "1", "--recipe", TINY, "--model", tiny_models / "generator", "--output-dir",
-              tmp_path / "m", "--threads", threads)
+    out = cli(
+        "train",
+        "--iteration",
+        "1",
+        "--recipe",
+        TINY,
+        "--model",
+        tiny_models / "generator",
+        "--output-dir",
+        tmp_path / "m",
+        "--threads",
+        threads,
+    )
     assert out.code == 1 and out.out == "" and out.err.strip().count("\n") == 0, out.err
-    assert out.err.startswith(f"Error: --threads must be at least 1 (or unset: as the process has them), "
-                              f"not {threads}"), out.err
+    assert out.err.startswith(
+        f"Error: --threads must be at least 1 (or unset: as the process has them), not {threads}"
+    ), out.err
     assert [s.id for s in Catalog(catalog_path).list()] == before and not (tmp_path / "m").exists()
 
 
 def test_a_killed_training_does_not_block_the_same_command(built, tmp_path, tiny_models):
     out = tmp_path / "m"
     long = _recipe(tmp_path, "long.yaml", {"max_steps: 5": "max_steps: 100000"})
-    cmd = [sys.executable, "-m", "builders.cli", "--catalog", str(built.path), "train", "--iteration", "1",
-           "--recipe", str(long), "--model", str(tiny_models / "generator"), "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "builders.cli",
+        "--catalog",
+        str(built.path),
+        "train",
+        "--iteration",
+        "1",
+        "--recipe",
+        str(long),
+        "--model",
+        str(tiny_models / "generator"),
+        "--output-dir",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=_env())
     try:
         for line in proc.stderr:  # the handshake: the pair count is printed when training starts
@@ -305,16 +395,29 @@ def test_a_killed_training_does_not_block_the_same_command(built, tmp_path, tiny
     assert len(built.list(kind="model")) == 1
 
 
-def test_a_training_killed_before_its_registration_is_finished_by_the_same_command(built, tmp_path, tiny_models,
-                                                                                   cli):
+def test_a_training_killed_before_its_registration_is_finished_by_the_same_command(built, tmp_path, tiny_models, cli):
     import duckdb
 
     from builders.train import MODEL_MARKER
 
     out = tmp_path / "m"
     model = str(tiny_models / "generator")
-    cmd = [sys.executable, "-m", "builders.cli", "--catalog", str(built.path), "train", "--iteration", "1",
-           "--recipe", str(TINY), "--model", model, "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "builders.cli",
+        "--catalog",
+        str(built.path),
+        "train",
+        "--iteration",
+        "1",
+        "--recipe",
+        str(TINY),
+        "--model",
+        model,
+        "--output-dir",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=_env())
     lock = None
     try:
@@ -350,8 +453,9 @@ def test_a_training_killed_before_its_registration_is_finished_by_the_same_comma
     assert json.loads(row["metrics"]) == {"train_pairs_used": 12, "train_pairs_dropped": 0, "train_pairs_truncated": 0}
     assert snap.params["metrics"]["train_loss"] > 0  # the params of the run that trained it
     said = cli("train", "--iteration", "1", "--recipe", TINY, "--model", model, "--output-dir", out, catalog=built.path)
-    assert said.code == 0 and said.out.startswith(f"the model of this training is already in {out} (iteration 1, "
-                                                  f"12 pairs; weights verified, not trained again)"), said.out
+    assert said.code == 0 and said.out.startswith(
+        f"the model of this training is already in {out} (iteration 1, 12 pairs; weights verified, not trained again)"
+    ), said.out
     assert [m.id for m in built.list(kind="model")] == [snap.id]
 
     # the model of another training there (another recipe), or a user's folder, is still refused
@@ -398,5 +502,10 @@ def test_the_accelerate_launcher_puts_global_options_before_train():
 
     assert argv(["--iteration", "1"]) == ["train", "--iteration", "1"]
     assert argv(["--catalog", "c.duckdb", "--iteration", "1"]) == ["--catalog", "c.duckdb", "train", "--iteration", "1"]
-    assert argv(["--catalog=c.duckdb", "--debug", "--iteration", "1"]) == ["--catalog=c.duckdb", "--debug", "train",
-                                                                            "--iteration", "1"]
+    assert argv(["--catalog=c.duckdb", "--debug", "--iteration", "1"]) == [
+        "--catalog=c.duckdb",
+        "--debug",
+        "train",
+        "--iteration",
+        "1",
+    ]

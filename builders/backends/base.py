@@ -70,7 +70,7 @@ def unflatten(values: list[float], candidates: Sequence[Sequence[str]]) -> list[
     """Flat scores (one per candidate, in order) -> one list per prompt."""
     out, at = [], 0
     for cands in candidates:
-        out.append(values[at:at + len(cands)])
+        out.append(values[at : at + len(cands)])
         at += len(cands)
     return out
 
@@ -95,11 +95,11 @@ def check_device(device: str | None) -> None:
         if not torch.cuda.is_available():
             raise InputError(f"device {device}: CUDA is not available on this machine; use cpu", option="device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)", option="device")
+            raise InputError(
+                f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)", option="device"
+            )
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
             raise InputError(f"device {device}: MPS is not available on this machine; use cpu", option="device")
     elif dev.type != "cpu":
         raise InputError(f"device {device!r}: use cpu, cuda or cuda:N", option="device")
-
-

@@ -11,6 +11,7 @@ from builders.backends.base import device_for
 from builders.backends.pairrm import backbone_ref, pairrm_config
 from builders.models import resolve_folder
 
+
 def apply_llm_blender_fixes() -> None:
     """llm-blender 0.0.2 targets transformers 4. Two shims, applied only when this backend loads:
     1. it imports transformers.utils.hub.TRANSFORMERS_CACHE (removed in transformers 5) and uses it as cache dir;
@@ -23,6 +24,7 @@ def apply_llm_blender_fixes() -> None:
 
         hub.TRANSFORMERS_CACHE = HF_HUB_CACHE
     if not hasattr(PreTrainedTokenizerBase, "batch_encode_plus"):
+
         def batch_encode_plus(self, batch_text_or_text_pairs, **kwargs):
             return self(batch_text_or_text_pairs, **kwargs)
 
@@ -42,8 +44,9 @@ class LlmBlender:
         self.blender = llm_blender.Blender()
         # llm-blender prints its progress to stdout, which belongs to `--json`
         with contextlib.redirect_stdout(sys.stderr):
-            self.blender.loadranker(str(self.folder), device=device_for(device),
-                                    model_name=backbone_ref(self.folder, cfg["model_name"]))
+            self.blender.loadranker(
+                str(self.folder), device=device_for(device), model_name=backbone_ref(self.folder, cfg["model_name"])
+            )
 
     def describe(self) -> dict[str, Any]:
         return {"ranker": "llm-blender", "batch_size": self.batch_size, "llm_blender_version": "0.0.2"}
@@ -54,10 +57,12 @@ class LlmBlender:
     def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         out = []
         for start in range(0, len(prompts), self.batch_size):
-            got = self.blender.rank(list(prompts[start:start + self.batch_size]),
-                                    [list(c) for c in candidates[start:start + self.batch_size]],
-                                    return_scores=True, batch_size=self.batch_size, disable_tqdm=True)
+            got = self.blender.rank(
+                list(prompts[start : start + self.batch_size]),
+                [list(c) for c in candidates[start : start + self.batch_size]],
+                return_scores=True,
+                batch_size=self.batch_size,
+                disable_tqdm=True,
+            )
             out.extend([float(x) for x in row] for row in got)
         return out
-
-

@@ -19,12 +19,13 @@ import queue
 import random
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from builders.backends.base import Request, Sample
+from builders.backends.base import call_sampling as _sampling
 from builders.config import OpenAIConfig, SamplingConfig
-from builders.backends.base import Request, Sample, call_sampling as _sampling
 from builders.errors import InputError, IterdpoError
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -43,10 +44,14 @@ class ServerError(IterdpoError):
 def validate_openai(cfg: OpenAIConfig) -> None:
     """Every option of the backend, before any work (a concurrency of 0 would wait forever)."""
     if not re.match(r"https?://[^/\s]+", cfg.base_url or ""):
-        raise InputError(f"base_url must be an http:// or https:// URL, not {redact(cfg.base_url)!r}", option="base_url")
+        raise InputError(
+            f"base_url must be an http:// or https:// URL, not {redact(cfg.base_url)!r}", option="base_url"
+        )
     if not cfg.api_key_env or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.api_key_env):
-        raise InputError(f"api_key_env must name an environment variable (e.g. OPENAI_API_KEY), "
-                         f"not {cfg.api_key_env!r}", option="api_key_env")
+        raise InputError(
+            f"api_key_env must name an environment variable (e.g. OPENAI_API_KEY), not {cfg.api_key_env!r}",
+            option="api_key_env",
+        )
     if not isinstance(cfg.concurrency, int) or cfg.concurrency < 1:
         raise InputError(f"concurrency must be at least 1, not {cfg.concurrency}", option="concurrency")
     if not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
@@ -114,11 +119,16 @@ class OpenAIGenerator:
         return [Request(pid, prompt, seed) for pid, prompt, seed in prompts]
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"backend": "openai", "base_url": redact(self.cfg.base_url), **self.server_model(),
-                               "token_counts": TOKEN_COUNTS["local" if self._local else "served"]}
+        out: dict[str, Any] = {
+            "backend": "openai",
+            "base_url": redact(self.cfg.base_url),
+            **self.server_model(),
+            "token_counts": TOKEN_COUNTS["local" if self._local else "served"],
+        }
         if self.template:
-            out.update(chat_template=self.template,
-                       chat_template_sha256=hashlib.sha256(self.template.encode()).hexdigest())
+            out.update(
+                chat_template=self.template, chat_template_sha256=hashlib.sha256(self.template.encode()).hexdigest()
+            )
         return out
 
     def server_model(self) -> dict[str, Any]:
@@ -136,9 +146,11 @@ class OpenAIGenerator:
             return {"server_model": None, "server_model_note": text}
 
         try:
-            resp = httpx.get(self.cfg.base_url.rstrip("/") + "/models",
-                             headers={"Authorization": f"Bearer {self._key}"} if self._key else {},
-                             timeout=min(self.cfg.request_timeout, MODELS_TIMEOUT))
+            resp = httpx.get(
+                self.cfg.base_url.rstrip("/") + "/models",
+                headers={"Authorization": f"Bearer {self._key}"} if self._key else {},
+                timeout=min(self.cfg.request_timeout, MODELS_TIMEOUT),
+            )
         except httpx.HTTPError as e:
             return note(f"GET /models: {type(e).__name__}")
         if resp.status_code != 200:
@@ -168,8 +180,9 @@ class OpenAIGenerator:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
 
-    def stream(self, prompts: Sequence[tuple[str, str, int]], sampling: SamplingConfig | None = None
-               ) -> Iterator[tuple[Request, list[Sample]]]:
+    def stream(
+        self, prompts: Sequence[tuple[str, str, int]], sampling: SamplingConfig | None = None
+    ) -> Iterator[tuple[Request, list[Sample]]]:
         """(request, samples) for each (prompt_id, prompt, seed) as the server answers, in completion order; an
         empty list: the server refused the prompt as too long. A failure (after retries) is raised here, after
         the answers that came before it; closing the iterator early cancels what is in flight."""
@@ -215,7 +228,7 @@ class OpenAIGenerator:
                 self.close()
 
     @staticmethod
-    def _next(answers: queue.SimpleQueue, window: "concurrent.futures.Future") -> Any:
+    def _next(answers: queue.SimpleQueue, window: concurrent.futures.Future) -> Any:
         while True:
             try:
                 return answers.get(timeout=1.0)
@@ -266,8 +279,11 @@ class OpenAIGenerator:
             c = self.cfg.concurrency
             # limits apply to a proxy from the environment; the direct route has its own transport (see there)
             self._client = httpx.AsyncClient(
-                headers={"Authorization": f"Bearer {self._key}"} if self._key else {}, timeout=self.cfg.request_timeout,
-                limits=httpx.Limits(max_connections=c, max_keepalive_connections=c), transport=_slot_transport(c))
+                headers={"Authorization": f"Bearer {self._key}"} if self._key else {},
+                timeout=self.cfg.request_timeout,
+                limits=httpx.Limits(max_connections=c, max_keepalive_connections=c),
+                transport=_slot_transport(c),
+            )
         client = self._client
         pending = collections.deque(todo)
 
@@ -302,15 +318,21 @@ class OpenAIGenerator:
             await client.aclose()
 
     def _body(self, req, s: SamplingConfig) -> dict[str, Any]:
-        body = {"model": self.model, "messages": [{"role": "user", "content": req.prompt}], "n": s.num_responses,
-                "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "seed": req.seed}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": req.prompt}],
+            "n": s.num_responses,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+            "seed": req.seed,
+        }
         if self.template:
             body["chat_template"] = self.template  # vLLM's extension; other servers use their own template
         return body
 
     async def _request(self, client, req, sampling: SamplingConfig) -> list:
         import httpx
-
 
         delay, timeout = self.cfg.backoff, self.cfg.request_timeout
         attempts = self.cfg.max_retries + 1
@@ -328,11 +350,15 @@ class OpenAIGenerator:
                 if resp.status_code == 200:
                     try:
                         data = resp.json()
-                        samples = [Sample(c["message"]["content"] or "", c.get("finish_reason") or "stop", None)
-                                   for c in sorted(data["choices"], key=lambda c: c.get("index", 0))]
+                        samples = [
+                            Sample(c["message"]["content"] or "", c.get("finish_reason") or "stop", None)
+                            for c in sorted(data["choices"], key=lambda c: c.get("index", 0))
+                        ]
                     except (ValueError, KeyError, TypeError, AttributeError):
-                        raise ServerError(f"server {redact(self.cfg.base_url)} answered HTTP 200 without a chat "
-                                          f"completion (is --base-url an OpenAI-compatible /v1 endpoint?)") from None
+                        raise ServerError(
+                            f"server {redact(self.cfg.base_url)} answered HTTP 200 without a chat "
+                            f"completion (is --base-url an OpenAI-compatible /v1 endpoint?)"
+                        ) from None
                     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
                     req.prompt_tokens = _count(usage.get("prompt_tokens"))
                     # usage counts all n choices together: a row gets it only when it is the only choice
@@ -343,8 +369,10 @@ class OpenAIGenerator:
                 # redact before cutting: a key cut in half at the limit would still leak its first characters
                 text = redact(resp.text, self._key)[:300].replace("\n", " ")
                 if resp.status_code in (401, 403):
-                    raise ServerError(f"server {redact(self.cfg.base_url)} refused the request: HTTP {resp.status_code} "
-                                      f"(check ${self.cfg.api_key_env})")
+                    raise ServerError(
+                        f"server {redact(self.cfg.base_url)} refused the request: HTTP {resp.status_code} "
+                        f"(check ${self.cfg.api_key_env})"
+                    )
                 if resp.status_code == 400 and any(h in text.lower() for h in TOO_LONG_HINTS):
                     return []
                 if resp.status_code not in RETRY_STATUS:
@@ -354,21 +382,26 @@ class OpenAIGenerator:
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay *= 2
         if last == TIMED_OUT:
-            raise ServerError(f"the server at {redact(self.cfg.base_url)} did not answer within {timeout:g} s "
-                              f"(request_timeout) after {attempts} attempt{'s' if attempts > 1 else ''}; finished "
-                              f"prompts are kept, rerun to resume", option="request_timeout")
-        raise ServerError(f"server {redact(self.cfg.base_url)} failed {attempts} times ({last}); "
-                          f"finished prompts are kept, rerun to continue")
+            raise ServerError(
+                f"the server at {redact(self.cfg.base_url)} did not answer within {timeout:g} s "
+                f"(request_timeout) after {attempts} attempt{'s' if attempts > 1 else ''}; finished "
+                f"prompts are kept, rerun to resume",
+                option="request_timeout",
+            )
+        raise ServerError(
+            f"server {redact(self.cfg.base_url)} failed {attempts} times ({last}); "
+            f"finished prompts are kept, rerun to continue"
+        )
 
 
 # how the rows' token counts were made, recorded with the snapshot (a null count is never a guess)
 TOKEN_COUNTS = {
     "local": "prompt_tokens and completion_tokens from the server's usage; with num_responses > 1, usage is one "
-             "total for a prompt's responses, so each row's completion_tokens is counted with the model folder's "
-             "tokenizer (null if it has none)",
+    "total for a prompt's responses, so each row's completion_tokens is counted with the model folder's "
+    "tokenizer (null if it has none)",
     "served": "prompt_tokens and completion_tokens from the server's usage; with num_responses > 1, usage is one "
-              "total for a prompt's responses and a served name has no local tokenizer, so each row's "
-              "completion_tokens is null (the stage's token total still counts usage)",
+    "total for a prompt's responses and a served name has no local tokenizer, so each row's "
+    "completion_tokens is null (the stage's token total still counts usage)",
 }
 
 
@@ -405,7 +438,8 @@ def _slot_transport(slots: int) -> Any:
             pool = self.pools.get(slot)
             if pool is None:
                 pool = self.pools[slot] = httpx.AsyncHTTPTransport(
-                    verify=self.ssl, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+                    verify=self.ssl, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
+                )
             return await pool.handle_async_request(request)
 
         async def aclose(self) -> None:

@@ -24,8 +24,13 @@ def pairwise_head(hidden: int, n_tasks: int = 1):
     """CrossCompareReranker's head: Dropout, Linear(2H, H), Tanh, Dropout, Linear(H, n_tasks) (state keys 1 and 4)."""
     import torch
 
-    return torch.nn.Sequential(torch.nn.Dropout(0.0), torch.nn.Linear(2 * hidden, hidden), torch.nn.Tanh(),
-                               torch.nn.Dropout(0.0), torch.nn.Linear(hidden, n_tasks))
+    return torch.nn.Sequential(
+        torch.nn.Dropout(0.0),
+        torch.nn.Linear(2 * hidden, hidden),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(0.0),
+        torch.nn.Linear(hidden, n_tasks),
+    )
 
 
 def pairrm_config(folder: Path) -> dict[str, Any]:
@@ -35,8 +40,10 @@ def pairrm_config(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         config = {}
     if config.get("ranker_type") != "pairranker" or "model_name" not in config:
-        raise InputError(f"{folder} is not a PairRM folder: it needs llm-blender's config.json "
-                         f"(ranker_type 'pairranker', model_name, source_maxlength, candidate_maxlength)")
+        raise InputError(
+            f"{folder} is not a PairRM folder: it needs llm-blender's config.json "
+            f"(ranker_type 'pairranker', model_name, source_maxlength, candidate_maxlength)"
+        )
     return config
 
 
@@ -82,14 +89,17 @@ class PairRM:
         self.src_id, self.c1_id, self.c2_id, self.cand_id = (tok.convert_tokens_to_ids(t) for t in PAIRRM_PREFIXES)
         model.resize_token_embeddings(len(tok), mean_resizing=False)
         weights = self.folder / "model.safetensors"
-        state = load_file(weights) if weights.exists() else torch.load(self.folder / "pytorch_model.bin",
-                                                                       map_location="cpu", weights_only=True)
+        state = (
+            load_file(weights)
+            if weights.exists()
+            else torch.load(self.folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        )
         h = model.config.hidden_size
         n_tasks = int(cfg.get("n_tasks", 1))
         self.head = pairwise_head(h, n_tasks)
-        backbone_state = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+        backbone_state = {k[len(BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
         missing, _ = model.load_state_dict(backbone_state, strict=False)
-        head_state = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+        head_state = {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
         try:
             self.head.load_state_dict(head_state)
         except RuntimeError as e:
@@ -106,8 +116,14 @@ class PairRM:
         self.passes = 0
 
     def describe(self) -> dict[str, Any]:
-        return {"ranker": "pairrm", "source_maxlength": self.source_max, "candidate_maxlength": self.candidate_max,
-                "truncation": "per prompt", "dtype": self.dtype, "score": "sum_j (C[i,j] - C[j,i]) / N"}
+        return {
+            "ranker": "pairrm",
+            "source_maxlength": self.source_max,
+            "candidate_maxlength": self.candidate_max,
+            "truncation": "per prompt",
+            "dtype": self.dtype,
+            "score": "sum_j (C[i,j] - C[j,i]) / N",
+        }
 
     def close(self) -> None:
         pass  # the weights go with the object; nothing else to release
@@ -115,8 +131,9 @@ class PairRM:
     def encode(self, prompt: str, candidates: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the source and of each candidate, truncated as llm-blender does for a batch of one."""
         tok = self.tokenizer
-        src = tok(PAIRRM_PREFIXES[0] + prompt.replace(self.sep, " "), max_length=self.source_max,
-                  truncation=True)["input_ids"]
+        src = tok(PAIRRM_PREFIXES[0] + prompt.replace(self.sep, " "), max_length=self.source_max, truncation=True)[
+            "input_ids"
+        ]
         budget = self.candidate_max + (self.source_max - len(src)) // 2
         texts = [PAIRRM_PREFIXES[3] + c.replace(self.sep, " ") for c in candidates]
         return src, tok(texts, max_length=budget, truncation=True)["input_ids"]
@@ -154,7 +171,9 @@ class PairRM:
                 for row, item in enumerate(batch):
                     ids[row, : item[7]] = torch.tensor(item[4])
                     mask[row, : item[7]] = 1
-                hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+                hidden = self.model(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                ).last_hidden_state
                 for row, item in enumerate(batch):
                     src_enc, c1, c2 = hidden[row, 1], hidden[row, item[5]], hidden[row, item[6]]
                     left = self.head(torch.cat([src_enc, c1])[None])
@@ -163,5 +182,3 @@ class PairRM:
                 self.passes += len(batch)
                 start = end
         return [[sum(c[i][j] - c[j][i] for j in range(len(c))) / len(c) for i in range(len(c))] for c in cmp]
-
-

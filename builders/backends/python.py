@@ -5,17 +5,20 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from builders.backends.base import unflatten
 from builders.errors import InputError, one_line
+
 
 class PythonScorer:
     def __init__(self, spec: str):
         module, _, name = spec.partition(":")
         if not module or not name:
-            raise InputError(f"ranker_model for the python ranker must be module:function, not {spec!r}", option="ranker_model")
+            raise InputError(
+                f"ranker_model for the python ranker must be module:function, not {spec!r}", option="ranker_model"
+            )
         if os.getcwd() not in sys.path:  # `module:function` next to the user, as `python -m` would find it
             sys.path.insert(0, os.getcwd())
         try:
@@ -37,8 +40,9 @@ class PythonScorer:
         try:
             values = [float(v) for v in got]
         except (TypeError, ValueError):
-            raise InputError(f"python scorer {self.spec} must return a list of numbers, "
-                             f"got {type(got).__name__}") from None
+            raise InputError(
+                f"python scorer {self.spec} must return a list of numbers, got {type(got).__name__}"
+            ) from None
         if len(values) != len(flat_r):
             raise InputError(f"python scorer {self.spec} returned {len(values)} scores for {len(flat_r)} responses")
         return unflatten(values, candidates)

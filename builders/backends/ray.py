@@ -54,14 +54,16 @@ def validate_executor(ex: ExecutorConfig) -> None:
         raise InputError(f"replicas must be at least 1, not {ex.replicas}", option="replicas")
     if ex.executor == "local":
         if ex.replicas != 1:
-            raise InputError(f"replicas {ex.replicas} needs the ray executor; the local one runs a single backend",
-                             option="replicas")
+            raise InputError(
+                f"replicas {ex.replicas} needs the ray executor; the local one runs a single backend", option="replicas"
+            )
         if ex.ray_address is not None:
             raise InputError("ray_address needs the ray executor", option="ray_address")
         return
     if ex.ray_address is not None and not _ADDRESS.match(str(ex.ray_address)):
-        raise InputError(f"ray_address must be auto, HOST:PORT or ray://HOST:PORT, not {ex.ray_address!r}",
-                         option="ray_address")
+        raise InputError(
+            f"ray_address must be auto, HOST:PORT or ray://HOST:PORT, not {ex.ray_address!r}", option="ray_address"
+        )
     if importlib.util.find_spec("ray") is None:
         raise InputError(f"the ray executor needs Ray, which is not installed: {INSTALL}")
 
@@ -119,8 +121,10 @@ def check_rank_executor(cfg: RankConfig) -> None:
 
             check_device(cfg.device)
         if ":" in cfg.device:  # Ray shows each actor only the GPU it was given, as cuda:0
-            raise InputError(f"device {cfg.device}: on the ray executor every replica is given a GPU of its own; "
-                             f"use cuda (or cpu)", option="device")
+            raise InputError(
+                f"device {cfg.device}: on the ray executor every replica is given a GPU of its own; use cuda (or cpu)",
+                option="device",
+            )
     preflight(ex, partial(ranker_resources, cfg))
 
 
@@ -134,10 +138,16 @@ def _check_capacity(ex: ExecutorConfig, options: dict[str, float], total: dict[s
     have = ", ".join(f"{total.get(k, 0):g} {k}s" for k in need)
     wanted = ", ".join(f"{v:g} {k}s" for k, v in need.items())
     if local:
-        raise InputError(f"replicas {ex.replicas} need {wanted}; this machine's Ray has {have}: use fewer "
-                         f"replicas or join a cluster (ray_address)", option="replicas")
-    print(f"Warning: the Ray cluster has {have} now; {ex.replicas} replicas need {wanted}: they wait for "
-          f"nodes to join", file=sys.stderr, flush=True)
+        raise InputError(
+            f"replicas {ex.replicas} need {wanted}; this machine's Ray has {have}: use fewer "
+            f"replicas or join a cluster (ray_address)",
+            option="replicas",
+        )
+    print(
+        f"Warning: the Ray cluster has {have} now; {ex.replicas} replicas need {wanted}: they wait for nodes to join",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------- session
@@ -183,8 +193,9 @@ def _reachable(address: str, timeout: float = 10.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
-        raise IterdpoError(f"cannot reach Ray at {address}: {e.strerror or type(e).__name__}; is `ray start` "
-                           f"running there?") from None
+        raise IterdpoError(
+            f"cannot reach Ray at {address}: {e.strerror or type(e).__name__}; is `ray start` running there?"
+        ) from None
 
 
 def cluster_gpus(ex: ExecutorConfig) -> float:
@@ -234,8 +245,9 @@ class RayPool:
     """`replicas` actors holding the backend `build` makes; `stream` feeds them payloads and yields results as
     they complete. `stats` says how the work was split (StageResult.executor)."""
 
-    def __init__(self, ex: ExecutorConfig, build: Callable[[], Any], resources: Callable[[float], dict[str, float]],
-                 what: str):
+    def __init__(
+        self, ex: ExecutorConfig, build: Callable[[], Any], resources: Callable[[float], dict[str, float]], what: str
+    ):
         import ray
 
         self.ex, self.build, self.what = ex, build, what
@@ -277,21 +289,30 @@ class RayPool:
         except ray.exceptions.RayTaskError as e:
             raise e.cause from None  # the backend's own exception (an IterdpoError is one line on the CLI)
         except ray.exceptions.RayActorError as e:
-            raise IterdpoError(f"a replica died while loading its backend ({type(e).__name__}); see the worker "
-                               f"logs in Ray's session folder (/tmp/ray/session_latest/logs)") from None
+            raise IterdpoError(
+                f"a replica died while loading its backend ({type(e).__name__}); see the worker "
+                f"logs in Ray's session folder (/tmp/ray/session_latest/logs)"
+            ) from None
 
     def describe(self) -> dict[str, Any]:
         return {**self.info, "executor": {"executor": "ray", "replicas": self.ex.replicas}}
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"executor": "ray", "replicas": self.ex.replicas, "nodes": len(self.nodes),
-                "ray_init_seconds": round(self.init_seconds, 2), "replicas_ready_seconds": round(self.ready_seconds, 2),
-                "units_per_replica": list(self.units), "resubmitted_chunks": self.resubmitted,
-                "replaced_replicas": self.replaced}
+        return {
+            "executor": "ray",
+            "replicas": self.ex.replicas,
+            "nodes": len(self.nodes),
+            "ray_init_seconds": round(self.init_seconds, 2),
+            "replicas_ready_seconds": round(self.ready_seconds, 2),
+            "units_per_replica": list(self.units),
+            "resubmitted_chunks": self.resubmitted,
+            "replaced_replicas": self.replaced,
+        }
 
-    def stream(self, fn: Callable[[Any, Any], Finished], payloads: Sequence[Any], size: Callable[[Any], int]
-               ) -> Iterator[Finished]:
+    def stream(
+        self, fn: Callable[[Any, Any], Finished], payloads: Sequence[Any], size: Callable[[Any], int]
+    ) -> Iterator[Finished]:
         """fn(backend, payload) on the replicas, each result yielded as it completes (any order). A lost replica's
         chunks go back to the front of the queue, for the live replicas; its replacement takes chunks once its
         backend is loaded (on a cluster with no room for it, the others finish the run)."""
@@ -312,8 +333,12 @@ class RayPool:
                 load[slot] += 1
 
         def replace_actor(slot: int, error: BaseException) -> None:
-            print(f"Warning: {self.what} replica {slot} lost ({type(error).__name__}); its chunks go to the other "
-                  f"replicas and a new replica starts", file=sys.stderr, flush=True)
+            print(
+                f"Warning: {self.what} replica {slot} lost ({type(error).__name__}); its chunks go to the other "
+                f"replicas and a new replica starts",
+                file=sys.stderr,
+                flush=True,
+            )
             ray.kill(self.actors[slot], no_restart=True)
             self.actors[slot] = self._spawn(slot)
             self.generation[slot] += 1
@@ -344,9 +369,11 @@ class RayPool:
                 except (RayActorError, ObjectLostError) as e:
                     attempts[i] += 1
                     if attempts[i] >= ATTEMPTS:
-                        raise IterdpoError(f"{self.what}: a chunk of {size(payloads[i])} units lost its replica "
-                                           f"{attempts[i]} times (last: {type(e).__name__}); the finished work is "
-                                           f"kept: rerun the same command to continue") from None
+                        raise IterdpoError(
+                            f"{self.what}: a chunk of {size(payloads[i])} units lost its replica "
+                            f"{attempts[i]} times (last: {type(e).__name__}); the finished work is "
+                            f"kept: rerun the same command to continue"
+                        ) from None
                     queue.appendleft(i)
                     self.resubmitted += 1
                     if current:  # the first loss seen from this actor (its other chunks come back too)
@@ -392,8 +419,15 @@ class Replicated:
     """A stage's backend on Ray: `replicas` actors each hold the local backend `build` makes and run the local
     `run` on chunks of the work items; the driver yields each chunk's `Finished` as it completes."""
 
-    def __init__(self, ex: ExecutorConfig, build: Callable[[], Any], run: Callable, chunk: int,
-                 resources: Callable[[float], dict[str, float]], label: str):
+    def __init__(
+        self,
+        ex: ExecutorConfig,
+        build: Callable[[], Any],
+        run: Callable,
+        chunk: int,
+        resources: Callable[[float], dict[str, float]],
+        label: str,
+    ):
         self.run, self.chunk = run, chunk
         self.pool = RayPool(ex, build, resources, label)
 
@@ -424,11 +458,21 @@ def ranker_resources(cfg: RankConfig, gpus: float) -> dict[str, float]:
     return {"num_cpus": 1, "num_gpus": 1 if wants_gpu or (not on_cpu and gpus) else 0}
 
 
-def replicated(ex: ExecutorConfig, build: Callable[[], Any], run: Callable, *, chunk: int,
-               resources: Callable[[float], dict[str, float]], label: str) -> Producer:
+def replicated(
+    ex: ExecutorConfig,
+    build: Callable[[], Any],
+    run: Callable,
+    *,
+    chunk: int,
+    resources: Callable[[float], dict[str, float]],
+    label: str,
+) -> Producer:
     """The executor's Producer on Ray (builders/executor.py:producer)."""
-    return Producer(partial(Replicated, ex, build, run, chunk, resources, label), Replicated.produce,
-                    lambda backend: backend.pool.stats)
+    return Producer(
+        partial(Replicated, ex, build, run, chunk, resources, label),
+        Replicated.produce,
+        lambda backend: backend.pool.stats,
+    )
 
 
 def ranker_on_gpu(cfg: RankConfig) -> bool:

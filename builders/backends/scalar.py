@@ -9,6 +9,7 @@ from builders.backends.base import device_for, unflatten
 from builders.errors import InputError, one_line
 from builders.models import resolve_folder
 
+
 class ScalarRM:
     """AutoModelForSequenceClassification over (prompt, response), rendered with the chat template when the
     tokenizer has one (reward models trained on conversations), else as a text pair."""
@@ -26,13 +27,16 @@ class ScalarRM:
             raise InputError(f"scalar reward model {ref!r} cannot be loaded ({one_line(e)})") from None
         # transformers fills weights the checkpoint lacks (e.g. the score head of a plain backbone, or of a PairRM
         # folder) with random values and only warns: scores from them are noise, so refuse
-        missing = sorted(info.get("missing_keys") or []) + sorted(k[0] if isinstance(k, tuple) else k
-                                                                  for k in info.get("mismatched_keys") or [])
+        missing = sorted(info.get("missing_keys") or []) + sorted(
+            k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or []
+        )
         if missing:
             heads = [k for k in missing if k.split(".")[0] in ("classifier", "score", "pooler", "v_head")]
             shown = ", ".join((heads or missing)[:3]) + (", ..." if len(missing) > 3 else "")
-            raise InputError(f"scalar reward model {ref!r}: {len(missing)} weights are missing from its checkpoint "
-                             f"and would be random ({shown}); it is not a trained sequence-classification reward model")
+            raise InputError(
+                f"scalar reward model {ref!r}: {len(missing)} weights are missing from its checkpoint "
+                f"and would be random ({shown}); it is not a trained sequence-classification reward model"
+            )
         self.model = model.to(self.device).eval()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -47,8 +51,12 @@ class ScalarRM:
     def _inputs(self, prompts: list[str], responses: list[str]):
         tok = self.tokenizer
         if tok.chat_template:
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                             tokenize=False) for p, r in zip(prompts, responses)]
+            texts = [
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+                )
+                for p, r in zip(prompts, responses)
+            ]
             return tok(texts, padding=True, truncation=True, return_tensors="pt", add_special_tokens=False)
         return tok(prompts, responses, padding=True, truncation=True, return_tensors="pt")
 
@@ -57,9 +65,7 @@ class ScalarRM:
         values: list[float] = []
         with self.torch.no_grad():
             for start in range(0, len(flat), self.batch_size):
-                chunk = flat[start:start + self.batch_size]
+                chunk = flat[start : start + self.batch_size]
                 enc = self._inputs([p for p, _ in chunk], [c for _, c in chunk]).to(self.device)
                 values.extend(self.model(**enc).logits[:, 0].float().cpu().tolist())
         return unflatten(values, candidates)
-
-

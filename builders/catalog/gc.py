@@ -14,8 +14,8 @@ import builders.catalog.store as store
 from builders.catalog.db import Database, execute, fetch_one
 from builders.catalog.hashing import row_hashes, snapshot_id
 from builders.errors import CatalogError
-from builders.schemas import KINDS, Kind, kind as get_kind
-
+from builders.schemas import KINDS, Kind
+from builders.schemas import kind as get_kind
 
 # rows hashed per batch by verify: pairs rows are ~10 kB each
 _VERIFY_ROWS = 1_000
@@ -50,17 +50,24 @@ class Upkeep:
             if sid != snap.id:
                 problems.append(f"{snap.id[:12]}: recomputed id is {sid[:12]}")
         with self.db.connect(read_only=True) as con:
-            dangling = fetch_one(con,
-                "SELECT count(*) FROM snapshot_parents p ANTI JOIN snapshots s ON p.parent_id = s.id")[0]
+            dangling = fetch_one(
+                con, "SELECT count(*) FROM snapshot_parents p ANTI JOIN snapshots s ON p.parent_id = s.id"
+            )[0]
             if dangling:
                 problems.append(f"{dangling} parent links name snapshots that are not in the catalog")
             # rows of interrupted registrations: in no snapshot and no work; harmless, reused by a retry,
             # removed by `versions gc`
             refs = store.has_refs(con)
-            unreferenced = sum(fetch_one(con, f"SELECT count(*) {_unreferenced(k, refs)}", [k.name, k.name])[0]
-                               for k in KINDS.values())
-        return {"catalog": str(self.path), "snapshots": len(snaps), "ok": not problems, "problems": problems,
-                "unreferenced_rows": unreferenced}
+            unreferenced = sum(
+                fetch_one(con, f"SELECT count(*) {_unreferenced(k, refs)}", [k.name, k.name])[0] for k in KINDS.values()
+            )
+        return {
+            "catalog": str(self.path),
+            "snapshots": len(snaps),
+            "ok": not problems,
+            "problems": problems,
+            "unreferenced_rows": unreferenced,
+        }
 
     def _rehash(self, sid: str, seen: dict[str, int]) -> Iterator[bytes]:
         """A snapshot's recomputed row hashes in canonical order, batch by batch; counts rows and mismatches with
@@ -85,8 +92,11 @@ class Upkeep:
             for k in sorted(KINDS.values(), key=lambda k: k.name != "pairs"):
                 n = fetch_one(con, f"SELECT count(*) {_unreferenced(k)}", [k.name, k.name])[0]
                 if n and not dry_run:
-                    execute(con, f"DELETE FROM {store.rows_table(k.name)} WHERE row_id IN (SELECT r.row_id "
-                                 f"{_unreferenced(k)})", [k.name, k.name])
+                    execute(
+                        con,
+                        f"DELETE FROM {store.rows_table(k.name)} WHERE row_id IN (SELECT r.row_id {_unreferenced(k)})",
+                        [k.name, k.name],
+                    )
                 removed[k.name] = n
             removed = {k: removed[k] for k in KINDS}
         freed = 0
@@ -94,15 +104,23 @@ class Upkeep:
             with self.db.connect() as con:  # a checkpoint returns the deleted rows' blocks to the file's free list
                 execute(con, "CHECKPOINT")
                 freed = max(_free_bytes(con) - before, 0)
-        return {"catalog": str(self.path), "dry_run": dry_run, "rows_removed": sum(removed.values()),
-                "rows_removed_by_kind": removed, "bytes_freed": freed, "file_bytes": self.path.stat().st_size}
+        return {
+            "catalog": str(self.path),
+            "dry_run": dry_run,
+            "rows_removed": sum(removed.values()),
+            "rows_removed_by_kind": removed,
+            "bytes_freed": freed,
+            "file_bytes": self.path.stat().st_size,
+        }
 
 
 def _unreferenced(k: Kind, refs: bool = True) -> str:
     """FROM clause of a kind's rows in no snapshot, no work, and (prompts, generations) not referred to by a stored
     pairs row (parameters: the kind name, twice). `refs`: the file has references (schema 2)."""
-    referred = {"prompts": "SELECT prompt_ref AS h FROM rows_pairs WHERE prompt_ref IS NOT NULL",
-                "generations": "SELECT unnest(response_refs) AS h FROM rows_pairs WHERE prompt_ref IS NOT NULL"}
+    referred = {
+        "prompts": "SELECT prompt_ref AS h FROM rows_pairs WHERE prompt_ref IS NOT NULL",
+        "generations": "SELECT unnest(response_refs) AS h FROM rows_pairs WHERE prompt_ref IS NOT NULL",
+    }
     by_pairs = f" ANTI JOIN ({referred[k.name]}) refd ON r.row_hash = refd.h" if refs and k.name in referred else ""
     return f"""FROM {store.rows_table(k.name)} r
         ANTI JOIN (SELECT row_id FROM snapshot_rows s JOIN snapshots n ON s.seq = n.seq WHERE n.kind = ?
@@ -112,6 +130,7 @@ def _unreferenced(k: Kind, refs: bool = True) -> str:
 
 def _free_bytes(con: duckdb.DuckDBPyConnection) -> int:
     """Bytes of the file's free blocks (DuckDB reuses them; the file itself does not shrink)."""
-    block_size, free_blocks = fetch_one(con, "SELECT block_size, free_blocks FROM pragma_database_size() "
-                                             "WHERE database_name = current_database()")
+    block_size, free_blocks = fetch_one(
+        con, "SELECT block_size, free_blocks FROM pragma_database_size() WHERE database_name = current_database()"
+    )
     return int(block_size) * int(free_blocks)

@@ -48,7 +48,9 @@ def _encode(arr: pa.Array) -> pa.Array:
         lengths = pc.binary_length(filled).to_numpy(zero_copy_only=False).astype("<i8")
         return _join(_prefixed(valid, lengths), filled)
     if pa.types.is_boolean(t):
-        return pc.if_else(arr.is_valid(), pc.if_else(arr.fill_null(False), b"\x01\x01", b"\x01\x00"), b"\x00").cast(pa.binary())
+        return pc.if_else(arr.is_valid(), pc.if_else(arr.fill_null(False), b"\x01\x01", b"\x01\x00"), b"\x00").cast(
+            pa.binary()
+        )
     if pa.types.is_integer(t):
         return _prefixed(valid, arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False).astype("<i8"))
     if pa.types.is_floating(t):

@@ -62,40 +62,69 @@ class Merge:
         for k in KINDS.values():
             rt = store.rows_table(k.name)
             cols = ["row_hash", *k.columns, *(store.REF_COLUMNS if k.name == "pairs" and src_refs else ())]
-            counts["rows"] += fetch_one(con, f"""
+            counts["rows"] += fetch_one(
+                con,
+                f"""
                 INSERT INTO {rt} BY NAME SELECT (SELECT coalesce(max(row_id), 0) FROM {rt})
-                       + row_number() OVER (ORDER BY s.row_id) AS row_id, {', '.join('s.' + c for c in cols)}
-                FROM src.{rt} s ANTI JOIN {rt} r ON s.row_hash = r.row_hash""")[0]
+                       + row_number() OVER (ORDER BY s.row_id) AS row_id, {", ".join("s." + c for c in cols)}
+                FROM src.{rt} s ANTI JOIN {rt} r ON s.row_hash = r.row_hash""",
+            )[0]
         # new snapshots, numbered after ours in their source order
-        counts["snapshots"] = fetch_one(con, """
+        counts["snapshots"] = fetch_one(
+            con,
+            """
             INSERT INTO snapshots SELECT s.id, (SELECT coalesce(max(seq), 0) FROM snapshots) + row_number() OVER (ORDER BY s.seq),
                    s.kind, s.iteration, s.split, s.n_rows, s.params, s.created_at
-            FROM src.snapshots s ANTI JOIN snapshots d ON s.id = d.id""")[0]
+            FROM src.snapshots s ANTI JOIN snapshots d ON s.id = d.id""",
+        )[0]
         for k in KINDS.values():
             rt = store.rows_table(k.name)
             # membership of snapshots that have none here yet (the ones just added), mapped through the row hash
-            execute(con, f"""
+            execute(
+                con,
+                f"""
                 INSERT INTO snapshot_rows SELECT d.seq, r.row_id
                 FROM src.snapshot_rows m JOIN src.snapshots s ON m.seq = s.seq AND s.kind = ?
                 JOIN snapshots d ON d.id = s.id
                 JOIN src.{rt} sr ON sr.row_id = m.row_id JOIN {rt} r ON r.row_hash = sr.row_hash
-                WHERE d.seq NOT IN (SELECT DISTINCT seq FROM snapshot_rows)""", [k.name])
-        execute(con, """INSERT INTO snapshot_parents SELECT s.* FROM src.snapshot_parents s
-                        ANTI JOIN snapshot_parents d ON s.snapshot_id = d.snapshot_id AND s.parent_id = d.parent_id""")
-        counts["tag_conflicts_kept_ours"] = [r[0] for r in fetch_all(
-            con, "SELECT s.name FROM src.tags s JOIN tags d ON s.name = d.name WHERE s.snapshot_id <> d.snapshot_id")]
-        counts["tags"] = fetch_one(con, "INSERT INTO tags SELECT s.* FROM src.tags s ANTI JOIN tags d ON s.name = d.name")[0]
+                WHERE d.seq NOT IN (SELECT DISTINCT seq FROM snapshot_rows)""",
+                [k.name],
+            )
+        execute(
+            con,
+            """INSERT INTO snapshot_parents SELECT s.* FROM src.snapshot_parents s
+                        ANTI JOIN snapshot_parents d ON s.snapshot_id = d.snapshot_id AND s.parent_id = d.parent_id""",
+        )
+        counts["tag_conflicts_kept_ours"] = [
+            r[0]
+            for r in fetch_all(
+                con, "SELECT s.name FROM src.tags s JOIN tags d ON s.name = d.name WHERE s.snapshot_id <> d.snapshot_id"
+            )
+        ]
+        counts["tags"] = fetch_one(
+            con, "INSERT INTO tags SELECT s.* FROM src.tags s ANTI JOIN tags d ON s.name = d.name"
+        )[0]
         execute(con, "INSERT INTO work SELECT s.* FROM src.work s ANTI JOIN work d ON s.work_key = d.work_key")
-        execute(con, """INSERT INTO publications SELECT s.* FROM src.publications s ANTI JOIN publications d
+        execute(
+            con,
+            """INSERT INTO publications SELECT s.* FROM src.publications s ANTI JOIN publications d
                         ON s.set_id = d.set_id AND s.repo_id = d.repo_id AND s.revision = d.revision
-                        AND s.endpoint = d.endpoint""")
-        counts["work_units"] = fetch_one(con, """INSERT INTO work_units SELECT s.* FROM src.work_units s
-                                                 ANTI JOIN work_units d ON s.work_key = d.work_key AND s.unit = d.unit""")[0]
+                        AND s.endpoint = d.endpoint""",
+        )
+        counts["work_units"] = fetch_one(
+            con,
+            """INSERT INTO work_units SELECT s.* FROM src.work_units s
+                                                 ANTI JOIN work_units d ON s.work_key = d.work_key AND s.unit = d.unit""",
+        )[0]
         for k in KINDS.values():
             rt = store.rows_table(k.name)
-            execute(con, f"""
+            execute(
+                con,
+                f"""
                 INSERT INTO work_rows SELECT w.work_key, r.row_id
                 FROM src.work_rows w JOIN src.work sw ON sw.work_key = w.work_key AND sw.kind = ?
                 JOIN src.{rt} sr ON sr.row_id = w.row_id JOIN {rt} r ON r.row_hash = sr.row_hash
-                ANTI JOIN work_rows d ON d.work_key = w.work_key AND d.row_id = r.row_id""", [k.name])
+                ANTI JOIN work_rows d ON d.work_key = w.work_key AND d.row_id = r.row_id""",
+                [k.name],
+            )
         return counts

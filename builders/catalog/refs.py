@@ -78,14 +78,19 @@ def expand(con: duckdb.DuckDBPyConnection, table: pa.Table) -> pa.Table:
         where, params = key_range(ids, "row_id", "r")
         con.register("_ids", ids)
         try:
-            found = fetch_arrow(con, f"SELECT r.row_hash, r.{column} FROM {rt} r SEMI JOIN _ids i "
-                                     f"ON r.row_id = i.row_id WHERE {where}", params)
+            found = fetch_arrow(
+                con,
+                f"SELECT r.row_hash, r.{column} FROM {rt} r SEMI JOIN _ids i ON r.row_id = i.row_id WHERE {where}",
+                params,
+            )
         finally:
             con.unregister("_ids")
         taken = found.column(1).take(pc.index_in(wanted, value_set=found.column(0).combine_chunks()))
         if taken.null_count:
-            raise CatalogError(f"{taken.null_count} texts of pairs rows refer to {kind} rows that are not in the "
-                               f"catalog (see `iterdpo versions verify`)")
+            raise CatalogError(
+                f"{taken.null_count} texts of pairs rows refer to {kind} rows that are not in the "
+                f"catalog (see `iterdpo versions verify`)"
+            )
         return taken.combine_chunks().cast(pa.string())
 
     prompt = texts("prompts", "prompt", prompt_refs)
@@ -93,8 +98,9 @@ def expand(con: duckdb.DuckDBPyConnection, table: pa.Table) -> pa.Table:
     offsets = response_refs.offsets
     if response_refs.offset or offsets[0].as_py():
         offsets = pc.subtract(offsets, offsets[0])
-    built = _assemble(prompt, pa.ListArray.from_arrays(offsets, responses), part.column("chosen_ref"),
-                      part.column("rejected_ref"))
+    built = _assemble(
+        prompt, pa.ListArray.from_arrays(offsets, responses), part.column("chosen_ref"), part.column("rejected_ref")
+    )
     full = pa.array(np.flatnonzero(~refd), pa.int64())
     columns = []
     for name in out_names:
@@ -109,8 +115,9 @@ def expand(con: duckdb.DuckDBPyConnection, table: pa.Table) -> pa.Table:
     order = np.empty(len(refd), dtype=np.int64)
     order[np.concatenate([np.flatnonzero(~refd), at])] = np.arange(len(refd))
     order = pa.array(order)
-    return pa.Table.from_arrays([c.take(order) if name in built else c for name, c in zip(out_names, columns)],
-                                names=out_names)
+    return pa.Table.from_arrays(
+        [c.take(order) if name in built else c for name, c in zip(out_names, columns)], names=out_names
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- storing
@@ -140,8 +147,7 @@ def by_reference(con: duckdb.DuckDBPyConnection, rows: pa.Table, hashes: list[by
     out = rows
     for name in REFERENCED:
         col = out.column(name)
-        out = out.set_column(out.column_names.index(name), name,
-                             pc.if_else(keep, pa.nulls(len(col), col.type), col))
+        out = out.set_column(out.column_names.index(name), name, pc.if_else(keep, pa.nulls(len(col), col.type), col))
     for name in REF_SCHEMA.names:
         col = refs.column(name)
         out = out.append_column(name, pc.if_else(keep, col, pa.nulls(len(col), col.type)))
@@ -159,19 +165,24 @@ def _derive(con: duckdb.DuckDBPyConnection, rows: pa.Table, sources: Sources) ->
     where, params = key_range(wanted, "prompt_id", "r")
     con.register("_pids", wanted)
     try:
+
         def hashes(kind: str, seq: int, order: str) -> pa.Table:
-            return fetch_arrow(con, f"SELECT r.prompt_id, r.row_hash FROM snapshot_rows s JOIN {rows_table(kind)} r "
-                                    f"ON s.row_id = r.row_id WHERE s.seq = ? AND {where} "
-                                    f"AND r.prompt_id IN (SELECT prompt_id FROM _pids) ORDER BY {order}",
-                               [seq, *params])
+            return fetch_arrow(
+                con,
+                f"SELECT r.prompt_id, r.row_hash FROM snapshot_rows s JOIN {rows_table(kind)} r "
+                f"ON s.row_id = r.row_id WHERE s.seq = ? AND {where} "
+                f"AND r.prompt_id IN (SELECT prompt_id FROM _pids) ORDER BY {order}",
+                [seq, *params],
+            )
 
         prompts = hashes("prompts", sources.prompts, "r.prompt_id")
         gens = hashes("generations", sources.generations, "r.prompt_id, r.response_index")
     finally:
         con.unregister("_pids")
     if prompts.num_rows:
-        prompt_ref = prompts.column(1).combine_chunks().take(
-            pc.index_in(pids, value_set=prompts.column(0).combine_chunks()))
+        prompt_ref = (
+            prompts.column(1).combine_chunks().take(pc.index_in(pids, value_set=prompts.column(0).combine_chunks()))
+        )
     else:
         prompt_ref = pa.nulls(len(pids), pa.binary())
     # the generations rows of each prompt (sorted by prompt, then response): one list per run of a prompt id
@@ -184,9 +195,14 @@ def _derive(con: duckdb.DuckDBPyConnection, rows: pa.Table, sources: Sources) ->
         response_refs = grouped.take(pc.index_in(pids, value_set=runs.values))
     responses = rows.column("all_generated_responses").combine_chunks()
     return pa.Table.from_arrays(
-        [prompt_ref, response_refs,
-         _position(responses, _answer(rows.column("chosen"))), _position(responses, _answer(rows.column("rejected")))],
-        schema=REF_SCHEMA)
+        [
+            prompt_ref,
+            response_refs,
+            _position(responses, _answer(rows.column("chosen"))),
+            _position(responses, _answer(rows.column("rejected"))),
+        ],
+        schema=REF_SCHEMA,
+    )
 
 
 def _answer(conversation: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -217,15 +233,18 @@ def _position(responses: pa.ListArray, texts: pa.Array) -> pa.Array:
     return pa.array(found.astype(np.int32), pa.int32(), mask=found < 0)
 
 
-def _references_match(con: duckdb.DuckDBPyConnection, part: pa.Table, refs: pa.Table,
-                      hashes: list[bytes]) -> np.ndarray:
+def _references_match(
+    con: duckdb.DuckDBPyConnection, part: pa.Table, refs: pa.Table, hashes: list[bytes]
+) -> np.ndarray:
     """Per row: whether the row is exactly what its references rebuild. Its chosen and rejected are its prompt
     and the referenced responses (the row assembled from its own texts has its hash), and each referenced row
     holds the same text: that row's stored hash, recomputed with this row's text in place of its own, is
     unchanged (so the long texts of the referenced rows need not be read)."""
     responses = part.column("all_generated_responses").combine_chunks()
-    same_count = pc.equal(pc.list_value_length(responses).fill_null(-1),
-                          pc.list_value_length(refs.column("response_refs").combine_chunks()))
+    same_count = pc.equal(
+        pc.list_value_length(responses).fill_null(-1),
+        pc.list_value_length(refs.column("response_refs").combine_chunks()),
+    )
     ok = same_count.fill_null(False).to_numpy(zero_copy_only=False).copy()
     ok &= pc.greater(pc.list_value_length(responses).fill_null(0), 0).to_numpy(zero_copy_only=False)
     if not ok.any():
@@ -238,19 +257,22 @@ def _references_match(con: duckdb.DuckDBPyConnection, part: pa.Table, refs: pa.T
     whole = part.select([c for c in part.column_names if c not in assembled])
     for name, column in assembled.items():
         whole = whole.append_column(name, column.cast(part.schema.field(name).type))
-    good = np.array([a == b for a, b in zip(row_hashes(whole.select(part.column_names)),
-                                             (hashes[i] for i in keep.to_pylist()))])
+    good = np.array(
+        [a == b for a, b in zip(row_hashes(whole.select(part.column_names)), (hashes[i] for i in keep.to_pylist()))]
+    )
     good &= _same_texts(con, "prompts", "prompt", refs.column("prompt_ref").combine_chunks(), prompt)
-    flat = _same_texts(con, "generations", "response", pc.list_flatten(refs.column("response_refs")),
-                       pc.list_flatten(responses))
+    flat = _same_texts(
+        con, "generations", "response", pc.list_flatten(refs.column("response_refs")), pc.list_flatten(responses)
+    )
     lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False)
     good &= np.logical_and.reduceat(flat, np.concatenate([[0], np.cumsum(lengths)[:-1]]))
     ok[ok] = good
     return ok
 
 
-def _assemble(prompt: pa.Array, responses: pa.ListArray, chosen: pa.ChunkedArray | pa.Array,
-              rejected: pa.ChunkedArray | pa.Array) -> dict[str, pa.Array]:
+def _assemble(
+    prompt: pa.Array, responses: pa.ListArray, chosen: pa.ChunkedArray | pa.Array, rejected: pa.ChunkedArray | pa.Array
+) -> dict[str, pa.Array]:
     """The REFERENCED columns of pairs rows from their texts: prompt, chosen and rejected ([{prompt, user},
     {the response at the position, assistant}]) and all_generated_responses."""
     n = len(prompt)
@@ -268,8 +290,12 @@ def _assemble(prompt: pa.Array, responses: pa.ListArray, chosen: pa.ChunkedArray
         messages = pa.StructArray.from_arrays([_interleave(prompt, answer), roles], names=["content", "role"])
         return pa.ListArray.from_arrays(pairs_offsets, messages)
 
-    return {"prompt": prompt, "chosen": turn(chosen), "rejected": turn(rejected),
-            "all_generated_responses": pa.ListArray.from_arrays(offsets, flat.cast(pa.string()))}
+    return {
+        "prompt": prompt,
+        "chosen": turn(chosen),
+        "rejected": turn(rejected),
+        "all_generated_responses": pa.ListArray.from_arrays(offsets, flat.cast(pa.string())),
+    }
 
 
 def _same_texts(con: duckdb.DuckDBPyConnection, kind: str, column: str, refs: pa.Array, texts: pa.Array) -> np.ndarray:

@@ -29,7 +29,8 @@ from builders.catalog.db import Database, atomic, execute, fetch_all, fetch_arro
 from builders.catalog.hashing import row_hashes, snapshot_id, sort_order
 from builders.config import CatalogConfig
 from builders.errors import InputError, NotFound
-from builders.schemas import KINDS, SPLITS, conform, kind as get_kind
+from builders.schemas import KINDS, SPLITS, conform
+from builders.schemas import kind as get_kind
 
 _MIN_PREFIX = 4
 # rows per batch as a snapshot streams out of DuckDB unsorted (read_batches)
@@ -118,8 +119,9 @@ class Snapshots:
     ) -> Snapshot:
         """Register `rows` (a table, or batches streamed in bounded memory) as a snapshot of `kind`. Identical
         content returns the existing snapshot unchanged. `texts_from` and `shard`: see Registration."""
-        return self.register_many([Registration(kind, rows, iteration, split, tuple(parents), dict(params or {}),
-                                                tuple(texts_from), shard)])[0]
+        return self.register_many(
+            [Registration(kind, rows, iteration, split, tuple(parents), dict(params or {}), tuple(texts_from), shard)]
+        )[0]
 
     def register_many(self, items: Sequence[Registration]) -> list[Snapshot]:
         """Register several snapshots atomically: all of them appear, or none does.
@@ -133,13 +135,16 @@ class Snapshots:
             if item.split is not None and item.split not in SPLITS:
                 raise InputError(f"split must be one of {', '.join(SPLITS)}, not {item.split!r}")
             if item.texts_from and (item.kind != "pairs" or len(item.texts_from) != 2):
-                raise InputError("texts_from names the prompts and the generations snapshot holding the texts of "
-                                 f"pairs rows, not {len(item.texts_from)} snapshot(s) of {item.kind} rows")
+                raise InputError(
+                    "texts_from names the prompts and the generations snapshot holding the texts of "
+                    f"pairs rows, not {len(item.texts_from)} snapshot(s) of {item.kind} rows"
+                )
             if item.shard is not None and (not isinstance(item.shard, str) or not item.shard.strip()):
                 raise InputError(f"shard must name the part, e.g. '0/4', not {item.shard!r}", option="shard")
             if item.shard is not None and item.params.get(_SHARD, item.shard) != item.shard:
-                raise InputError(f"shard {item.shard!r} differs from the params' shard {item.params[_SHARD]!r}",
-                                 option="shard")
+                raise InputError(
+                    f"shard {item.shard!r} differs from the params' shard {item.params[_SHARD]!r}", option="shard"
+                )
             if isinstance(item.rows, pa.Table):  # a table is checked whole before anything is stored
                 sort_order(conform(item.rows, get_kind(item.kind)), get_kind(item.kind))
         with self.db.connect() as con:
@@ -159,20 +164,25 @@ class Snapshots:
             sid = self._resolve(con, name)
             kind, seq = fetch_one(con, "SELECT kind, seq FROM snapshots WHERE id = ?", [sid])
             if kind not in ("prompts", "generations") or kind in found:
-                raise InputError(f"texts_from names the prompts and the generations snapshot holding the texts of "
-                                 f"pairs rows; {name!r} is {'another' if kind in found else 'a'} {kind} snapshot")
+                raise InputError(
+                    f"texts_from names the prompts and the generations snapshot holding the texts of "
+                    f"pairs rows; {name!r} is {'another' if kind in found else 'a'} {kind} snapshot"
+                )
             found[kind] = seq
         return refs.Sources(prompts=found["prompts"], generations=found["generations"])
 
-    def _store_rows(self, con: duckdb.DuckDBPyConnection, item: Registration,
-                    sources: refs.Sources | None = None) -> tuple[str, list[bytes]]:
+    def _store_rows(
+        self, con: duckdb.DuckDBPyConnection, item: Registration, sources: refs.Sources | None = None
+    ) -> tuple[str, list[bytes]]:
         """Hash and store an item's rows batch by batch, each batch in its own transaction (pairs rows by reference
         where `sources` hold their texts); return its snapshot id and row hashes."""
         k = get_kind(item.kind)
         prepare = None
         if sources is not None:
+
             def prepare(rows: pa.Table, fresh: list[bytes]) -> pa.Table:
                 return refs.by_reference(con, rows, fresh, sources)
+
         keys, hashes = [], []
         for batch in store.batches(item.rows, self.config.chunk_rows):
             table = conform(batch, k)
@@ -195,9 +205,20 @@ class Snapshots:
             record.setdefault("iterdpo_version", __version__)
             if item.shard is not None:
                 record[_SHARD] = item.shard
-            execute(con, "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [sid, seq, k.name, item.iteration, item.split, len(hashes),
-                     json.dumps(record, sort_keys=True, allow_nan=False, default=str), store.now()])
+            execute(
+                con,
+                "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    sid,
+                    seq,
+                    k.name,
+                    item.iteration,
+                    item.split,
+                    len(hashes),
+                    json.dumps(record, sort_keys=True, allow_nan=False, default=str),
+                    store.now(),
+                ],
+            )
             store.insert_members(con, k, "INSERT INTO snapshot_rows SELECT ?, r.row_id", [seq], hashes)
             for i, p in enumerate(item.parents):
                 execute(con, "INSERT INTO snapshot_parents VALUES (?, ?, ?)", [sid, p, i])
@@ -205,13 +226,17 @@ class Snapshots:
 
     # ------------------------------------------------------------------------------------------------------ reads
     def _get(self, con: duckdb.DuckDBPyConnection, sid: str) -> Snapshot:
-        row = fetch_one(con,
-            "SELECT id, kind, iteration, split, n_rows, params, created_at FROM snapshots WHERE id = ?", [sid]
+        row = fetch_one(
+            con, "SELECT id, kind, iteration, split, n_rows, params, created_at FROM snapshots WHERE id = ?", [sid]
         )
         if row is None:
             raise NotFound(f"no snapshot {sid} in catalog {self.path}")
-        parents = [r[0] for r in fetch_all(con,
-            "SELECT parent_id FROM snapshot_parents WHERE snapshot_id = ? ORDER BY position", [sid])]
+        parents = [
+            r[0]
+            for r in fetch_all(
+                con, "SELECT parent_id FROM snapshot_parents WHERE snapshot_id = ? ORDER BY position", [sid]
+            )
+        ]
         tags = [r[0] for r in fetch_all(con, "SELECT name FROM tags WHERE snapshot_id = ? ORDER BY name", [sid])]
         return Snapshot(row[0], row[1], row[2], row[3], row[4], parents, json.loads(row[5]), row[6], tags)
 
@@ -234,12 +259,18 @@ class Snapshots:
                 return newest[0]
             raise NotFound(f"no {ref} snapshot in catalog {self.path} (see `iterdpo versions list`)")
         if _looks_like_prefix(ref):
-            ids = [r[0] for r in fetch_all(con,
-                "SELECT id FROM snapshots WHERE starts_with(id, ?) ORDER BY id LIMIT 3", [ref.lower()])]
+            ids = [
+                r[0]
+                for r in fetch_all(
+                    con, "SELECT id FROM snapshots WHERE starts_with(id, ?) ORDER BY id LIMIT 3", [ref.lower()]
+                )
+            ]
             if len(ids) == 1:
                 return ids[0]
             if len(ids) > 1:
-                raise NotFound(f"snapshot id prefix {ref!r} is ambiguous ({', '.join(i[:12] for i in ids)}, ...); give more characters")
+                raise NotFound(
+                    f"snapshot id prefix {ref!r} is ambiguous ({', '.join(i[:12] for i in ids)}, ...); give more characters"
+                )
         raise NotFound(f"no snapshot or tag {ref!r} in catalog {self.path} (see `iterdpo versions list`)")
 
     def get(self, ref: str) -> Snapshot:
@@ -250,9 +281,7 @@ class Snapshots:
         with self.db.connect(read_only=True) as con:
             return self._get(con, self._resolve(con, ref))
 
-    def list(
-        self, kind: str | None = None, iteration: int | None = None, split: str | None = None
-    ) -> list[Snapshot]:
+    def list(self, kind: str | None = None, iteration: int | None = None, split: str | None = None) -> list[Snapshot]:
         """Snapshots, oldest first, optionally filtered. A catalog that does not exist yet is empty."""
         if kind is not None:
             get_kind(kind)
@@ -264,8 +293,9 @@ class Snapshots:
                 where.append(f"{col} = ?")
                 args.append(val)
         with self.db.connect(read_only=True) as con:
-            ids = [r[0] for r in fetch_all(con,
-                f"SELECT id FROM snapshots WHERE {' AND '.join(where)} ORDER BY seq", args)]
+            ids = [
+                r[0] for r in fetch_all(con, f"SELECT id FROM snapshots WHERE {' AND '.join(where)} ORDER BY seq", args)
+            ]
             return [self._get(con, i) for i in ids]
 
     def newest(self, kind: str, iteration: int | None = None, split: str | None = None) -> Snapshot | None:
@@ -290,10 +320,15 @@ class Snapshots:
             get_kind(kind)
         with self.db.connect(read_only=True) as con:
             sid = snap.id if isinstance(snap, Snapshot) else self._resolve(con, snap)
-            ids = [r[0] for r in fetch_all(
-                con, "SELECT p.parent_id FROM snapshot_parents p LEFT JOIN snapshots s ON s.id = p.parent_id "
-                     "WHERE p.snapshot_id = ? AND (?::VARCHAR IS NULL OR s.kind = ?) ORDER BY p.position",
-                [sid, kind, kind])]
+            ids = [
+                r[0]
+                for r in fetch_all(
+                    con,
+                    "SELECT p.parent_id FROM snapshot_parents p LEFT JOIN snapshots s ON s.id = p.parent_id "
+                    "WHERE p.snapshot_id = ? AND (?::VARCHAR IS NULL OR s.kind = ?) ORDER BY p.position",
+                    [sid, kind, kind],
+                )
+            ]
             return [self._get(con, i) for i in ids]
 
     def parent(self, snap: Snapshot | str, kind: str) -> Snapshot | None:
@@ -309,15 +344,20 @@ class Snapshots:
         k = get_kind(snap.kind)
         with self.db.connect(read_only=True) as con:
             cols = ", ".join(f"r.{c}" for c in k.columns) + (f", {refs.select_list(con)}" if k.name == "pairs" else "")
-            table = fetch_arrow(con, f"SELECT {cols} FROM snapshot_rows s JOIN {store.rows_table(k.name)} r "
-                                     f"ON s.row_id = r.row_id WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?) "
-                                     f"ORDER BY {', '.join(f'r.{c}' for c in k.key)}", [snap.id])
+            table = fetch_arrow(
+                con,
+                f"SELECT {cols} FROM snapshot_rows s JOIN {store.rows_table(k.name)} r "
+                f"ON s.row_id = r.row_id WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?) "
+                f"ORDER BY {', '.join(f'r.{c}' for c in k.key)}",
+                [snap.id],
+            )
             if k.name == "pairs":
                 table = refs.expand(con, table)
             return conform(table, k)
 
-    def read_batches(self, ref: str, batch_rows: int | None = None, *, columns: Sequence[str] | None = None,
-                     with_hash: bool = False) -> Iterator[pa.RecordBatch]:
+    def read_batches(
+        self, ref: str, batch_rows: int | None = None, *, columns: Sequence[str] | None = None, with_hash: bool = False
+    ) -> Iterator[pa.RecordBatch]:
         """Stream a snapshot's rows in canonical order as record batches of `batch_rows` rows (default
         `chunk_rows`; the last one may be shorter), with the kind's declared types, optionally only `columns`
         and/or with each row's stored `row_hash` first.
@@ -333,15 +373,21 @@ class Snapshots:
         names = list(columns) if columns is not None else k.columns
         unknown = [c for c in names if c not in k.columns]
         if unknown:
-            raise InputError(f"{k.name} rows have no column(s) {', '.join(unknown)}; columns are {', '.join(k.columns)}")
-        schema = pa.schema(([pa.field("row_hash", pa.binary())] if with_hash else []) + [k.schema.field(c) for c in names])
+            raise InputError(
+                f"{k.name} rows have no column(s) {', '.join(unknown)}; columns are {', '.join(k.columns)}"
+            )
+        schema = pa.schema(
+            ([pa.field("row_hash", pa.binary())] if with_hash else []) + [k.schema.field(c) for c in names]
+        )
         # pairs rows stored by reference are rebuilt batch by batch (refs.expand), from their reference columns
         refd = refs.needed(k.name, names)
         wide = pa.schema([*schema, *store.REF_SCHEMA]) if refd else schema
         cols = ", ".join(f"r.{c}" for c in schema.names)
         order = ", ".join(f"r.{c}" for c in k.key)
-        members = (f"FROM snapshot_rows s JOIN {store.rows_table(k.name)} r ON s.row_id = r.row_id "
-                   f"WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)")
+        members = (
+            f"FROM snapshot_rows s JOIN {store.rows_table(k.name)} r ON s.row_id = r.row_id "
+            f"WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)"
+        )
 
         def full(table: pa.Table, con: duckdb.DuckDBPyConnection) -> pa.Table:
             return refs.expand(con, table.cast(wide)) if refd else table
@@ -367,14 +413,21 @@ class Snapshots:
                 with self._reading() as con:
                     extra = f", {refs.select_list(con)}" if refd else ""
                     reader = con.sql(f"SELECT r.row_id, {cols}{extra} {members}", params=[snap.id]).to_arrow_reader(
-                        min(size, _STREAM_ROWS))
+                        min(size, _STREAM_ROWS)
+                    )
                     for batch in reader:
                         pos = position[batch.column(0).to_numpy(zero_copy_only=False)]
                         bucket = pos // size
                         by_bucket = np.argsort(bucket, kind="stable")
                         pos, bucket = pos[by_bucket], bucket[by_bucket]
-                        part = (pa.Table.from_batches([batch]).take(pa.array(by_bucket)).drop_columns(["row_id"])
-                                .rename_columns(wide.names).append_column("_pos", pa.array(pos)).cast(spill))
+                        part = (
+                            pa.Table.from_batches([batch])
+                            .take(pa.array(by_bucket))
+                            .drop_columns(["row_id"])
+                            .rename_columns(wide.names)
+                            .append_column("_pos", pa.array(pos))
+                            .cast(spill)
+                        )
                         cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(bucket)]
                         for lo, hi in zip(cuts[:-1], cuts[1:]):
                             b = int(bucket[lo])
@@ -413,8 +466,10 @@ class Snapshots:
         if selector and selector["kind"] in KINDS:
             raise InputError(f"tag name {name!r} reads as a selector (KIND, KIND:N, KIND:N:SPLIT); choose another")
         if _looks_like_prefix(name):
-            raise InputError(f"tag name {name!r} reads as a snapshot id prefix ({_MIN_PREFIX}+ hex characters); "
-                             f"choose another, e.g. with a letter beyond f")
+            raise InputError(
+                f"tag name {name!r} reads as a snapshot id prefix ({_MIN_PREFIX}+ hex characters); "
+                f"choose another, e.g. with a letter beyond f"
+            )
         self.db.require()
         with self.db.atomic() as con:
             sid = self._resolve(con, ref)
@@ -437,8 +492,10 @@ class Snapshots:
             raise InputError(f"cannot diff a {sa.kind} snapshot with a {sb.kind} snapshot")
         k = get_kind(sa.kind)
         keys = list(k.key)
-        q = (f"SELECT {', '.join('r.' + c for c in keys)}, r.row_hash FROM snapshot_rows s "
-             f"JOIN {store.rows_table(k.name)} r ON s.row_id = r.row_id WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)")
+        q = (
+            f"SELECT {', '.join('r.' + c for c in keys)}, r.row_hash FROM snapshot_rows s "
+            f"JOIN {store.rows_table(k.name)} r ON s.row_id = r.row_id WHERE s.seq = (SELECT seq FROM snapshots WHERE id = ?)"
+        )
         with self.db.connect(read_only=True) as con:
             ta = pl.from_arrow(fetch_arrow(con, q, [sa.id]))
             tb = pl.from_arrow(fetch_arrow(con, q, [sb.id]))
@@ -454,8 +511,12 @@ class Snapshots:
             "key": keys,
             "added": keys_of(joined.filter(pl.col("row_hash").is_null())),
             "removed": keys_of(joined.filter(pl.col("row_hash_b").is_null())),
-            "changed": keys_of(joined.filter(
-                pl.col("row_hash").is_not_null() & pl.col("row_hash_b").is_not_null()
-                & (pl.col("row_hash") != pl.col("row_hash_b")))),
+            "changed": keys_of(
+                joined.filter(
+                    pl.col("row_hash").is_not_null()
+                    & pl.col("row_hash_b").is_not_null()
+                    & (pl.col("row_hash") != pl.col("row_hash_b"))
+                )
+            ),
             "unchanged": int(joined.filter(pl.col("row_hash") == pl.col("row_hash_b")).height),
         }

@@ -27,8 +27,14 @@ SCHEMA_VERSION = 2
 # The columns of rows_pairs that hold a row's references (schema 2; builders.catalog.refs says what they mean), in
 # SQL and in Arrow.
 REF_COLUMNS = {"prompt_ref": "BLOB", "response_refs": "BLOB[]", "chosen_ref": "INTEGER", "rejected_ref": "INTEGER"}
-REF_SCHEMA = pa.schema([("prompt_ref", pa.binary()), ("response_refs", pa.list_(pa.binary())),
-                        ("chosen_ref", pa.int32()), ("rejected_ref", pa.int32())])
+REF_SCHEMA = pa.schema(
+    [
+        ("prompt_ref", pa.binary()),
+        ("response_refs", pa.list_(pa.binary())),
+        ("chosen_ref", pa.int32()),
+        ("rejected_ref", pa.int32()),
+    ]
+)
 
 # Rows are numbered per kind (row_id) and snapshots per catalog (seq): membership is then two integers a row,
 # which compress to a few bytes, instead of two hashes. Ids are local to a file; `merge` renumbers by hash.
@@ -70,10 +76,14 @@ def check_schema(con: duckdb.DuckDBPyConnection, read_only: bool, *, path: Path)
     try:  # the common case in one cheap query
         row = fetch_one(con, "SELECT value FROM iterdpo_meta WHERE key = 'schema_version'")
     except duckdb.CatalogException:
-        tables = {r[0] for r in fetch_all(con, "SELECT table_name FROM duckdb_tables() "
-                                               "WHERE database_name = current_database()")}
+        tables = {
+            r[0]
+            for r in fetch_all(con, "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()")
+        }
         if tables:
-            raise CatalogError(f"{path} is a DuckDB file but not an iterdpo catalog (tables: {sorted(tables)[:5]})") from None
+            raise CatalogError(
+                f"{path} is a DuckDB file but not an iterdpo catalog (tables: {sorted(tables)[:5]})"
+            ) from None
         if read_only:
             raise CatalogError(f"{path} is an empty DuckDB file, not an iterdpo catalog") from None
         _create(con)
@@ -106,8 +116,11 @@ def _create(con: duckdb.DuckDBPyConnection) -> None:
             execute(con, f"CREATE TABLE {rows_table(k.name)} AS SELECT * FROM _empty")
             con.unregister("_empty")
         _add_ref_columns(con)
-        execute(con, "INSERT INTO iterdpo_meta VALUES ('schema_version', ?), ('created_by', ?)",
-                [str(SCHEMA_VERSION), f"iterdpo {__version__}"])
+        execute(
+            con,
+            "INSERT INTO iterdpo_meta VALUES ('schema_version', ?), ('created_by', ?)",
+            [str(SCHEMA_VERSION), f"iterdpo {__version__}"],
+        )
 
 
 def _add_ref_columns(con: duckdb.DuckDBPyConnection) -> None:
@@ -118,8 +131,13 @@ def _add_ref_columns(con: duckdb.DuckDBPyConnection) -> None:
 def has_refs(con: duckdb.DuckDBPyConnection, database: str | None = None) -> bool:
     """Whether this catalog's pairs rows can hold references (schema 2; a version 1 file opened read-only cannot)."""
     where = "database_name = current_database()" if database is None else f"database_name = '{sql_str(database)}'"
-    return bool(fetch_one(con, f"SELECT count(*) FROM duckdb_columns() WHERE {where} AND table_name = ? "
-                               f"AND column_name = 'prompt_ref'", [rows_table("pairs")])[0])
+    return bool(
+        fetch_one(
+            con,
+            f"SELECT count(*) FROM duckdb_columns() WHERE {where} AND table_name = ? AND column_name = 'prompt_ref'",
+            [rows_table("pairs")],
+        )[0]
+    )
 
 
 # -------------------------------------------------------------------------------------------------- row storage
@@ -127,8 +145,9 @@ def has_refs(con: duckdb.DuckDBPyConnection, database: str | None = None) -> boo
 Prepare = Callable[[pa.Table, list[bytes]], pa.Table]
 
 
-def insert_rows(con: duckdb.DuckDBPyConnection, k: Kind, table: pa.Table, hashes: list[bytes],
-                prepare: Prepare | None = None) -> tuple[dict[bytes, int], set[bytes]]:
+def insert_rows(
+    con: duckdb.DuckDBPyConnection, k: Kind, table: pa.Table, hashes: list[bytes], prepare: Prepare | None = None
+) -> tuple[dict[bytes, int], set[bytes]]:
     """Store rows not stored yet (content addressing: a row is stored once however many snapshots hold it).
     Returns the row id of every hash, and the hashes that were stored before. `prepare` turns the new rows into
     what is stored (any of the optional columns, e.g. REF_COLUMNS, beside the kind's); their hashes stay theirs.
@@ -137,7 +156,9 @@ def insert_rows(con: duckdb.DuckDBPyConnection, k: Kind, table: pa.Table, hashes
     appended with ids numbered here, so that nothing else in the transaction has to look rows up again."""
     rt = rows_table(k.name)
     con.register("_hashes", pa.table({"row_hash": pa.array(hashes, pa.binary())}))
-    ids = dict(fetch_all(con, f"SELECT r.row_hash, r.row_id FROM {rt} r SEMI JOIN _hashes h ON r.row_hash = h.row_hash"))
+    ids = dict(
+        fetch_all(con, f"SELECT r.row_hash, r.row_id FROM {rt} r SEMI JOIN _hashes h ON r.row_hash = h.row_hash")
+    )
     con.unregister("_hashes")
     existed = set(ids)
     fresh = []
@@ -161,12 +182,17 @@ def insert_rows(con: duckdb.DuckDBPyConnection, k: Kind, table: pa.Table, hashes
     return ids, existed
 
 
-def insert_members(con: duckdb.DuckDBPyConnection, k: Kind, insert_select: str, params: list, hashes: list[bytes],
-                   where: str = "TRUE") -> None:
+def insert_members(
+    con: duckdb.DuckDBPyConnection, k: Kind, insert_select: str, params: list, hashes: list[bytes], where: str = "TRUE"
+) -> None:
     """`insert_select` + the row ids of `hashes` (all already stored)."""
     con.register("_members", pa.table({"row_hash": pa.array(hashes, pa.binary())}))
-    execute(con, f"{insert_select} FROM (SELECT DISTINCT row_hash FROM _members) m "
-                 f"JOIN {rows_table(k.name)} r ON m.row_hash = r.row_hash WHERE {where}", params)
+    execute(
+        con,
+        f"{insert_select} FROM (SELECT DISTINCT row_hash FROM _members) m "
+        f"JOIN {rows_table(k.name)} r ON m.row_hash = r.row_hash WHERE {where}",
+        params,
+    )
     con.unregister("_members")
 
 

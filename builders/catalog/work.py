@@ -16,7 +16,8 @@ import builders.catalog.store as store
 from builders.catalog.db import Database, execute, fetch_all, fetch_arrow, fetch_one
 from builders.catalog.hashing import row_hashes, sort_order
 from builders.errors import CatalogError, NotFound
-from builders.schemas import conform, kind as get_kind
+from builders.schemas import conform
+from builders.schemas import kind as get_kind
 
 
 class Work:
@@ -64,9 +65,18 @@ class Work:
         with self.db.atomic() as con:
             known = fetch_one(con, "SELECT kind FROM work WHERE work_key = ?", [work_key])
             if known is None:
-                execute(con, "INSERT INTO work VALUES (?, ?, ?, ?, ?, ?)",
-                        [work_key, k.name, iteration, split, json.dumps(dict(params or {}), sort_keys=True, default=str),
-                         store.now()])
+                execute(
+                    con,
+                    "INSERT INTO work VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        work_key,
+                        k.name,
+                        iteration,
+                        split,
+                        json.dumps(dict(params or {}), sort_keys=True, default=str),
+                        store.now(),
+                    ],
+                )
             elif known[0] != k.name:
                 raise CatalogError(f"work {work_key[:12]} holds {known[0]} rows, not {k.name}")
             ids, existed = store.insert_rows(con, k, table, hashes)
@@ -75,25 +85,37 @@ class Work:
                 old = pa.table({"row_id": pa.array([ids[h] for h in existed], pa.int64())})
                 where, params = store.key_range(old, "row_id", "w")
                 con.register("_old", old)
-                row_ids -= {r[0] for r in fetch_all(con, "SELECT w.row_id FROM work_rows w SEMI JOIN _old o "
-                                                         f"ON w.row_id = o.row_id WHERE w.work_key = ? AND {where}",
-                                                    [work_key, *params])}
+                row_ids -= {
+                    r[0]
+                    for r in fetch_all(
+                        con,
+                        "SELECT w.row_id FROM work_rows w SEMI JOIN _old o "
+                        f"ON w.row_id = o.row_id WHERE w.work_key = ? AND {where}",
+                        [work_key, *params],
+                    )
+                }
                 con.unregister("_old")
             if row_ids:
                 con.register("_ids", pa.table({"row_id": pa.array(sorted(row_ids), pa.int64())}))
                 execute(con, "INSERT INTO work_rows SELECT ?, row_id FROM _ids", [work_key])
                 con.unregister("_ids")
-            batch_units = pa.table({
-                "unit": pa.array(list(units), pa.string()),
-                "info": pa.array([None if v is None else json.dumps(v, sort_keys=True) for v in units.values()],
-                                 pa.string()),
-            })
+            batch_units = pa.table(
+                {
+                    "unit": pa.array(list(units), pa.string()),
+                    "info": pa.array(
+                        [None if v is None else json.dumps(v, sort_keys=True) for v in units.values()], pa.string()
+                    ),
+                }
+            )
             con.register("_u", batch_units)
             if existed or not _units_have_new_rows(units, table):
                 # a replay (its rows were stored before) or units without rows: skip the units already done
-                execute(con, "INSERT INTO work_units SELECT ?, u.unit, u.info FROM _u u "
-                             "ANTI JOIN (SELECT unit FROM work_units WHERE work_key = ?) d ON u.unit = d.unit",
-                        [work_key, work_key])
+                execute(
+                    con,
+                    "INSERT INTO work_units SELECT ?, u.unit, u.info FROM _u u "
+                    "ANTI JOIN (SELECT unit FROM work_units WHERE work_key = ?) d ON u.unit = d.unit",
+                    [work_key, work_key],
+                )
             else:
                 # every unit has rows in this batch, none stored before: no unit can be done already (a batch
                 # committed before under this work key would have stored these rows), so no need to scan for them

@@ -5,12 +5,12 @@ printing; the commands: prompts.py, versions.py, stages.py (generate, rank, buil
 (publish, publish-model), models.py (tiny-models, models import-gguf) and evaluation.py (best-of-n, eval).
 """
 
-from builders.cli.app import cli, main
-import builders.cli.prompts  # noqa: F401  (the command modules register their commands on `cli`)
-import builders.cli.versions  # noqa: F401
-import builders.cli.stages  # noqa: F401
+import builders.cli.evaluation  # noqa: F401
 import builders.cli.hub  # noqa: F401
 import builders.cli.models  # noqa: F401
-import builders.cli.evaluation  # noqa: F401
+import builders.cli.prompts  # noqa: F401  (the command modules register their commands on `cli`)
+import builders.cli.stages  # noqa: F401
+import builders.cli.versions  # noqa: F401
+from builders.cli.app import cli, main
 
 __all__ = ["cli", "main"]

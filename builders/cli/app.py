@@ -52,10 +52,19 @@ def _quiet() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ group
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-             epilog=example("iterdpo prompts import data/ultrafeedback_sample.jsonl && iterdpo prompts split --train-size 40 --test-size 10"))
-@click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False), default=None,
-              help=f"Catalog file (DuckDB). Env {CATALOG_ENV}; default {DEFAULT_CATALOG}.")
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    epilog=example(
+        "iterdpo prompts import data/ultrafeedback_sample.jsonl && iterdpo prompts split --train-size 40 --test-size 10"
+    ),
+)
+@click.option(
+    "--catalog",
+    "catalog_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"Catalog file (DuckDB). Env {CATALOG_ENV}; default {DEFAULT_CATALOG}.",
+)
 @click.option("--debug", is_flag=True, help="Show library warnings, progress and full tracebacks.")
 @click.version_option(__version__, "--version", prog_name="iterdpo")
 @click.pass_context
@@ -117,7 +126,6 @@ def _has_fd(stream, fd: int) -> bool:
         return False
 
 
-
 # the config field a message names -> the flag the user typed, where the two differ by more than dashes
 FLAGS = {"from_refs": "--from", "splits": "--split"}
 
@@ -155,5 +163,3 @@ def main(argv: list[str] | None = None) -> None:
         text = one_line(str(e), 1000)
         click.echo(f"Error: unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
-
-

@@ -9,20 +9,27 @@ import click
 from builders.cli.app import State, cli
 from builders.cli.options import QUICKSTART_CATALOG, compose, config_from, example, field_option, json_option
 from builders.cli.render import emit
-from builders.config import PublishConfig, PublishModelConfig, check_license as config_check_license, validate_publish
+from builders.config import PublishConfig, PublishModelConfig, validate_publish
+from builders.config import check_license as config_check_license
 from builders.errors import InputError
 
 
 def repo_options(config: type):
     """The staging and Hub options that publish and publish-model share (their configs have the same fields)."""
-    return compose(field_option(config, "local_dir", type=click.Path(file_okay=False, path_type=Path)),
-                   *(field_option(config, name) for name in ("dry_run", "private", "revision")),
-                   field_option(config, "license", "--license"))
+    return compose(
+        field_option(config, "local_dir", type=click.Path(file_okay=False, path_type=Path)),
+        *(field_option(config, name) for name in ("dry_run", "private", "revision")),
+        field_option(config, "license", "--license"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- publish
-@cli.command("publish", epilog=example(
-    f"iterdpo --catalog {QUICKSTART_CATALOG} publish me/iterdpo-quickstart --iterations 1 --local-dir staged --dry-run"))
+@cli.command(
+    "publish",
+    epilog=example(
+        f"iterdpo --catalog {QUICKSTART_CATALOG} publish me/iterdpo-quickstart --iterations 1 --local-dir staged --dry-run"
+    ),
+)
 @click.argument("repo_id")
 @click.option("--iterations", default=None, help="Comma-separated iterations, e.g. 1,2,3 (default: every built one).")
 @repo_options(PublishConfig)
@@ -43,8 +50,9 @@ def publish_cmd(state: State, repo_id: str, iterations: str | None, as_json: boo
         try:
             its = tuple(int(x) for x in iterations.split(",") if x.strip())
         except ValueError:
-            raise click.BadParameter(f"{iterations!r} is not a comma-separated list of numbers",
-                                     param_hint="--iterations") from None
+            raise click.BadParameter(
+                f"{iterations!r} is not a comma-separated list of numbers", param_hint="--iterations"
+            ) from None
     check_license(options["license"])
     cfg = config_from(PublishConfig, {**options, "repo_id": repo_id, "iterations": its})
     validate_publish(cfg)
@@ -57,15 +65,18 @@ def check_license(license_: str) -> None:
     try:
         config_check_license(license_)
     except InputError:
-        raise click.BadParameter(f"{license_!r} is not a licence id (e.g. apache-2.0, mit, cc-by-4.0)",
-                                 param_hint="--license") from None
+        raise click.BadParameter(
+            f"{license_!r} is not a licence id (e.g. apache-2.0, mit, cc-by-4.0)", param_hint="--license"
+        ) from None
 
 
 def _print_publication(result, repo_id: str, revision: str, as_json: bool) -> None:
     def human() -> None:
         if result.staged.folder is not None:
-            click.echo(f"staged {len(result.staged.files)} files in {result.staged.folder} "
-                       f"(snapshot set {result.staged.set_id[:12]})")
+            click.echo(
+                f"staged {len(result.staged.files)} files in {result.staged.folder} "
+                f"(snapshot set {result.staged.set_id[:12]})"
+            )
         if result.dry_run:
             click.echo("dry run: nothing uploaded")
         elif result.already_published:
@@ -76,9 +87,13 @@ def _print_publication(result, repo_id: str, revision: str, as_json: bool) -> No
     emit(result.to_json(), as_json, human)
 
 
-@cli.command("publish-model", epilog=example(
-    f"iterdpo --catalog {QUICKSTART_CATALOG} publish-model me/smollm2-iterdpo-it1 --iteration 1 --local-dir staged-model "
-    "--dry-run"))
+@cli.command(
+    "publish-model",
+    epilog=example(
+        f"iterdpo --catalog {QUICKSTART_CATALOG} publish-model me/smollm2-iterdpo-it1 --iteration 1 --local-dir staged-model "
+        "--dry-run"
+    ),
+)
 @click.argument("repo_id")
 @click.option("--iteration", type=int, required=True, help="Publish the model trained on this iteration's pairs.")
 @field_option(PublishModelConfig, "dataset_repo")
@@ -101,5 +116,3 @@ def publish_model_cmd(state: State, repo_id: str, iteration: int, as_json: bool,
     validate_publish(cfg)
     result = publish_model(state.catalog(), iteration, cfg)
     _print_publication(result, repo_id, cfg.revision, as_json)
-
-

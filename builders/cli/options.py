@@ -40,7 +40,7 @@ def _field(cls: type, name: str) -> dataclasses.Field:
 
 def _click_type(tp: Any) -> Any:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) and len(args) == 1:
+    if typing.get_origin(tp) in (typing.Union, __import__("types").UnionType) and len(args) == 1:
         tp = args[0]
     if tp is Path:
         return click.Path(dir_okay=False, path_type=Path)
@@ -76,10 +76,12 @@ def config_from(cls: type, values: dict[str, Any]) -> Any:
 
 def compose(*decorators):
     """Several option decorators as one (applied so that --help lists them in the given order)."""
+
     def apply(f):
         for d in reversed(decorators):
             f = d(f)
         return f
+
     return apply
 
 
@@ -87,8 +89,10 @@ def sampling_options(num_responses_default: int | None = None):
     from builders.config import SamplingConfig
 
     extra = {"default": num_responses_default} if num_responses_default is not None else {}
-    return compose(field_option(SamplingConfig, "num_responses", **extra),
-                   *(field_option(SamplingConfig, n) for n in ("temperature", "top_p", "max_tokens", "seed")))
+    return compose(
+        field_option(SamplingConfig, "num_responses", **extra),
+        *(field_option(SamplingConfig, n) for n in ("temperature", "top_p", "max_tokens", "seed")),
+    )
 
 
 def backend_options():
@@ -99,8 +103,17 @@ def backend_options():
         field_option(GenerateConfig, "backend", choices=BACKENDS),
         field_option(GenerateConfig, "chat_template"),
         field_option(GenerateConfig, "batch_prompts"),
-        *(field_option(VllmConfig, n) for n in ("tensor_parallel_size", "dtype", "max_model_len",
-                                                "gpu_memory_utilization", "enforce_eager", "max_num_seqs")),
+        *(
+            field_option(VllmConfig, n)
+            for n in (
+                "tensor_parallel_size",
+                "dtype",
+                "max_model_len",
+                "gpu_memory_utilization",
+                "enforce_eager",
+                "max_num_seqs",
+            )
+        ),
         field_option(OpenAIConfig, "base_url"),
         *(field_option(OpenAIConfig, n) for n in ("api_key_env", "concurrency", "max_retries", "request_timeout")),
     )
@@ -110,13 +123,19 @@ def executor_options():
     """Where the model work runs: this process, or replicas on Ray (builders/backends/ray.py)."""
     from builders.config import EXECUTORS, ExecutorConfig
 
-    return compose(field_option(ExecutorConfig, "executor", choices=EXECUTORS),
-                   field_option(ExecutorConfig, "replicas"), field_option(ExecutorConfig, "ray_address"))
+    return compose(
+        field_option(ExecutorConfig, "executor", choices=EXECUTORS),
+        field_option(ExecutorConfig, "replicas"),
+        field_option(ExecutorConfig, "ray_address"),
+    )
 
 
 def ranker_options(with_batches: bool = True):
     from builders.config import RANKERS, RankConfig
 
     names = ("device", "dtype", "batch_prompts", "batch_tokens") if with_batches else ()
-    return compose(field_option(RankConfig, "ranker", choices=RANKERS), field_option(RankConfig, "ranker_model"),
-                   *(field_option(RankConfig, n) for n in names))
+    return compose(
+        field_option(RankConfig, "ranker", choices=RANKERS),
+        field_option(RankConfig, "ranker_model"),
+        *(field_option(RankConfig, n) for n in names),
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import click
 
 from builders.cli.app import State, cli
@@ -14,14 +13,16 @@ from builders.config import SplitConfig
 # ---------------------------------------------------------------------------------------------------------- prompts
 @cli.group(epilog=example("iterdpo prompts import data/ultrafeedback_sample.jsonl"))
 def prompts() -> None:
-    """Import a prompt pool and draw disjoint per-iteration prompt sets.
-    """
+    """Import a prompt pool and draw disjoint per-iteration prompt sets."""
 
 
 @prompts.command("import", epilog=example("iterdpo prompts import data/ultrafeedback_sample.jsonl --column prompt"))
 @click.argument("source")
-@click.option("--column", default=None, help="Column holding the prompt (default: the first of prompt, instruction, "
-              "question, query, input, text).")
+@click.option(
+    "--column",
+    default=None,
+    help="Column holding the prompt (default: the first of prompt, instruction, question, query, input, text).",
+)
 @json_option
 @click.pass_obj
 def prompts_import(state: State, source: str, column: str | None, as_json: bool) -> None:
@@ -37,24 +38,34 @@ def prompts_import(state: State, source: str, column: str | None, as_json: bool)
     result = import_prompts(state.catalog(), source, column)
 
     def human() -> None:
-        click.echo(f"imported {result.snapshot.rows} prompts from {source} (column {result.column!r}): "
-                   f"{result.read} read, {result.skipped_empty} empty or null skipped, {result.duplicates} duplicates")
+        click.echo(
+            f"imported {result.snapshot.rows} prompts from {source} (column {result.column!r}): "
+            f"{result.read} read, {result.skipped_empty} empty or null skipped, {result.duplicates} duplicates"
+        )
         click.echo(f"snapshot {result.snapshot.id}")
 
     emit(result.to_json(), as_json, human)
 
 
-@prompts.command("split", epilog=example("iterdpo prompts import data/ultrafeedback_sample.jsonl",
-                                         "iterdpo prompts split --iterations 3 --train-size 40 --test-size 10 --seed 42"))
+@prompts.command(
+    "split",
+    epilog=example(
+        "iterdpo prompts import data/ultrafeedback_sample.jsonl",
+        "iterdpo prompts split --iterations 3 --train-size 40 --test-size 10 --seed 42",
+    ),
+)
 @field_option(SplitConfig, "iterations")
 @field_option(SplitConfig, "train_size")
 @field_option(SplitConfig, "test_size")
 @field_option(SplitConfig, "seed")
-@click.option("--from", "from_refs", multiple=True, help="Pool snapshot(s) to draw from (repeatable; default: the newest pool).")
+@click.option(
+    "--from", "from_refs", multiple=True, help="Pool snapshot(s) to draw from (repeatable; default: the newest pool)."
+)
 @json_option
 @click.pass_obj
-def prompts_split(state: State, iterations: int, train_size: int, test_size: int, seed: int,
-                  from_refs: tuple[str, ...], as_json: bool) -> None:
+def prompts_split(
+    state: State, iterations: int, train_size: int, test_size: int, seed: int, from_refs: tuple[str, ...], as_json: bool
+) -> None:
     """Draw train and test prompt sets for each iteration, disjoint across iterations and splits.
 
     Deterministic for a seed: the same pool and options give the same snapshot ids.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -35,8 +36,13 @@ def print_executor(stats: dict[str, Any] | None) -> None:
     """The ray executor's line: replicas, nodes, the work split, start-up and losses."""
     if not stats:
         return
-    lost = f", {stats['replaced_replicas']} replicas replaced ({stats['resubmitted_chunks']} chunks resubmitted)" \
-        if stats["replaced_replicas"] else ""
-    click.echo(f"ray: {stats['replicas']} replicas on {stats['nodes']} node(s), units per replica "
-               f"{'/'.join(map(str, stats['units_per_replica']))}; start-up {stats['ray_init_seconds']:.1f}s Ray + "
-               f"{stats['replicas_ready_seconds']:.1f}s replicas{lost}")
+    lost = (
+        f", {stats['replaced_replicas']} replicas replaced ({stats['resubmitted_chunks']} chunks resubmitted)"
+        if stats["replaced_replicas"]
+        else ""
+    )
+    click.echo(
+        f"ray: {stats['replicas']} replicas on {stats['nodes']} node(s), units per replica "
+        f"{'/'.join(map(str, stats['units_per_replica']))}; start-up {stats['ray_init_seconds']:.1f}s Ray + "
+        f"{stats['replicas_ready_seconds']:.1f}s replicas{lost}"
+    )

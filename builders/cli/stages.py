@@ -7,9 +7,16 @@ from pathlib import Path
 
 import click
 
-from builders.cli.app import State, debug_flag, cli, stage_output
+from builders.cli.app import State, cli, debug_flag, stage_output
 from builders.cli.options import (
-    OWN_CATALOG, backend_options, config_from, example, executor_options, field_option, json_option, ranker_options,
+    OWN_CATALOG,
+    backend_options,
+    config_from,
+    example,
+    executor_options,
+    field_option,
+    json_option,
+    ranker_options,
     sampling_options,
 )
 from builders.cli.render import emit, print_executor, print_snapshots
@@ -17,9 +24,14 @@ from builders.config import SELECTIONS, SPLITS, BuildConfig, GenerateConfig, Qui
 
 
 # --------------------------------------------------------------------------------------------------------- generate
-@cli.command("generate", epilog=example(
-    OWN_CATALOG, "iterdpo --catalog my.duckdb generate --iteration 4 --split test --model quickstart/models/iteration_1 "
-    "--num-responses 5 --max-tokens 64"))
+@cli.command(
+    "generate",
+    epilog=example(
+        OWN_CATALOG,
+        "iterdpo --catalog my.duckdb generate --iteration 4 --split test --model quickstart/models/iteration_1 "
+        "--num-responses 5 --max-tokens 64",
+    ),
+)
 @click.option("--iteration", type=int, required=True)
 @field_option(GenerateConfig, "model")
 @sampling_options()
@@ -31,8 +43,9 @@ from builders.config import SELECTIONS, SPLITS, BuildConfig, GenerateConfig, Qui
 @executor_options()
 @json_option
 @click.pass_obj
-def generate_cmd(state: State, iteration: int, split: str | None, from_refs: tuple[str, ...], as_json: bool,
-                 **options) -> None:
+def generate_cmd(
+    state: State, iteration: int, split: str | None, from_refs: tuple[str, ...], as_json: bool, **options
+) -> None:
     """Generate N responses per prompt for an iteration's prompt sets; register `generations` snapshots.
 
     Resumable: finished prompts are kept in the catalog as the run goes, and a rerun (after Ctrl-C, kill -9 or a
@@ -42,8 +55,10 @@ def generate_cmd(state: State, iteration: int, split: str | None, from_refs: tup
     from builders.generate import generate
 
     def split_line(s) -> str:
-        return (f"{s.split}: {s.prompts} prompts ({s.processed} generated now, {s.skipped} skipped as too long) -> "
-                f"snapshot {s.snapshot.id[:12]} ({s.snapshot.rows} responses)")
+        return (
+            f"{s.split}: {s.prompts} prompts ({s.processed} generated now, {s.skipped} skipped as too long) -> "
+            f"snapshot {s.snapshot.id[:12]} ({s.snapshot.rows} responses)"
+        )
 
     def done(result) -> str:
         rate = result.tokens / result.seconds if result.seconds else 0.0
@@ -53,8 +68,9 @@ def generate_cmd(state: State, iteration: int, split: str | None, from_refs: tup
     _stage_command(state, generate, iteration, cfg, from_refs, as_json, split_line, done)
 
 
-def _stage_command(state: State, stage, iteration: int, cfg, from_refs: tuple[str, ...], as_json: bool,
-                   split_line, done) -> None:
+def _stage_command(
+    state: State, stage, iteration: int, cfg, from_refs: tuple[str, ...], as_json: bool, split_line, done
+) -> None:
     """A resumable stage's command: run it with the stage's output policy, print each split's line and a summary."""
     with stage_output(state.debug):
         result = stage(state.catalog(), iteration, cfg, from_refs)
@@ -69,19 +85,27 @@ def _stage_command(state: State, stage, iteration: int, cfg, from_refs: tuple[st
 
 
 # ------------------------------------------------------------------------------------------------------------- rank
-@cli.command("rank", epilog=example(
-    OWN_CATALOG, "iterdpo --catalog my.duckdb rank --iteration 1 --ranker python "
-    "--ranker-model builders.rewards:complete_concise_answer"))
+@cli.command(
+    "rank",
+    epilog=example(
+        OWN_CATALOG,
+        "iterdpo --catalog my.duckdb rank --iteration 1 --ranker python "
+        "--ranker-model builders.rewards:complete_concise_answer",
+    ),
+)
 @click.option("--iteration", type=int, required=True)
 @ranker_options()
 @click.option("--split", type=click.Choice(SPLITS), default=None, help="Only this split (default: both).")
-@click.option("--from", "from_refs", multiple=True, help="Generations snapshot(s) to score (default: newest per split).")
+@click.option(
+    "--from", "from_refs", multiple=True, help="Generations snapshot(s) to score (default: newest per split)."
+)
 @field_option(RankConfig, "commit_seconds")
 @executor_options()
 @json_option
 @click.pass_obj
-def rank_cmd(state: State, iteration: int, split: str | None, from_refs: tuple[str, ...], as_json: bool,
-             **options) -> None:
+def rank_cmd(
+    state: State, iteration: int, split: str | None, from_refs: tuple[str, ...], as_json: bool, **options
+) -> None:
     """Score every response of an iteration's generations with a reward model; register `scores` snapshots.
 
     Resumable like `generate`. PairRM (llm-blender/PairRM) by default; bring your own reward model with
@@ -90,17 +114,24 @@ def rank_cmd(state: State, iteration: int, split: str | None, from_refs: tuple[s
     from builders.rank import rank
 
     def split_line(s) -> str:
-        return (f"{s.split}: {s.prompts} prompts ({s.processed} scored now) -> snapshot {s.snapshot.id[:12]} "
-                f"({s.snapshot.rows} scores)")
+        return (
+            f"{s.split}: {s.prompts} prompts ({s.processed} scored now) -> snapshot {s.snapshot.id[:12]} "
+            f"({s.snapshot.rows} scores)"
+        )
 
     cfg = config_from(RankConfig, {**options, "splits": (split,) if split else SPLITS})
-    _stage_command(state, rank, iteration, cfg, from_refs, as_json, split_line,
-                   lambda result: f"done in {result.seconds:.1f}s")
+    _stage_command(
+        state, rank, iteration, cfg, from_refs, as_json, split_line, lambda result: f"done in {result.seconds:.1f}s"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ build
-@cli.command("build", epilog=example(
-    OWN_CATALOG, "iterdpo --catalog my.duckdb build --iteration 1 --length-penalty 0.001 --min-margin 0.05"))
+@cli.command(
+    "build",
+    epilog=example(
+        OWN_CATALOG, "iterdpo --catalog my.duckdb build --iteration 1 --length-penalty 0.001 --min-margin 0.05"
+    ),
+)
 @click.option("--iteration", type=int, required=True)
 @field_option(BuildConfig, "selection", choices=SELECTIONS)
 @field_option(BuildConfig, "length_penalty")
@@ -123,16 +154,23 @@ def build_cmd(state: State, iteration: int, from_refs: tuple[str, ...], as_json:
     def human() -> None:
         for s in result.splits:
             dropped = ", ".join(f"{v} {k}" for k, v in s.drops.items() if v) or "none"
-            click.echo(f"{s.split}: {s.snapshot.rows} pairs from {s.prompts} prompts (dropped: {dropped}) -> "
-                       f"snapshot {s.snapshot.id[:12]}")
+            click.echo(
+                f"{s.split}: {s.snapshot.rows} pairs from {s.prompts} prompts (dropped: {dropped}) -> "
+                f"snapshot {s.snapshot.id[:12]}"
+            )
 
     emit(result.to_json(), as_json, human)
 
 
 # ------------------------------------------------------------------------------------------------------------ train
-@cli.command("train", epilog=example(
-    OWN_CATALOG, "iterdpo --catalog my.duckdb train --iteration 1 --recipe train/recipes/quickstart-cpu.yaml "
-    "--model quickstart/models/smollm2 --output-dir models/my-run"))
+@cli.command(
+    "train",
+    epilog=example(
+        OWN_CATALOG,
+        "iterdpo --catalog my.duckdb train --iteration 1 --recipe train/recipes/quickstart-cpu.yaml "
+        "--model quickstart/models/smollm2 --output-dir models/my-run",
+    ),
+)
 @click.option("--iteration", type=int, required=True)
 @field_option(TrainConfig, "recipe")
 @field_option(TrainConfig, "model")
@@ -140,8 +178,12 @@ def build_cmd(state: State, iteration: int, from_refs: tuple[str, ...], as_json:
 @field_option(TrainConfig, "output_dir", type=click.Path(file_okay=False, path_type=Path))
 @field_option(TrainConfig, "overwrite")
 @field_option(TrainConfig, "threads")
-@click.option("--from", "from_refs", multiple=True, help="Pairs snapshot(s) to train on (repeatable; default: the "
-              "iteration's newest).")
+@click.option(
+    "--from",
+    "from_refs",
+    multiple=True,
+    help="Pairs snapshot(s) to train on (repeatable; default: the iteration's newest).",
+)
 @json_option
 @click.pass_obj
 def train_cmd(state: State, iteration: int, from_refs: tuple[str, ...], as_json: bool, **options) -> None:
@@ -159,11 +201,15 @@ def train_cmd(state: State, iteration: int, from_refs: tuple[str, ...], as_json:
     def human() -> None:
         loss = result.metrics.get("train_loss")
         if result.resumed:  # an earlier run of the same training wrote it and was stopped before registering it
-            click.echo(f"the model of this training is already in {result.output_dir} (iteration {iteration}, "
-                       f"{counts_line(result.metrics)}; weights verified, not trained again)")
+            click.echo(
+                f"the model of this training is already in {result.output_dir} (iteration {iteration}, "
+                f"{counts_line(result.metrics)}; weights verified, not trained again)"
+            )
         else:
-            click.echo(f"trained iteration {iteration} on {counts_line(result.metrics)}: model in {result.output_dir}"
-                       + (f", train loss {loss:.4f}" if loss is not None else ""))
+            click.echo(
+                f"trained iteration {iteration} on {counts_line(result.metrics)}: model in {result.output_dir}"
+                + (f", train loss {loss:.4f}" if loss is not None else "")
+            )
         if result.snapshot:
             click.echo(f"model snapshot {result.snapshot.id[:12]}")
 
@@ -206,10 +252,20 @@ def run_cmd(state: State, pipeline: str, as_json: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------------- quickstart
 @cli.command("quickstart", epilog=example("iterdpo quickstart --workdir quickstart"))
-@click.option("--workdir", type=click.Path(file_okay=False), default=str(QuickstartConfig.workdir), show_default=True,
-              help="Folder for everything: catalog, models, staged Hub repo.")
-@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
-              help="Prompt file instead of the bundled UltraFeedback sample.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=str(QuickstartConfig.workdir),
+    show_default=True,
+    help="Folder for everything: catalog, models, staged Hub repo.",
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Prompt file instead of the bundled UltraFeedback sample.",
+)
 @json_option
 def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
     """Run the recipe end to end on a real instruct model, on a CPU, offline: SmolLM2-135M-Instruct (imported from
@@ -235,20 +291,25 @@ def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
         click.echo(f"model:     {report.model} (base), then {', '.join(Path(m).name for m in report.models)}")
         click.echo(f"hub repo:  {report.hub} (staged, dry run)\n")
         print_snapshots(report.snapshots)
-        click.echo(f"\nreward on test prompts ({cfg.reward}; iteration n answered by model n, "
-                   f"iteration {cfg.split.iterations + 1} by the final model):")
+        click.echo(
+            f"\nreward on test prompts ({cfg.reward}; iteration n answered by model n, "
+            f"iteration {cfg.split.iterations + 1} by the final model):"
+        )
         for line in text_table(report.rewards):
             click.echo("  " + line)
         gain = report.gain()
         if gain:
-            click.echo(f"iteration {gain['to_iteration']} vs 1: {gain['difference']:+.3f} (standard error "
-                       f"{gain['standard_error']:.3f}; {'more' if gain['significant'] else 'not more'} than 2 se)")
+            click.echo(
+                f"iteration {gain['to_iteration']} vs 1: {gain['difference']:+.3f} (standard error "
+                f"{gain['standard_error']:.3f}; {'more' if gain['significant'] else 'not more'} than 2 se)"
+            )
         if report.seconds:
-            click.echo("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items())
-                       + f" (total {sum(report.seconds.values()):.0f} s)")
+            click.echo(
+                "wall time: "
+                + ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items())
+                + f" (total {sum(report.seconds.values()):.0f} s)"
+            )
         click.echo(f"\nlook at:   iterdpo --catalog {report.catalog} versions list")
         click.echo(f"           {report.hub}/README.md (the dataset card, with the table and its plot)")
 
     emit(report.to_json(), as_json, human)
-
-

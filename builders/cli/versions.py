@@ -23,15 +23,16 @@ def versions() -> None:
     """
 
 
-@versions.command("list", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions list --kind pairs --iteration 1 --json"))
+@versions.command(
+    "list", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions list --kind pairs --iteration 1 --json")
+)
 @click.option("--kind", default=None, help="Only this kind (prompts, generations, scores, pairs, model).")
 @click.option("--iteration", type=int, default=None)
 @click.option("--split", type=click.Choice(["train", "test"]), default=None)
 @json_option
 @click.pass_obj
 def versions_list(state: State, kind: str | None, iteration: int | None, split: str | None, as_json: bool) -> None:
-    """List snapshots, oldest first.
-    """
+    """List snapshots, oldest first."""
     snaps = state.catalog().require().list(kind, iteration, split)
     emit([s.to_json() for s in snaps], as_json, lambda: print_snapshots(snaps))
 
@@ -56,10 +57,12 @@ def versions_show(state: State, ref: str, as_json: bool) -> None:
         for key, value in doc.items():
             if key == "stats":
                 st = value
-                click.echo(f"{'stats':<11} {st['rows']} pairs; mean length chosen {st['chosen_length']['mean']:.0f} vs "
-                           f"rejected {st['rejected_length']['mean']:.0f} characters (chosen longer in "
-                           f"{100 * st['chosen_longer']:.0f}%); mean score chosen {st['score_chosen']['mean']:.4g} vs "
-                           f"rejected {st['score_rejected']['mean']:.4g}")
+                click.echo(
+                    f"{'stats':<11} {st['rows']} pairs; mean length chosen {st['chosen_length']['mean']:.0f} vs "
+                    f"rejected {st['rejected_length']['mean']:.0f} characters (chosen longer in "
+                    f"{100 * st['chosen_longer']:.0f}%); mean score chosen {st['score_chosen']['mean']:.4g} vs "
+                    f"rejected {st['score_rejected']['mean']:.4g}"
+                )
                 continue
             if key == "params":
                 value = json.dumps(value, sort_keys=True)
@@ -70,21 +73,24 @@ def versions_show(state: State, ref: str, as_json: bool) -> None:
     emit(doc, as_json, human)
 
 
-@versions.command("diff", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions diff prompts:1:train prompts:2:train"))
+@versions.command(
+    "diff", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions diff prompts:1:train prompts:2:train")
+)
 @click.argument("a")
 @click.argument("b")
 @click.option("--limit", type=int, default=10, show_default=True, help="Keys shown per category (human output).")
 @json_option
 @click.pass_obj
 def versions_diff(state: State, a: str, b: str, limit: int, as_json: bool) -> None:
-    """Rows added, removed and changed (same key, other content) from snapshot A to snapshot B.
-    """
+    """Rows added, removed and changed (same key, other content) from snapshot A to snapshot B."""
     result = state.catalog().require().diff(a, b)
 
     def human() -> None:
-        click.echo(f"{result['a'][:12]} -> {result['b'][:12]} ({result['kind']}, key {', '.join(result['key'])}): "
-                   f"{len(result['added'])} added, {len(result['removed'])} removed, "
-                   f"{len(result['changed'])} changed, {result['unchanged']} unchanged")
+        click.echo(
+            f"{result['a'][:12]} -> {result['b'][:12]} ({result['kind']}, key {', '.join(result['key'])}): "
+            f"{len(result['added'])} added, {len(result['removed'])} removed, "
+            f"{len(result['changed'])} changed, {result['unchanged']} unchanged"
+        )
         for name, sign in (("added", "+"), ("removed", "-"), ("changed", "~")):
             for key in result[name][:limit]:
                 click.echo(f"  {sign} {' '.join(str(v) for v in key.values())}")
@@ -94,7 +100,9 @@ def versions_diff(state: State, a: str, b: str, limit: int, as_json: bool) -> No
     emit(result, as_json, human)
 
 
-@versions.command("tag", epilog=example(OWN_CATALOG, "iterdpo --catalog my.duckdb versions tag pairs:1:train quickstart-it1"))
+@versions.command(
+    "tag", epilog=example(OWN_CATALOG, "iterdpo --catalog my.duckdb versions tag pairs:1:train quickstart-it1")
+)
 @click.argument("ref")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Move the tag if it already names another snapshot.")
@@ -109,14 +117,15 @@ def versions_tag(state: State, ref: str, name: str, force: bool, as_json: bool) 
     emit(snap.to_json(), as_json, lambda: click.echo(f"tagged {snap.id[:12]} as {name}"))
 
 
-@versions.command("export", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions export pairs:1:train pairs-1.parquet"))
+@versions.command(
+    "export", epilog=example(f"iterdpo --catalog {QUICKSTART_CATALOG} versions export pairs:1:train pairs-1.parquet")
+)
 @click.argument("ref")
 @click.argument("path", type=click.Path(dir_okay=False))
 @json_option
 @click.pass_obj
 def versions_export(state: State, ref: str, path: str, as_json: bool) -> None:
-    """Write a snapshot's rows to PATH: Parquet, or JSON Lines when PATH ends in .jsonl.
-    """
+    """Write a snapshot's rows to PATH: Parquet, or JSON Lines when PATH ends in .jsonl."""
     from builders.export import export_snapshot
 
     result = export_snapshot(state.catalog().require(), ref, Path(path))
@@ -127,14 +136,22 @@ def versions_export(state: State, ref: str, path: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def versions_verify(state: State, as_json: bool) -> None:
-    """Recompute every snapshot id from its stored rows; exit 1 on any mismatch.
-    """
+    """Recompute every snapshot id from its stored rows; exit 1 on any mismatch."""
     report = state.catalog().require().verify()
-    emit(report, as_json, lambda: click.echo(
-        f"{report['snapshots']} snapshots verified in {report['catalog']}: "
-        + ("ok" if report["ok"] else "PROBLEMS\n  " + "\n  ".join(report["problems"]))
-        + (f" ({report['unreferenced_rows']} rows of interrupted registrations belong to no snapshot; a retry "
-           f"reuses them, `iterdpo versions gc` removes them)" if report["unreferenced_rows"] else "")))
+    emit(
+        report,
+        as_json,
+        lambda: click.echo(
+            f"{report['snapshots']} snapshots verified in {report['catalog']}: "
+            + ("ok" if report["ok"] else "PROBLEMS\n  " + "\n  ".join(report["problems"]))
+            + (
+                f" ({report['unreferenced_rows']} rows of interrupted registrations belong to no snapshot; a retry "
+                f"reuses them, `iterdpo versions gc` removes them)"
+                if report["unreferenced_rows"]
+                else ""
+            )
+        ),
+    )
     if not report["ok"]:
         sys.exit(1)
 
@@ -154,9 +171,15 @@ def versions_gc(state: State, dry_run: bool, as_json: bool) -> None:
     def human() -> None:
         kinds = ", ".join(f"{n} {k}" for k, n in report["rows_removed_by_kind"].items() if n) or "none"
         verb = "would remove" if dry_run else "removed"
-        click.echo(f"{verb} {report['rows_removed']} rows that belong to no snapshot ({kinds})"
-                   + ("" if dry_run else f"; {report['bytes_freed']:,} bytes freed for reuse in {report['catalog']} "
-                                        f"({report['file_bytes']:,} bytes)"))
+        click.echo(
+            f"{verb} {report['rows_removed']} rows that belong to no snapshot ({kinds})"
+            + (
+                ""
+                if dry_run
+                else f"; {report['bytes_freed']:,} bytes freed for reuse in {report['catalog']} "
+                f"({report['file_bytes']:,} bytes)"
+            )
+        )
 
     emit(report, as_json, human)
 
@@ -175,8 +198,10 @@ def versions_merge(state: State, catalogs: tuple[str, ...], as_json: bool) -> No
 
     def human() -> None:
         for m in report["merged"]:
-            click.echo(f"merged {m['source']}: {m['snapshots']} snapshots, {m['rows']} rows, {m['tags']} tags, "
-                       f"{m['work_units']} work units")
+            click.echo(
+                f"merged {m['source']}: {m['snapshots']} snapshots, {m['rows']} rows, {m['tags']} tags, "
+                f"{m['work_units']} work units"
+            )
             if m["tag_conflicts_kept_ours"]:
                 click.echo(f"  kept our tags where both differ: {', '.join(m['tag_conflicts_kept_ours'])}")
 
