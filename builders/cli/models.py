@@ -8,7 +8,6 @@ import click
 
 from builders.cli.app import cli
 from builders.cli.options import (
-    QUICKSTART_CATALOG,
     example,
     json_option,
 )
@@ -19,19 +18,6 @@ from builders.config import GgufImportConfig, TinyConfig
 IMPORT_SMOLLM2 = (
     "iterdpo models import-gguf $(python -c 'from builders.gguf import smollm2_gguf; print(smollm2_gguf())') "
     "models/smollm2"
-)
-# the quickstart's held-out prompts (the final model's evaluation block, which no iteration trained on) as a file
-TEST_PROMPTS = f"iterdpo --catalog {QUICKSTART_CATALOG} versions export prompts:4:test test-prompts.jsonl"
-BEST_OF_16 = (
-    "iterdpo best-of-n --model quickstart/models/iteration_3 --prompts test-prompts.jsonl --num-responses 16 "
-    "--max-tokens 64 --ranker python --ranker-model builders.rewards:complete_concise_answer "
-    "--output model_outputs.json"
-)
-# the final model's greedy answers to them (one each: nothing to rank), for eval
-GREEDY = (
-    "iterdpo best-of-n --model quickstart/models/iteration_3 --prompts test-prompts.jsonl --num-responses 1 "
-    "--temperature 0 --max-tokens 64 --ranker python --ranker-model builders.rewards:complete_concise_answer "
-    "--output greedy_outputs.json"
 )
 
 
