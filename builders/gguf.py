@@ -122,15 +122,21 @@ def import_gguf(
 
     folder, name = str(gguf_file.resolve().parent), gguf_file.name
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        with _quiet_dequantization():
-            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with _parsed_once():
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            with _quiet_dequantization():
+                loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as e:  # an architecture or quantization transformers cannot read, a truncated file
         raise InputError(f"transformers cannot read {gguf_file} ({one_line(e)})") from None
     # The plain class from the config: save_pretrained refuses a model that transformers loaded from GGUF.
     config.dtype = dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:  # every weight is overwritten below (a missing one fails): skip the random initialisation (seconds)
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = loaded.state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
@@ -178,6 +184,53 @@ def import_gguf(
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return GgufImport(out, gguf_file, digest, type(model).__name__, parameters, cfg.dtype)
+
+
+@contextlib.contextmanager
+def _parsed_once():
+    """transformers parses the GGUF file four times for one import (the config, the tokenizer, the model's config,
+    the tensors), each a pure-Python walk over every vocabulary entry, and rebuilds gguf's tensor-name table for
+    every module of the model: two thirds of SmolLM2's import. While importing, the file is parsed once and the
+    metadata and name tables are reused (they depend only on the file and the architecture)."""
+    import copy
+
+    import gguf
+    import transformers.configuration_utils as config_utils
+    import transformers.modeling_gguf_pytorch_utils as loader
+    import transformers.models.auto.tokenization_auto as tokenization_auto
+
+    readers: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    original_reader, original_names, original_load = gguf.GGUFReader, gguf.get_tensor_name_map, loader.load_gguf_checkpoint
+
+    def reader(path, *args, **kwargs):
+        key = os.path.realpath(path)
+        if args or kwargs:  # another mode than read-only: not ours to share
+            return original_reader(path, *args, **kwargs)
+        if key not in readers:
+            readers[key] = original_reader(path)
+        return readers[key]
+
+    def load(path, return_tensors=False, *args, **kwargs):
+        if return_tensors or args or kwargs:
+            return original_load(path, return_tensors, *args, **kwargs)
+        key = os.path.realpath(path)
+        if key not in metadata:
+            metadata[key] = original_load(path, False)
+        return copy.deepcopy(metadata[key])  # callers edit what they get
+
+    patches = [(gguf, "GGUFReader", reader), (gguf, "get_tensor_name_map", functools.lru_cache(None)(original_names)),
+               (loader, "load_gguf_checkpoint", load), (config_utils, "load_gguf_checkpoint", load),
+               (tokenization_auto, "load_gguf_checkpoint", load)]
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in patches]
+    try:
+        for module, attr, value in patches:
+            setattr(module, attr, value)
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+        readers.clear()
 
 
 @contextlib.contextmanager

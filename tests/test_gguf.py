@@ -152,3 +152,39 @@ def test_a_dtype_the_weights_cannot_be_saved_in_fails_before_the_dequantization(
     assert result.code == 1 and result.out == "" and len(result.err.splitlines()) == 1, result.err
     assert result.err.startswith(f"Error: --dtype {dtype!r}: the weights are saved as bfloat16, float16, float32")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_import_reads_the_gguf_file_once_and_leaves_the_libraries_as_they_were(tiny_gguf, tmp_path, monkeypatch):
+    """transformers alone parses the file 4 times per import (config, tokenizer, model config, tensors): SmolLM2's
+    import spent two thirds of its time there. The same folder comes out of one parse."""
+    import transformers.configuration_utils as config_utils
+    import transformers.modeling_gguf_pytorch_utils as loader
+
+    parsed = []
+    real_reader = gguf.GGUFReader
+
+    def counting_reader(path, *args, **kwargs):
+        parsed.append(str(path))
+        return real_reader(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    before = (gguf.GGUFReader, gguf.get_tensor_name_map, loader.load_gguf_checkpoint, config_utils.load_gguf_checkpoint)
+    once = import_gguf(tiny_gguf, tmp_path / "once")
+    assert len(parsed) == 1
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map, loader.load_gguf_checkpoint,
+            config_utils.load_gguf_checkpoint) == before  # nothing patched stays patched
+
+    # the folder equals what transformers' own four reads give (the tokenizer and weights, byte for byte)
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    direct_tok = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    assert len(parsed) > 1  # outside an import, transformers parses again
+    assert AutoTokenizer.from_pretrained(once.folder).get_vocab() == direct_tok.get_vocab()
+    direct_cfg = AutoConfig.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    assert AutoConfig.from_pretrained(once.folder).num_hidden_layers == direct_cfg.num_hidden_layers == LAYERS
+    from safetensors.torch import load_file
+
+    weights = load_file(once.folder / "model.safetensors")
+    assert weights["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert not any(torch.isnan(w.float()).any() for w in weights.values())  # no uninitialised weight was saved
