@@ -201,7 +201,11 @@ def _parsed_once():
 
     readers: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
-    original_reader, original_names, original_load = gguf.GGUFReader, gguf.get_tensor_name_map, loader.load_gguf_checkpoint
+    original_reader, original_names, original_load = (
+        gguf.GGUFReader,
+        gguf.get_tensor_name_map,
+        loader.load_gguf_checkpoint,
+    )
 
     def reader(path, *args, **kwargs):
         key = os.path.realpath(path)
@@ -219,9 +223,13 @@ def _parsed_once():
             metadata[key] = original_load(path, False)
         return copy.deepcopy(metadata[key])  # callers edit what they get
 
-    patches = [(gguf, "GGUFReader", reader), (gguf, "get_tensor_name_map", functools.lru_cache(None)(original_names)),
-               (loader, "load_gguf_checkpoint", load), (config_utils, "load_gguf_checkpoint", load),
-               (tokenization_auto, "load_gguf_checkpoint", load)]
+    patches = [
+        (gguf, "GGUFReader", reader),
+        (gguf, "get_tensor_name_map", functools.lru_cache(None)(original_names)),
+        (loader, "load_gguf_checkpoint", load),
+        (config_utils, "load_gguf_checkpoint", load),
+        (tokenization_auto, "load_gguf_checkpoint", load),
+    ]
     saved = [(module, attr, getattr(module, attr)) for module, attr, _ in patches]
     try:
         for module, attr, value in patches:

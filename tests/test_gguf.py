@@ -171,8 +171,12 @@ def test_import_reads_the_gguf_file_once_and_leaves_the_libraries_as_they_were(t
     before = (gguf.GGUFReader, gguf.get_tensor_name_map, loader.load_gguf_checkpoint, config_utils.load_gguf_checkpoint)
     once = import_gguf(tiny_gguf, tmp_path / "once")
     assert len(parsed) == 1
-    assert (gguf.GGUFReader, gguf.get_tensor_name_map, loader.load_gguf_checkpoint,
-            config_utils.load_gguf_checkpoint) == before  # nothing patched stays patched
+    assert (
+        gguf.GGUFReader,
+        gguf.get_tensor_name_map,
+        loader.load_gguf_checkpoint,
+        config_utils.load_gguf_checkpoint,
+    ) == before  # nothing patched stays patched
 
     # the folder equals what transformers' own four reads give (the tokenizer and weights, byte for byte)
     import torch
