@@ -243,6 +243,40 @@ class RankConfig:
     scale_out: ExecutorConfig = ExecutorConfig()
 
 
+COMBINE_METHODS = ("zscore", "rank", "weighted-sum")
+
+
+@dataclass(frozen=True)
+class CombineConfig:
+    """`combine`: several scores snapshots of the same generations -> one scores snapshot (builders/combine.py)."""
+
+    scores: tuple[str, ...] = opt(
+        (),
+        "A scores snapshot and its weight, SELECTOR_OR_ID=WEIGHT (repeatable; e.g. "
+        "scores:1:train=1 or a tag); the other split's snapshot of the same ranker is found.",
+    )
+    method: str = opt(
+        "zscore",
+        "zscore (each axis standardised, then weighted), rank (weighted mean of the per-prompt "
+        "ranks) or weighted-sum (raw scores).",
+    )
+    splits: tuple[str, ...] = opt(SPLITS, "Splits to combine.")
+
+
+@dataclass(frozen=True)
+class WeightedRankConfig(RankConfig):
+    """One axis of a pipeline's list of rankers (`ranking:` as a list): a ranker and its weight in the combination."""
+
+    weight: float = opt(1.0, "The axis' weight in the combination.")
+
+
+@dataclass(frozen=True)
+class CombineSection:
+    """How a pipeline combines a list of rankers (`ranking:` as a list)."""
+
+    method: str = CombineConfig.method
+
+
 @dataclass(frozen=True)
 class LengthControlConfig:
     """`eval`'s length-controlled win rate (builders/evaluate.py gives the method)."""
@@ -425,7 +459,9 @@ class PipelineConfig:
     split: SplitConfig = SplitConfig()
     # the generator of iteration 1 and how every iteration samples (later iterations use the trained model)
     generation: GenerateConfig = GenerateConfig()
-    ranking: RankConfig = RankConfig()
+    # one ranker, or a list of weighted rankers whose scores are combined (`combine` sets how)
+    ranking: RankConfig | tuple[WeightedRankConfig, ...] = RankConfig()
+    combine: CombineSection = CombineSection()
     selection: BuildConfig = BuildConfig()
     training: TrainingSection = TrainingSection()
     publish: PublishSection = PublishSection()
@@ -523,8 +559,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, where)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # a mapping or a list of them (a pipeline's `ranking:`): the form the value has
+            listed = [a for a in inner if typing.get_origin(a) is tuple]
+            single = [a for a in inner if a not in listed]
+            inner = listed if isinstance(value, (list, tuple)) and listed else single
+        return _coerce(inner[0], value, where)
     if dataclasses.is_dataclass(tp):
         return build_config(tp, value if value is not None else {}, where)
     if origin is tuple:

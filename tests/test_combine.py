@@ -1,12 +1,20 @@
-"""Combining scorers: the numbers of each method (checked against numpy or by hand, not the module's code)."""
+"""Combining scorers: the numbers of each method (checked against numpy or by hand, not the module's code), and
+`iterdpo combine` as a user runs it: the registered snapshots, their lineage, and bad input."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from builders.catalog import Catalog
 from builders.combine import combine_scores
 from builders.errors import InputError
+from builders.prompts import prompt_id
+from builders.schemas import KINDS
 
 PIDS = ["a", "a", "a", "b", "b"]
 HELPFUL = [1.0, 4.0, 2.0, 10.0, 0.0]
@@ -74,7 +82,7 @@ def test_zscore_standardises_a_component_over_all_the_responses_it_scored():
 @pytest.mark.parametrize(
     "components, weights, method, message",
     [
-        ([HELPFUL], [1.0], "median", "unknown combine method"),
+        ([HELPFUL], [1.0], "median", "is not a combine method"),
         ([HELPFUL, STYLE], [1.0], "zscore", "1 weights for 2 components"),
         ([HELPFUL], [float("nan")], "zscore", "finite number"),
         ([HELPFUL], ["1"], "zscore", "finite number"),
@@ -87,3 +95,240 @@ def test_zscore_standardises_a_component_over_all_the_responses_it_scored():
 def test_bad_arguments_are_one_clear_error(components, weights, method, message):
     with pytest.raises(InputError, match=message):
         combine_scores(PIDS, components, weights, method=method)
+
+
+# ------------------------------------------------------------------------------------------------ the stage (CLI)
+# two axes as python scorers (`--ranker-model tests.test_combine:FUNCTION`), recomputed below from the texts
+def length(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+
+def vowels(prompts, responses):
+    return [float(sum(c in "aeiou" for c in r)) for r in responses]
+
+
+def constant(prompts, responses):
+    return [1.0 for _ in responses]
+
+
+ANSWERS = {  # prompt -> its responses (ties within a prompt on purpose: `aa` and `ab` have one vowel each)
+    "train": {"Name a fruit.": ["apple", "kiwi fruit", "a", "pear"], "Say hi.": ["hi there", "hello", "yo"]},
+    "test": {"Name a tree.": ["oak", "willow tree", "elm"]},
+}
+
+
+def _catalog(path: Path) -> Catalog:
+    """Prompts and generations of iteration 1, both splits, registered as `prompts split` and `generate` do."""
+    catalog = Catalog(path)
+    for split, answers in ANSWERS.items():
+        prompts = catalog.register(
+            "prompts",
+            pa.table(
+                {"prompt_id": [prompt_id(p) for p in answers], "prompt": list(answers), "source": [None] * len(answers)}
+            ),
+            iteration=1,
+            split=split,
+        )
+        rows = [
+            {
+                "prompt_id": prompt_id(p),
+                "response_index": i,
+                "response": r,
+                "finish_reason": "stop",
+                "prompt_tokens": 3,
+                "completion_tokens": 3,
+            }
+            for p, rs in answers.items()
+            for i, r in enumerate(rs)
+        ]
+        catalog.register("generations", pa.Table.from_pylist(rows), iteration=1, split=split, parents=[prompts.id])
+    return catalog
+
+
+def _rank(cli, function: str, *extra) -> dict[str, str]:
+    out = cli(
+        "rank",
+        "--iteration",
+        1,
+        "--ranker",
+        "python",
+        "--ranker-model",
+        f"tests.test_combine:{function}",
+        *extra,
+        "--json",
+    )
+    assert out.code == 0, out.err
+    return {s["split"]: s["snapshot"]["id"] for s in out.json()["splits"]}
+
+
+@pytest.fixture
+def ranked(cli, catalog_path):
+    _catalog(catalog_path)
+    return _rank(cli, "length"), _rank(cli, "vowels")
+
+
+def _expected(split: str, method: str, weights: tuple[float, float]) -> dict[tuple[str, int], float]:
+    """The combination computed here from the texts, with numpy (not builders.combine)."""
+    keys = [(prompt_id(p), i) for p, rs in ANSWERS[split].items() for i in range(len(rs))]
+    texts = [r for rs in ANSWERS[split].values() for r in rs]
+    axes = [np.array(length([], texts)), np.array(vowels([], texts))]
+    if method == "weighted-sum":
+        total = weights[0] * axes[0] + weights[1] * axes[1]
+    elif method == "zscore":
+        total = sum(w * (a - a.mean()) / a.std() for w, a in zip(weights, axes))
+    else:  # per prompt: ranks 1..n from the lowest score, ties share the mean of their positions
+        total = np.zeros(len(keys))
+        for pid in {k[0] for k in keys}:
+            at = np.array([k[0] == pid for k in keys])
+            for w, a in zip(weights, axes):
+                values = a[at]
+                ranks = np.array([1 + (values < v).sum() + ((values == v).sum() - 1) / 2 for v in values])
+                total[at] += w * ranks
+        total /= sum(abs(w) for w in weights)
+    return dict(zip(keys, total.tolist()))
+
+
+@pytest.mark.parametrize("method", ["zscore", "rank", "weighted-sum"])
+def test_combine_registers_the_weighted_combination_of_each_split(cli, catalog_path, ranked, method):
+    by_length, by_vowels = ranked
+    catalog = Catalog(catalog_path)
+    catalog.tag(by_vowels["train"], "vowel-axis")
+    args = ("combine", "--iteration", 1, "--scores", f"{by_length['train']}=2", "--scores", "vowel-axis=0.5")
+    out = cli(*args, "--method", method, "--json")
+    assert out.code == 0, out.err
+    splits = {s["split"]: s for s in out.json()["splits"]}
+    assert set(splits) == {"train", "test"}
+    for split, s in splits.items():
+        snap = catalog.get(s["snapshot"]["id"])
+        got = {(r["prompt_id"], r["response_index"]): r["score"] for r in catalog.read(snap.id).to_pylist()}
+        assert got == pytest.approx(_expected(split, method, (2.0, 0.5)), abs=1e-9)
+        # the axes are the parents (after the generations build follows), the test split's found by its ranker
+        gen = catalog.newest("generations", 1, split)
+        assert snap.parents == [gen.id, by_length[split], by_vowels[split]]
+        assert (snap.params["method"], snap.params["weights"], snap.params["unscored"]) == (method, [2.0, 0.5], 0)
+        assert [c["function"] for c in snap.params["ranker_components"]] == [
+            "tests.test_combine:length",
+            "tests.test_combine:vowels",
+        ]
+    again = cli(*args, "--method", method, "--json").json()
+    assert [s["snapshot"]["id"] for s in again["splits"]] == [s["snapshot"]["id"] for s in out.json()["splits"]]
+    # build selects from the combination: the chosen response is the one the combination ranks first
+    built = cli("build", "--iteration", 1, "--json")
+    assert built.code == 0, built.err
+    pairs = catalog.read(built.json()["splits"][0]["snapshot"]["id"]).to_pylist()
+    expected = _expected("train", method, (2.0, 0.5))
+    for row in pairs:
+        best = max(range(len(row["all_generated_responses"])), key=lambda i: (expected[(row["prompt_id"], i)], -i))
+        assert row["chosen"][-1]["content"] == row["all_generated_responses"][best]
+
+
+def test_combine_prints_a_line_per_split_and_only_the_split_asked(cli, ranked):
+    by_length, by_vowels = ranked
+    out = cli(
+        "combine",
+        "--iteration",
+        1,
+        "--scores",
+        f"{by_length['test']}=1",
+        "--scores",
+        f"{by_vowels['test']}=1",
+        "--split",
+        "test",
+    )
+    assert out.code == 0, out.err
+    assert out.out.startswith("test: 1 prompts, 3 responses (0 unscored") and "train" not in out.out
+
+
+def test_a_response_an_axis_did_not_score_is_left_out_and_counted(cli, catalog_path, ranked):
+    by_length, _ = ranked
+    catalog = Catalog(catalog_path)
+    gen = catalog.newest("generations", 1, "train")
+    rows = catalog.read(by_length["train"]).to_pylist()[1:]  # a scorer that skipped one response
+    partial = catalog.register(
+        "scores",
+        pa.Table.from_pylist(rows, schema=KINDS["scores"].schema),
+        iteration=1,
+        split="train",
+        parents=[gen.id],
+        params={"ranker": "python", "function": "hand"},
+    )
+    out = cli(
+        "combine",
+        "--iteration",
+        1,
+        "--split",
+        "train",
+        "--scores",
+        f"{partial.id}=1",
+        "--scores",
+        f"{by_length['train']}=1",
+        "--json",
+    )
+    assert out.code == 0, out.err
+    split = out.json()["splits"][0]
+    assert split["drops"] == {"unscored": 1} and split["snapshot"]["rows"] == len(rows)
+    assert split["snapshot"]["params"]["unscored"] == 1
+
+
+def test_a_constant_axis_counts_for_nothing_in_zscore(cli, ranked):
+    by_length, _ = ranked
+    flat = _rank(cli, "constant")
+    out = cli(
+        "combine", "--iteration", 1, "--scores", f"{by_length['train']}=1", "--scores", f"{flat['train']}=5", "--json"
+    )
+    alone = cli("combine", "--iteration", 1, "--scores", f"{by_length['train']}=1", "--json")
+    assert out.code == 0 and alone.code == 0, out.err + alone.err
+    assert [s["snapshot"]["id"] for s in out.json()["splits"]] == [s["snapshot"]["id"] for s in alone.json()["splits"]]
+
+
+@pytest.mark.parametrize(
+    "scores, extra, message",
+    [
+        (["{L}=heavy"], (), "--scores '.*=heavy': the weight 'heavy' is not a number"),
+        (["{L}"], (), "give SELECTOR_OR_ID=WEIGHT"),
+        (["{L}=nan"], (), "finite"),
+        (["{L}=0", "{V}=0"], (), "every weight is 0"),
+        (["{L}=1"], ("--method", "median"), "--method 'median' is not a combine method"),
+        (["{L}=1", "{C}=1"], (), "has no test split"),
+        (["{L}=1", "{O}=1"], ("--split", "train"), "scores of different generations in train"),
+        (["generations:1:train=1"], (), "a complete scores snapshot of iteration 1 is needed, not generations"),
+        (["{L}=1"], ("--iteration", 2), "of iteration 2 is needed"),
+        (["nosuchtag=1"], (), "no snapshot or tag 'nosuchtag'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1_and_registers_nothing(cli, catalog_path, ranked, scores, extra, message):
+    by_length, by_vowels = ranked
+    train_only = _rank(cli, "constant", "--split", "train")
+    catalog = Catalog(catalog_path)
+    # another generation run of the same train prompts, scored by the same axis
+    gen = catalog.newest("generations", 1, "train")
+    other_rows = catalog.read(gen.id).to_pylist()
+    other_rows[0]["response"] = "banana"
+    other = catalog.register(
+        "generations",
+        pa.Table.from_pylist(other_rows, schema=KINDS["generations"].schema),
+        iteration=1,
+        split="train",
+        parents=[catalog.parent(gen, "prompts").id],
+    )
+    other_scores = cli(
+        "rank",
+        "--iteration",
+        1,
+        "--ranker",
+        "python",
+        "--ranker-model",
+        "tests.test_combine:length",
+        "--from",
+        other.id,
+        "--json",
+    ).json()["splits"][0]["snapshot"]["id"]
+    refs = {"L": by_length["train"], "V": by_vowels["train"], "C": train_only["train"], "O": other_scores}
+    before = [s.id for s in catalog.list()]
+    args = [a for s in scores for a in ("--scores", s.format(**refs))]
+    iteration = () if "--iteration" in extra else ("--iteration", 1)
+    out = cli("combine", *iteration, *args, *extra)
+    assert out.code == 1, out.out
+    assert re.search(message, out.err), out.err
+    assert len(out.err.strip().splitlines()) == 1 and "Traceback" not in out.err
+    assert [s.id for s in catalog.list()] == before

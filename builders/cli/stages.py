@@ -20,7 +20,16 @@ from builders.cli.options import (
     sampling_options,
 )
 from builders.cli.render import emit, print_executor, print_snapshots
-from builders.config import SELECTIONS, SPLITS, BuildConfig, GenerateConfig, QuickstartConfig, RankConfig, TrainConfig
+from builders.config import (
+    SELECTIONS,
+    SPLITS,
+    BuildConfig,
+    CombineConfig,
+    GenerateConfig,
+    QuickstartConfig,
+    RankConfig,
+    TrainConfig,
+)
 
 
 # --------------------------------------------------------------------------------------------------------- generate
@@ -123,6 +132,51 @@ def rank_cmd(
     _stage_command(
         state, rank, iteration, cfg, from_refs, as_json, split_line, lambda result: f"done in {result.seconds:.1f}s"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------- combine
+@cli.command(
+    "combine",
+    epilog=example(
+        OWN_CATALOG,
+        "iterdpo --catalog my.duckdb versions tag scores:1:train concise-it1   # the quickstart's reward, by name",
+        "iterdpo --catalog my.duckdb rank --iteration 1 --ranker python "
+        "--ranker-model builders.rewards:distinct_trigrams",
+        "iterdpo --catalog my.duckdb combine --iteration 1 --scores concise-it1=1 --scores scores:1:train=0.5",
+    ),
+)
+@click.option("--iteration", type=int, required=True)
+@field_option(
+    CombineConfig, "scores", multiple=True, required=True, metavar="SELECTOR_OR_ID=WEIGHT", show_default=False
+)
+@field_option(CombineConfig, "method")  # not a click.Choice: an unknown method is a bad input (exit 1), not usage
+@click.option("--split", type=click.Choice(SPLITS), default=None, help="Only this split (default: both).")
+@json_option
+@click.pass_obj
+def combine_cmd(state: State, iteration: int, split: str | None, as_json: bool, **options) -> None:
+    """Combine several scores snapshots of the same generations (helpfulness, a house-style rule, a safety
+    classifier...) into one `scores` snapshot per split, which `build` then selects pairs from.
+
+    zscore (default): each axis standardised over its responses (mean 0, sd 1), then the weighted sum; rank: per
+    prompt, the weighted mean of each axis' rank (1 = lowest); weighted-sum: the raw scores weighted. A negative
+    weight turns an axis round. A reference names one split's snapshot; the other split's is the one the same
+    ranker made. A response some axis did not score is left unscored and counted.
+    """
+    from builders.combine import combine
+
+    cfg = config_from(CombineConfig, {**options, "splits": (split,) if split else SPLITS})
+    with stage_output(state.debug):
+        result = combine(state.catalog(), iteration, cfg)
+
+    def human() -> None:
+        for s in result.splits:
+            click.echo(
+                f"{s.split}: {s.prompts} prompts, {s.snapshot.params.get('responses')} responses "
+                f"({s.drops['unscored']} unscored: missing in some axis) -> snapshot {s.snapshot.id[:12]} "
+                f"({s.snapshot.rows} scores)"
+            )
+
+    emit(result.to_json(), as_json, human)
 
 
 # ------------------------------------------------------------------------------------------------------------ build
