@@ -207,6 +207,11 @@ def resolve_components(
                     )
                 snap = match
             found.append(snap)
+        twice = next((s for i, s in enumerate(found) if s.id in {f.id for f in found[:i]}), None)
+        if twice is not None:
+            raise InputError(
+                f"scores {twice.id[:12]} is named twice; give each axis once, with its weight", option="scores"
+            )
         out[split] = found
     return out
 

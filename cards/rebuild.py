@@ -193,6 +193,30 @@ def _ranker(script: Script, params: dict[str, Any]) -> str:
     return " ".join(opts)
 
 
+def _combine(s: Script, n: int, combined: list[Origin], only: str) -> None:
+    """The combine command of an iteration's combined rewards: its axes named by their snapshot ids (the rank
+    commands above register them again with the same ids), one command when every split combines the same way."""
+    from builders.combine import ranker_signature
+
+    commands: dict[tuple, list[Origin]] = {}
+    for o in combined:
+        key = (
+            o.scores.params.get("method"),
+            tuple((a.weight, repr(sorted(ranker_signature(a.scores.params).items()))) for a in o.axes),
+        )
+        commands.setdefault(key, []).append(o)
+    for (method, _), origins_ in commands.items():
+        first = origins_[0]  # a split's axes name the other split's (the same rankers')
+        split_opt = only if len(commands) == 1 else f" --split {first.split}"
+        for axis in first.axes:
+            if axis.scores.params.get("ranker") == "combine":
+                note = f"an axis of iteration {n}'s reward ({axis.scores.id[:12]}) is itself a combination: combine it first"
+                if note not in s.notes:
+                    s.notes.append(note)
+        axes = " ".join(f"--scores {a.scores.id}={float(a.weight)!r}" for a in first.axes)
+        s.lines.append(f"iterdpo combine --iteration {n}{split_opt} {axes} --method {method}")
+
+
 def _build_options(selection: dict[str, Any]) -> str:
     opts = [
         f"--selection {selection.get('selection', 'max-min')}",
@@ -327,11 +351,17 @@ def script(origins: dict[tuple[int, str], Origin], repo_id: str, set_id: str) ->
             s.lines.append(f"{threads}iterdpo generate --iteration {n}{split_opt} {opts}")
         rank_cmds: dict[str, list[str]] = {}
         for o in mine:
+            if o.axes:  # a combined reward: each axis ranked, then combined
+                for axis in o.axes:
+                    rank_cmds.setdefault(_ranker(s, axis.scores.params), []).append(o.split)
+                continue
             params = o.scores.params if o.scores is not None else o.pairs.params.get("ranker", {})
             rank_cmds.setdefault(_ranker(s, params), []).append(o.split)
         for opts, splits_ in rank_cmds.items():
-            split_opt = only if len(rank_cmds) == 1 else f" --split {splits_[0]}"
+            # several commands: a ranker per split, or the axes of a combination (each for every split)
+            split_opt = only if len(rank_cmds) == 1 or set(splits_) == published else f" --split {splits_[0]}"
             s.lines.append(f"iterdpo rank --iteration {n}{split_opt} {opts}")
+        _combine(s, n, [o for o in mine if o.axes], only)
         s.lines.append(f"iterdpo build --iteration {n} {_build_options(mine[0].pairs.params.get('selection', {}))}")
         nxt = next((i for i in iterations if i > n), None)
         if nxt is None:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,9 @@ from builders.catalog import Catalog
 from builders.combine import combine_scores
 from builders.errors import InputError
 from builders.prompts import prompt_id
+from builders.publish import published_snapshots
 from builders.schemas import KINDS
+from tests.conftest import SAMPLE
 
 PIDS = ["a", "a", "a", "b", "b"]
 HELPFUL = [1.0, 4.0, 2.0, 10.0, 0.0]
@@ -332,3 +336,61 @@ def test_bad_input_is_one_line_exit_1_and_registers_nothing(cli, catalog_path, r
     assert re.search(message, out.err), out.err
     assert len(out.err.strip().splitlines()) == 1 and "Traceback" not in out.err
     assert [s.id for s in catalog.list()] == before
+
+
+def test_the_card_names_each_axis_and_its_rebuild_script_registers_the_combination_again(cli, tmp_path, tiny_models):
+    """One iteration through the CLI, its reward a combination of two axes, staged: the recipe names each axis with
+    its weight, the chosen-vs-rejected table shows each axis' means, and the card's commands run as a script in an
+    empty folder register the same snapshots."""
+    from tests.test_cards import _shims, rebuild_block
+
+    steps = [
+        ("prompts", "import", SAMPLE),
+        ("prompts", "split", "--iterations", 1, "--train-size", 4, "--test-size", 2, "--seed", 5),
+        ("generate", "--iteration", 1, "--model", tiny_models / "generator", "--num-responses", 3, "--max-tokens", 16),
+    ]
+    for step in steps:
+        assert cli(*step).code == 0, step
+    by_length, by_vowels = _rank(cli, "length"), _rank(cli, "vowels")
+    out = cli(
+        "combine",
+        "--iteration",
+        1,
+        "--scores",
+        f"{by_length['train']}=2",
+        "--scores",
+        f"{by_vowels['train']}=-0.5",
+        "--method",
+        "rank",
+    )
+    assert out.code == 0, out.err
+    assert cli("build", "--iteration", 1, "--keep-ties").code == 0
+    staged = cli("publish", "me/combined", "--dry-run", "--local-dir", tmp_path / "staged", "--json").json()
+    card = (tmp_path / "staged" / "README.md").read_text()
+    assert "`combine (rank): 2 x python: tests.test_combine:length + -0.5 x python: tests.test_combine:vowels`" in card
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    pairs = catalog.read(catalog.newest("pairs", 1, "train").id).to_pylist()
+    chosen = [len(r["chosen"][-1]["content"]) for r in pairs]
+    rejected = [len(r["rejected"][-1]["content"]) for r in pairs]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    row = (
+        f"| `train_iteration_1` | `python: tests.test_combine:length` | 2 | {mean(chosen):.4g} | {mean(rejected):.4g} "
+        f"| {mean(chosen) - mean(rejected):.4g} |"
+    )
+    assert row in card, card[card.index("## Chosen vs rejected") :][:2000]
+    assert "| `test_iteration_1` | `python: tests.test_combine:vowels` | -0.5 |" in card
+
+    script = rebuild_block(card)
+    assert "iterdpo combine --iteration 1 --scores " in script and "--method rank" in script
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "rebuild.sh").write_text(script)
+    env = {**os.environ, **_shims(tmp_path / "bin"), "BASE_MODEL": str(tiny_models / "generator")}
+    done = subprocess.run(["bash", "rebuild.sh"], cwd=fresh, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rebuilt = {
+        f"{split}_iteration_{it}": s.id
+        for (it, split), s in published_snapshots(Catalog(fresh / "catalog.duckdb"), None).items()
+    }
+    assert rebuilt == staged["snapshots"]
+    assert (fresh / "rebuilt" / "README.md").read_text() == card
