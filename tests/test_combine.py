@@ -18,7 +18,7 @@ from builders.errors import InputError
 from builders.prompts import prompt_id
 from builders.publish import published_snapshots
 from builders.schemas import KINDS
-from tests.conftest import SAMPLE
+from tests.conftest import ROOT, SAMPLE
 
 PIDS = ["a", "a", "a", "b", "b"]
 HELPFUL = [1.0, 4.0, 2.0, 10.0, 0.0]
@@ -394,3 +394,77 @@ def test_the_card_names_each_axis_and_its_rebuild_script_registers_the_combinati
     }
     assert rebuilt == staged["snapshots"]
     assert (fresh / "rebuilt" / "README.md").read_text() == card
+
+
+def test_a_pipeline_ranks_with_each_listed_ranker_and_builds_from_their_combination(tmp_path, tiny_models):
+    import yaml
+
+    from builders.pipeline import load_pipeline, run_pipeline
+
+    doc = {
+        "catalog": str(tmp_path / "catalog.duckdb"),
+        "prompts": {"source": str(SAMPLE)},
+        "split": {"iterations": 1, "train_size": 4, "test_size": 2, "seed": 5},
+        "generation": {
+            "model": str(tiny_models / "generator"),
+            "backend": "transformers",
+            "sampling": {"num_responses": 3, "max_tokens": 16, "seed": 5},
+        },
+        "ranking": [
+            {"ranker": "python", "ranker_model": "tests.test_combine:length", "weight": 1},
+            {"ranker": "python", "ranker_model": "tests.test_combine:vowels", "weight": 3},
+        ],
+        "combine": {"method": "weighted-sum"},
+        "training": {"recipe": str(ROOT / "train/recipes/tiny-cpu.yaml"), "output_dir": str(tmp_path / "m{n}")},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    run_pipeline(catalog, load_pipeline(path), progress=False)
+    for split in ("train", "test"):
+        pairs = catalog.newest("pairs", 1, split)
+        combined = catalog.parent(pairs, "scores")
+        axes = catalog.parents(combined, "scores")
+        assert [a.params["function"] for a in axes] == ["tests.test_combine:length", "tests.test_combine:vowels"]
+        assert (combined.params["method"], combined.params["weights"]) == ("weighted-sum", [1.0, 3.0])
+        gen = catalog.read(catalog.parent(combined, "generations").id).to_pylist()
+        texts = [r["response"] for r in gen]
+        expected = [a + 3 * b for a, b in zip(length([], texts), vowels([], texts))]
+        assert [r["score"] for r in catalog.read(combined.id).to_pylist()] == pytest.approx(expected)
+        # the pairs' chosen is the best of the combination
+        for row in catalog.read(pairs.id).to_pylist():
+            scores = row["all_rm_scores"]
+            assert row["score_chosen"] == max(scores) and row["score_rejected"] == min(scores)
+
+
+def test_a_pipelines_list_of_rankers_is_checked_before_anything_runs(tmp_path, tiny_models):
+    import yaml
+
+    from builders.pipeline import load_pipeline, validate_pipeline
+
+    path = tmp_path / "p.yaml"
+    base = {
+        "prompts": {"source": str(SAMPLE)},
+        "split": {"iterations": 1, "train_size": 4, "test_size": 2},
+        "generation": {"model": str(tiny_models / "generator")},
+        "training": {"recipe": str(ROOT / "train/recipes/tiny-cpu.yaml")},
+    }
+    bad = [
+        (
+            [{"ranker": "python", "ranker_model": "tests.test_combine:length", "weight": "x"}],
+            {},
+            "ranking[0].weight must be float",
+        ),
+        ([{"ranker": "python", "ranker_model": "tests.test_combine:nothing"}], {}, "ranking[0].ranker_model"),
+        (
+            [{"ranker": "python", "ranker_model": "tests.test_combine:length"}],
+            {"method": "mean"},
+            "combine: method 'mean'",
+        ),
+        ([{"ranker": "python", "ranker_model": "tests.test_combine:length", "weight": 0}], {}, "every weight is 0"),
+        ([{"ranker": "python", "ranker_model": "tests.test_combine:length", "wieght": 1}], {}, "unknown key 'wieght'"),
+    ]
+    for ranking, combine, message in bad:
+        path.write_text(yaml.safe_dump({**base, "ranking": ranking, "combine": combine}))
+        with pytest.raises(InputError, match=re.escape(message)):
+            validate_pipeline(load_pipeline(path), str(path))
