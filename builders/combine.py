@@ -13,6 +13,34 @@ Methods (higher combined score = better, as for every ranker):
   weight turns an axis round). Only the order within a prompt counts, never the size of a gap.
 - `weighted-sum`: sum(w*score) of the raw scores: for scorers already on one scale.
 A response that some component did not score gets None (unscored): `build` then treats it as missing.
+
+The stage, `combine(catalog, iteration, CombineConfig(scores=("REF=WEIGHT", ...)))` (`iterdpo combine`), reads
+scores snapshots of the same generations and registers one combined `scores` snapshot per split; its parents are
+the generations and the components, its params the method, the weights and each component's ranker:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import pyarrow as pa
+    >>> from builders.catalog import Catalog
+    >>> from builders.config import CombineConfig, RankConfig
+    >>> from builders.prompts import prompt_id
+    >>> from builders.rank import rank
+    >>> catalog = Catalog(Path(tempfile.mkdtemp()) / "catalog.duckdb")
+    >>> pid = prompt_id("Name a colour.")
+    >>> prompts = catalog.register("prompts", pa.table({"prompt_id": [pid], "prompt": ["Name a colour."],
+    ...                                                 "source": [None]}), iteration=1, split="train")
+    >>> answers = ["Blue.", "Red is a colour.", "I am not sure"]
+    >>> _ = catalog.register("generations", pa.Table.from_pylist(
+    ...     [{"prompt_id": pid, "response_index": i, "response": a, "finish_reason": "stop", "prompt_tokens": 4,
+    ...       "completion_tokens": 3} for i, a in enumerate(answers)]), iteration=1, split="train", parents=[prompts.id])
+    >>> axes = [rank(catalog, 1, RankConfig(ranker="python", ranker_model=f"builders.rewards:{f}", splits=("train",)),
+    ...              progress=False).snapshots[0] for f in ("complete_concise_answer", "distinct_trigrams")]
+    >>> cfg = CombineConfig(scores=(f"{axes[0].id}=1", f"{axes[1].id}=0.5"), method="rank", splits=("train",))
+    >>> combined = combine(catalog, 1, cfg).snapshots[0]
+    >>> combined.parents[1:] == [a.id for a in axes], combined.params["weights"]
+    (True, [1.0, 0.5])
+    >>> [round(r["score"], 3) for r in catalog.read(combined.id).to_pylist()]  # ranks 2, 3, 1 and a tie (2, 2, 2)
+    [2.0, 2.667, 1.333]
 """
 
 from __future__ import annotations
