@@ -135,18 +135,14 @@ def rank_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------------- combine
-_PYTHON = "--ranker python --ranker-model builders.rewards:"
-_TRAIN_ID = "python -c \"import json, sys; print(json.load(sys.stdin)['splits'][0]['snapshot']['id'])\""
-
-
 @cli.command(
     "combine",
     epilog=example(
         OWN_CATALOG,
-        f"concise=$(iterdpo --catalog my.duckdb rank --iteration 1 {_PYTHON}complete_concise_answer --json | {_TRAIN_ID})"
-        "   # the quickstart's reward: already ranked, it prints the snapshot",
-        f"trigrams=$(iterdpo --catalog my.duckdb rank --iteration 1 {_PYTHON}distinct_trigrams --json | {_TRAIN_ID})",
-        'iterdpo --catalog my.duckdb combine --iteration 1 --scores "$concise=1" --scores "$trigrams=0.5"',
+        "iterdpo --catalog my.duckdb versions tag scores:1:train concise-it1   # the quickstart's reward, named",
+        "iterdpo --catalog my.duckdb rank --iteration 1 --ranker python "
+        "--ranker-model builders.rewards:distinct_trigrams   # a second axis, now the newest scores:1:train",
+        "iterdpo --catalog my.duckdb combine --iteration 1 --scores concise-it1=1 --scores scores:1:train=0.5",
     ),
 )
 @click.option("--iteration", type=int, required=True)
