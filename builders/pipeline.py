@@ -132,9 +132,10 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
             check(f"{at}.ranker_model", make_ranker, dataclasses.replace(rank_cfg, scale_out=ExecutorConfig()))
         elif not _under(rk.ranker_model, cfg.tiny_models):
             check(f"{at}.ranker_model", ranker_identity, rank_cfg)
-    if listed:
-        from builders.combine import check_combination
+    from builders.combine import check_combination
 
+    check("combine", check_combination, 0, [[]], [1.0], cfg.combine.method)  # the method, also when unused
+    if listed:
         if not cfg.ranking:
             raise InputError(f"{where}: ranking: an empty list names no ranker")
         check(

@@ -49,6 +49,7 @@ def test_reward_table(
             cut += g["finish_reason"] == "length"
         means = [statistics.fmean(v) for v in per_prompt.values()]
         se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
+        axes = _axes(catalog, scores_snap)
         rows.append(
             {
                 "iteration": n,
@@ -68,9 +69,34 @@ def test_reward_table(
                 ),
                 "scores": scores_snap.id,
                 "generations": gen_snap.id,
+                **({"axes": axes} if axes else {}),
             }
         )
     return rows
+
+
+def _mean_se(scores: list[dict[str, Any]]) -> tuple[float, float]:
+    """The mean over prompts of each prompt's mean score, and its standard error."""
+    per_prompt: dict[str, list[float]] = defaultdict(list)
+    for s in scores:
+        per_prompt[s["prompt_id"]].append(float(s["score"]))
+    means = [statistics.fmean(v) for v in per_prompt.values()]
+    se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
+    return (statistics.fmean(means) if means else float("nan")), se
+
+
+def _axes(catalog, scores_snap) -> list[dict[str, Any]]:
+    """A combined reward's axes (builders/combine.py), each with its own mean ± se on the same responses: a zscore
+    or rank combination is standardised within each iteration, so only its axes compare across iterations."""
+    if scores_snap.params.get("ranker") != "combine":
+        return []
+    from cards.provenance import Axis
+
+    out = []
+    for snap, weight in zip(catalog.parents(scores_snap, "scores"), scores_snap.params.get("weights") or []):
+        mean, se = _mean_se(catalog.read(snap.id).to_pylist())
+        out.append({"axis": Axis(snap, weight).name, "weight": weight, "reward_mean": mean, "reward_se": se})
+    return out
 
 
 def text_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -103,6 +129,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['iteration']} | `{r['model']}` | {r['prompts']} | {r['reward_mean']:.3f} ± "
             f"{r['reward_se']:.3f} | {r['mean_tokens']:.1f} | {100 * r['cut_share']:.0f}% |"
         )
+    if any(r.get("axes") for r in rows):
+        lines += [
+            "",
+            "The reward is a combination (`iterdpo combine`); a zscore or rank combination is standardised within "
+            "each iteration, so compare its axes across iterations:",
+            "",
+            "| iteration | axis | weight | reward (mean ± se) |",
+            "|---:|---|---:|---:|",
+        ]
+        for r in rows:
+            for a in r.get("axes", []):
+                lines.append(
+                    f"| {r['iteration']} | `{a['axis']}` | {a['weight']:g} | {a['reward_mean']:.3f} ± "
+                    f"{a['reward_se']:.3f} |"
+                )
     lines += ["", f"![Reward on test prompts by iteration]({PLOT})", ""]
     return "\n".join(lines)
 

@@ -379,6 +379,14 @@ def test_the_card_names_each_axis_and_its_rebuild_script_registers_the_combinati
     )
     assert row in card, card[card.index("## Chosen vs rejected") :][:2000]
     assert "| `test_iteration_1` | `python: tests.test_combine:vowels` | -0.5 |" in card
+    # the reward on test prompts: each axis' own mean, as the combination is standardised within an iteration
+    test_length = catalog.read(by_length["test"]).to_pylist()
+    per_prompt = {}
+    for r in test_length:
+        per_prompt.setdefault(r["prompt_id"], []).append(r["score"])
+    assert (
+        f"| 1 | `python: tests.test_combine:length` | 2 | {mean([mean(v) for v in per_prompt.values()]):.3f} ± " in card
+    )
 
     script = rebuild_block(card)
     assert "iterdpo combine --iteration 1 --scores " in script and "--method rank" in script
