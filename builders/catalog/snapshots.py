@@ -343,7 +343,7 @@ class Snapshots:
         snap = self.get(ref)
         k = get_kind(snap.kind)
         with self.db.connect(read_only=True) as con:
-            cols = ", ".join(f"r.{c}" for c in k.columns) + (f", {refs.select_list(con)}" if k.name == "pairs" else "")
+            cols = store.select_columns(con, k, k.columns) + (f", {refs.select_list(con)}" if k.name == "pairs" else "")
             table = fetch_arrow(
                 con,
                 f"SELECT {cols} FROM snapshot_rows s JOIN {store.rows_table(k.name)} r "
@@ -382,7 +382,6 @@ class Snapshots:
         # pairs rows stored by reference are rebuilt batch by batch (refs.expand), from their reference columns
         refd = refs.needed(k.name, names)
         wide = pa.schema([*schema, *store.REF_SCHEMA]) if refd else schema
-        cols = ", ".join(f"r.{c}" for c in schema.names)
         order = ", ".join(f"r.{c}" for c in k.key)
         members = (
             f"FROM snapshot_rows s JOIN {store.rows_table(k.name)} r ON s.row_id = r.row_id "
@@ -395,6 +394,7 @@ class Snapshots:
         if snap.rows <= size:  # one batch: sorted by DuckDB in one small query
             with self._reading() as con:
                 extra = f", {refs.select_list(con)}" if refd else ""
+                cols = store.select_columns(con, k, schema.names)  # an older file's absent columns: nulls
                 table = fetch_arrow(con, f"SELECT {cols}{extra} {members} ORDER BY {order}", [snap.id])
                 table = full(table.rename_columns(wide.names), con)
             if table.num_rows:
@@ -412,6 +412,7 @@ class Snapshots:
             try:
                 with self._reading() as con:
                     extra = f", {refs.select_list(con)}" if refd else ""
+                    cols = store.select_columns(con, k, schema.names)
                     reader = con.sql(f"SELECT r.row_id, {cols}{extra} {members}", params=[snap.id]).to_arrow_reader(
                         min(size, _STREAM_ROWS)
                     )
