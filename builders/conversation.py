@@ -53,7 +53,7 @@ def canonical(messages: Any, where: str = "conversation") -> Prompt | None:
     for i, m in enumerate(messages, start=1):
         if not isinstance(m, dict):
             raise InputError(f"{where}: message {i} is a {type(m).__name__}, not a {{role, content}} object")
-        extra = sorted(set(m) - {"role", "content"})
+        extra = sorted(k for k, v in m.items() if k not in ("role", "content") and v is not None)
         if extra:
             raise InputError(f"{where}: message {i} has keys other than role and content ({', '.join(extra)})")
         role, content = m.get("role"), m.get("content")
