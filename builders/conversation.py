@@ -87,6 +87,14 @@ def conversation_id(messages: Sequence[Message] | Sequence[Sequence[str]]) -> st
     return hashlib.sha256(CONVERSATION_MARK + text.encode("utf-8")).hexdigest()
 
 
+def messages_of(prompts: Any) -> list[list[Message] | None]:
+    """Each row's conversation (None for a string prompt) of a prompts table; a table of string prompts has no
+    `messages` column (a snapshot read leaves an all-null optional column out)."""
+    if "messages" not in prompts.column_names:
+        return [None] * prompts.num_rows
+    return prompts.column("messages").to_pylist()
+
+
 def last_user_turn(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 

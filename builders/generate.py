@@ -57,7 +57,7 @@ from builders.config import (
     check_commit_seconds,
     check_splits,
 )
-from builders.conversation import effective, has_own_system, resolve_system_prompt
+from builders.conversation import effective, has_own_system, messages_of, resolve_system_prompt
 from builders.errors import InputError, IterdpoError, one_line
 from builders.models import model_identity, served_identity
 from builders.schemas import KINDS
@@ -295,7 +295,7 @@ def generate(
         for split, prompts_snap in sets.items():  # one split's prompts in memory at a time
             key = work_key(prompts_snap, identity, cfg.backend, template_sha, cfg.sampling, system)
             prompts = catalog.read(prompts_snap.id)
-            messages = prompts.column("messages").to_pylist()
+            messages = messages_of(prompts)
             items = {
                 pid: (pid, effective(text, conv, system))
                 for pid, text, conv in zip(

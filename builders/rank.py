@@ -58,7 +58,7 @@ from builders.backends.base import Ranker, check_device, device_for
 from builders.backends.ray import ranker_resources
 from builders.catalog import Catalog
 from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_commit_seconds, check_splits
-from builders.conversation import effective
+from builders.conversation import effective, messages_of
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity
 from builders.stage import (
@@ -199,7 +199,7 @@ def rank(
             prompt_text = {
                 pid: effective(text, conv, system)
                 for pid, text, conv in zip(
-                    *(prompts.column(c).to_pylist() for c in ("prompt_id", "prompt", "messages"))
+                    prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist(), messages_of(prompts)
                 )
             }
             order, by = grouped(catalog.read(gen.id))

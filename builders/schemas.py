@@ -110,6 +110,12 @@ def kind(name: str) -> Kind:
         raise InputError(f"unknown snapshot kind {name!r}; kinds are: {', '.join(KINDS)}") from None
 
 
+def without_unused(table: pa.Table, k: Kind) -> pa.Table:
+    """`table` without the optional columns that are null in every row (what a snapshot read returns)."""
+    unused = [c for c in k.optional if c in table.column_names and table.column(c).null_count == table.num_rows]
+    return table.drop_columns(unused) if unused else table
+
+
 def conform(table: pa.Table, k: Kind) -> pa.Table:
     """Return `table` with exactly the kind's columns, in order and types (an absent optional column as nulls); a
     clear error otherwise."""

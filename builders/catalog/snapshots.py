@@ -29,7 +29,7 @@ from builders.catalog.db import Database, atomic, execute, fetch_all, fetch_arro
 from builders.catalog.hashing import row_hashes, snapshot_id, sort_order
 from builders.config import CatalogConfig
 from builders.errors import InputError, NotFound
-from builders.schemas import KINDS, SPLITS, conform
+from builders.schemas import KINDS, SPLITS, conform, without_unused
 from builders.schemas import kind as get_kind
 
 _MIN_PREFIX = 4
@@ -339,7 +339,8 @@ class Snapshots:
         return found[0] if found else None
 
     def read(self, ref: str) -> pa.Table:
-        """The rows of a snapshot, in canonical order, with the kind's declared schema."""
+        """The rows of a snapshot, in canonical order, with the kind's declared schema; an optional column that is
+        null in every row is left out (a pool of string prompts reads as before conversations: no `messages`)."""
         snap = self.get(ref)
         k = get_kind(snap.kind)
         with self.db.connect(read_only=True) as con:
@@ -353,7 +354,7 @@ class Snapshots:
             )
             if k.name == "pairs":
                 table = refs.expand(con, table)
-            return conform(table, k)
+            return without_unused(conform(table, k), k)
 
     def read_batches(
         self, ref: str, batch_rows: int | None = None, *, columns: Sequence[str] | None = None, with_hash: bool = False
