@@ -30,7 +30,7 @@ from builders.catalog import Catalog, Registration, Snapshot
 from builders.config import PROMPT_COLUMNS, SplitConfig
 from builders.conversation import canonical, conversation_id
 from builders.errors import InputError, one_line
-from builders.schemas import KINDS
+from builders.schemas import KINDS, conform
 
 LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -355,7 +355,8 @@ def _pool(catalog: Catalog, refs: Sequence[str]) -> tuple[pa.Table, list[str]]:
     for s in snaps:
         if s.kind != "prompts":
             raise InputError(f"snapshot {s.id[:12]} is a {s.kind} snapshot, not prompts")
-    tables = [catalog.read(s.id) for s in snaps]
+    # every pool with the kind's columns: a pool of strings reads without `messages`, a pool of conversations with
+    tables = [conform(catalog.read(s.id), KINDS["prompts"]) for s in snaps]
     pool = pa.concat_tables(tables)
     if len(tables) > 1:  # the union of several pools: a prompt present in two counts once
         import polars as pl

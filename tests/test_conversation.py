@@ -317,3 +317,32 @@ def test_system_prompt_resolution():
     assert resolve_system_prompt(" Be brief. ") == "Be brief."
     with pytest.raises(InputError, match="no such file|No such file"):
         resolve_system_prompt("@/nonexistent/persona.txt")
+
+
+def test_a_pipeline_sets_the_system_prompt_of_its_generation(tmp_path: Path):
+    from builders.pipeline import load_pipeline
+
+    text = (Path(__file__).parents[1] / "pipelines" / "quickstart.yaml").read_text()
+    marked = text.replace("generation:\n", f"generation:\n  system_prompt: '@{tmp_path / 'persona.txt'}'\n", 1)
+    (tmp_path / "p.yaml").write_text(marked)
+    assert load_pipeline(tmp_path / "p.yaml").generation.system_prompt == f"@{tmp_path / 'persona.txt'}"
+    assert load_pipeline(Path(__file__).parents[1] / "pipelines" / "quickstart.yaml").generation.system_prompt is None
+
+
+def test_a_split_draws_from_a_pool_of_strings_and_a_pool_of_conversations_together(tmp_path: Path, catalog: Catalog):
+    from builders.config import SplitConfig
+    from builders.prompts import split_prompts
+
+    strings = import_prompts(catalog, str(_write_jsonl(tmp_path / "s.jsonl", ["Hi", "Hello", "Hey"], "prompt")))
+    chats = import_prompts(catalog, str(_write_jsonl(tmp_path / "c.jsonl", CONVERSATIONS)))
+    sets = split_prompts(
+        catalog, SplitConfig(iterations=1, train_size=7, test_size=1), [strings.snapshot.id, chats.snapshot.id]
+    )
+    rows = [r for s in sets for r in catalog.read(s.id).to_pylist()]
+    pool = {r["prompt_id"]: r for p in (strings, chats) for r in catalog.read(p.snapshot.id).to_pylist()}
+    assert len(rows) == 8 and len({r["prompt_id"] for r in rows}) == 8
+    for r in rows:  # each drawn as it is in its pool: a conversation with its messages, a string without
+        assert (
+            r.get("messages") == pool[r["prompt_id"]].get("messages") and r["prompt"] == pool[r["prompt_id"]]["prompt"]
+        )
+    assert sum(r.get("messages") is not None for r in rows) >= 3
