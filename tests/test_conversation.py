@@ -346,3 +346,32 @@ def test_a_split_draws_from_a_pool_of_strings_and_a_pool_of_conversations_togeth
             r.get("messages") == pool[r["prompt_id"]].get("messages") and r["prompt"] == pool[r["prompt_id"]]["prompt"]
         )
     assert sum(r.get("messages") is not None for r in rows) >= 3
+
+
+def test_the_openai_backend_sends_the_conversation_and_the_system_prompt(tmp_path: Path, catalog: Catalog):
+    """The fake server's long answers depend on every message's content: what it was sent shows in the rows."""
+    from bench.fake_openai import FakeOpenAI
+    from builders.config import GenerateConfig, OpenAIConfig, SamplingConfig, SplitConfig
+    from builders.generate import generate
+    from builders.prompts import split_prompts
+
+    import_prompts(catalog, str(_write_jsonl(tmp_path / "c.jsonl", CONVERSATIONS)))
+    split_prompts(catalog, SplitConfig(iterations=1, train_size=6, test_size=0))
+    with FakeOpenAI(text="long") as fake:
+
+        def responses(system: str | None) -> dict[str, str]:
+            cfg = GenerateConfig(
+                model="served-model",
+                backend="openai",
+                splits=("train",),
+                system_prompt=system,
+                sampling=SamplingConfig(num_responses=1, max_tokens=16),
+                openai=OpenAIConfig(base_url=fake.url, concurrency=2, backoff=0.01),
+            )
+            snap = generate(catalog, 1, cfg, progress=False).snapshots[0]
+            return dict(zip(*(catalog.read(snap.id).column(c).to_pylist() for c in ("prompt_id", "response"))))
+
+        plain, persona = responses(None), responses(PERSONA)
+    pirate = documented_id(CONVERSATIONS[0])  # has its own system message: kept, so the same request
+    assert plain[pirate] == persona[pirate]
+    assert all(plain[pid] != persona[pid] for pid in plain if pid != documented_id(CONVERSATIONS[4]) and pid != pirate)
