@@ -28,7 +28,7 @@ S..S+n-1; S is a multiple of n drawn from a 2^62 range, so two prompts' seed blo
 with negligible probability.
 
 Resumability: finished prompts are committed to the catalog's work area batch by batch (keyed by the prompt set,
-model, backend, template and sampling parameters); a rerun skips them, and the snapshot registered at the end is
+model, backend, template, sampling parameters and system prompt); a rerun skips them, and the snapshot registered at the end is
 the one an uninterrupted run registers.
 """
 
@@ -242,9 +242,10 @@ def _template_sha(cfg: GenerateConfig, conversations: bool = False) -> str | Non
     from transformers import AutoTokenizer
 
     try:
-        template = AutoTokenizer.from_pretrained(cfg.model).chat_template
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:
         raise InputError(f"model {cfg.model!r}: cannot load its tokenizer ({one_line(e)})") from None
+    template = tokenizer.chat_template
     if not template:
         raise InputError(
             f"model {cfg.model!r}: its tokenizer has no chat template; give a chat_template file",
@@ -253,7 +254,7 @@ def _template_sha(cfg: GenerateConfig, conversations: bool = False) -> str | Non
     if conversations:
         from builders.backends.transformers import check_template
 
-        check_template(AutoTokenizer.from_pretrained(cfg.model), f"model {cfg.model!r}")
+        check_template(tokenizer, f"model {cfg.model!r}")
     return hashlib.sha256(template.encode()).hexdigest()
 
 
@@ -303,7 +304,11 @@ def generate(
                 )
                 if in_shard(pid, shard)
             }
-            own_system = sum(has_own_system(m) for m in messages) if system else 0
+            ids = prompts.column("prompt_id").to_pylist()
+            # this run's prompts (its shard) whose own system message is kept instead of the system prompt
+            own_system = (
+                sum(has_own_system(m) for pid, m in zip(ids, messages) if in_shard(pid, shard)) if system else 0
+            )
 
             def params(
                 described: dict[str, Any],
