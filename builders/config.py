@@ -57,7 +57,9 @@ class CatalogConfig:
 
 # Column names tried, in order, when `prompts import` is not told which column holds the prompt.
 # openbmb/UltraFeedback calls it `instruction`; HuggingFaceH4/ultrafeedback_binarized calls it `prompt`.
-PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "question", "query", "input", "text")
+# `messages` (a conversation, OpenAI/TRL form; builders.conversation) comes last: ultrafeedback_binarized's holds
+# the answer too, and its `prompt` is the prompt.
+PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "question", "query", "input", "text", "messages")
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,11 @@ class GenerateConfig:
         "task; merge the shard catalogs with `versions merge`.",
     )
     chat_template: Path | None = opt(None, "A Jinja chat template file, for tokenizers without one.")
+    system_prompt: str | None = opt(
+        None,
+        "System message for every prompt, as TEXT or @FILE (a conversation's own system message is kept). The "
+        "chat template must render it.",
+    )
     batch_prompts: int | None = opt(None, "Prompts per backend call (default: 512 vllm, 8 transformers).")
     commit_seconds: float = opt(COMMIT_SECONDS, "Seconds between commits of finished prompts (what a kill loses).")
     scale_out: ExecutorConfig = ExecutorConfig()

@@ -146,6 +146,8 @@ def _generate_options(params: dict[str, Any], sampling: dict[str, Any]) -> str:
     ):
         if sampling.get(key) is not None:
             opts.append(f"{flag} {sampling[key]}")
+    if params.get("system_prompt"):  # part of what the model was asked
+        opts.append(f"--system-prompt {shlex.quote(params['system_prompt'])}")
     if backend == "vllm":
         engine = params.get("vllm") or {}
         # the context decides which prompts are too long; eager and compiled runs sample differently on a CPU

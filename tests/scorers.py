@@ -23,3 +23,15 @@ def slow_longer_is_better(prompts, responses):
 
     time.sleep(0.2)
     return longer_is_better(prompts, responses)
+
+
+def records_prompts(prompts, responses):
+    """longer_is_better that appends each prompt it receives (a string, or a conversation's message list) to the
+    JSON-lines file $ITERDPO_TEST_SEEN: what a user's scorer sees."""
+    import json
+    import os
+
+    with open(os.environ["ITERDPO_TEST_SEEN"], "a", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps(p) + "\n")
+    return longer_is_better(prompts, responses)

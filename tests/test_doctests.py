@@ -18,6 +18,7 @@ MODULES = [
     "builders.catalog",
     "builders.prompts",
     "builders.combine",
+    "builders.conversation",
 ]
 
 

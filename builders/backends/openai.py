@@ -26,6 +26,7 @@ from typing import Any
 from builders.backends.base import Request, Sample
 from builders.backends.base import call_sampling as _sampling
 from builders.config import OpenAIConfig, SamplingConfig
+from builders.conversation import as_messages
 from builders.errors import InputError, IterdpoError
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -320,7 +321,7 @@ class OpenAIGenerator:
     def _body(self, req, s: SamplingConfig) -> dict[str, Any]:
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": req.prompt}],
+            "messages": as_messages(req.prompt),
             "n": s.num_responses,
             "temperature": s.temperature,
             "top_p": s.top_p,

@@ -21,7 +21,8 @@ def prompts() -> None:
 @click.option(
     "--column",
     default=None,
-    help="Column holding the prompt (default: the first of prompt, instruction, question, query, input, text).",
+    help="Column holding the prompt: text, or a conversation (a list of {role, content}) (default: the first of "
+    "prompt, instruction, question, query, input, text, messages).",
 )
 @json_option
 @click.pass_obj
@@ -32,6 +33,9 @@ def prompts_import(state: State, source: str, column: str | None, as_json: bool)
     split (openbmb/UltraFeedback, HuggingFaceH4/ultrafeedback_binarized:train_prefs). Prompts are
     whitespace-stripped, empty and null ones skipped, duplicates dropped (prompt_id = sha256 of the text).
     Importing the same prompts again is a no-op that returns the same snapshot.
+
+    A conversation (OpenAI/TRL messages: an optional leading system message, then user and assistant turns
+    alternating, ending with a user turn) is a prompt too; its id is the sha256 of its canonical form (README).
     """
     from builders.prompts import import_prompts
 
@@ -41,6 +45,7 @@ def prompts_import(state: State, source: str, column: str | None, as_json: bool)
         click.echo(
             f"imported {result.snapshot.rows} prompts from {source} (column {result.column!r}): "
             f"{result.read} read, {result.skipped_empty} empty or null skipped, {result.duplicates} duplicates"
+            + (f", {result.conversations} conversations" if result.conversations else "")
         )
         click.echo(f"snapshot {result.snapshot.id}")
 

@@ -47,6 +47,7 @@ from builders.config import (
 @click.option("--split", type=click.Choice(SPLITS), default=None, help="Only this split (default: both).")
 @field_option(GenerateConfig, "shard")
 @click.option("--from", "from_refs", multiple=True, help="Prompt snapshot(s) to use (default: the newest per split).")
+@field_option(GenerateConfig, "system_prompt", metavar="TEXT_OR_@FILE")
 @backend_options()
 @field_option(GenerateConfig, "commit_seconds")
 @executor_options()
