@@ -1,0 +1,99 @@
+"""Precision and recall of `prompts decontaminate` on a labelled set built from real benchmark prompts.
+
+    python bench/decontaminate.py [--containment 0.7] [--coverage 0.45] [--show]
+
+tests/data/decontamination/labelled.jsonl: 90 pool prompts, each labelled with the benchmark prompt it was made
+from (MT-Bench and Vicuna-bench first turns, data/benchmarks/): `exact` (the same text with case, spacing or
+punctuation changed, or a short wrapper around it) and `paraphrase` (numbers as words or digits, synonyms,
+reordered clauses) are contaminated; `stock` (another question sharing a stock phrase with a benchmark prompt),
+`near-topic` (the same task on another topic or other numbers) and `unrelated` (real UltraFeedback prompts) are not.
+The pool is those prompts plus the 210 bundled UltraFeedback prompts (data/ultrafeedback_sample.jsonl), which set
+the word weights as a real pool does and whose removals are printed (none is a benchmark prompt: each one removed
+counts as a false positive). Prints recall per contaminated label, false positives per clean label, precision and
+recall overall, and the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from builders.catalog import Catalog  # noqa: E402
+from builders.config import BUNDLED_PROMPTS, DecontaminateConfig  # noqa: E402
+from builders.decontaminate import decontaminate  # noqa: E402
+from builders.prompts import import_prompts, prompt_id  # noqa: E402
+
+LABELLED = ROOT / "tests" / "data" / "decontamination" / "labelled.jsonl"
+BENCHMARKS = [ROOT / "data" / "benchmarks" / "mt_bench.jsonl", ROOT / "data" / "benchmarks" / "vicuna_bench.jsonl"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--containment", type=float, default=DecontaminateConfig.containment)
+    ap.add_argument("--coverage", type=float, default=DecontaminateConfig.coverage)
+    ap.add_argument("--show", action="store_true", help="print every miss and false positive")
+    args = ap.parse_args()
+    cases = [json.loads(line) for line in LABELLED.read_text().splitlines() if line.strip()]
+    work = Path(tempfile.mkdtemp())
+    pool_file = work / "pool.jsonl"
+    sample = [json.loads(line)["prompt"] for line in BUNDLED_PROMPTS.read_text().splitlines() if line.strip()]
+    with pool_file.open("w") as f:
+        for text in [c["prompt"] for c in cases] + sample:
+            f.write(json.dumps({"prompt": text}) + "\n")
+    catalog = Catalog(work / "catalog.duckdb")
+    import_prompts(catalog, str(pool_file))
+    cfg = DecontaminateConfig(args.containment, args.coverage)
+    start = time.perf_counter()
+    result = decontaminate(catalog, [str(b) for b in BENCHMARKS], cfg, dry_run=True)
+    seconds = time.perf_counter() - start
+    removed = set(result.removed_ids)
+    labelled_ids = {prompt_id(c["prompt"]) for c in cases}
+    tp = fp = fn = 0
+    per = Counter()
+    total = Counter(c["label"] for c in cases)
+    misses, false_pos = [], []
+    for c in cases:
+        hit = prompt_id(c["prompt"]) in removed
+        per[c["label"]] += hit
+        if c["contaminated"]:
+            tp += hit
+            fn += not hit
+            if not hit:
+                misses.append(c)
+        else:
+            fp += hit
+            if hit:
+                false_pos.append(c)
+    background = [m for m in result.matches if m.prompt_id not in labelled_ids]
+    fp_all = fp + len({m.prompt_id for m in background})
+    print(
+        f"pool {result.pool.rows} prompts ({len(cases)} labelled + {len(sample)} UltraFeedback), benchmarks "
+        f"{', '.join(f'{Path(b.source).stem} ({b.rows})' for b in result.benchmarks)}; containment "
+        f"{cfg.containment}, coverage {cfg.coverage}; {seconds:.2f} s"
+    )
+    for label in ("exact", "paraphrase"):
+        print(f"  {label:<11} removed {per[label]:>3} / {total[label]:<3} (recall {per[label] / total[label]:.2f})")
+    for label in ("stock", "near-topic", "unrelated"):
+        print(f"  {label:<11} removed {per[label]:>3} / {total[label]:<3} (false positives)")
+    print(f"  UltraFeedback sample: removed {len(background)} / {len(sample)} (false positives)")
+    precision = tp / (tp + fp_all) if tp + fp_all else 1.0
+    print(f"precision {precision:.3f}  recall {tp / (tp + fn):.3f}  (tp {tp}, fp {fp_all}, fn {fn})")
+    if args.show:
+        for c in misses:
+            print(f"MISS [{c['label']}] {c['benchmark']}: {c['prompt'][:100]!r}")
+        for c in false_pos:
+            print(f"FALSE POSITIVE [{c['label']}] {c['benchmark']}: {c['prompt'][:100]!r}")
+        for m in background:
+            print(f"FALSE POSITIVE [uf] {m.prompt[:80]!r} ~ {m.benchmark_prompt[:80]!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The dedup stage: a prompt pool without near-duplicate prompts, one kept per group.
+
+Two prompts are near-duplicates when their normal texts (builders/textnorm.py: case, whitespace and punctuation
+aside, numbers as digits) are equal, or when the Jaccard similarity of their word 3-gram shingles is at least
+`threshold`. Candidate pairs come from datasketch's MinHash LSH (so the work grows with the pool, not its square);
+each candidate pair is then verified by its exact Jaccard, so LSH can miss a pair (rarely, near the threshold) but
+never groups two prompts below it. Groups are the connected components of the verified pairs; each keeps its
+smallest prompt_id (deterministic, whatever the pool's order) and drops the rest, listed in the params.
+
+Caveat: templated prompts that share a long instruction and differ only by a short input (a word, a number) are
+near-copies by this measure; raise `threshold` to keep them apart (the groups in the params show what was merged).
+
+>>> import tempfile
+>>> from pathlib import Path
+>>> import pyarrow as pa
+>>> from builders.catalog import Catalog
+>>> from builders.config import DedupConfig
+>>> from builders.dedup import dedup
+>>> from builders.prompts import prompt_id
+>>> catalog = Catalog(Path(tempfile.mkdtemp()) / "catalog.duckdb")
+>>> texts = ["Name three rivers in Europe.", "name three rivers in europe", "Why is the sky blue?"]
+>>> pool = catalog.register("prompts", pa.table({"prompt_id": [prompt_id(t) for t in texts], "prompt": texts,
+...                                              "source": [None] * 3}))
+>>> result = dedup(catalog, DedupConfig())
+>>> result.snapshot.rows, result.removed, [len(g) for g in result.groups]
+(2, 1, [2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from builders.catalog import Catalog, Snapshot
+from builders.config import DedupConfig
+from builders.errors import InputError
+from builders.textnorm import words
+
+STAGE = "dedup"
+SHINGLE = 3  # words per shingle
+METHOD = f"MinHash LSH (datasketch) over word {SHINGLE}-gram shingles of the normal text, verified by exact Jaccard"
+
+
+@dataclass
+class DedupResult:
+    pool: Snapshot
+    snapshot: Snapshot | None  # None: a dry run; the pool itself when nothing was a duplicate
+    groups: list[list[str]]  # prompt ids per group of near-duplicates, the kept one (the smallest) first
+    config: DedupConfig
+    dry_run: bool = False
+
+    @property
+    def removed(self) -> int:
+        return sum(len(g) - 1 for g in self.groups)
+
+    def to_json(self, texts: dict[str, str] | None = None) -> dict[str, Any]:
+        return {
+            "snapshot": self.snapshot.to_json() if self.snapshot is not None else None,
+            "pool": self.pool.id,
+            "dry_run": self.dry_run,
+            "method": METHOD,
+            "threshold": self.config.threshold,
+            "pool_rows": self.pool.rows,
+            "removed": self.removed,
+            "groups": [
+                {"kept": g[0], "removed": g[1:], **({"prompts": [texts[i] for i in g]} if texts else {})}
+                for g in self.groups
+            ],
+        }
+
+
+def shingles(text: str) -> set[str]:
+    """A prompt's word 3-grams (its words, when it has fewer than 3)."""
+    ws = words(text)
+    if len(ws) < SHINGLE:
+        return {" ".join(ws)} if ws else set()
+    return {" ".join(ws[i : i + SHINGLE]) for i in range(len(ws) - SHINGLE + 1)}
+
+
+def check_config(cfg: DedupConfig) -> None:
+    if not (isinstance(cfg.threshold, (int, float)) and 0 < cfg.threshold <= 1):
+        raise InputError(f"threshold must be in (0, 1], not {cfg.threshold!r}", option="threshold")
+    if not isinstance(cfg.num_perm, int) or cfg.num_perm < 16:
+        raise InputError(f"num_perm must be an integer of at least 16, not {cfg.num_perm!r}", option="num_perm")
+
+
+def near_duplicate_groups(texts: Sequence[str], cfg: DedupConfig = DedupConfig()) -> list[list[int]]:
+    """Positions of near-duplicate texts grouped (groups of 2 or more, each sorted), by the module's method."""
+    from datasketch import MinHash, MinHashLSH
+
+    check_config(cfg)
+    sets = [shingles(t) for t in texts]
+    parent = list(range(len(texts)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i: int, j: int) -> None:
+        a, b = find(i), find(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    by_set: dict[frozenset, int] = {}
+    unique: list[int] = []
+    for i, s in enumerate(sets):  # equal shingle sets (equal normal texts): grouped without hashing
+        key = frozenset(s)
+        if key in by_set:
+            union(by_set[key], i)
+        else:
+            by_set[key] = i
+            unique.append(i)
+    if cfg.threshold < 1:
+        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+        hashes = MinHash.bulk([[s.encode() for s in sets[i]] for i in unique], num_perm=cfg.num_perm, seed=1)
+        for i, mh in zip(unique, hashes):
+            for j in lsh.query(mh):
+                a, b = sets[i], sets[j]
+                if a and b and len(a & b) / len(a | b) >= cfg.threshold:
+                    union(i, j)
+            lsh.insert(i, mh)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(texts)):
+        groups.setdefault(find(i), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def dedup(
+    catalog: Catalog, cfg: DedupConfig = DedupConfig(), from_ref: str | None = None, dry_run: bool = False
+) -> DedupResult:
+    """Drop near-duplicates from the pool (the newest, or `from_ref`), keeping the smallest prompt_id of each
+    group, and register what is left as a pool whose parent is the pool it read (unchanged pool, unchanged id)."""
+    from builders.decontaminate import _pool_snapshot
+
+    check_config(cfg)
+    pool_snap = _pool_snapshot(catalog, from_ref)
+    pool = catalog.read(pool_snap.id)
+    ids, texts = pool.column("prompt_id").to_pylist(), pool.column("prompt").to_pylist()
+    groups = sorted(sorted(ids[i] for i in g) for g in near_duplicate_groups(texts, cfg))
+    result = DedupResult(pool_snap, None, groups, cfg, dry_run)
+    if dry_run:
+        return result
+    if not groups:
+        result.snapshot = pool_snap
+        return result
+    dropped = sorted(i for g in groups for i in g[1:])
+    keep = pc.invert(pc.is_in(pool.column("prompt_id"), value_set=pa.array(dropped, pa.string())))
+    params = {
+        "stage": STAGE,
+        "method": METHOD,
+        "threshold": cfg.threshold,
+        "num_perm": cfg.num_perm,
+        "pool_rows": pool.num_rows,
+        "groups_found": len(groups),
+        "removed": len(dropped),
+        "groups": [{"kept": g[0], "removed": g[1:]} for g in groups],
+    }
+    result.snapshot = catalog.register("prompts", pool.filter(keep), parents=[pool_snap.id], params=params)
+    return result
