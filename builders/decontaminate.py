@@ -248,9 +248,9 @@ def decontaminate(
     dry run registers nothing. Nothing matched: the pool is unchanged, and so is its id."""
     check_config(cfg)
     if not against:
-        raise InputError("name at least one benchmark with --against SOURCE", option="against")
+        raise InputError("name at least one benchmark to check against", option="against")
     if len(set(against)) != len(against):
-        raise InputError("a benchmark is named twice in --against", option="against")
+        raise InputError("a benchmark is named twice in against", option="against")
     pool_snap = _pool_snapshot(catalog, from_ref)
     benchmarks = [load_benchmark(src, column) for src in against]
     pool = catalog.read(pool_snap.id)

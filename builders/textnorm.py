@@ -74,6 +74,7 @@ SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("list", "enumerate", "name"),
     ("give", "provide", "offer", "share", "suggest", "recommend", "propose", "proposing"),
     ("tell", "say", "state"),
+    ("summary", "summarize", "summarise", "summarization", "recap"),
     ("help", "assist", "aid"),
     ("use", "utilize", "utilise", "employ", "using"),
     ("find", "locate", "determine", "identify", "compute", "calculate"),
