@@ -10,7 +10,9 @@ reordered clauses) are contaminated; `stock` (another question sharing a stock p
 The pool is those prompts plus the 210 bundled UltraFeedback prompts (data/ultrafeedback_sample.jsonl), which set
 the word weights as a real pool does and whose removals are printed (none is a benchmark prompt: each one removed
 counts as a false positive). Prints recall per contaminated label, false positives per clean label, precision and
-recall overall, and the time.
+recall overall, the time, and the same figures for the usual one-off script (any shared word 8-gram, as open-r1's).
+The thresholds were chosen on labelled.jsonl; holdout.jsonl (26 more prompts of the same kinds, written after
+that) is measured the same way and was never tuned on.
 """
 
 from __future__ import annotations
@@ -30,9 +32,16 @@ from builders.catalog import Catalog  # noqa: E402
 from builders.config import BUNDLED_PROMPTS, DecontaminateConfig  # noqa: E402
 from builders.decontaminate import decontaminate  # noqa: E402
 from builders.prompts import import_prompts, prompt_id  # noqa: E402
+from builders.textnorm import words  # noqa: E402
 
 LABELLED = ROOT / "tests" / "data" / "decontamination" / "labelled.jsonl"
+HOLDOUT = ROOT / "tests" / "data" / "decontamination" / "holdout.jsonl"
 BENCHMARKS = [ROOT / "data" / "benchmarks" / "mt_bench.jsonl", ROOT / "data" / "benchmarks" / "vicuna_bench.jsonl"]
+
+
+def ngrams(ws: list[str], n: int) -> set[tuple[str, ...]]:
+    """Word n-grams (the whole text when it is shorter)."""
+    return {tuple(ws[i : i + n]) for i in range(max(len(ws) - n + 1, 1))} if ws else set()
 
 
 def main() -> None:
@@ -41,7 +50,16 @@ def main() -> None:
     ap.add_argument("--coverage", type=float, default=DecontaminateConfig.coverage)
     ap.add_argument("--show", action="store_true", help="print every miss and false positive")
     args = ap.parse_args()
-    cases = [json.loads(line) for line in LABELLED.read_text().splitlines() if line.strip()]
+    cfg = DecontaminateConfig(args.containment, args.coverage)
+    for path, what in (
+        (LABELLED, "the set the thresholds were chosen on"),
+        (HOLDOUT, "held out: written after the thresholds were chosen, never tuned on"),
+    ):
+        print(f"== {path.name} ({what})")
+        evaluate([json.loads(line) for line in path.read_text().splitlines() if line.strip()], cfg, args.show)
+
+
+def evaluate(cases: list[dict], cfg: DecontaminateConfig, show: bool) -> None:
     work = Path(tempfile.mkdtemp())
     pool_file = work / "pool.jsonl"
     sample = [json.loads(line)["prompt"] for line in BUNDLED_PROMPTS.read_text().splitlines() if line.strip()]
@@ -50,7 +68,6 @@ def main() -> None:
             f.write(json.dumps({"prompt": text}) + "\n")
     catalog = Catalog(work / "catalog.duckdb")
     import_prompts(catalog, str(pool_file))
-    cfg = DecontaminateConfig(args.containment, args.coverage)
     start = time.perf_counter()
     result = decontaminate(catalog, [str(b) for b in BENCHMARKS], cfg, dry_run=True)
     seconds = time.perf_counter() - start
@@ -86,7 +103,23 @@ def main() -> None:
     print(f"  UltraFeedback sample: removed {len(background)} / {len(sample)} (false positives)")
     precision = tp / (tp + fp_all) if tp + fp_all else 1.0
     print(f"precision {precision:.3f}  recall {tp / (tp + fn):.3f}  (tp {tp}, fp {fp_all}, fn {fn})")
-    if args.show:
+    # the usual one-off script, for comparison: any shared word 8-gram (open-r1's decontaminate.py), on the same
+    # normal words (case and punctuation aside)
+    grams = set()
+    for b in result.benchmarks:
+        for text in b.prompts:
+            grams |= ngrams(words(text), 8)
+    hit = {c["prompt"] for c in cases if ngrams(words(c["prompt"]), 8) & grams}
+    bg = sum(1 for t in sample if ngrams(words(t), 8) & grams and prompt_id(t) not in labelled_ids)
+    b_tp = sum(1 for c in cases if c["contaminated"] and c["prompt"] in hit)
+    b_fp = sum(1 for c in cases if not c["contaminated"] and c["prompt"] in hit) + bg
+    b_per = Counter(c["label"] for c in cases if c["prompt"] in hit)
+    print(
+        "baseline, any shared 8-gram: "
+        + ", ".join(f"{label} {b_per[label]}/{total[label]}" for label in total)
+        + f"; precision {b_tp / (b_tp + b_fp) if b_tp + b_fp else 1.0:.3f}  recall {b_tp / (tp + fn):.3f}"
+    )
+    if show:
         for c in misses:
             print(f"MISS [{c['label']}] {c['benchmark']}: {c['prompt'][:100]!r}")
         for c in false_pos:

@@ -42,6 +42,7 @@ from builders.textnorm import words
 
 STAGE = "dedup"
 SHINGLE = 3  # words per shingle
+LSH_MARGIN = 0.1  # how far below the threshold the LSH bands aim
 METHOD = f"MinHash LSH (datasketch) over word {SHINGLE}-gram shingles of the normal text, verified by exact Jaccard"
 
 
@@ -117,7 +118,10 @@ def near_duplicate_groups(texts: Sequence[str], cfg: DedupConfig = DedupConfig()
             by_set[key] = i
             unique.append(i)
     if cfg.threshold < 1:
-        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+        # the LSH bands are set for a lower similarity than the threshold, weighing misses above false candidates:
+        # a candidate costs one exact Jaccard, a miss is a duplicate left in (at the threshold itself, bands tuned
+        # for it find only about half the pairs)
+        lsh = MinHashLSH(threshold=max(cfg.threshold - LSH_MARGIN, 0.05), num_perm=cfg.num_perm, weights=(0.2, 0.8))
         hashes = MinHash.bulk([[s.encode() for s in sets[i]] for i in unique], num_perm=cfg.num_perm, seed=1)
         for i, mh in zip(unique, hashes):
             for j in lsh.query(mh):
