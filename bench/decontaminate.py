@@ -1,6 +1,6 @@
 """Precision and recall of `prompts decontaminate` on a labelled set built from real benchmark prompts.
 
-    python bench/decontaminate.py [--containment 0.7] [--coverage 0.45] [--show]
+    python bench/decontaminate.py [--containment 0.75] [--coverage 0.45] [--show] [--scale 64000]
 
 tests/data/decontamination/labelled.jsonl: 90 pool prompts, each labelled with the benchmark prompt it was made
 from (MT-Bench and Vicuna-bench first turns, data/benchmarks/): `exact` (the same text with case, spacing or
@@ -49,14 +49,40 @@ def main() -> None:
     ap.add_argument("--containment", type=float, default=DecontaminateConfig.containment)
     ap.add_argument("--coverage", type=float, default=DecontaminateConfig.coverage)
     ap.add_argument("--show", action="store_true", help="print every miss and false positive")
+    ap.add_argument("--scale", type=int, default=0, help="time a pool of this many synthetic prompts instead")
     args = ap.parse_args()
     cfg = DecontaminateConfig(args.containment, args.coverage)
+    if args.scale:
+        return scale(args.scale, cfg)
     for path, what in (
         (LABELLED, "the set the thresholds were chosen on"),
         (HOLDOUT, "held out: written after the thresholds were chosen, never tuned on"),
     ):
         print(f"== {path.name} ({what})")
         evaluate([json.loads(line) for line in path.read_text().splitlines() if line.strip()], cfg, args.show)
+
+
+def scale(n: int, cfg: DecontaminateConfig) -> None:
+    """Wall time and peak RSS of the stage on `n` prompts made of real UltraFeedback sentences (bench/dedup.py)."""
+    import importlib.util
+    import resource
+
+    spec = importlib.util.spec_from_file_location("bench_dedup", Path(__file__).with_name("dedup.py"))
+    dedup_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dedup_bench)
+    prompts, _ = dedup_bench.synthetic(n, 0)
+    work = Path(tempfile.mkdtemp())
+    (work / "pool.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    catalog = Catalog(work / "catalog.duckdb")
+    import_prompts(catalog, str(work / "pool.jsonl"))
+    start = time.perf_counter()
+    result = decontaminate(catalog, [str(b) for b in BENCHMARKS], cfg, dry_run=True)
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"{result.pool.rows} prompts against {sum(b.rows for b in result.benchmarks)} benchmark prompts: "
+        f"{seconds:.1f} s, peak RSS {rss:.0f} MiB, {result.removed} matched"
+    )
 
 
 def evaluate(cases: list[dict], cfg: DecontaminateConfig, show: bool) -> None:

@@ -28,6 +28,8 @@ near-copies by this measure; raise `threshold` to keep them apart (the groups in
 
 from __future__ import annotations
 
+import hashlib
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +40,7 @@ import pyarrow.compute as pc
 from builders.catalog import Catalog, Snapshot
 from builders.config import DedupConfig
 from builders.errors import InputError
-from builders.textnorm import words
+from builders.textnorm import normal_text, words
 
 STAGE = "dedup"
 SHINGLE = 3  # words per shingle
@@ -74,12 +76,12 @@ class DedupResult:
         }
 
 
-def shingles(text: str) -> set[str]:
-    """A prompt's word 3-grams (its words, when it has fewer than 3)."""
+def shingles(text: str) -> set[int]:
+    """A prompt's word 3-grams (its words, when it has fewer than 3), each as its CRC-32 (a set of ints takes a
+    fraction of the memory of the strings; a collision between two shingles is about one in 4 billion)."""
     ws = words(text)
-    if len(ws) < SHINGLE:
-        return {" ".join(ws)} if ws else set()
-    return {" ".join(ws[i : i + SHINGLE]) for i in range(len(ws) - SHINGLE + 1)}
+    grams = [" ".join(ws[i : i + SHINGLE]) for i in range(max(len(ws) - SHINGLE + 1, 1))] if ws else []
+    return {zlib.crc32(g.encode()) for g in grams}
 
 
 def check_config(cfg: DedupConfig) -> None:
@@ -108,21 +110,22 @@ def near_duplicate_groups(texts: Sequence[str], cfg: DedupConfig = DedupConfig()
         if a != b:
             parent[max(a, b)] = min(a, b)
 
-    by_set: dict[frozenset, int] = {}
+    by_text: dict[bytes, int] = {}
     unique: list[int] = []
-    for i, s in enumerate(sets):  # equal shingle sets (equal normal texts): grouped without hashing
-        key = frozenset(s)
-        if key in by_set:
-            union(by_set[key], i)
+    for i, t in enumerate(texts):  # equal normal texts (case, spaces, punctuation aside): grouped without hashing
+        key = hashlib.sha1(normal_text(t).encode()).digest()
+        if key in by_text:
+            union(by_text[key], i)
         else:
-            by_set[key] = i
+            by_text[key] = i
             unique.append(i)
     if cfg.threshold < 1:
         # the LSH bands are set for a lower similarity than the threshold, weighing misses above false candidates:
         # a candidate costs one exact Jaccard, a miss is a duplicate left in (at the threshold itself, bands tuned
         # for it find only about half the pairs)
         lsh = MinHashLSH(threshold=max(cfg.threshold - LSH_MARGIN, 0.05), num_perm=cfg.num_perm, weights=(0.2, 0.8))
-        hashes = MinHash.bulk([[s.encode() for s in sets[i]] for i in unique], num_perm=cfg.num_perm, seed=1)
+        # one MinHash at a time (the LSH keeps only its band keys); the shingles are already 32-bit hashes
+        hashes = MinHash.generator((sets[i] for i in unique), num_perm=cfg.num_perm, seed=1, hashfunc=int)
         for i, mh in zip(unique, hashes):
             for j in lsh.query(mh):
                 a, b = sets[i], sets[j]
