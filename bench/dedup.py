@@ -93,6 +93,14 @@ def synthetic(n: int, planted: int, seed: int = 0) -> tuple[list[str], list[tupl
     return prompts, pairs
 
 
+def rss_now() -> float:
+    """This process's resident memory now, MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=64_000)
@@ -107,6 +115,7 @@ def main() -> None:
     t0 = time.perf_counter()
     imported = import_prompts(catalog, str(pool)).snapshot
     t1 = time.perf_counter()
+    before = rss_now()
     result = dedup(catalog, DedupConfig(threshold=args.threshold))
     t2 = time.perf_counter()
     texts = catalog.read(imported.id).column("prompt").to_pylist()
@@ -130,7 +139,8 @@ def main() -> None:
     planted_groups = {group_of[prompt_id(a)] for a, b in pairs if prompt_id(a) in group_of}
     print(
         f"{imported.rows} prompts ({len(pairs)} planted variants), threshold {args.threshold}: import {t1 - t0:.1f} s, "
-        f"dedup stage {t2 - t1:.1f} s (grouping alone {t4 - t3:.1f} s), peak RSS {rss:.0f} MiB"
+        f"dedup stage {t2 - t1:.1f} s (grouping alone {t4 - t3:.1f} s), RSS {before:.0f} MiB before the stage, "
+        f"peak {rss:.0f} MiB"
     )
     print(
         f"planted pairs found {found} / {len(pairs)} ({found_above} / {len(above)} of those at or above the "

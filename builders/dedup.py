@@ -123,7 +123,12 @@ def near_duplicate_groups(texts: Sequence[str], cfg: DedupConfig = DedupConfig()
         # the LSH bands are set for a lower similarity than the threshold, weighing misses above false candidates:
         # a candidate costs one exact Jaccard, a miss is a duplicate left in (at the threshold itself, bands tuned
         # for it find only about half the pairs)
-        lsh = MinHashLSH(threshold=max(cfg.threshold - LSH_MARGIN, 0.05), num_perm=cfg.num_perm, weights=(0.2, 0.8))
+        lsh = MinHashLSH(
+            threshold=max(cfg.threshold - LSH_MARGIN, 0.05),
+            num_perm=cfg.num_perm,
+            weights=(0.2, 0.8),
+            hashfunc=_band_key,  # 8-byte band keys instead of 8 bytes per row of the band
+        )
         # one MinHash at a time (the LSH keeps only its band keys); the shingles are already 32-bit hashes
         hashes = MinHash.generator((sets[i] for i in unique), num_perm=cfg.num_perm, seed=1, hashfunc=int)
         for i, mh in zip(unique, hashes):
@@ -136,6 +141,10 @@ def near_duplicate_groups(texts: Sequence[str], cfg: DedupConfig = DedupConfig()
     for i in range(len(texts)):
         groups.setdefault(find(i), []).append(i)
     return [g for g in groups.values() if len(g) > 1]
+
+
+def _band_key(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
 
 
 def dedup(
