@@ -220,7 +220,7 @@ def load_benchmark(source: str, column: str | None) -> Benchmark:
     return Benchmark(source, cols.column, table.column("prompt_id").to_pylist(), table.column("prompt").to_pylist())
 
 
-def _pool_snapshot(catalog: Catalog, from_ref: str | None) -> Snapshot:
+def pool_snapshot(catalog: Catalog, from_ref: str | None) -> Snapshot:
     if from_ref:
         snap = catalog.get(from_ref)
     else:
@@ -251,7 +251,7 @@ def decontaminate(
         raise InputError("name at least one benchmark to check against", option="against")
     if len(set(against)) != len(against):
         raise InputError("a benchmark is named twice in against", option="against")
-    pool_snap = _pool_snapshot(catalog, from_ref)
+    pool_snap = pool_snapshot(catalog, from_ref)
     benchmarks = [load_benchmark(src, column) for src in against]
     pool = catalog.read(pool_snap.id)
     ids, texts = pool.column("prompt_id").to_pylist(), pool.column("prompt").to_pylist()

@@ -152,10 +152,10 @@ def dedup(
 ) -> DedupResult:
     """Drop near-duplicates from the pool (the newest, or `from_ref`), keeping the smallest prompt_id of each
     group, and register what is left as a pool whose parent is the pool it read (unchanged pool, unchanged id)."""
-    from builders.decontaminate import _pool_snapshot
+    from builders.decontaminate import pool_snapshot
 
     check_config(cfg)
-    pool_snap = _pool_snapshot(catalog, from_ref)
+    pool_snap = pool_snapshot(catalog, from_ref)
     pool = catalog.read(pool_snap.id)
     ids, texts = pool.column("prompt_id").to_pylist(), pool.column("prompt").to_pylist()
     groups = sorted(sorted(ids[i] for i in g) for g in near_duplicate_groups(texts, cfg))

@@ -17,6 +17,10 @@ MODULES = [
     "builders.evaluate",
     "builders.catalog",
     "builders.prompts",
+    "builders.textnorm",
+    "builders.sources",
+    "builders.decontaminate",
+    "builders.dedup",
 ]
 
 

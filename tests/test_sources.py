@@ -76,3 +76,15 @@ def test_a_source_without_a_source_column_cannot_be_filtered(cli, catalog_path):
     out = cli("prompts", "import", SAMPLE.parent / "benchmarks" / "mt_bench.jsonl", "--exclude-source", "x")
     assert out.code == 1 and "no `source` values to filter on" in out.err
     assert Catalog(catalog_path).list() == []
+
+
+def test_the_card_names_the_sources_left_out_and_the_rebuild_leaves_them_out(cli, catalog_path, uf, tmp_path):
+    from tests.test_decontaminate import _card, _pairs
+
+    cli("prompts", "import", uf, "--exclude-source", "truthful_qa")
+    cli("prompts", "split", "--iterations", 1, "--train-size", 8, "--test-size", 0)
+    catalog = Catalog(catalog_path)
+    _pairs(catalog)
+    card = _card(catalog, tmp_path / "staged")
+    assert "Sources left out at import: truthful_qa; prompts left out per source: `truthful_qa` 6." in card
+    assert "--column instruction --exclude-source truthful_qa   # pool" in card
