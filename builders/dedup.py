@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -96,7 +97,8 @@ def near_duplicate_groups(texts: Sequence[str], cfg: DedupConfig = DedupConfig()
     from datasketch import MinHash, MinHashLSH
 
     check_config(cfg)
-    sets = [shingles(t) for t in texts]
+    # each prompt's shingles as a sorted uint32 array: 4 bytes a shingle, where a Python set of ints takes ~60
+    sets = [np.fromiter(sorted(shingles(t)), dtype=np.uint32) for t in texts]
     parent = list(range(len(texts)))
 
     def find(i: int) -> int:
@@ -134,7 +136,8 @@ def near_duplicate_groups(texts: Sequence[str], cfg: DedupConfig = DedupConfig()
         for i, mh in zip(unique, hashes):
             for j in lsh.query(mh):
                 a, b = sets[i], sets[j]
-                if a and b and len(a & b) / len(a | b) >= cfg.threshold:
+                inter = len(np.intersect1d(a, b, assume_unique=True))
+                if inter and inter / (len(a) + len(b) - inter) >= cfg.threshold:
                     union(i, j)
             lsh.insert(i, mh)
     groups: dict[int, list[int]] = {}
