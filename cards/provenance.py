@@ -51,9 +51,9 @@ class Origin:
     generations: Any = None
     prompts: Any = None  # the iteration's prompt set
     pools: list[Any] = field(default_factory=list)  # what the set was drawn from
+    generator: Model | None = None
     # per pool, the pools it was derived from by decontaminate/dedup, oldest (the import) first, ending with it
     pool_lineage: list[list[Any]] = field(default_factory=list)
-    generator: Model | None = None
 
     @property
     def sampling(self) -> dict[str, Any]:
