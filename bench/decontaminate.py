@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -75,13 +76,14 @@ def scale(n: int, cfg: DecontaminateConfig) -> None:
     (work / "pool.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     catalog = Catalog(work / "catalog.duckdb")
     import_prompts(catalog, str(work / "pool.jsonl"))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = decontaminate(catalog, [str(b) for b in BENCHMARKS], cfg, dry_run=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"{result.pool.rows} prompts against {sum(b.rows for b in result.benchmarks)} benchmark prompts: "
-        f"{seconds:.1f} s, peak RSS {rss:.0f} MiB, {result.removed} matched"
+        f"{seconds:.1f} s wall, {cpu:.1f} s CPU (load average {os.getloadavg()[0]:.1f}), peak RSS {rss:.0f} MiB, "
+        f"{result.removed} matched"
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import resource
@@ -116,7 +117,9 @@ def main() -> None:
     imported = import_prompts(catalog, str(pool)).snapshot
     t1 = time.perf_counter()
     before = rss_now()
+    c1 = time.process_time()
     result = dedup(catalog, DedupConfig(threshold=args.threshold))
+    cpu = time.process_time() - c1
     t2 = time.perf_counter()
     texts = catalog.read(imported.id).column("prompt").to_pylist()
     t3 = time.perf_counter()
@@ -139,9 +142,10 @@ def main() -> None:
     planted_groups = {group_of[prompt_id(a)] for a, b in pairs if prompt_id(a) in group_of}
     print(
         f"{imported.rows} prompts ({len(pairs)} planted variants), threshold {args.threshold}: import {t1 - t0:.1f} s, "
-        f"dedup stage {t2 - t1:.1f} s (grouping alone {t4 - t3:.1f} s), RSS {before:.0f} MiB before the stage, "
+        f"dedup stage {t2 - t1:.1f} s wall, {cpu:.1f} s CPU (grouping alone {t4 - t3:.1f} s), RSS {before:.0f} MiB before the stage, "
         f"peak {rss:.0f} MiB"
     )
+    print(f"load average {os.getloadavg()[0]:.1f} (wall times suffer when other work shares the cores; CPU time less)")
     print(
         f"planted pairs found {found} / {len(pairs)} ({found_above} / {len(above)} of those at or above the "
         f"threshold by exact Jaccard: the rest are variants that change more shingles than it allows); "

@@ -141,7 +141,7 @@ def prompts_decontaminate(
     """Remove from the prompt pool the prompts that are, or lightly paraphrase, a benchmark's prompts.
 
     The match is lexical (content words weighted by rarity; numbers, inflections and common synonyms normalised;
-    word order ignored): see the README's "Decontamination" section for what it catches and misses. The cleaned
+    word order ignored): see the README's "Clean prompts" section for what it catches and misses. The cleaned
     pool is registered with the pool it cleaned as its parent and, in its params, each benchmark's rows and
     content hash, the method and thresholds and every removed prompt with its match; `prompts split` then draws
     from it. Nothing matched: the pool and its id are unchanged.
