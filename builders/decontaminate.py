@@ -229,8 +229,12 @@ def pool_snapshot(catalog: Catalog, from_ref: str | None) -> Snapshot:
             raise InputError(
                 f"no prompt pool in catalog {catalog.path}; import prompts first (iterdpo prompts import SOURCE)"
             )
-    if snap.kind != "prompts" or snap.iteration is not None:
-        raise InputError(f"snapshot {snap.id[:12]} is not a prompt pool (a {snap.kind} snapshot)")
+    if snap.kind != "prompts":
+        raise InputError(f"snapshot {snap.id[:12]} is a {snap.kind} snapshot, not a prompt pool")
+    if snap.iteration is not None:
+        raise InputError(
+            f"snapshot {snap.id[:12]} is iteration {snap.iteration}'s {snap.split} prompt set, not a prompt pool"
+        )
     return snap
 
 

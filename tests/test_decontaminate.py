@@ -157,6 +157,11 @@ def test_bad_thresholds_and_no_pool_are_one_line(cli, planted):
     cli("prompts", "import", planted["pool"])
     out = cli("prompts", "decontaminate", "--against", MT_BENCH, "--containment", 1.5)
     assert out.code == 1 and "--containment must be in (0, 1]" in out.err, out.err
+    out = cli("prompts", "decontaminate", "--against", MT_BENCH, "--against", MT_BENCH)
+    assert out.code == 1 and "named twice in --against" in out.err
+    cli("prompts", "split", "--iterations", 1, "--train-size", 5, "--test-size", 0)
+    out = cli("prompts", "decontaminate", "--against", MT_BENCH, "--from", "prompts:1:train")
+    assert out.code == 1 and "iteration 1's train prompt set, not a prompt pool" in out.err, out.err
 
 
 # ------------------------------------------------------------------------------------------------------ the card
