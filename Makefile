@@ -59,6 +59,8 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/rank.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/memory.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/scale.py --sizes 2000
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/decontaminate.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/dedup.py
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache

@@ -73,6 +73,29 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class DecontaminateConfig:
+    """`prompts decontaminate`: the lexical match of pool prompts against benchmark prompts (builders/decontaminate.py;
+    the thresholds were chosen on tests/data/decontamination/labelled.jsonl, bench/decontaminate.py measures them)."""
+
+    containment: float = opt(
+        0.75, "Share of a benchmark prompt's weighted content words a pool prompt must hold to match it (0-1)."
+    )
+    coverage: float = opt(
+        0.45, "Share of the pool prompt's weighted content words the benchmark prompt must account for (0-1)."
+    )
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """`prompts dedup`: near-duplicates by MinHash LSH over word shingles, verified by their exact Jaccard."""
+
+    threshold: float = opt(
+        0.8, "Jaccard similarity of two prompts' word 3-gram shingles at or above which they are near-duplicates (0-1]."
+    )
+    num_perm: int = opt(128, "MinHash permutations (more: fewer missed pairs, slower).")
+
+
+@dataclass(frozen=True)
 class TinyConfig:
     """Shapes of the offline tiny models (random weights; for tests, the quickstart and benches)."""
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class ImportResult:
     skipped_empty: int
     duplicates: int
     conversations: int = 0  # prompts that are conversations (builders.conversation)
+    by_source: dict[str, Any] = field(default_factory=dict)  # --include-source/--exclude-source: names, counts
 
     def to_json(self) -> dict[str, Any]:
         out = self.snapshot.to_json()
@@ -320,10 +321,20 @@ def prompts_table(cols: _Columns, where: str = "prompts") -> tuple[pa.Table, int
     return pa.table(columns), empty, dupes
 
 
-def import_prompts(catalog: Catalog, source: str, column: str | None = None) -> ImportResult:
-    """Import a prompt pool from `source` and register it as a `prompts` snapshot (idempotent)."""
+def import_prompts(
+    catalog: Catalog,
+    source: str,
+    column: str | None = None,
+    include_sources: Sequence[str] = (),
+    exclude_sources: Sequence[str] = (),
+) -> ImportResult:
+    """Import a prompt pool from `source` and register it as a `prompts` snapshot (idempotent). `include_sources`
+    / `exclude_sources`: keep only, or drop, the prompts of those `source` values (builders/sources.py)."""
+    from builders.sources import filter_sources
+
     cols = read_source(source, column)
     table, empty, dupes = prompts_table(cols, source)
+    table, by_source = filter_sources(table, include_sources, exclude_sources, source)
     if table.num_rows == 0:
         raise InputError(
             f"{source}: no prompts left: all {len(cols.prompts)} values of column {cols.column!r} are empty or null"
@@ -334,13 +345,14 @@ def import_prompts(catalog: Catalog, source: str, column: str | None = None) -> 
         "read": len(cols.prompts),
         "skipped_empty": empty,
         "duplicates": dupes,
+        **by_source,
     }
     messages = table.column("messages") if "messages" in table.column_names else None
     conversations = len(messages) - messages.null_count if messages is not None else 0
     if conversations:
         params["conversations"] = conversations
     snap = catalog.register("prompts", table, params=params)
-    return ImportResult(snap, source, cols.column, len(cols.prompts), empty, dupes, conversations)
+    return ImportResult(snap, source, cols.column, len(cols.prompts), empty, dupes, conversations, by_source)
 
 
 def _pool(catalog: Catalog, refs: Sequence[str]) -> tuple[pa.Table, list[str]]:

@@ -140,6 +140,7 @@ def render(
     """The card. `origins`: the lineage of each published split (cards/provenance.py: origins)."""
     import jinja2
 
+    from cards.decontamination import summary as decontamination_summary
     from cards.provenance import prompt_formats
     from cards.rebuild import script
 
@@ -150,7 +151,9 @@ def render(
         undefined=jinja2.StrictUndefined,
     )
     recipe = _recipe_rows(splits, origins)
-    pools = [p for o in origins.values() for p in o.pools]
+    pools = [chain[0] for o in origins.values() for chain in o.pool_lineage] or [
+        p for o in origins.values() for p in o.pools
+    ]
     sets = [o.prompts for o in origins.values() if o.prompts is not None and "seed" in o.prompts.params]
     source = next((p.params.get("source") for p in pools if p.params.get("source")), None)
     rebuild = script(origins, repo_id, set_id)
@@ -173,6 +176,7 @@ def render(
         formats=prompt_formats(origins),
         recipe_line=generators_line(recipe),
         axes=_axis_rows(splits, origins),
+        decontamination=decontamination_summary(list(origins.values())),
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builders.decontaminate import history
 from builders.models import display_name, model_identity, weights_sha256
 
 GGUF_SOURCE = "gguf_source.json"  # what `iterdpo models import-gguf` writes into the folder (builders/gguf.py)
@@ -52,6 +53,8 @@ class Origin:
     pools: list[Any] = field(default_factory=list)  # what the set was drawn from
     generator: Model | None = None
     axes: list[Axis] = field(default_factory=list)  # a combined reward's components (builders/combine.py)
+    # per pool, the pools it was derived from by decontaminate/dedup, oldest (the import) first, ending with it
+    pool_lineage: list[list[Any]] = field(default_factory=list)
 
     @property
     def sampling(self) -> dict[str, Any]:
@@ -179,6 +182,7 @@ def origins(catalog, snaps: dict[tuple[int, str], Any]) -> dict[tuple[int, str],
         if o.prompts is None and "prompts" in pairs.params:  # hand-built lineage: the pairs name their prompts
             o.prompts = catalog.get(pairs.params["prompts"])
         o.pools = catalog.parents(o.prompts, "prompts") if o.prompts is not None else []
+        o.pool_lineage = [history(catalog, p) for p in o.pools]
         gen_params = (
             o.generations.params
             if o.generations is not None and o.generations.params.get("model")

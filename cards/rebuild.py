@@ -268,12 +268,11 @@ def _is_bundled(path: Path, bundled: Path) -> bool:
 def _prompts(script: Script, origins: list[Origin]) -> None:
     from builders.config import BUNDLED_PROMPTS
     from builders.prompts import looks_local
+    from cards.decontamination import lineages, step_line
 
-    pools: dict[str, Any] = {}
-    for o in origins:
-        for p in o.pools:
-            pools.setdefault(p.id, p)
-    for pool in pools.values():
+    chains = lineages(origins)  # each pool with the decontaminate/dedup steps that made it, from its import
+    for chain in chains:
+        pool = chain[0]
         source, column = pool.params.get("source"), pool.params.get("column")
         if not source:
             script.notes.append(
@@ -295,11 +294,15 @@ def _prompts(script: Script, origins: list[Origin]) -> None:
                 "PROMPTS_FILE",
                 f"your copy of the prompt file {display_name(source)} (pool snapshot {pool.id[:12]})",
             )
+        by_source = "".join(f" --include-source {_arg(n)}" for n in pool.params.get("include_sources", []))
+        by_source += "".join(f" --exclude-source {_arg(n)}" for n in pool.params.get("exclude_sources", []))
         script.lines.append(
             f"iterdpo prompts import {arg}"
             + (f" --column {_arg(column)}" if column else "")
+            + by_source
             + f"   # pool {pool.id[:12]}"
         )
+        script.lines += [line for step in chain[1:] if (line := step_line(script, step))]
     splits: dict[tuple, Any] = {}
     for o in origins:
         if o.prompts is not None and "seed" in o.prompts.params:

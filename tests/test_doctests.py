@@ -19,6 +19,10 @@ MODULES = [
     "builders.prompts",
     "builders.combine",
     "builders.conversation",
+    "builders.textnorm",
+    "builders.sources",
+    "builders.decontaminate",
+    "builders.dedup",
 ]
 
 

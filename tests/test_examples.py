@@ -131,6 +131,7 @@ def checkout(tmp_path_factory, tiny_models) -> Checkout:
         (bin_dir / name).chmod(0o755)
     (root / "data").mkdir()
     shutil.copy(ROOT / "data" / "ultrafeedback_sample.jsonl", root / "data")
+    shutil.copytree(ROOT / "data" / "benchmarks", root / "data" / "benchmarks")  # prompts decontaminate's examples
     for folder in ("train", "pipelines"):
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_models / "generator", root / "quickstart" / "models" / "smollm2")
