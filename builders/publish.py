@@ -275,8 +275,8 @@ def stage_repo(
         files += ["plots/score_distributions.png", "plots/length_by_iteration.png"]
         lineage = origins(catalog, snaps)
         card = render(repo_id, infos, _features(), set_id, __version__, lineage, license)
-        # The reward on test prompts per iteration (cards/rewards.py), as its own block before Provenance.
-        from cards.rewards import add_to_card
+        # The reward on test prompts per iteration (cards/reward_table.py), as its own block before Provenance.
+        from cards.reward_table import add_to_card
 
         pinned = {it: o.scores.id for (it, split), o in lineage.items() if split == "test" and o.scores is not None}
         card, reward_files = add_to_card(catalog, card, scratch, sorted({it for it, _ in snaps}), pinned)

@@ -193,7 +193,7 @@ def _card(
     prompt_format: str,
 ) -> str:
     from cards.model_card import render
-    from cards.rewards import test_reward_table
+    from cards.reward_table import test_reward_table
 
     steps = []
     for step in chain:
