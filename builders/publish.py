@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 from builders import __version__
 from builders.catalog import Catalog, Snapshot
-from builders.config import PUBLISH_DEFAULTS, SPLITS, PublishConfig
+from builders.config import PUBLISH_DEFAULTS, SPLITS, PublishConfig, validate_repo_id
 from builders.errors import InputError
-from builders.hub import HubTarget, check_token, recorded, snapshot_set_id, staged_as, staging, upload, validate_repo_id
+from builders.hub import HubTarget, check_token, recorded, snapshot_set_id, staged_as, staging, upload
 from builders.pairs import TRL_SCHEMA, to_trl
 from builders.schemas import KINDS
 
