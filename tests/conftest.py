@@ -154,26 +154,7 @@ def shell_bin(tmp_path_factory):
     """A folder with `iterdpo` and `python` for the bash scripts tests run as a user would (examples, a card's
     rebuild script): each command a process of its own, forked from one that has imported torch, transformers and
     TRL already (tests/forkserver.py), instead of a fresh interpreter importing them again."""
-    folder = tmp_path_factory.mktemp("shell_bin")
-    sock = folder / "server.sock"
-    log = (folder / "server.log").open("w")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tests.forkserver", "serve", str(sock)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    try:
-        assert server.stdout.readline().strip() == "ready", (folder / "server.log").read_text()[-3000:]
-        client = f'"{sys.executable}" -S -E "{ROOT / "tests" / "forkserver.py"}" "{sock}"'
-        for name, args in (("iterdpo", "-m builders.cli "), ("python", "")):
-            (folder / name).write_text(f'#!/bin/sh\nexec {client} {args}"$@"\n')
-            (folder / name).chmod(0o755)
+    from tests.forkserver import shims
+
+    with shims(tmp_path_factory.mktemp("shell_bin"), {**os.environ, "PYTHONPATH": str(ROOT)}) as folder:
         yield folder
-    finally:
-        server.kill()
-        server.wait()
-        log.close()

@@ -9,19 +9,23 @@ interpreter would, and its exit status is the command's. Each command is still a
 command leaves in memory, the next never sees), run by a real bash with its own arguments, pipes, redirections
 and variables; only the imports come ready-made. Anything else (`python` with other flags) runs a real python.
 
-    python -m tests.forkserver serve SOCKET      # the server (a fixture starts it: tests/conftest.py:shell_bin)
+    python -m tests.forkserver serve SOCKET      # the server (`shims` starts it: tests/conftest.py:shell_bin)
     python -S -E tests/forkserver.py SOCKET ARGS  # a client: the shims `iterdpo` and `python` run this
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 # imported by the server before it forks: what the commands of the examples import (lazily) and take long to
 PRELOAD = (
@@ -174,6 +178,34 @@ def serve(path: str) -> None:
                 except OSError:  # the client is gone (killed by a timeout)
                     pass
                 conn.close()
+
+
+@contextlib.contextmanager
+def shims(folder: Path, env: dict[str, str]) -> Iterator[Path]:
+    """`folder` with the shims `iterdpo` and `python`, served by a server started with `env` (libraries that read
+    the environment when imported, as huggingface_hub reads HF_HOME, see this one), stopped when the block ends."""
+    sock = folder / "server.sock"
+    here = Path(__file__).resolve()
+    with (folder / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tests.forkserver", "serve", str(sock)],
+            cwd=here.parents[1],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        try:
+            if server.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the fork server did not start: {(folder / 'server.log').read_text()[-3000:]}")
+            client = f'"{sys.executable}" -S -E "{here}" "{sock}"'
+            for name, args in (("iterdpo", "-m builders.cli "), ("python", "")):
+                (folder / name).write_text(f'#!/bin/sh\nexec {client} {args}"$@"\n')
+                (folder / name).chmod(0o755)
+            yield folder
+        finally:
+            server.kill()
+            server.wait()
 
 
 if __name__ == "__main__":
