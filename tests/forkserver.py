@@ -72,8 +72,8 @@ def client(path: str, argv: list[str]) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     socket.send_fds(sock, [b"x"], [0, 1, 2])
-    sock.sendall(json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode())
-    sock.shutdown(socket.SHUT_WR)
+    body = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    sock.sendall(struct.pack("!i", len(body)) + body)  # then silence: the server reads our end as our death
     head = _recv_exact(sock, 4)
     if head is None:
         print("forkserver: no answer", file=sys.stderr)
@@ -146,18 +146,28 @@ def serve(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
-    print("ready", flush=True)
     waiting: dict[int, socket.socket] = {}  # child pid -> its client's connection
+
+    def stop(_signum, _frame):  # the fixture's teardown: no command outlives the server
+        for pid in waiting:
+            os.kill(pid, signal.SIGKILL)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", flush=True)
     while True:
-        ready, _, _ = select.select([listener], [], [], 0.05)
-        if ready:
+        ready, _, _ = select.select([listener, *waiting.values()], [], [], 0.05)
+        for pid, conn in list(waiting.items()):
+            if conn in ready:  # a client says nothing after its request: this is its end (killed by a timeout)
+                os.kill(pid, signal.SIGKILL)
+        if listener in ready:
             conn, _ = listener.accept()
             _, fds, _, _ = socket.recv_fds(conn, 1, 3)
-            body = b""
-            while chunk := conn.recv(1 << 16):
-                body += chunk
+            (size,) = struct.unpack("!i", _recv_exact(conn, 4))
+            body = _recv_exact(conn, size)
             pid = os.fork()
             if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 listener.close()
                 for other in waiting.values():
                     other.close()
@@ -204,8 +214,12 @@ def shims(folder: Path, env: dict[str, str]) -> Iterator[Path]:
                 (folder / name).chmod(0o755)
             yield folder
         finally:
-            server.kill()
-            server.wait()
+            server.terminate()  # it kills the commands still running, then itself
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 if __name__ == "__main__":
