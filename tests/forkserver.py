@@ -9,8 +9,8 @@ interpreter would, and its exit status is the command's. Each command is still a
 command leaves in memory, the next never sees), run by a real bash with its own arguments, pipes, redirections
 and variables; only the imports come ready-made. Anything else (`python` with other flags) runs a real python.
 
-    python -m tests.forkserver serve SOCKET      # the server (`shims` starts it: tests/conftest.py:shell_bin)
-    python -S -E tests/forkserver.py SOCKET ARGS  # a client: the shims `iterdpo` and `python` run this
+    python -m tests.forkserver serve @NAME       # the server (`shims` starts it: tests/conftest.py:shell_bin)
+    python -S -E tests/forkserver.py @NAME ARGS  # a client: the shims `iterdpo` and `python` run this
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ PRELOAD_ATTRS = {
 }
 
 
+def _address(name: str) -> str:
+    """A socket in Linux's abstract namespace ("@name"): no file, and no limit of 107 bytes on a deep TMPDIR."""
+    return "\0" + name[1:] if name.startswith("@") else name
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     data = b""
     while len(data) < n:
@@ -70,7 +75,7 @@ def client(path: str, argv: list[str]) -> int:
     if not (len(argv) >= 2 and argv[0] in ("-c", "-m")) and not (argv and not argv[0].startswith("-")):
         os.execv(sys.executable, [sys.executable, *argv])  # a form the server does not run: a real python
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
+    sock.connect(_address(path))
     socket.send_fds(sock, [b"x"], [0, 1, 2])
     body = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     sock.sendall(struct.pack("!i", len(body)) + body)  # then silence: the server reads our end as our death
@@ -144,7 +149,7 @@ def serve(path: str) -> None:
         for attr in PRELOAD_ATTRS.get(name, ()):
             getattr(module, attr)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind(_address(path))
     listener.listen(64)
     waiting: dict[int, socket.socket] = {}  # child pid -> its client's connection
 
@@ -194,11 +199,11 @@ def serve(path: str) -> None:
 def shims(folder: Path, env: dict[str, str]) -> Iterator[Path]:
     """`folder` with the shims `iterdpo` and `python`, served by a server started with `env` (libraries that read
     the environment when imported, as huggingface_hub reads HF_HOME, see this one), stopped when the block ends."""
-    sock = folder / "server.sock"
+    sock = f"@iterdpo-forkserver-{os.getpid()}-{os.urandom(6).hex()}"
     here = Path(__file__).resolve()
     with (folder / "server.log").open("w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "tests.forkserver", "serve", str(sock)],
+            [sys.executable, "-m", "tests.forkserver", "serve", sock],
             cwd=here.parents[1],
             env=env,
             stdout=subprocess.PIPE,
