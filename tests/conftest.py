@@ -28,9 +28,10 @@ UF_DATA = ROOT / "tests" / "data" / "ultrafeedback"
 SAMPLE = ROOT / "data" / "ultrafeedback_sample.jsonl"
 
 # The files that take longest (`pytest --durations=25 FILE`, one at a time, on 2 cores), longest first. `make test`
-# hands whole files to its two workers (--dist loadfile) in collection order (--no-loadscope-reorder; xdist's own
-# order, most tests first, handed these few-test files out last, and one worker ran them alone for minutes while the
-# other had finished). The other files follow in name order. An out-of-date entry costs only time.
+# hands whole files to its two workers (--dist loadfile) in collection order (--no-loadscope-reorder): xdist's own
+# order, most tests first, hands out last the few-test files that take minutes (hub ids, cards, quickstart), where
+# one of them can keep a worker busy long after the other has finished. The other files follow in name order. An
+# out-of-date entry costs only time.
 LONGEST_FIRST = (
     "test_examples.py",
     "test_ray.py",
