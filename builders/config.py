@@ -656,6 +656,14 @@ class BestOfNConfig:
     generator_name: str | None = opt(None, "The `generator` name written (default: MODEL-RANKER-best-of-N).")
 
 
+def validate_best_of_n(cfg: BestOfNConfig) -> None:
+    """best-of-n's own options (its generation and ranker are the stages': builders/evaluate.py checks them)."""
+    if cfg.generator_name is not None and not cfg.generator_name.strip():
+        raise InputError("generator_name must not be empty", option="generator_name")
+    if Path(cfg.output).suffix.lower() != ".json":
+        raise InputError(f"output {cfg.output}: must end in .json (AlpacaEval's model_outputs.json)", option="output")
+
+
 # ------------------------------------------------------------------------------------------------------ reflection
 def build_config(cls: type, data: Any, where: str | None = None, *, flat: bool = False) -> Any:
     """Config `cls` from values: the one reflection the pipeline YAML and the CLI share.
