@@ -338,11 +338,13 @@ def test_bad_input_is_one_line_exit_1_and_registers_nothing(cli, catalog_path, r
     assert [s.id for s in catalog.list()] == before
 
 
-def test_the_card_names_each_axis_and_its_rebuild_script_registers_the_combination_again(cli, tmp_path, tiny_models):
+def test_the_card_names_each_axis_and_its_rebuild_script_registers_the_combination_again(
+    cli, tmp_path, tiny_models, shell_bin
+):
     """One iteration through the CLI, its reward a combination of two axes, staged: the recipe names each axis with
     its weight, the chosen-vs-rejected table shows each axis' means, and the card's commands run as a script in an
     empty folder register the same snapshots."""
-    from tests.test_cards import _shims, rebuild_block
+    from tests.test_cards import rebuild_block
 
     steps = [
         ("prompts", "import", SAMPLE),
@@ -393,7 +395,12 @@ def test_the_card_names_each_axis_and_its_rebuild_script_registers_the_combinati
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "rebuild.sh").write_text(script)
-    env = {**os.environ, **_shims(tmp_path / "bin"), "BASE_MODEL": str(tiny_models / "generator")}
+    env = {
+        **os.environ,
+        "PATH": f"{shell_bin}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "BASE_MODEL": str(tiny_models / "generator"),
+    }
     done = subprocess.run(["bash", "rebuild.sh"], cwd=fresh, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rebuilt = {

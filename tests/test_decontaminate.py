@@ -16,7 +16,6 @@ from builders.catalog import Catalog
 from builders.config import BuildConfig, PublishConfig
 from builders.prompts import prompt_id
 from tests.conftest import ROOT, SAMPLE
-from tests.test_cards import _shims
 
 MT_BENCH = ROOT / "data" / "benchmarks" / "mt_bench.jsonl"
 MT = {json.loads(line)["question_id"]: json.loads(line)["prompt"] for line in MT_BENCH.read_text().splitlines()}
@@ -216,7 +215,9 @@ def _card(catalog: Catalog, folder: Path) -> str:
     return (folder / "README.md").read_text()
 
 
-def test_the_card_says_what_the_pool_was_decontaminated_against_and_rebuilds_it(cli, catalog_path, planted, tmp_path):
+def test_the_card_says_what_the_pool_was_decontaminated_against_and_rebuilds_it(
+    cli, catalog_path, planted, tmp_path, shell_bin
+):
     cli("prompts", "import", planted["pool"])
     cli("prompts", "decontaminate", "--against", MT_BENCH, "--against", planted["own"])
     cli("prompts", "dedup")
@@ -240,7 +241,12 @@ def test_the_card_says_what_the_pool_was_decontaminated_against_and_rebuilds_it(
     fresh.mkdir()
     (fresh / "rebuild.sh").write_text("\n".join(prompt_steps) + "\n")
     files = {"PROMPTS_FILE": planted["pool"], "BENCHMARK_FILE": MT_BENCH, "BENCHMARK_FILE_2": planted["own"]}
-    env = {**os.environ, **_shims(tmp_path / "bin"), **{k: str(v) for k, v in files.items()}}
+    env = {
+        **os.environ,
+        "PATH": f"{shell_bin}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        **{k: str(v) for k, v in files.items()},
+    }
     done = subprocess.run(["bash", "rebuild.sh"], cwd=fresh, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rebuilt = Catalog(fresh / "catalog.duckdb")
