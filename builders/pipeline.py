@@ -34,6 +34,16 @@ from builders.config import (
 )
 from builders.errors import InputError, IterdpoError
 
+# ranking.ranker_model for "the model that generated this iteration" (a judge that is the policy: Self-Rewarding)
+GENERATOR = "{generator}"
+
+
+def ranking_for(cfg: PipelineConfig, generator: str):
+    """The iteration's ranking config: ranker_model {generator} is that iteration's generator."""
+    if cfg.ranking.ranker_model == GENERATOR:
+        return dataclasses.replace(cfg.ranking, ranker_model=generator)
+    return cfg.ranking
+
 
 # --------------------------------------------------------------------------------------------------------- parsing
 def load_pipeline(path: str | Path) -> PipelineConfig:
@@ -123,12 +133,12 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     rk = cfg.ranking
     if rk.ranker not in RANKERS:
         raise InputError(f"{where}: ranking.ranker: unknown ranker {rk.ranker!r}; use one of {', '.join(RANKERS)}")
-    rank_cfg = rk
+    rank_cfg = ranking_for(cfg, gen.model)
     check("ranking", validate_rank, rank_cfg)
     if rk.ranker == "python":
         # imports module:function; loads no model (and starts no Ray replicas: the local ranker)
         check("ranking.ranker_model", make_ranker, dataclasses.replace(rank_cfg, scale_out=ExecutorConfig()))
-    elif not _under(rk.ranker_model, cfg.tiny_models):
+    elif rk.ranker_model != GENERATOR and not _under(rk.ranker_model, cfg.tiny_models):  # the generator: checked
         check("ranking.ranker_model", ranker_identity, rank_cfg)
 
     check("selection", validate_build, cfg.selection)
@@ -278,7 +288,7 @@ def run_pipeline(
             [s.id for s in sets if s.iteration == n],
             progress=progress,
         ).snapshots
-        ranked = rank(catalog, n, cfg.ranking, [s.id for s in generated], progress=progress).snapshots
+        ranked = rank(catalog, n, ranking_for(cfg, policy), [s.id for s in generated], progress=progress).snapshots
         pairs = build_pairs(catalog, n, cfg.selection, [s.id for s in ranked]).snapshots
         out.snapshots += [*generated, *ranked, *pairs]
         recipe = Path(cfg.training.recipe.format(n=n))

@@ -43,6 +43,8 @@ def test_reward_table(
         per_prompt: dict[str, list[float]] = defaultdict(list)
         tokens, cut = [], 0
         for s in scores:
+            if s["score"] is None:  # a judge's unscored response (counted in the scores snapshot's params)
+                continue
             g = gens[(s["prompt_id"], s["response_index"])]
             per_prompt[s["prompt_id"]].append(float(s["score"]))
             tokens.append(g["completion_tokens"] or 0)
