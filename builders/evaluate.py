@@ -345,6 +345,14 @@ def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | 
         raise InputError(f"no instruction of {outputs} is in the reference {reference}")
     scorer = make_ranker(ranker or RankConfig())
     scores = scorer.score([p for p, _, _ in pairs], [[o, r] for _, o, r in pairs])
+    # a judge leaves a response it could not score with None: that comparison is counted apart, never a tie or loss
+    unscored = sum(None in s for s in scores)
+    pairs = [pair for pair, s in zip(pairs, scores) if None not in s]
+    scores = [s for s in scores if None not in s]
+    if not pairs:
+        raise InputError(
+            f"the ranker could not score any of the {unscored} comparisons (an LLM judge's unscored answers)"
+        )
     prefs = [1.0 if s[0] > s[1] else 0.5 if s[0] == s[1] else 0.0 for s in scores]
     n = len(prefs)
     win = statistics.fmean(prefs)
@@ -355,7 +363,8 @@ def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | 
             "reference": str(reference),
             "ranker": scorer.describe(),
             "compared": n,
-            "unmatched": len(rows) - n,
+            "unmatched": len(rows) - n - unscored,
+            "unscored": unscored,
             "win_rate": 100 * win,
             "standard_error": 100 * se,
             "length_controlled_win_rate": 100 * lc.win_rate,

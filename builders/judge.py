@@ -25,9 +25,9 @@ vllm or openai), and its verdict's token probabilities become the score.
     >>> t = load_template("self-rewarding")
     >>> t.mode, t.values
     ('pointwise', ['0', '1', '2', '3', '4', '5'])
-    >>> probs = {"4": 0.5, " 3": 0.25, "5": 0.25, "the": 0.1}  # the verdict token's top probabilities
+    >>> probs = {"4": 0.5, " 3": 0.25, "1": 0.25, "the": 0.1}  # the verdict token's top probabilities
     >>> parse_verdict(t, ["Because ...", " Score", ":", " ", "4"], [{}, {}, {}, {}, probs])
-    3.75
+    3.0
     >>> parse_verdict(t, ["Score", ":", " ", "7"], [{}, {}, {}, {"7": 1.0}])
     'out_of_scale'
 """

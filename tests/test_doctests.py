@@ -17,6 +17,7 @@ MODULES = [
     "builders.evaluate",
     "builders.catalog",
     "builders.prompts",
+    "builders.judge",
 ]
 
 
