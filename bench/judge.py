@@ -76,7 +76,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import builders.backends.vllm as vllm_backend
     from builders.config import RankConfig, VllmConfig
+
+    vllm_backend.QUIET = True  # vLLM's start-up logs, as the CLI keeps them off the terminal
     from builders.judge import Judge
     from builders.rank import rank
 
@@ -95,7 +98,8 @@ def main() -> None:
     print(
         f"judge SmolLM2-135M-Instruct ({model.name}), {args.prompts} UltraFeedback prompts x 2 responses, "
         f"{args.mode} ({'rubric' if args.mode == 'pointwise' else 'pairwise'} template), "
-        f"max {args.max_tokens} new tokens, {args.threads} thread(s), {os.cpu_count()} CPUs\n"
+        f"max {args.max_tokens} new tokens, {args.threads} thread(s), {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} (wall times grow with other work on the cores)\n"
     )
     print(
         f"{'backend':<13} {'load s':>7} {'judge s':>8} {'responses/s':>12} {'judgements/s':>13} {'unscored':>9} {'max |d| vs hf':>14}"
