@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,66 @@ def test_self_rewarding_pipeline_judges_with_each_iterations_generator():
     assert cfg.ranking.ranker == "judge" and cfg.ranking.ranker_model == "{generator}"
     assert ranking_for(cfg, "models/iteration_1").ranker_model == "models/iteration_1"
     assert validate_pipeline(cfg, "self-rewarding.yaml") == []
+
+
+@pytest.mark.slow
+def test_the_ray_executor_registers_the_local_judges_snapshot(catalog_path, tmp_path):
+    pytest.importorskip("ray")
+    from builders.config import ExecutorConfig, OpenAIConfig, RankConfig
+    from builders.rank import rank
+
+    catalog = generations_catalog(catalog_path, n_prompts=4, n=2)
+    other = tmp_path / "ray.duckdb"
+    shutil.copy(catalog_path, other)
+    with FakeOpenAI() as server:
+        cfg = RankConfig(
+            ranker="judge",
+            ranker_model="served-model",
+            judge_backend="openai",
+            judge_mode="pairwise",
+            batch_prompts=1,
+            splits=("train",),
+            judge_openai=OpenAIConfig(base_url=server.url),
+        )
+        local = rank(catalog, 1, cfg, progress=False).snapshots[0]
+        on_ray = rank(Catalog(other), 1, replace(cfg, scale_out=ExecutorConfig(executor="ray")), progress=False)
+    assert on_ray.executor and on_ray.snapshots[0].id == local.id
+    assert on_ray.snapshots[0].params["judge_counts"] == local.params["judge_counts"]
+
+
+@pytest.mark.slow
+def test_a_pipeline_whose_judge_is_each_iterations_generator(tmp_path, tiny_models):
+    """ranker_model "{generator}": iteration n's responses are judged by model n (the policy judges itself)."""
+    import yaml
+
+    from builders.pipeline import load_pipeline, run_pipeline
+    from tests.conftest import SAMPLE
+
+    with FakeOpenAI() as server:  # an openai judge, so the tiny policy's verdicts parse (a served name is its path)
+        doc = {
+            "catalog": str(tmp_path / "catalog.duckdb"),
+            "prompts": {"source": str(SAMPLE)},
+            "split": {"iterations": 2, "train_size": 4, "test_size": 2, "seed": 5},
+            "generation": {
+                "model": str(tiny_models / "generator"),
+                "backend": "transformers",
+                "sampling": {"num_responses": 2, "max_tokens": 8, "seed": 5},
+            },
+            "ranking": {
+                "ranker": "judge",
+                "ranker_model": "{generator}",
+                "judge_backend": "openai",
+                "judge_openai": {"base_url": server.url},
+            },
+            "training": {"recipe": str(ROOT / "train/recipes/tiny-cpu.yaml"), "output_dir": str(tmp_path / "m{n}")},
+        }
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        cfg = load_pipeline(path)
+        result = run_pipeline(Catalog(cfg.catalog), cfg, progress=False)
+    catalog = Catalog(cfg.catalog)
+    for n in (1, 2):
+        scores = catalog.newest("scores", n, "train")
+        generations = catalog.parent(scores, "generations")
+        assert scores.params["ranker_model"] == generations.params["model"]
+    assert catalog.newest("scores", 2, "train").params["ranker_model"] == str(Path(result.models[0]).resolve())
