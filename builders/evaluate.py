@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.config import BestOfNConfig, LengthControlConfig, RankConfig
-from builders.errors import InputError, one_line
+from builders.errors import InputError, IterdpoError, one_line
 
 
 def candidates_path(output: Path) -> Path:
@@ -192,9 +192,12 @@ def _best_of_n(cfg: BestOfNConfig, progress: bool) -> dict[str, Any]:
     )
     by_prompt: dict[str, tuple[list[str], list[float], int]] = {}
     for (p, cands), values in zip(ranked, scores):
-        check_finite(prompt_id(p), values)
-        best = max(range(len(cands)), key=lambda i: (values[i], -i))
-        by_prompt[p] = (cands, [float(v) for v in values], best)
+        scored = [i for i, v in enumerate(values) if v is not None]  # a judge leaves what it cannot score as None
+        if not scored:
+            raise IterdpoError(f"the judge scored none of the {len(cands)} responses of prompt {prompt_id(p)}")
+        check_finite(prompt_id(p), [values[i] for i in scored])
+        best = max(scored, key=lambda i: (values[i], -i))
+        by_prompt[p] = (cands, [float(v) if v is not None else None for v in values], best)
 
     name = cfg.generator_name or f"{Path(gen.model).name}-{cfg.ranker.ranker}-best-of-{gen.sampling.num_responses}"
     default_dataset = Path(str(cfg.prompts)).stem  # rows that name no dataset: the prompt file's name

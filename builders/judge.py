@@ -576,7 +576,7 @@ class Judge:
         return [j.scores for j in self.judge(items)]
 
     def describe(self) -> dict[str, Any]:
-        return {"judge_engine": self.engine.describe()}
+        return {"ranker": "judge", "judge_engine": self.engine.describe()}
 
     def close(self) -> None:
         self.engine.close()

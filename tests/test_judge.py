@@ -415,3 +415,40 @@ def test_a_pipeline_whose_judge_is_each_iterations_generator(tmp_path, tiny_mode
         generations = catalog.parent(scores, "generations")
         assert scores.params["ranker_model"] == generations.params["model"]
     assert catalog.newest("scores", 2, "train").params["ranker_model"] == str(Path(result.models[0]).resolve())
+
+
+def test_eval_counts_the_judges_unscored_comparisons_apart(tmp_path):
+    from builders.config import OpenAIConfig, RankConfig
+    from builders.evaluate import evaluate
+
+    out, ref = tmp_path / "o.json", tmp_path / "r.json"
+    out.write_text(json.dumps([{"instruction": i, "output": f"answer {i}", "generator": "m"} for i in "abc"]))
+    ref.write_text(json.dumps([{"instruction": i, "output": f"ref {i}", "generator": "r"} for i in "abc"]))
+    with FakeOpenAI() as server:
+        server.judge_garbage = 1  # the first judgement says nothing: its comparison is neither a win nor a loss
+        cfg = RankConfig(
+            ranker="judge",
+            ranker_model="served-model",
+            judge_backend="openai",
+            judge_retries=0,
+            judge_openai=OpenAIConfig(base_url=server.url, concurrency=1),
+        )
+        report = evaluate(out, ref, cfg)
+    assert report["unscored"] == 1 and report["compared"] == 2 and report["unmatched"] == 0
+
+
+def test_the_dataset_card_names_the_judge_and_its_rebuild_command(cli, catalog_path, tmp_path):
+    generations_catalog(catalog_path, n_prompts=3, n=3)
+    with FakeOpenAI() as server:
+        ranked = cli(
+            "rank", "--iteration", "1", "--ranker", "judge", "--ranker-model", "served-model",
+            "--judge-backend", "openai", "--base-url", server.url, "--judge-mode", "pairwise",
+        )  # fmt: skip
+    assert ranked.code == 0, ranked.err
+    assert cli("build", "--iteration", "1").code == 0
+    staged = cli("publish", "me/judged", "--dry-run", "--local-dir", tmp_path / "hub")
+    assert staged.code == 0, staged.err
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "`judge: served-model`" in card
+    assert "--ranker judge --ranker-model served-model --judge-backend openai --judge-template pairwise" in card
+    assert "--judge-mode pairwise" in card and "< 2 scored" in card
