@@ -57,6 +57,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/commit.py
 	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python bench/generate.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/rank.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/judge.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/memory.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/scale.py --sizes 2000
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/decontaminate.py

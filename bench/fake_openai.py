@@ -13,6 +13,11 @@ Endpoints:
   from the text, so a test tells the server's count from a local one). `text="long"` (the benches, the script's
   default): ~1,500 characters of English-looking words (1,000-2,000, deterministic from the seed, the choice index
   and the prompt), ~4 characters per token. Each answer waits `latency` seconds first, as a busy server would.
+  With `logprobs: true` (the judge), the answer is a verdict with `logprobs.content` (each token's `top_logprobs`):
+  "[[A]]"/"[[B]]" when the prompt asks for one, else "Score: D"; the verdict token's distribution is
+  `judge_distribution(prompt)`, its text the most likely value; a final assistant message with
+  `continue_final_message` is continued (its text is not repeated). `judge_garbage`: that many judge requests
+  first answer "I cannot judge this." (no verdict).
 - GET /v1/models: lists `model` (as vLLM answers: `created` is the time of the call, the permission id fresh).
 - GET /stats: the counters as JSON; POST /reset zeroes them.
 
@@ -56,6 +61,15 @@ def answer(seed: int) -> str:
     return f"answer {seed} " + "word " * (seed % 5)
 
 
+def judge_distribution(prompt: str) -> dict[str, float]:
+    """The fake judge's probabilities at its verdict token, deterministic from the judge prompt's text: A and B
+    when the prompt asks for [[A]] or [[B]], else the digits 0-9."""
+    h = hashlib.sha256(prompt.encode()).digest()
+    values = ["A", "B"] if "[[A]]" in prompt else [str(d) for d in range(10)]
+    weights = [1 + b for b in h[: len(values)]]
+    return {v: w / sum(weights) for v, w in zip(values, weights)}
+
+
 def tokens_of(seed: int) -> int:
     """The completion tokens the server reports for the short answer with this seed."""
     return 5 + seed % 7
@@ -84,6 +98,7 @@ class FakeOpenAI:
         self._text = corpus() if text == "long" else None
         self.hold_until, self.fail_first, self.fail_after, self.fail_status = 1, 0, None, 503
         self.hang_after, self.trickle = None, False
+        self.judge_garbage = 0
         self.requests = self.answered = self.hung = self.in_flight = self.max_in_flight = 0
         self.ports: set[int] = set()
         self.auth: list[str | None] = []
@@ -223,7 +238,49 @@ class FakeOpenAI:
             self.in_flight -= 1
         if fail:
             return f"{self.fail_status} Failing", {"error": f"overloaded; request headers: {headers}"}
+        if body.get("logprobs"):
+            return "200 OK", self._judge(body)
         return "200 OK", self._long(body) if self._text else self._short(body)
+
+    def _judge(self, body: dict) -> dict:
+        messages = body.get("messages") or []
+        prompt = next((m.get("content") or "" for m in messages if m.get("role") == "user"), "")
+        begun = messages[-1].get("content") or "" if body.get("continue_final_message") and messages else ""
+        import math
+
+        if self.judge_garbage > 0:
+            self.judge_garbage -= 1
+            tokens, verdict_at, dist = ["I", " cannot", " judge", " this", "."], None, {}
+        else:
+            dist = judge_distribution(prompt)
+            best = max(dist, key=lambda v: dist[v])
+            pairwise = "[[A]]" in prompt
+            head = (["[["] if pairwise else ["Score", ":", " "]) if not begun else ([] if pairwise else [" "])
+            tokens, verdict_at = [*head, best, *(["]]"] if pairwise else [])], len(head)
+        content = []
+        for k, token in enumerate(tokens):
+            top = [{"token": v, "logprob": math.log(p)} for v, p in dist.items()] if k == verdict_at else []
+            lp = math.log(dist[token]) if k == verdict_at else -0.01
+            content.append({"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": top})
+        return {
+            "id": "chatcmpl-judge",
+            "object": "chat.completion",
+            "created": 0,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(tokens)},
+                    "finish_reason": "stop",
+                    "logprobs": {"content": content},
+                }
+            ],
+            "usage": {
+                "prompt_tokens": PROMPT_TOKENS,
+                "completion_tokens": len(tokens),
+                "total_tokens": PROMPT_TOKENS + len(tokens),
+            },
+        }
 
     async def _hang(self, writer: asyncio.StreamWriter) -> None:
         if not self.trickle:

@@ -145,7 +145,7 @@ def _ranks(values: Sequence[float]) -> list[float]:
 # ------------------------------------------------------------------------------------------------------- the stage
 # params of a scores snapshot that differ between the splits of one ranking (its inputs and counts): the rest says
 # which ranker made it, and is how the other split's snapshot of a component is found
-PER_SPLIT = ("generations", "work_key", "shard", "components", "responses", "unscored")
+PER_SPLIT = ("generations", "work_key", "shard", "components", "responses", "unscored", "judge_counts")
 
 
 @dataclass(frozen=True)

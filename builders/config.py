@@ -372,7 +372,7 @@ def validate_generate_config(cfg: GenerateConfig) -> None:
     validate_executor(cfg.scale_out)
 
 
-RANKERS = ("pairrm", "llm-blender", "scalar", "python")
+RANKERS = ("pairrm", "llm-blender", "scalar", "python", "judge")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -381,7 +381,7 @@ class RankConfig:
     ranker: str = opt(
         "pairrm",
         "pairrm (PairRM), llm-blender (the reference library), scalar (a sequence-"
-        "classification reward model) or python (module:function).",
+        "classification reward model), python (module:function) or judge (an LLM judge).",
     )
     ranker_model: str = opt(
         "llm-blender/PairRM", "Folder or hub id (PairRM layout for pairrm/llm-blender); module:function for python."
@@ -395,6 +395,24 @@ class RankConfig:
     batch_tokens: int | None = opt(None, "pairrm: tokens per forward pass (default: 2048 on CPU, 32768 on GPU).")
     commit_seconds: float = opt(COMMIT_SECONDS, "Seconds between commits of scored prompts (what a kill loses).")
     scale_out: ExecutorConfig = ExecutorConfig()
+    # the judge ranker (builders/judge.py): --ranker-model is the judge LLM
+    judge_backend: str = opt("transformers", "judge: the judge model's backend: transformers, vllm or openai.")
+    judge_template: str | None = opt(
+        None,
+        "judge: a shipped template (rubric, self-rewarding, pairwise) or a Jinja file "
+        "(default: rubric; pairwise with --judge-mode pairwise).",
+    )
+    judge_mode: str | None = opt(
+        None, "judge: pointwise (a score per response) or pairwise (every pair, both orders); default: the template's."
+    )
+    judge_retries: int = opt(
+        2, "judge: new attempts (new seed) at a judgement that cannot be parsed; then it is unscored and counted."
+    )
+    judge_temperature: float = opt(0.7, "judge: sampling temperature of the judge (0: greedy, no retries).")
+    judge_max_tokens: int = opt(128, "judge: new tokens per judgement, at most.")
+    judge_seed: int = opt(42, "judge: run seed; each judgement's seed derives from it and what is judged.")
+    judge_vllm: VllmConfig = VllmConfig(enforce_eager=True)  # eager: start-up 20 s instead of 60 s on a CPU
+    judge_openai: OpenAIConfig = field(default_factory=OpenAIConfig)
 
 
 def validate_rank_config(cfg: RankConfig) -> None:

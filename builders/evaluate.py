@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.config import BestOfNConfig, LengthControlConfig, RankConfig, validate_best_of_n
-from builders.errors import InputError, one_line
+from builders.errors import InputError, IterdpoError, one_line
 
 
 def candidates_path(output: Path) -> Path:
@@ -189,9 +189,12 @@ def _best_of_n(cfg: BestOfNConfig, progress: bool) -> dict[str, Any]:
     )
     by_prompt: dict[str, tuple[list[str], list[float], int]] = {}
     for (p, cands), values in zip(ranked, scores):
-        check_finite(prompt_id(p), values)
-        best = max(range(len(cands)), key=lambda i: (values[i], -i))
-        by_prompt[p] = (cands, [float(v) for v in values], best)
+        scored = [i for i, v in enumerate(values) if v is not None]  # a judge leaves what it cannot score as None
+        if not scored:
+            raise IterdpoError(f"the judge scored none of the {len(cands)} responses of prompt {prompt_id(p)}")
+        check_finite(prompt_id(p), [values[i] for i in scored])
+        best = max(scored, key=lambda i: (values[i], -i))
+        by_prompt[p] = (cands, [float(v) if v is not None else None for v in values], best)
 
     name = cfg.generator_name or f"{Path(gen.model).name}-{cfg.ranker.ranker}-best-of-{gen.sampling.num_responses}"
     default_dataset = Path(str(cfg.prompts)).stem  # rows that name no dataset: the prompt file's name
@@ -342,6 +345,14 @@ def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | 
         raise InputError(f"no instruction of {outputs} is in the reference {reference}")
     scorer = make_ranker(ranker or RankConfig())
     scores = scorer.score([p for p, _, _ in pairs], [[o, r] for _, o, r in pairs])
+    # a judge leaves a response it could not score with None: that comparison is counted apart, never a tie or loss
+    unscored = sum(None in s for s in scores)
+    pairs = [pair for pair, s in zip(pairs, scores) if None not in s]
+    scores = [s for s in scores if None not in s]
+    if not pairs:
+        raise InputError(
+            f"the ranker could not score any of the {unscored} comparisons (an LLM judge's unscored answers)"
+        )
     prefs = [1.0 if s[0] > s[1] else 0.5 if s[0] == s[1] else 0.0 for s in scores]
     n = len(prefs)
     win = statistics.fmean(prefs)
@@ -352,7 +363,8 @@ def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | 
             "reference": str(reference),
             "ranker": scorer.describe(),
             "compared": n,
-            "unmatched": len(rows) - n,
+            "unmatched": len(rows) - n - unscored,
+            "unscored": unscored,
             "win_rate": 100 * win,
             "standard_error": 100 * se,
             "length_controlled_win_rate": 100 * lc.win_rate,

@@ -27,7 +27,8 @@ from builders.errors import InputError
 from builders.schemas import KINDS, MESSAGE
 from builders.stage import SplitResult, StageResult, resolve_inputs
 
-DROP_REASONS = ("tie", "single_distinct", "below_margin", "missing")
+# unscored: fewer than 2 responses with a score (a judge leaves a response it could not judge with a null score)
+DROP_REASONS = ("tie", "single_distinct", "below_margin", "missing", "unscored")
 # pairs rows are built and spooled in batches of about this many characters of text (a row repeats the prompt
 # three times and holds every response): bounds build's memory however many prompts an iteration has
 _SPOOL_CHARS = 16 * 2**20
@@ -102,7 +103,7 @@ def _groups(batches: Iterable[pa.RecordBatch], value: str) -> Iterator[tuple[str
     for batch in batches:
         values = batch.column(value).to_pylist()
         for p, idx, v in zip(*(batch.column(c).to_pylist() for c in ("prompt_id", "response_index")), values):
-            if value == "score" and not math.isfinite(v):
+            if value == "score" and v is not None and not math.isfinite(v):
                 raise InputError(f"score of prompt {p} response {idx} is not finite ({v})")
             if p != pid:
                 if pid is not None:
@@ -146,7 +147,7 @@ def _pairs_for_split(
     drops = {reason: 0 for reason in DROP_REASONS}
     drops["skipped_too_long"] = 0
     rows: dict[str, list] = {name: [] for name in _SCHEMA.names}
-    prompt_count = kept = held = 0
+    prompt_count = kept = held = unscored_responses = 0
     for batch in catalog.read_batches(prompts_snap.id, columns=("prompt_id", "prompt", "messages")):
         prompt_count += batch.num_rows
         for pid, prompt, conv in zip(*(batch.column(c).to_pylist() for c in ("prompt_id", "prompt", "messages"))):
@@ -157,7 +158,11 @@ def _pairs_for_split(
             if not responses or set(responses) != set(values):
                 drops["missing"] += 1
                 continue
-            order = sorted(responses)
+            order = [i for i in sorted(responses) if values[i] is not None]  # the scored ones
+            if len(order) < 2:
+                drops["unscored"] += 1
+                continue
+            unscored_responses += len(responses) - len(order)  # left out of the pair's response lists
             resp = [responses[i] for i in order]
             vals = [values[i] for i in order]
             picked = select(resp, vals, cfg)
@@ -190,6 +195,7 @@ def _pairs_for_split(
         "generations": gen.id,
         "prompts": prompts_snap.id,
         "prompt_count": prompt_count,
+        "unscored_responses": unscored_responses,
         "generator": {
             k: gen.params.get(k)
             for k in ("model", "model_sha256", "revision", "backend", "sampling", "system_prompt")

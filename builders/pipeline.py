@@ -26,6 +26,7 @@ from builders.config import (
     PipelineConfig,
     PublishConfig,
     PublishModelConfig,
+    RankConfig,
     TrainConfig,
     build_config,
     check_license,
@@ -33,6 +34,17 @@ from builders.config import (
     check_threads,
 )
 from builders.errors import InputError, IterdpoError
+
+# ranking.ranker_model for "the model that generated this iteration" (a judge that is the policy: Self-Rewarding)
+GENERATOR = "{generator}"
+
+
+def ranking_for(rk: RankConfig, generator: str) -> RankConfig:
+    """A ranker of the iteration (the pipeline's `ranking:`, or one of its list): ranker_model {generator} is that
+    iteration's generator."""
+    if rk.ranker_model == GENERATOR:
+        return dataclasses.replace(rk, ranker_model=generator)
+    return rk
 
 
 # --------------------------------------------------------------------------------------------------------- parsing
@@ -125,12 +137,12 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
         at = f"ranking[{i}]" if listed else "ranking"
         if rk.ranker not in RANKERS:
             raise InputError(f"{where}: {at}.ranker: unknown ranker {rk.ranker!r}; use one of {', '.join(RANKERS)}")
-        rank_cfg = rk
+        rank_cfg = ranking_for(rk, gen.model)
         check(at, validate_rank, rank_cfg)
         if rk.ranker == "python":
             # imports module:function; loads no model (and starts no Ray replicas: the local ranker)
             check(f"{at}.ranker_model", make_ranker, dataclasses.replace(rank_cfg, scale_out=ExecutorConfig()))
-        elif not _under(rk.ranker_model, cfg.tiny_models):
+        elif rk.ranker_model != GENERATOR and not _under(rk.ranker_model, cfg.tiny_models):  # the generator: checked
             check(f"{at}.ranker_model", ranker_identity, rank_cfg)
     from builders.combine import check_combination
 
@@ -257,17 +269,17 @@ def reusable_model(
 
 
 def _ranked(
-    catalog: Catalog, n: int, cfg: PipelineConfig, generated: list[str], progress: bool
+    catalog: Catalog, n: int, cfg: PipelineConfig, generated: list[str], progress: bool, policy: str
 ) -> tuple[list[Snapshot], list[Snapshot]]:
     """Iteration n's scores (every one registered, and those build selects from): of the one ranker, or of each
-    listed ranker and their combination (builders/combine.py)."""
+    listed ranker and their combination (builders/combine.py); `policy` is the iteration's generator."""
     from builders.combine import combine_snapshots
     from builders.rank import rank
 
     if not isinstance(cfg.ranking, tuple):
-        ranked = rank(catalog, n, cfg.ranking, generated, progress=progress).snapshots
+        ranked = rank(catalog, n, ranking_for(cfg.ranking, policy), generated, progress=progress).snapshots
         return ranked, ranked
-    axes = [rank(catalog, n, rk, generated, progress=progress).snapshots for rk in cfg.ranking]
+    axes = [rank(catalog, n, ranking_for(rk, policy), generated, progress=progress).snapshots for rk in cfg.ranking]
     per_split = {s.split: [next(a for a in axis if a.split == s.split) for axis in axes] for s in axes[0]}
     combined = combine_snapshots(catalog, n, per_split, [rk.weight for rk in cfg.ranking], cfg.combine.method)
     return [*(s for axis in axes for s in axis), *combined.snapshots], combined.snapshots
@@ -310,7 +322,7 @@ def run_pipeline(
             [s.id for s in sets if s.iteration == n],
             progress=progress,
         ).snapshots
-        ranked, scores = _ranked(catalog, n, cfg, [s.id for s in generated], progress)
+        ranked, scores = _ranked(catalog, n, cfg, [s.id for s in generated], progress, policy)
         pairs = build_pairs(catalog, n, cfg.selection, [s.id for s in scores]).snapshots
         out.snapshots += [*generated, *ranked, *pairs]
         recipe = Path(cfg.training.recipe.format(n=n))

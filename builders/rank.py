@@ -13,6 +13,8 @@ Rankers (the `Ranker` protocol):
 - `llm-blender`: the library itself, one prompt per batch (the reference `pairrm` is tested against).
 - `scalar`: any AutoModelForSequenceClassification reward model, one pass per response.
 - `python`: `module:function(prompts, responses) -> scores` over flat, equal-length lists.
+- `judge`: an LLM judge on a generation backend (builders/judge.py); a response it could not score has a null
+  score, counted in the snapshot's `judge_counts`.
 
 A prompt that is a conversation (or has the system prompt its generation was given) reaches every ranker as the
 conversation the model was asked (builders.conversation: a list of {role, content}, the last a user turn); a string
@@ -80,6 +82,10 @@ def validate_rank(cfg: RankConfig) -> None:
     """Every ranking option (builders/config.py), then the device and what the executor needs of this machine: all
     before any input is read or model loaded."""
     validate_rank_config(cfg)
+    if cfg.ranker == "judge":
+        from builders.judge import validate_judge
+
+        validate_judge(cfg)
     if cfg.ranker != "python" and cfg.scale_out.executor == "local":  # on Ray, the device is the replicas'
         check_device(cfg.device)
     from builders.backends.ray import check_rank_executor
@@ -105,6 +111,10 @@ def make_ranker(cfg: RankConfig) -> Ranker:
         from builders.backends.python import PythonScorer
 
         return PythonScorer(cfg.ranker_model)
+    if cfg.ranker == "judge":
+        from builders.judge import Judge
+
+        return Judge(cfg)
     raise InputError(f"unknown ranker {cfg.ranker!r}; use one of {', '.join(RANKERS)}", option="ranker")
 
 
@@ -113,10 +123,16 @@ def producer(cfg: RankConfig, ranker: Ranker | None = None) -> Producer:
     `ranker`: an already built local ranker to use (locally) instead of building one."""
     local = replace(cfg, scale_out=ExecutorConfig())  # what each Ray replica runs: the local ranker
     build = partial(make_ranker, local) if ranker is None or cfg.scale_out.executor != "local" else lambda: ranker
+    if cfg.ranker == "judge":
+        from builders.judge import produce as judge_produce
+
+        run = partial(judge_produce, cfg.batch_prompts)
+    else:
+        run = partial(_produce, cfg.batch_prompts)
     return executor.producer(
         cfg.scale_out,
         build,
-        partial(_produce, cfg.batch_prompts),
+        run,
         chunk=cfg.batch_prompts,
         resources=partial(ranker_resources, cfg),
         label="rank",
@@ -127,6 +143,10 @@ def producer(cfg: RankConfig, ranker: Ranker | None = None) -> Producer:
 def ranker_identity(cfg: RankConfig) -> dict[str, Any]:
     if cfg.ranker == "python":
         return {"ranker_model": cfg.ranker_model}
+    if cfg.ranker == "judge":
+        from builders.judge import judge_identity
+
+        return judge_identity(cfg)
     ident = model_identity(cfg.ranker_model)
     return {"ranker_model": ident.pop("model"), **{f"ranker_{k}": v for k, v in ident.items()}}
 
@@ -162,6 +182,11 @@ def rank(
     validate_rank(cfg)
     sets = resolve_inputs(catalog, "generations", iteration, cfg.splits, from_refs)
     identity = ranker_identity(cfg)
+    keyed = identity
+    if cfg.ranker == "judge":
+        from builders.judge import judge_counts, judge_key
+
+        keyed = judge_key(identity)  # the template's content decides, not its name or path
     settings: dict[str, Any] = {"ranker": cfg.ranker, "dtype": cfg.dtype}
     if cfg.ranker == "pairrm" and _on_gpu(cfg):
         # PairRM's scores are bit-identical across batch options on CPU (tested); GPU kernels may change with the
@@ -175,7 +200,7 @@ def rank(
                 {
                     "stage": "rank",
                     "generations": gen.id,
-                    **identity,
+                    **keyed,
                     **settings,
                     **({"system_prompt": system} if system else {}),
                 }
@@ -196,14 +221,19 @@ def rank(
             order, by = grouped(catalog.read(gen.id))
             items = {pid: (pid, prompt_text[pid], by[pid]) for pid in order}
 
-            def params(described: dict[str, Any], skipped: int, key: str = key, gen_id: str = gen.id) -> dict[str, Any]:
-                return {
+            def params(
+                described: dict[str, Any], skipped: int, key: str = key, gen_id: str = gen.id, units=tuple(order)
+            ) -> dict[str, Any]:
+                out = {
                     **identity,
                     **described,
                     "generations": gen_id,
                     "work_key": key,
                     **{k: v for k, v in settings.items() if k.startswith("batch_")},
                 }
+                if cfg.ranker == "judge":  # unscored responses, retries and failures, counted (never a silent 0)
+                    out["judge_counts"] = judge_counts(catalog.work_units(key), units)
+                return out
 
             yield SplitWork(split, key, items, [gen.id], params)
 

@@ -187,6 +187,26 @@ def _ranker(script: Script, params: dict[str, Any]) -> str:
     else:
         target = ref
     opts = [f"--ranker {kind}", f"--ranker-model {_arg(target)}"]
+    judge = params.get("judge")
+    if kind == "judge" and isinstance(judge, dict):  # everything that decides a judge's scores (builders/judge.py)
+        template = judge.get("template")
+        if template == "file" or template is None:
+            template = script.variable(
+                ("judge_template", judge.get("template_sha256")),
+                "JUDGE_TEMPLATE",
+                f"a file holding the judge template recorded in the scores params (sha256 "
+                f"{str(judge.get('template_sha256', '?'))[:12]})",
+            )
+        opts.append(f"--judge-backend {judge.get('backend', 'transformers')} --judge-template {_arg(template)}")
+        for flag, key in (
+            ("--judge-mode", "mode"),
+            ("--judge-temperature", "temperature"),
+            ("--judge-max-tokens", "max_tokens"),
+            ("--judge-seed", "seed"),
+            ("--judge-retries", "retries"),
+        ):
+            if judge.get(key) is not None:
+                opts.append(f"{flag} {judge[key]}")
     if kind == "pairrm" and params.get("dtype"):
         opts.append(f"--dtype {params['dtype']}")
     for flag, key in (("--batch-prompts", "batch_prompts"), ("--batch-tokens", "batch_tokens")):

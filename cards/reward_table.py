@@ -43,6 +43,8 @@ def test_reward_table(
         per_prompt: dict[str, list[float]] = defaultdict(list)
         tokens, cut = [], 0
         for s in scores:
+            if s["score"] is None:  # a judge's unscored response (counted in the scores snapshot's params)
+                continue
             g = gens[(s["prompt_id"], s["response_index"])]
             per_prompt[s["prompt_id"]].append(float(s["score"]))
             tokens.append(g["completion_tokens"] or 0)
@@ -79,6 +81,8 @@ def _mean_se(scores: list[dict[str, Any]]) -> tuple[float, float]:
     """The mean over prompts of each prompt's mean score, and its standard error."""
     per_prompt: dict[str, list[float]] = defaultdict(list)
     for s in scores:
+        if s["score"] is None:  # a judge's unscored response
+            continue
         per_prompt[s["prompt_id"]].append(float(s["score"]))
     means = [statistics.fmean(v) for v in per_prompt.values()]
     se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")

@@ -23,6 +23,7 @@ MODULES = [
     "builders.sources",
     "builders.decontaminate",
     "builders.dedup",
+    "builders.judge",
 ]
 
 

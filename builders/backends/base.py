@@ -29,6 +29,7 @@ class Sample:
     text: str
     finish_reason: str
     completion_tokens: int | None
+    logprobs: Any = None  # the server's `logprobs` of the choice, when asked for (the judge: builders/judge.py)
 
 
 class Generator(Protocol):

@@ -308,7 +308,9 @@ class OpenAIGenerator:
                     try:
                         data = resp.json()
                         samples = [
-                            Sample(c["message"]["content"] or "", c.get("finish_reason") or "stop", None)
+                            Sample(
+                                c["message"]["content"] or "", c.get("finish_reason") or "stop", None, c.get("logprobs")
+                            )
                             for c in sorted(data["choices"], key=lambda c: c.get("index", 0))
                         ]
                     except (ValueError, KeyError, TypeError, AttributeError):

@@ -128,7 +128,9 @@ def eval_cmd(outputs: str, reference: str | None, ranker: str, ranker_model: str
             )
         if "win_rate" in report:
             click.echo(
-                f"vs {report['reference']} ({report['compared']} compared, {report['unmatched']} unmatched): "
+                f"vs {report['reference']} ({report['compared']} compared, {report['unmatched']} unmatched"
+                + (f", {report['unscored']} unscored by the judge" if report.get("unscored") else "")
+                + "): "
                 f"win rate {report['win_rate']:.2f} +/- {report['standard_error']:.2f}, length-controlled "
                 f"{report['length_controlled_win_rate']:.2f} +/- "
                 f"{report['length_controlled_standard_error']:.2f} "

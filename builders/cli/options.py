@@ -139,3 +139,20 @@ def ranker_options(with_batches: bool = True):
         field_option(RankConfig, "ranker_model"),
         *(field_option(RankConfig, n) for n in names),
     )
+
+
+def judge_options():
+    """The judge ranker's options (builders/judge.py) and its openai server's."""
+    from builders.config import BACKENDS, OpenAIConfig, RankConfig
+    from builders.judge import JUDGE_MODES
+
+    return compose(
+        field_option(RankConfig, "judge_backend", choices=BACKENDS),
+        field_option(RankConfig, "judge_template"),
+        field_option(RankConfig, "judge_mode", choices=JUDGE_MODES),
+        *(
+            field_option(RankConfig, n)
+            for n in ("judge_retries", "judge_temperature", "judge_max_tokens", "judge_seed")
+        ),
+        *(field_option(OpenAIConfig, n) for n in ("base_url", "api_key_env", "concurrency", "max_retries")),
+    )

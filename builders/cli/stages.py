@@ -16,6 +16,7 @@ from builders.cli.options import (
     executor_options,
     field_option,
     json_option,
+    judge_options,
     ranker_options,
     sampling_options,
 )
@@ -110,6 +111,7 @@ def _stage_command(
     "--from", "from_refs", multiple=True, help="Generations snapshot(s) to score (default: newest per split)."
 )
 @field_option(RankConfig, "commit_seconds")
+@judge_options()
 @executor_options()
 @json_option
 @click.pass_obj
@@ -119,16 +121,23 @@ def rank_cmd(
     """Score every response of an iteration's generations with a reward model; register `scores` snapshots.
 
     Resumable like `generate`. PairRM (llm-blender/PairRM) by default; bring your own reward model with
-    --ranker scalar (a sequence-classification model) or --ranker python (module:function).
+    --ranker scalar (a sequence-classification model) or --ranker python (module:function), or let an LLM judge
+    with --ranker judge --ranker-model MODEL --judge-backend transformers|vllm|openai (README: LLM judge).
     """
     from builders.rank import rank
 
     def split_line(s) -> str:
+        counts = s.snapshot.params.get("judge_counts")
+        judged = ""
+        if counts:  # never a silent 0: what the judge could not score is said
+            failed = ", ".join(f"{v} {k}" for k, v in counts["failed"].items() if v) or "none"
+            judged = f"; {counts['unscored_responses']} unscored, {counts['retried']} retried, failed: {failed}"
         return (
             f"{s.split}: {s.prompts} prompts ({s.processed} scored now) -> snapshot {s.snapshot.id[:12]} "
-            f"({s.snapshot.rows} scores)"
+            f"({s.snapshot.rows} scores{judged})"
         )
 
+    options.setdefault("judge_vllm", RankConfig.__dataclass_fields__["judge_vllm"].default)  # eager on CPU
     cfg = config_from(RankConfig, {**options, "splits": (split,) if split else SPLITS})
     _stage_command(
         state, rank, iteration, cfg, from_refs, as_json, split_line, lambda result: f"done in {result.seconds:.1f}s"
