@@ -12,7 +12,7 @@ Methods (higher combined score = better, as for every ranker):
   scored (1 = lowest score, ties take their average rank), then the weighted mean sum(w*r) / sum(|w|) (a negative
   weight turns an axis round). Only the order within a prompt counts, never the size of a gap.
 - `weighted-sum`: sum(w*score) of the raw scores: for scorers already on one scale.
-A response that some component did not score gets None (unscored): `build` then treats it as missing.
+A response that some component did not score gets None (unscored): a null score, which `build` leaves out of the pair.
 
 The stage, `combine(catalog, iteration, CombineConfig(scores=("REF=WEIGHT", ...)))` (`iterdpo combine`), reads
 scores snapshots of the same generations and registers one combined `scores` snapshot per split; its parents are
@@ -274,8 +274,8 @@ def combine_snapshots(
     method: str,
 ) -> StageResult:
     """Combine each split's component snapshots (all of the same generations) and register one scores snapshot per
-    split, all in one transaction (a bad split registers none). A response some component did not score gets no
-    score row, and is counted in the params (`unscored`): `build` then counts its prompt as missing."""
+    split, all in one transaction (a bad split registers none). A response some component did not score keeps its
+    row with a null score (as a judge's unscored response), counted in the params (`unscored`)."""
     check_combination(0, [[] for _ in weights], weights, method)
     result = StageResult("combine", iteration)
     start = time.perf_counter()
@@ -297,12 +297,14 @@ def combine_snapshots(
                 keys[(pid, idx)] = len(keys)
         order = list(keys)
         combined = combine_scores([p for p, _ in order], [_column_of(catalog, s, keys) for s in snaps], weights, method)
-        kept = [(k, v) for k, v in zip(order, combined) if v is not None]
+        # an unscored response keeps its row with a null score, as a judge leaves one: build then leaves it out of
+        # the pair and drops (and counts) a prompt with fewer than 2 scored responses
+        unscored = sum(v is None for v in combined)
         rows = pa.table(
             {
-                "prompt_id": [k[0] for k, _ in kept],
-                "response_index": pa.array([k[1] for k, _ in kept], pa.int32()),
-                "score": pa.array([v for _, v in kept], pa.float64()),
+                "prompt_id": [k[0] for k in order],
+                "response_index": pa.array([k[1] for k in order], pa.int32()),
+                "score": pa.array(combined, pa.float64()),
             }
         )
         params = {
@@ -313,10 +315,10 @@ def combine_snapshots(
             "components": [s.id for s in snaps],
             "generations": gen,
             "responses": len(order),
-            "unscored": len(order) - len(kept),
+            "unscored": unscored,
         }
         prompts = len({p for p, _ in order})
-        result.splits.append(SplitResult(split, prompts, processed=prompts, drops={"unscored": len(order) - len(kept)}))
+        result.splits.append(SplitResult(split, prompts, processed=prompts, drops={"unscored": unscored}))
         # parents: the generations first (what build and the card follow), then each axis, in the order given
         items.append(Registration("scores", rows, iteration, split, (gen, *(s.id for s in snaps)), params))
     for split_result, snap in zip(result.splits, catalog.register_many(items)):

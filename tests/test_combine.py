@@ -270,7 +270,10 @@ def test_a_response_an_axis_did_not_score_is_left_out_and_counted(cli, catalog_p
     )
     assert out.code == 0, out.err
     split = out.json()["splits"][0]
-    assert split["drops"] == {"unscored": 1} and split["snapshot"]["rows"] == len(rows)
+    # the response one axis skipped keeps its row, with a null score (build leaves it out of the pair)
+    assert split["drops"] == {"unscored": 1} and split["snapshot"]["rows"] == len(rows) + 1
+    combined = catalog.read(split["snapshot"]["id"]).to_pylist()
+    assert sum(r["score"] is None for r in combined) == 1
     assert split["snapshot"]["params"]["unscored"] == 1
 
 
