@@ -146,7 +146,11 @@ def validate_generate(cfg: GenerateConfig) -> None:
                 f"gpu_memory_utilization must be in (0, 1], not {v.gpu_memory_utilization}",
                 option="gpu_memory_utilization",
             )
-        for name, value in (("max_model_len", v.max_model_len), ("max_num_seqs", v.max_num_seqs)):
+        for name, value in (
+            ("max_model_len", v.max_model_len),
+            ("max_num_seqs", v.max_num_seqs),
+            ("cpu_threads", v.cpu_threads),
+        ):
             if value is not None and value < 1:
                 raise InputError(f"{name} must be at least 1, not {value}", option=name)
     if cfg.backend == "openai":
