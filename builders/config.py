@@ -168,6 +168,9 @@ class VllmConfig:
     # CPU only: the KV cache's size when VLLM_CPU_KVCACHE_SPACE is unset (capped at a quarter of free memory);
     # vLLM's own default reserves 0.9 of the machine's memory and fails whenever that much is not free.
     cpu_kv_cache_gib: float = 1.0
+    # CPU only: an in-process engine (one CPU worker) computes on torch's threads, which OMP_NUM_THREADS=1 (the
+    # Makefile's) leaves at 1; a multiprocess engine binds its workers' threads itself
+    cpu_threads: int | None = opt(None, "vllm: torch threads of an in-process CPU engine (default: the process's).")
 
 
 # the dtypes vLLM's `dtype` takes
@@ -187,7 +190,11 @@ def validate_vllm(v: VllmConfig) -> None:
             f"gpu_memory_utilization must be in (0, 1], not {v.gpu_memory_utilization}",
             option="gpu_memory_utilization",
         )
-    for name, value in (("max_model_len", v.max_model_len), ("max_num_seqs", v.max_num_seqs)):
+    for name, value in (
+        ("max_model_len", v.max_model_len),
+        ("max_num_seqs", v.max_num_seqs),
+        ("cpu_threads", v.cpu_threads),
+    ):
         if value is not None and value < 1:
             raise InputError(f"{name} must be at least 1, not {value}", option=name)
 
@@ -714,7 +721,9 @@ class QuickstartConfig:
     model: Path | None = None  # the base model folder; None: SmolLM2-135M-Instruct imported into workdir/models
     backend: str = "vllm"
     # eager: no graph compilation (start-up 20 s instead of 60 s); 2048 tokens hold every bundled prompt
-    vllm: VllmConfig = VllmConfig(enforce_eager=True, max_model_len=2048)
+    # cpu_threads: every core, as training has them (OMP_NUM_THREADS=1, the Makefile's, would leave the first engine
+    # on one core of two)
+    vllm: VllmConfig = VllmConfig(enforce_eager=True, max_model_len=2048, cpu_threads=os.cpu_count())
     # 4 x (16 + 16) <= 210 bundled prompts: the 4th block's test prompts evaluate the final model
     split: SplitConfig = SplitConfig(iterations=3, train_size=16, test_size=16, seed=42)
     # 64 new tokens: room for a short answer (the reward's band is 10-60 words); longer ones are cut and lose

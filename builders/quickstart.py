@@ -7,7 +7,7 @@ bundled UltraFeedback prompts, 5 responses each with vLLM; a transparent Python 
 (builders/rewards.py:complete_concise_answer) scores them; max-min pairs train the next model with DPO; 3
 iterations. Then the final model answers the test prompts of a 4th block of the split (prompts no iteration used),
 scored the same way, and the Hub folder is staged (dry run). It ends with the reward on test prompts per iteration,
-read from the catalog's scores (cards/rewards.py): iteration n's test responses are written by the model of
+read from the catalog's scores (cards/reward_table.py): iteration n's test responses are written by the model of
 iteration n, so the table shows whether each DPO round moved the model toward the reward.
 
 Everything lives in `workdir`; it is the pipeline of builders/pipeline.py plus that evaluation, so a rerun reuses
@@ -48,7 +48,7 @@ class QuickstartReport:
     snapshots: list[Snapshot] = field(default_factory=list)
     models: list[str] = field(default_factory=list)  # the model trained in each iteration
     hub: Path | None = None  # the staged Hub repo folder
-    rewards: list[dict[str, Any]] = field(default_factory=list)  # cards.rewards.test_reward_table
+    rewards: list[dict[str, Any]] = field(default_factory=list)  # cards.reward_table.test_reward_table
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage in this run (reused work: ~0)
 
     def gain(self) -> dict[str, Any] | None:
@@ -143,7 +143,7 @@ def run_quickstart(cfg: QuickstartConfig = QuickstartConfig()) -> QuickstartRepo
     """Import the model, run the loop, evaluate the final model, stage the Hub folder, and report the reward on
     test prompts per iteration. A rerun skips every finished step."""
     from builders.publish import publish
-    from cards.rewards import test_reward_table
+    from cards.reward_table import test_reward_table
 
     _check(cfg)
     pipeline = pipeline_for(cfg)

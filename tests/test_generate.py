@@ -410,3 +410,35 @@ def test_cli_stages_print_only_json_on_stdout_and_progress_on_stderr(tmp_path, t
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["splits"][0]["snapshot"]["rows"] == 6
         assert _only_progress(done.stderr) == []
+
+
+def test_the_in_process_vllm_engine_on_a_cpu_runs_on_the_threads_its_config_gives(monkeypatch):
+    """OMP_NUM_THREADS=1 (the Makefile's) leaves torch, and so an in-process CPU engine, on one thread: `cpu_threads`
+    sets them before the engine starts (the quickstart gives it every core); unset, the process's count stays."""
+    import types
+
+    import torch
+
+    from builders.backends import vllm as backend
+    from builders.config import VllmConfig
+    from builders.generate import validate_generate
+
+    seen = []
+
+    class FakeLLM:  # stands in for vllm.LLM: what matters is torch's thread count when the engine is built
+        def __init__(self, **kwargs):
+            seen.append(torch.get_num_threads())
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    before = torch.get_num_threads()
+    try:
+        torch._C.set_num_threads(1)
+        backend.start_llm("m", VllmConfig(cpu_threads=2))
+        backend.start_llm("m", VllmConfig())
+    finally:
+        torch._C.set_num_threads(before)
+    assert seen == [2, 2]  # the second engine (cpu_threads unset) runs as the process left torch
+    with pytest.raises(InputError, match="cpu_threads must be at least 1, not 0"):
+        validate_generate(GenerateConfig(model="m", backend="vllm", vllm=VllmConfig(cpu_threads=0)))

@@ -110,6 +110,27 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
+def test_bf16_on_a_cpu_is_autocast_when_the_recipe_says_use_cpu(built, tmp_path, tiny_models):
+    """The quickstart's recipe trains in bf16 on the CPU: bf16 matmuls, fp32 weights and optimizer (the saved model
+    is fp32, as with bf16 off). Without `use_cpu` a bf16 recipe still needs a GPU, and fp16 always does."""
+    from safetensors.torch import load_file
+
+    text = TINY.read_text()
+    assert "bf16: false" in text and "use_cpu: true" in text
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text(text.replace("bf16: false", "bf16: true"))
+    out = tmp_path / "model"
+    result = train(built, 1, TrainConfig(recipe, str(tiny_models / "generator"), output_dir=out))
+    assert math.isfinite(result.metrics["train_loss"]) and result.metrics["train_loss"] > 0
+    assert "bf16: true" in built.read(result.snapshot.id).to_pylist()[0]["recipe"]
+    assert {str(t.dtype) for t in load_file(out / "model.safetensors").values()} == {"torch.float32"}
+    for flags, refused in (("bf16: true", "use_cpu: false"), ("fp16: true", "use_cpu: true")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text.replace("bf16: false", flags).replace("use_cpu: true", refused))
+        with pytest.raises(InputError, match=f"asks for {flags.split(':')[0]} but no CUDA GPU"):
+            load_recipe(bad)
+
+
 def test_two_cpu_processes_with_accelerate(built, tmp_path, tiny_models):
     out = tmp_path / "ddp"
     # `--multi_gpu` picks accelerate's torchrun launcher; without CUDA each process runs on the CPU over gloo

@@ -123,6 +123,9 @@ def start_llm(model: str, cfg) -> Any:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # no worker inherits our file handles
     if not on_gpu and cfg.tensor_parallel_size == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if cfg.cpu_threads is not None and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
+            # torch's own setter: once an in-process engine has started, torch.set_num_threads is a no-op
+            torch._C.set_num_threads(cfg.cpu_threads)
     kwargs = engine_kwargs(cfg, on_gpu)
     llm, failure = None, None
     with captured_output(QUIET) as out:

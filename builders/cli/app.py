@@ -17,6 +17,11 @@ from dataclasses import dataclass
 import click
 
 from builders import __version__
+
+# Read by OpenMP when torch loads (commands import it lazily, after this). Waiting threads sleep instead of spinning:
+# on a shared 2-core machine a spinning thread holds a core its partner needs, and 2 threads then ran a DPO step
+# 2-7x and a vLLM batch 5x slower than 1 thread (bench/openmp_threads.py); sleeping, 2 threads are as fast or faster.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from builders.cli.options import example, flag_name
 from builders.config import CATALOG_ENV, DEFAULT_CATALOG
 from builders.errors import IterdpoError, one_line

@@ -112,6 +112,7 @@ def backend_options():
                 "gpu_memory_utilization",
                 "enforce_eager",
                 "max_num_seqs",
+                "cpu_threads",
             )
         ),
         field_option(OpenAIConfig, "base_url"),
