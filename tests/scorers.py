@@ -23,3 +23,7 @@ def slow_longer_is_better(prompts, responses):
 
     time.sleep(0.2)
     return longer_is_better(prompts, responses)
+
+
+def shorter_is_better(prompts, responses):
+    return [-float(len(r)) for r in responses]

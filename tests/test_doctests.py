@@ -17,6 +17,8 @@ MODULES = [
     "builders.evaluate",
     "builders.catalog",
     "builders.prompts",
+    "builders.preferences",
+    "builders.reward_eval",
 ]
 
 

@@ -130,7 +130,8 @@ def checkout(tmp_path_factory, tiny_models) -> Checkout:
         (bin_dir / name).write_text(f'#!/bin/sh\nexec {command} "$@"\n')
         (bin_dir / name).chmod(0o755)
     (root / "data").mkdir()
-    shutil.copy(ROOT / "data" / "ultrafeedback_sample.jsonl", root / "data")
+    for name in ("ultrafeedback_sample.jsonl", "ultrafeedback_pairs.jsonl"):  # the prompts; the labelled pairs
+        shutil.copy(ROOT / "data" / name, root / "data")
     for folder in ("train", "pipelines"):
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_models / "generator", root / "quickstart" / "models" / "smollm2")
