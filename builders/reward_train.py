@@ -323,3 +323,18 @@ def heldout_of(catalog: Catalog, reward: Snapshot) -> tuple[Preferences, Any]:
 
 def model_path(catalog: Catalog, reward: Snapshot) -> str:
     return catalog.read(reward.id).column("path")[0].as_py()
+
+
+def learned_from(catalog: Catalog, cfg: RankConfig) -> list[str]:
+    """[the `reward` snapshot] of a scalar ranker whose model `reward train` made (matched by the sha256 of its
+    weights, wherever the folder is now), else []: `rank` records it as a parent of the scores."""
+    if cfg.ranker != "scalar" or not Path(cfg.ranker_model).expanduser().is_dir():
+        return []
+    snaps = catalog.list(kind=WHAT)
+    if not snaps:
+        return []
+    digest = weights_sha256(Path(cfg.ranker_model).expanduser())
+    for snap in reversed(snaps):
+        if catalog.read(snap.id).column("weights_sha256")[0].as_py() == digest:
+            return [snap.id]
+    return []

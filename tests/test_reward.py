@@ -161,6 +161,9 @@ def test_reward_train_then_scalar_rank_and_the_lineage_reaches_the_labels(cli, t
     assert ranked.code == 0, ranked.err
     scores = ranked.json()["splits"][0]["snapshot"]
     assert scores["rows"] == 6 and scores["params"]["ranker_model"] == str(out.resolve())
+    # the scores' lineage: generations, and the reward model, whose parent is the labelled pairs
+    assert scores["parents"][1] == reward["id"]
+    assert catalog.parent(scores["id"], "reward").id == reward["id"]
     # and `reward eval --data REWARD` scores the pairs it held out with it: the recorded accuracy
     again = cli("reward", "eval", "--data", reward["id"], "--json").json()
     assert again["ranker"] == "scalar" and again["pairs"] == 2
@@ -213,3 +216,30 @@ def test_bad_input_is_one_line_exit_1_and_nothing_registered(cli, tmp_path, tiny
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".iterdpo-reward-*"))
     assert not catalog_path.exists() or cli("versions", "list", "--json").json() == []  # not even the file's pairs
+
+
+def test_a_catalog_made_before_the_reward_kinds_gains_them_and_merges_either_way(tmp_path):
+    """A file of an earlier iterdpo has no rows tables for `preferences` and `reward`: the first write adds them,
+    a read-only open reads it as it is, and `versions merge` takes it as a source and as a destination."""
+    import duckdb
+    import pyarrow as pa
+
+    from builders.catalog import Catalog
+    from builders.preferences import Preferences, preferences_table, register_import
+
+    def older(path: Path) -> Catalog:
+        c = Catalog(path)
+        c.register("scores", pa.table({"prompt_id": ["p"], "response_index": [0], "score": [1.0]}), iteration=1)
+        with duckdb.connect(str(path)) as con:
+            con.execute("DROP TABLE rows_preferences")
+            con.execute("DROP TABLE rows_reward")
+        return c
+
+    old = older(tmp_path / "old.duckdb")
+    assert old.verify()["ok"]  # read-only, tables missing
+    new = Catalog(tmp_path / "new.duckdb")
+    snap = register_import(new, Preferences(preferences_table(_pairs(3), "test"), "test"))
+    assert new.merge([tmp_path / "old.duckdb"])  # an older source
+    assert {s.kind for s in new.list()} == {"scores", "preferences"}
+    assert old.merge([tmp_path / "new.duckdb"])  # an older destination: its tables are added at the write
+    assert old.get(snap.id).rows == 3 and old.read(snap.id).num_rows == 3 and old.verify()["ok"]
