@@ -401,10 +401,12 @@ class RewardTrainConfig:
     )
     base: str | None = opt(None, "Base model folder or hub id (default: the recipe's model_name_or_path).")
     output_dir: Path | None = opt(None, "Where the reward model is saved (default: the recipe's output_dir).")
-    recipe: Path = opt(REWARD_RECIPE, "A YAML of TRL RewardConfig options (and ModelConfig's dtype).")
+    recipe: Path | None = opt(
+        None, "A YAML of TRL RewardConfig options and ModelConfig's dtype (default: train/recipes/reward-cpu.yaml)."
+    )
     eval_fraction: float = opt(0.2, "Share of the prompts held out (all their pairs) for the held-out accuracy.")
     overwrite: bool = opt(False, "Train again into a non-empty output folder that is not this training's.")
-    threads: int | None = TrainConfig.threads
+    threads: int | None = opt(None, "torch threads while training (default: as the process has them).")
     progress: bool = True
     trainer_logs: bool = False
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from builders import scratch as scratch_dirs
 from builders.catalog import Catalog, Snapshot
-from builders.config import RankConfig, RewardTrainConfig, check_threads
+from builders.config import REWARD_RECIPE, RankConfig, RewardTrainConfig, check_threads
 from builders.errors import InputError, one_line
 from builders.models import model_ref, weights_sha256
 from builders.preferences import (
@@ -154,11 +154,12 @@ def train_reward(catalog: Catalog, cfg: RewardTrainConfig) -> RewardTrainResult:
     overrides: dict[str, Any] = {}
     if cfg.output_dir:
         overrides["output_dir"] = str(cfg.output_dir)
-    args, model_args, env, recipe_text = load_reward_recipe(Path(cfg.recipe), overrides)
+    recipe = Path(cfg.recipe) if cfg.recipe else REWARD_RECIPE
+    args, model_args, env, recipe_text = load_reward_recipe(recipe, overrides)
     os.environ.update(env)
     base = cfg.base or model_args.model_name_or_path
     if not base:
-        raise InputError(f"recipe {cfg.recipe} names no model_name_or_path; pass --base", option="base")
+        raise InputError(f"recipe {recipe} names no model_name_or_path; pass --base", option="base")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"output dir {out} is a file; choose another --output-dir", option="output_dir")
@@ -233,7 +234,7 @@ def train_reward(catalog: Catalog, cfg: RewardTrainConfig) -> RewardTrainResult:
             if used == 0:
                 raise InputError(
                     f"all {train_rows.num_rows} train pairs are longer than max_length {args.max_length} tokens "
-                    f"(RewardTrainer drops them); raise max_length in {cfg.recipe}",
+                    f"(RewardTrainer drops them); raise max_length in {recipe}",
                     option="recipe",
                 )
             warnings = []
@@ -273,7 +274,7 @@ def train_reward(catalog: Catalog, cfg: RewardTrainConfig) -> RewardTrainResult:
             "metrics": json.dumps({k: counts[k] for k in COUNTS}, sort_keys=True),
         }
         params = {
-            "recipe_path": str(cfg.recipe),
+            "recipe_path": str(recipe),
             "data": prefs.source,
             "eval_fraction": cfg.eval_fraction,
             "base_model": row["base_model"],

@@ -210,6 +210,10 @@ def test_bad_input_is_one_line_exit_1_and_nothing_registered(cli, tmp_path, tiny
     got = _train(cli, good, broken, tmp_path / "out", recipe)
     assert got.code == 1 and got.err.count("\n") == 1 and "cannot be loaded" in got.err, got.err
 
+    dpo_key = _write_text(tmp_path / "dpo.yaml", TINY_RECIPE + "beta: 0.1\n")
+    got = _train(cli, good, tiny_models / "generator", tmp_path / "out", dpo_key)
+    assert got.code == 1 and got.err.count("\n") == 1 and "unknown key(s) beta" in got.err, got.err
+
     got = _train(cli, good, tiny_models / "generator", tmp_path / "out", recipe, "--eval-fraction", "1.5")
     assert got.code == 1 and "--eval-fraction must be" in got.err
 
