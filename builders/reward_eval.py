@@ -94,6 +94,10 @@ def evaluate_pairs(
     prompts = [prompt_text(p) for p in table.column("prompt").to_pylist()]
     chosen = [answer_text(a) for a in table.column("chosen").to_pylist()]
     rejected = [answer_text(a) for a in table.column("rejected").to_pylist()]
+    # scored shortest first: a model ranker's batches then hold texts of similar lengths (little padding); the
+    # figures do not depend on the order
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]) + max(len(chosen[i]), len(rejected[i])), i))
+    prompts, chosen, rejected = ([xs[i] for i in order] for xs in (prompts, chosen, rejected))
     candidates = [[c, r] for c, r in zip(chosen, rejected)]
     if ranker is not None:
         flat = _scores(ranker, prompts, candidates, progress, "reward eval")

@@ -115,6 +115,30 @@ def test_reward_eval_of_a_combination_weighs_its_components(cli, tmp_path):
     assert bad.code == 1 and bad.err.count("\n") == 1 and "is not a number" in bad.err
 
 
+def test_reward_eval_of_the_catalogs_own_pairs(cli, catalog_path):
+    """Pairs `build` made with a longer-is-better scorer: that scorer agrees with every one of them."""
+    from tests.conftest import built_catalog
+
+    built_catalog(catalog_path, n_prompts=6)
+    got = cli("reward", "eval", "--data", "pairs:1:train", "--ranker", "python", "--ranker-model",
+              "tests.scorers:longer_is_better", "--json")  # fmt: skip
+    assert got.code == 0, got.err
+    report = got.json()
+    assert report["accuracy"] == 1.0 and report["pairs"] == 6 and report["data_snapshots"]
+    # a snapshot of another kind is not preference data
+    bad = cli(
+        "reward",
+        "eval",
+        "--data",
+        "scores:1:train",
+        "--ranker",
+        "python",
+        "--ranker-model",
+        "tests.scorers:longer_is_better",
+    )
+    assert bad.code == 1 and "is a scores snapshot" in bad.err
+
+
 def test_real_ultrafeedback_pairs_drop_their_25_ties_and_are_counted(cli, uf_data):
     got = cli("reward", "eval", "--data", uf_data / "eval200.jsonl", "--ranker", "python", "--ranker-model",
               "tests.scorers:longer_is_better", "--json")  # fmt: skip
