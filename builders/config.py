@@ -8,6 +8,7 @@ Configs say how a stage runs, never which iteration it runs on: that is an argum
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -17,7 +18,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builders.errors import InputError
+from builders.errors import InputError, one_line, redact
 from builders.schemas import SPLITS  # the catalog's split names, declared with the row schemas
 
 
@@ -57,7 +58,9 @@ class CatalogConfig:
 
 # Column names tried, in order, when `prompts import` is not told which column holds the prompt.
 # openbmb/UltraFeedback calls it `instruction`; HuggingFaceH4/ultrafeedback_binarized calls it `prompt`.
-PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "question", "query", "input", "text")
+# `messages` (a conversation, OpenAI/TRL form; builders.conversation) comes last: ultrafeedback_binarized's holds
+# the answer too, and its `prompt` is the prompt.
+PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "question", "query", "input", "text", "messages")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,29 @@ class SplitConfig:
     train_size: int = opt(20_000, "Train prompts per iteration.")
     test_size: int = opt(1_000, "Test prompts per iteration (0: none).")
     seed: int = opt(42, "Seed of the draw: the same pool and options give the same snapshot ids.")
+
+
+@dataclass(frozen=True)
+class DecontaminateConfig:
+    """`prompts decontaminate`: the lexical match of pool prompts against benchmark prompts (builders/decontaminate.py;
+    the thresholds were chosen on tests/data/decontamination/labelled.jsonl, bench/decontaminate.py measures them)."""
+
+    containment: float = opt(
+        0.75, "Share of a benchmark prompt's weighted content words a pool prompt must hold to match it (0-1)."
+    )
+    coverage: float = opt(
+        0.45, "Share of the pool prompt's weighted content words the benchmark prompt must account for (0-1)."
+    )
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """`prompts dedup`: near-duplicates by MinHash LSH over word shingles, verified by their exact Jaccard."""
+
+    threshold: float = opt(
+        0.8, "Jaccard similarity of two prompts' word 3-gram shingles at or above which they are near-duplicates (0-1]."
+    )
+    num_perm: int = opt(128, "MinHash permutations (more: fewer missed pairs, slower).")
 
 
 @dataclass(frozen=True)
@@ -109,6 +135,27 @@ class SamplingConfig:
     seed: int = opt(42, "Run seed; each prompt's seed derives from it and the prompt id.")
 
 
+def validate_sampling(s: SamplingConfig) -> None:
+    """Used by generate, best-of-n and the pipeline: every sampling setting, before any work."""
+    if not isinstance(s.num_responses, int) or s.num_responses < 1:
+        raise InputError(f"num_responses must be at least 1, not {s.num_responses}", option="num_responses")
+    if not isinstance(s.temperature, (int, float)) or not math.isfinite(s.temperature) or s.temperature < 0:
+        raise InputError(f"temperature must be a number, 0 or more, not {s.temperature}", option="temperature")
+    if s.temperature == 0 and s.num_responses > 1:
+        # temperature 0 is greedy decoding: the n responses would all be the same, and there is nothing to rank
+        raise InputError(
+            f"temperature 0 is greedy decoding: its {s.num_responses} responses would be identical; "
+            f"use a temperature above 0, or num_responses 1",
+            option="temperature",
+        )
+    if not isinstance(s.top_p, (int, float)) or not 0 < s.top_p <= 1:  # a NaN fails the comparison too
+        raise InputError(f"top_p must be in (0, 1], not {s.top_p}", option="top_p")
+    if not isinstance(s.max_tokens, int) or s.max_tokens < 1:
+        raise InputError(f"max_tokens must be at least 1, not {s.max_tokens}", option="max_tokens")
+    if not isinstance(s.seed, int):
+        raise InputError(f"seed must be an integer, not {s.seed!r}", option="seed")
+
+
 @dataclass(frozen=True)
 class VllmConfig:
     tensor_parallel_size: int = opt(1, "vllm: GPUs the model is split across.")
@@ -121,6 +168,28 @@ class VllmConfig:
     # CPU only: the KV cache's size when VLLM_CPU_KVCACHE_SPACE is unset (capped at a quarter of free memory);
     # vLLM's own default reserves 0.9 of the machine's memory and fails whenever that much is not free.
     cpu_kv_cache_gib: float = 1.0
+
+
+# the dtypes vLLM's `dtype` takes
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
+def validate_vllm(v: VllmConfig) -> None:
+    """The vLLM engine's options, before any work."""
+    if v.tensor_parallel_size < 1:
+        raise InputError(
+            f"tensor_parallel_size must be at least 1, not {v.tensor_parallel_size}", option="tensor_parallel_size"
+        )
+    if v.dtype not in VLLM_DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(VLLM_DTYPES)}, not {v.dtype!r}", option="dtype")
+    if not 0 < v.gpu_memory_utilization <= 1:  # NaN fails too
+        raise InputError(
+            f"gpu_memory_utilization must be in (0, 1], not {v.gpu_memory_utilization}",
+            option="gpu_memory_utilization",
+        )
+    for name, value in (("max_model_len", v.max_model_len), ("max_num_seqs", v.max_num_seqs)):
+        if value is not None and value < 1:
+            raise InputError(f"{name} must be at least 1, not {value}", option=name)
 
 
 OPENAI_BASE_URL = "http://127.0.0.1:8000/v1"
@@ -147,6 +216,28 @@ class OpenAIConfig:
     backoff: float = opt(1.0, "openai: seconds before the first retry; doubles each time.")
 
 
+def validate_openai(cfg: OpenAIConfig) -> None:
+    """Every option of the backend, before any work (a concurrency of 0 would wait forever)."""
+    if not re.match(r"https?://[^/\s]+", cfg.base_url or ""):
+        raise InputError(
+            f"base_url must be an http:// or https:// URL, not {redact(cfg.base_url)!r}", option="base_url"
+        )
+    if not cfg.api_key_env or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.api_key_env):
+        raise InputError(
+            f"api_key_env must name an environment variable (e.g. OPENAI_API_KEY), not {cfg.api_key_env!r}",
+            option="api_key_env",
+        )
+    if not isinstance(cfg.concurrency, int) or cfg.concurrency < 1:
+        raise InputError(f"concurrency must be at least 1, not {cfg.concurrency}", option="concurrency")
+    if not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
+        raise InputError(f"max_retries must be 0 or more, not {cfg.max_retries}", option="max_retries")
+    t = cfg.request_timeout
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        raise InputError(f"request_timeout must be a positive number of seconds, not {t}", option="request_timeout")
+    if not isinstance(cfg.backoff, (int, float)) or not math.isfinite(cfg.backoff) or cfg.backoff < 0:
+        raise InputError(f"the retry backoff must be 0 or more seconds, not {cfg.backoff}")
+
+
 EXECUTORS = ("local", "ray")
 
 
@@ -168,6 +259,32 @@ class ExecutorConfig:
         "ray: join a running cluster (auto, HOST:PORT or ray://HOST:PORT); default: "
         "RAY_ADDRESS, else start a local Ray and stop it after.",
     )
+
+
+RAY_INSTALL = "pip install 'iterdpo[ray]'"
+_RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.\-]+:\d+)$")
+
+
+def validate_executor(ex: ExecutorConfig) -> None:
+    """Every executor option, before any input is read (imports nothing)."""
+    if ex.executor not in EXECUTORS:
+        raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, not {ex.executor!r}", option="executor")
+    if not isinstance(ex.replicas, int) or isinstance(ex.replicas, bool) or ex.replicas < 1:
+        raise InputError(f"replicas must be at least 1, not {ex.replicas}", option="replicas")
+    if ex.executor == "local":
+        if ex.replicas != 1:
+            raise InputError(
+                f"replicas {ex.replicas} needs the ray executor; the local one runs a single backend", option="replicas"
+            )
+        if ex.ray_address is not None:
+            raise InputError("ray_address needs the ray executor", option="ray_address")
+        return
+    if ex.ray_address is not None and not _RAY_ADDRESS.match(str(ex.ray_address)):
+        raise InputError(
+            f"ray_address must be auto, HOST:PORT or ray://HOST:PORT, not {ex.ray_address!r}", option="ray_address"
+        )
+    if importlib.util.find_spec("ray") is None:
+        raise InputError(f"the ray executor needs Ray, which is not installed: {RAY_INSTALL}")
 
 
 # Prompts per backend call: large for vLLM (throughput), small for the CPU fallback (progress); the openai backend
@@ -209,6 +326,11 @@ class GenerateConfig:
         "task; merge the shard catalogs with `versions merge`.",
     )
     chat_template: Path | None = opt(None, "A Jinja chat template file, for tokenizers without one.")
+    system_prompt: str | None = opt(
+        None,
+        "System message for every prompt, as TEXT or @FILE (a conversation's own system message is kept). The "
+        "chat template must render it.",
+    )
     batch_prompts: int | None = opt(None, "Prompts per backend call (default: 512 vllm, 8 transformers).")
     commit_seconds: float = opt(COMMIT_SECONDS, "Seconds between commits of finished prompts (what a kill loses).")
     scale_out: ExecutorConfig = ExecutorConfig()
@@ -216,6 +338,38 @@ class GenerateConfig:
     openai: OpenAIConfig = field(
         default_factory=OpenAIConfig
     )  # its base_url default is read from the environment when made
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """ "K/N" -> (K, N), K in 0..N-1 (a Slurm array's SLURM_ARRAY_TASK_ID fits as K)."""
+    if spec is None:
+        return None
+    try:
+        k_text, n_text = spec.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise InputError(f"shard must look like K/N (e.g. 0/4), not {spec!r}", option="shard") from None
+    if n < 1 or not 0 <= k < n:
+        raise InputError(f"shard {spec}: need N >= 1 and 0 <= K < N", option="shard")
+    return k, n
+
+
+def validate_generate_config(cfg: GenerateConfig) -> None:
+    """Every option of the generation stage (builders/generate.py:validate_generate adds what the executor needs of
+    this machine)."""
+    validate_sampling(cfg.sampling)
+    if cfg.backend not in BACKENDS:
+        raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
+    check_splits(cfg.splits)
+    parse_shard(cfg.shard)
+    if cfg.batch_prompts is not None and (not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1):
+        raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
+    check_commit_seconds(cfg.commit_seconds)
+    if cfg.backend == "vllm":
+        validate_vllm(cfg.vllm)
+    if cfg.backend == "openai":
+        validate_openai(cfg.openai)
+    validate_executor(cfg.scale_out)
 
 
 RANKERS = ("pairrm", "llm-blender", "scalar", "python")
@@ -243,6 +397,56 @@ class RankConfig:
     scale_out: ExecutorConfig = ExecutorConfig()
 
 
+def validate_rank_config(cfg: RankConfig) -> None:
+    """Every ranking option (builders/rank.py:validate_rank adds the device and what the executor needs of this
+    machine)."""
+    if cfg.ranker not in RANKERS:
+        raise InputError(f"unknown ranker {cfg.ranker!r}; use one of {', '.join(RANKERS)}")
+    check_splits(cfg.splits)
+    if cfg.dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}", option="dtype")
+    if not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1:
+        raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
+    if cfg.batch_tokens is not None and (not isinstance(cfg.batch_tokens, int) or cfg.batch_tokens < 1):
+        raise InputError(f"batch_tokens must be at least 1, not {cfg.batch_tokens}", option="batch_tokens")
+    check_commit_seconds(cfg.commit_seconds)
+    validate_executor(cfg.scale_out)
+
+
+COMBINE_METHODS = ("zscore", "rank", "weighted-sum")
+
+
+@dataclass(frozen=True)
+class CombineConfig:
+    """`combine`: several scores snapshots of the same generations -> one scores snapshot (builders/combine.py)."""
+
+    scores: tuple[str, ...] = opt(
+        (),
+        "A scores snapshot and its weight, SELECTOR_OR_ID=WEIGHT (repeatable; e.g. "
+        "scores:1:train=1 or a tag); the other split's snapshot of the same ranker is found.",
+    )
+    method: str = opt(
+        "zscore",
+        "zscore (each axis standardised, then weighted), rank (weighted mean of the per-prompt "
+        "ranks) or weighted-sum (raw scores).",
+    )
+    splits: tuple[str, ...] = opt(SPLITS, "Splits to combine.")
+
+
+@dataclass(frozen=True)
+class WeightedRankConfig(RankConfig):
+    """One axis of a pipeline's list of rankers (`ranking:` as a list): a ranker and its weight in the combination."""
+
+    weight: float = opt(1.0, "The axis' weight in the combination.")
+
+
+@dataclass(frozen=True)
+class CombineSection:
+    """How a pipeline combines a list of rankers (`ranking:` as a list)."""
+
+    method: str = CombineConfig.method
+
+
 @dataclass(frozen=True)
 class LengthControlConfig:
     """`eval`'s length-controlled win rate (builders/evaluate.py gives the method)."""
@@ -267,6 +471,16 @@ class BuildConfig:
     min_margin: float = opt(0.0, "Drop prompts whose chosen - rejected margin is below M.")
     keep_ties: bool = opt(False, "Keep prompts whose best and worst scores are equal.")
     allow_partial: bool = opt(False, "Build even if some prompts lack generations or scores.")
+
+
+def validate_build(cfg: BuildConfig) -> None:
+    """The selection options, before any input is read."""
+    if cfg.selection not in SELECTIONS:
+        raise InputError(f"unknown selection {cfg.selection!r}; use one of {', '.join(SELECTIONS)}", option="selection")
+    for name in ("length_penalty", "min_margin"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise InputError(f"{name} must be a finite number >= 0, not {value}", option=name)
 
 
 @dataclass(frozen=True)
@@ -350,6 +564,30 @@ class PublishModelConfig:
     license: str = opt("apache-2.0", "The model's licence (a Hub licence id): set your base model's.")
     max_retries: int = 5  # network errors and 5xx, with exponential backoff
     backoff: float = 1.0
+
+
+def validate_repo_id(repo_id: str) -> None:
+    """A Hub repo id, namespace/name (the dataset's or model's `repo_id`, `dataset_repo`), before anything is staged."""
+    from huggingface_hub.utils import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
+
+    try:
+        hub_validate(repo_id)
+    except HFValidationError as e:
+        raise InputError(f"invalid repo id {repo_id!r}: {one_line(str(e))}") from None
+    if "/" not in repo_id:
+        raise InputError(f"invalid repo id {repo_id!r}: use namespace/name (your user or organisation)")
+
+
+def check_base_model(ref: str) -> None:
+    """--base-model is a hub model id (a name alone, like gpt2, is one too), never a local path."""
+    from huggingface_hub.utils import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
+
+    try:
+        hub_validate(ref)
+    except HFValidationError as e:
+        raise InputError(f"base model {ref!r} is not a hub model id: {one_line(str(e))}", option="base_model") from None
 
 
 @dataclass(frozen=True)
@@ -462,7 +700,9 @@ class PipelineConfig:
     split: SplitConfig = SplitConfig()
     # the generator of iteration 1 and how every iteration samples (later iterations use the trained model)
     generation: GenerateConfig = GenerateConfig()
-    ranking: RankConfig = RankConfig()
+    # one ranker, or a list of weighted rankers whose scores are combined (`combine` sets how)
+    ranking: RankConfig | tuple[WeightedRankConfig, ...] = RankConfig()
+    combine: CombineSection = CombineSection()
     selection: BuildConfig = BuildConfig()
     training: TrainingSection = TrainingSection()
     publish: PublishSection = PublishSection()
@@ -519,6 +759,14 @@ class BestOfNConfig:
     generator_name: str | None = opt(None, "The `generator` name written (default: MODEL-RANKER-best-of-N).")
 
 
+def validate_best_of_n(cfg: BestOfNConfig) -> None:
+    """best-of-n's own options (its generation and ranker are the stages': builders/evaluate.py checks them)."""
+    if cfg.generator_name is not None and not cfg.generator_name.strip():
+        raise InputError("generator_name must not be empty", option="generator_name")
+    if Path(cfg.output).suffix.lower() != ".json":
+        raise InputError(f"output {cfg.output}: must end in .json (AlpacaEval's model_outputs.json)", option="output")
+
+
 # ------------------------------------------------------------------------------------------------------ reflection
 def build_config(cls: type, data: Any, where: str | None = None, *, flat: bool = False) -> Any:
     """Config `cls` from values: the one reflection the pipeline YAML and the CLI share.
@@ -560,8 +808,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, where)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # a mapping or a list of them (a pipeline's `ranking:`): the form the value has
+            listed = [a for a in inner if typing.get_origin(a) is tuple]
+            single = [a for a in inner if a not in listed]
+            inner = listed if isinstance(value, (list, tuple)) and listed else single
+        return _coerce(inner[0], value, where)
     if dataclasses.is_dataclass(tp):
         return build_config(tp, value if value is not None else {}, where)
     if origin is tuple:

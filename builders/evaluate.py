@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builders.config import BestOfNConfig, LengthControlConfig, RankConfig
+from builders.config import BestOfNConfig, LengthControlConfig, RankConfig, validate_best_of_n
 from builders.errors import InputError, one_line
 
 
@@ -106,10 +106,7 @@ def _check_options(cfg: BestOfNConfig) -> None:
     # the stages' own checks: sampling, backend and its options, ranker, dtype, device, batch sizes
     validate_generate(cfg.generation)
     validate_rank(cfg.ranker)
-    if cfg.generator_name is not None and not cfg.generator_name.strip():
-        raise InputError("generator_name must not be empty", option="generator_name")
-    if Path(cfg.output).suffix.lower() != ".json":
-        raise InputError(f"output {cfg.output}: must end in .json (AlpacaEval's model_outputs.json)", option="output")
+    validate_best_of_n(cfg)
     _check_writable(cfg.output, "output")
     _check_writable(candidates_path(cfg.output), "output's sidecar")
 

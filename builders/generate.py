@@ -28,14 +28,13 @@ S..S+n-1; S is a multiple of n drawn from a 2^62 range, so two prompts' seed blo
 with negligible probability.
 
 Resumability: finished prompts are committed to the catalog's work area batch by batch (keyed by the prompt set,
-model, backend, template and sampling parameters); a rerun skips them, and the snapshot registered at the end is
+model, backend, template, sampling parameters and system prompt); a rerun skips them, and the snapshot registered at the end is
 the one an uninterrupted run registers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from functools import partial
@@ -54,9 +53,11 @@ from builders.config import (
     ExecutorConfig,
     GenerateConfig,
     SamplingConfig,
-    check_commit_seconds,
-    check_splits,
+    parse_shard,
+    validate_generate_config,
+    validate_sampling,  # noqa: F401 - builders/pipeline.py imports it from here
 )
+from builders.conversation import effective, has_own_system, messages_of, resolve_system_prompt
 from builders.errors import InputError, IterdpoError, one_line
 from builders.models import model_identity, served_identity
 from builders.schemas import KINDS
@@ -72,20 +73,7 @@ from builders.stage import (
     run_stage,
 )
 
-
 # --------------------------------------------------------------------------------------------------------- helpers
-def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    """ "K/N" -> (K, N), K in 0..N-1 (a Slurm array's SLURM_ARRAY_TASK_ID fits as K)."""
-    if spec is None:
-        return None
-    try:
-        k_text, n_text = spec.split("/")
-        k, n = int(k_text), int(n_text)
-    except ValueError:
-        raise InputError(f"shard must look like K/N (e.g. 0/4), not {spec!r}", option="shard") from None
-    if n < 1 or not 0 <= k < n:
-        raise InputError(f"shard {spec}: need N >= 1 and 0 <= K < N", option="shard")
-    return k, n
 
 
 def in_shard(prompt_id: str, shard: tuple[int, int] | None) -> bool:
@@ -99,64 +87,14 @@ def prompt_seed(run_seed: int, prompt_id: str, num_responses: int) -> int:
     return (h % ((1 << 62) // num_responses)) * num_responses
 
 
-def validate_sampling(s: SamplingConfig) -> None:
-    """Used by generate, best-of-n and the pipeline: every sampling setting, before any work."""
-    if not isinstance(s.num_responses, int) or s.num_responses < 1:
-        raise InputError(f"num_responses must be at least 1, not {s.num_responses}", option="num_responses")
-    if not isinstance(s.temperature, (int, float)) or not math.isfinite(s.temperature) or s.temperature < 0:
-        raise InputError(f"temperature must be a number, 0 or more, not {s.temperature}", option="temperature")
-    if s.temperature == 0 and s.num_responses > 1:
-        # temperature 0 is greedy decoding: the n responses would all be the same, and there is nothing to rank
-        raise InputError(
-            f"temperature 0 is greedy decoding: its {s.num_responses} responses would be identical; "
-            f"use a temperature above 0, or num_responses 1",
-            option="temperature",
-        )
-    if not isinstance(s.top_p, (int, float)) or not 0 < s.top_p <= 1:  # a NaN fails the comparison too
-        raise InputError(f"top_p must be in (0, 1], not {s.top_p}", option="top_p")
-    if not isinstance(s.max_tokens, int) or s.max_tokens < 1:
-        raise InputError(f"max_tokens must be at least 1, not {s.max_tokens}", option="max_tokens")
-    if not isinstance(s.seed, int):
-        raise InputError(f"seed must be an integer, not {s.seed!r}", option="seed")
-
-
-VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-
-
 def validate_generate(cfg: GenerateConfig) -> None:
-    """Every option of the generation stage, checked before any input is read or model loaded."""
-    validate_sampling(cfg.sampling)
-    if cfg.backend not in BACKENDS:
-        raise InputError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
-    check_splits(cfg.splits)
-    parse_shard(cfg.shard)
-    if cfg.batch_prompts is not None and (not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1):
-        raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
-    check_commit_seconds(cfg.commit_seconds)
-    if cfg.backend == "vllm":
-        v = cfg.vllm
-        if v.tensor_parallel_size < 1:
-            raise InputError(
-                f"tensor_parallel_size must be at least 1, not {v.tensor_parallel_size}", option="tensor_parallel_size"
-            )
-        if v.dtype not in VLLM_DTYPES:
-            raise InputError(f"dtype must be one of {', '.join(VLLM_DTYPES)}, not {v.dtype!r}", option="dtype")
-        if not 0 < v.gpu_memory_utilization <= 1:  # NaN fails too
-            raise InputError(
-                f"gpu_memory_utilization must be in (0, 1], not {v.gpu_memory_utilization}",
-                option="gpu_memory_utilization",
-            )
-        for name, value in (("max_model_len", v.max_model_len), ("max_num_seqs", v.max_num_seqs)):
-            if value is not None and value < 1:
-                raise InputError(f"{name} must be at least 1, not {value}", option=name)
-    if cfg.backend == "openai":
-        from builders.backends.openai import validate_openai
+    """Every option (builders/config.py), then what the executor needs of this machine (an unreachable address,
+    replicas it cannot hold): all before any input is read or model loaded."""
+    validate_generate_config(cfg)
+    resolve_system_prompt(cfg.system_prompt)  # an @FILE that cannot be read
+    from builders.backends.ray import check_generate_executor
 
-        validate_openai(cfg.openai)
-    from builders.backends.ray import check_generate_executor, validate_executor
-
-    validate_executor(cfg.scale_out)
-    check_generate_executor(cfg)  # an unreachable address, or replicas this machine cannot hold
+    check_generate_executor(cfg)
 
 
 # ------------------------------------------------------------------------------------------------------ generators
@@ -192,41 +130,67 @@ def producer(cfg: GenerateConfig) -> Producer:
 
 # ----------------------------------------------------------------------------------------------------------- stage
 def work_key(
-    prompts: Snapshot, identity: dict[str, Any], backend: str, template_sha: str | None, sampling: SamplingConfig
+    prompts: Snapshot,
+    identity: dict[str, Any],
+    backend: str,
+    template_sha: str | None,
+    sampling: SamplingConfig,
+    system_prompt: str | None = None,
 ) -> str:
-    """Everything that determines the responses (not the shard, batch size or machine)."""
-    return hash_key(
-        {
-            "stage": "generate",
-            "prompts": prompts.id,
-            "model": identity,
-            "backend": backend,
-            "chat_template_sha256": template_sha,
-            "sampling": asdict(sampling),
-        }
-    )
+    """Everything that determines the responses (not the shard, batch size or machine). The system prompt is in
+    the key only when there is one, so a run without keeps the key (and resumes the work) of earlier versions."""
+    key = {
+        "stage": "generate",
+        "prompts": prompts.id,
+        "model": identity,
+        "backend": backend,
+        "chat_template_sha256": template_sha,
+        "sampling": asdict(sampling),
+    }
+    if system_prompt:
+        key["system_prompt"] = system_prompt
+    return hash_key(key)
 
 
-def _template_sha(cfg: GenerateConfig) -> str | None:
-    """The chat template decides the rendered prompt, so it is part of the work key; read without loading weights."""
+def _template_sha(cfg: GenerateConfig, conversations: bool = False) -> str | None:
+    """The chat template decides the rendered prompt, so it is part of the work key; read without loading weights.
+    With `conversations` (a system prompt, or prompts that are conversations) it must render them: checked here,
+    before any model loads."""
     if cfg.chat_template is not None:
         try:
-            return hashlib.sha256(Path(cfg.chat_template).read_bytes()).hexdigest()
+            data = Path(cfg.chat_template).read_bytes()
         except OSError as e:
             raise InputError(f"chat_template {cfg.chat_template}: {e.strerror}", option="chat_template") from None
+        if conversations and cfg.backend != "openai":
+            from transformers import AutoTokenizer
+
+            from builders.backends.transformers import check_template
+
+            try:
+                tok = AutoTokenizer.from_pretrained(cfg.model)
+            except Exception as e:
+                raise InputError(f"model {cfg.model!r}: cannot load its tokenizer ({one_line(e)})") from None
+            tok.chat_template = data.decode("utf-8", "replace")
+            check_template(tok, f"chat_template {cfg.chat_template}")
+        return hashlib.sha256(data).hexdigest()
     if cfg.backend == "openai":
         return None  # the server applies its own template
     from transformers import AutoTokenizer
 
     try:
-        template = AutoTokenizer.from_pretrained(cfg.model).chat_template
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:
         raise InputError(f"model {cfg.model!r}: cannot load its tokenizer ({one_line(e)})") from None
+    template = tokenizer.chat_template
     if not template:
         raise InputError(
             f"model {cfg.model!r}: its tokenizer has no chat template; give a chat_template file",
             option="chat_template",
         )
+    if conversations:
+        from builders.backends.transformers import check_template
+
+        check_template(tokenizer, f"model {cfg.model!r}")
     return hashlib.sha256(template.encode()).hexdigest()
 
 
@@ -259,21 +223,35 @@ def generate(
     # a served name (openai) is the server's to resolve: no Hub or disk lookup, which would fail for it
     identity = served_identity(cfg.model) if cfg.backend == "openai" else model_identity(cfg.model)
     producer_of = _model_snapshot(catalog, identity)
+    system = resolve_system_prompt(cfg.system_prompt)
+    conversations = bool(system) or any(_has_conversations(catalog, s) for s in sets.values())
     given = generator.describe().get("chat_template_sha256") if generator is not None else None
-    template_sha = given or _template_sha(cfg)
+    template_sha = given or _template_sha(cfg, conversations)
 
     def splits() -> Iterator[SplitWork]:
         for split, prompts_snap in sets.items():  # one split's prompts in memory at a time
-            key = work_key(prompts_snap, identity, cfg.backend, template_sha, cfg.sampling)
+            key = work_key(prompts_snap, identity, cfg.backend, template_sha, cfg.sampling, system)
             prompts = catalog.read(prompts_snap.id)
+            messages = messages_of(prompts)
             items = {
-                pid: (pid, text)
-                for pid, text in zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist())
+                pid: (pid, effective(text, conv, system))
+                for pid, text, conv in zip(
+                    prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist(), messages
+                )
                 if in_shard(pid, shard)
             }
+            ids = prompts.column("prompt_id").to_pylist()
+            # this run's prompts (its shard) whose own system message is kept instead of the system prompt
+            own_system = (
+                sum(has_own_system(m) for pid, m in zip(ids, messages) if in_shard(pid, shard)) if system else 0
+            )
 
             def params(
-                described: dict[str, Any], skipped: int, key: str = key, prompts_id: str = prompts_snap.id
+                described: dict[str, Any],
+                skipped: int,
+                key: str = key,
+                prompts_id: str = prompts_snap.id,
+                own_system: int = own_system,
             ) -> dict[str, Any]:
                 return {
                     **identity,
@@ -283,6 +261,9 @@ def generate(
                     "skipped_too_long": skipped,
                     "work_key": key,
                     "prompts": prompts_id,
+                    # ranking and pairs read it here: they see the conversation the model was asked
+                    # (prompts whose conversation has its own system message keep it, and are counted)
+                    **({"system_prompt": system, "system_prompt_kept_own": own_system} if system else {}),
                     **_engine(cfg),
                     **described,
                 }
@@ -299,6 +280,11 @@ def generate(
 
     spec = StageSpec("generate", "generations", iteration, "generator", producer(cfg), cfg.commit_seconds)
     return run_stage(catalog, spec, splits(), progress=progress, backend=generator)
+
+
+def _has_conversations(catalog: Catalog, prompts: Snapshot) -> bool:
+    """Whether a prompt set holds a conversation (a non-null `messages`); reads that column only."""
+    return any(b.column(0).null_count < b.num_rows for b in catalog.read_batches(prompts.id, columns=("messages",)))
 
 
 def _engine(cfg: GenerateConfig) -> dict[str, Any]:

@@ -40,18 +40,6 @@ def snapshot_set_id(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
-def validate_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError
-    from huggingface_hub.utils import validate_repo_id as hub_validate
-
-    try:
-        hub_validate(repo_id)
-    except HFValidationError as e:
-        raise InputError(f"invalid repo id {repo_id!r}: {one_line(str(e))}") from None
-    if "/" not in repo_id:
-        raise InputError(f"invalid repo id {repo_id!r}: use namespace/name (your user or organisation)")
-
-
 # --------------------------------------------------------------------------------------------------------- staging
 @dataclass
 class Staging:

@@ -4,6 +4,9 @@
 
 The `default` schema (snorkelai/Snorkel-Mistral-PairRM-DPO-Dataset) is what the catalog stores; the `trl` view
 (conversational prompt / chosen / rejected, which TRL's DPOTrainer loads directly) is derived from it by `to_trl`.
+A prompt that is a conversation (or was generated with a system prompt) keeps Snorkel's schema: `prompt` is its
+last user turn, `chosen`/`rejected` the whole conversation (system message included) plus the answer; in `trl`,
+`prompt` is the whole message list.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 import pyarrow as pa
 
 from builders.catalog import Catalog, Registration, Snapshot
-from builders.config import SELECTIONS, SPLITS, BuildConfig
+from builders.config import SPLITS, BuildConfig, validate_build
+from builders.conversation import as_messages, effective
 from builders.errors import InputError
 from builders.schemas import KINDS, MESSAGE
 from builders.stage import SplitResult, StageResult, resolve_inputs
@@ -40,19 +44,16 @@ TRL_SCHEMA = pa.schema(
 
 
 def to_trl(pairs: pa.Table) -> pa.Table:
-    """The `trl` config's rows: prompt = [user], chosen = [assistant], rejected = [assistant], prompt_id.
+    """The `trl` config's rows: prompt = the conversation before the answer (system message and earlier turns
+    included; [user] for a plain prompt), chosen = [assistant], rejected = [assistant], prompt_id.
     (A string prompt beside message-list chosen/rejected crashes TRL >= 1 DPOTrainer.)"""
-
-    def last(column: str) -> list[list[dict[str, str]]]:
-        return [[conv[-1]] for conv in pairs.column(column).to_pylist()]
-
-    prompts = [[{"content": p, "role": "user"}] for p in pairs.column("prompt").to_pylist()]
+    chosen = pairs.column("chosen").to_pylist()
     return pa.table(
         {
             "prompt_id": pairs.column("prompt_id"),
-            "prompt": prompts,
-            "chosen": last("chosen"),
-            "rejected": last("rejected"),
+            "prompt": [conv[:-1] for conv in chosen],
+            "chosen": [[conv[-1]] for conv in chosen],
+            "rejected": [[conv[-1]] for conv in pairs.column("rejected").to_pylist()],
         },
         schema=TRL_SCHEMA,
     )
@@ -75,15 +76,6 @@ def select(responses: Sequence[str], scores: Sequence[float], cfg: BuildConfig) 
     if margin < cfg.min_margin:
         return "below_margin"
     return best, worst
-
-
-def validate_build(cfg: BuildConfig) -> None:
-    if cfg.selection not in SELECTIONS:
-        raise InputError(f"unknown selection {cfg.selection!r}; use one of {', '.join(SELECTIONS)}", option="selection")
-    for name in ("length_penalty", "min_margin"):
-        value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0:
-            raise InputError(f"{name} must be a finite number >= 0, not {value}", option=name)
 
 
 def _input(catalog: Catalog, snap: Snapshot, kind: str) -> Snapshot:
@@ -150,13 +142,14 @@ def _pairs_for_split(
     )
     scored = _Cursor(_groups(catalog.read_batches(scores_snap.id), "score"))
     skipped = _skipped_prompts(catalog, gen)
+    system = gen.params.get("system_prompt")  # the conversation the model was asked includes it
     drops = {reason: 0 for reason in DROP_REASONS}
     drops["skipped_too_long"] = 0
     rows: dict[str, list] = {name: [] for name in _SCHEMA.names}
     prompt_count = kept = held = 0
-    for batch in catalog.read_batches(prompts_snap.id, columns=("prompt_id", "prompt")):
+    for batch in catalog.read_batches(prompts_snap.id, columns=("prompt_id", "prompt", "messages")):
         prompt_count += batch.num_rows
-        for pid, prompt in zip(*(batch.column(c).to_pylist() for c in ("prompt_id", "prompt"))):
+        for pid, prompt, conv in zip(*(batch.column(c).to_pylist() for c in ("prompt_id", "prompt", "messages"))):
             responses, values = texts.take(pid), scored.take(pid)
             if pid in skipped and not responses:
                 drops["skipped_too_long"] += 1
@@ -172,17 +165,22 @@ def _pairs_for_split(
                 drops[picked] += 1
                 continue
             best, worst = picked
+            history = as_messages(effective(prompt, conv, system))  # [user] for a plain prompt
             rows["prompt_id"].append(pid)
-            rows["prompt"].append(prompt)
-            rows["chosen"].append([{"content": prompt, "role": "user"}, {"content": resp[best], "role": "assistant"}])
-            rows["rejected"].append(
-                [{"content": prompt, "role": "user"}, {"content": resp[worst], "role": "assistant"}]
-            )
+            rows["prompt"].append(prompt)  # a conversation's last user turn
+            rows["chosen"].append([*history, {"content": resp[best], "role": "assistant"}])
+            rows["rejected"].append([*history, {"content": resp[worst], "role": "assistant"}])
             rows["all_generated_responses"].append(resp)
             rows["all_rm_scores"].append(vals)
             rows["score_chosen"].append(vals[best])
             rows["score_rejected"].append(vals[worst])
-            held += 3 * len(prompt) + sum(map(len, resp)) + len(resp[best]) + len(resp[worst])
+            held += (
+                len(prompt)
+                + 2 * sum(len(m["content"]) for m in history)
+                + sum(map(len, resp))
+                + len(resp[best])
+                + len(resp[worst])
+            )
             if held >= _SPOOL_CHARS:
                 kept += _flush(rows, sink)
                 held = 0
@@ -194,7 +192,7 @@ def _pairs_for_split(
         "prompt_count": prompt_count,
         "generator": {
             k: gen.params.get(k)
-            for k in ("model", "model_sha256", "revision", "backend", "sampling")
+            for k in ("model", "model_sha256", "revision", "backend", "sampling", "system_prompt")
             if k in gen.params
         },
         "ranker": {k: v for k, v in scores_snap.params.items() if k.startswith("ranker")},

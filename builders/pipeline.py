@@ -120,16 +120,32 @@ def validate_pipeline(cfg: PipelineConfig, where: str = "pipeline") -> list[str]
     elif not _under(gen.model, cfg.tiny_models):
         check("generation.model", model_identity, gen.model)
 
-    rk = cfg.ranking
-    if rk.ranker not in RANKERS:
-        raise InputError(f"{where}: ranking.ranker: unknown ranker {rk.ranker!r}; use one of {', '.join(RANKERS)}")
-    rank_cfg = rk
-    check("ranking", validate_rank, rank_cfg)
-    if rk.ranker == "python":
-        # imports module:function; loads no model (and starts no Ray replicas: the local ranker)
-        check("ranking.ranker_model", make_ranker, dataclasses.replace(rank_cfg, scale_out=ExecutorConfig()))
-    elif not _under(rk.ranker_model, cfg.tiny_models):
-        check("ranking.ranker_model", ranker_identity, rank_cfg)
+    listed = isinstance(cfg.ranking, tuple)
+    for i, rk in enumerate(cfg.ranking if listed else (cfg.ranking,)):
+        at = f"ranking[{i}]" if listed else "ranking"
+        if rk.ranker not in RANKERS:
+            raise InputError(f"{where}: {at}.ranker: unknown ranker {rk.ranker!r}; use one of {', '.join(RANKERS)}")
+        rank_cfg = rk
+        check(at, validate_rank, rank_cfg)
+        if rk.ranker == "python":
+            # imports module:function; loads no model (and starts no Ray replicas: the local ranker)
+            check(f"{at}.ranker_model", make_ranker, dataclasses.replace(rank_cfg, scale_out=ExecutorConfig()))
+        elif not _under(rk.ranker_model, cfg.tiny_models):
+            check(f"{at}.ranker_model", ranker_identity, rank_cfg)
+    from builders.combine import check_combination
+
+    check("combine", check_combination, 0, [[]], [1.0], cfg.combine.method)  # the method, also when unused
+    if listed:
+        if not cfg.ranking:
+            raise InputError(f"{where}: ranking: an empty list names no ranker")
+        check(
+            "combine",
+            check_combination,
+            0,
+            [[] for _ in cfg.ranking],
+            [r.weight for r in cfg.ranking],
+            cfg.combine.method,
+        )
 
     check("selection", validate_build, cfg.selection)
     for key in ("revision", "model_revision"):
@@ -240,6 +256,23 @@ def reusable_model(
     return None
 
 
+def _ranked(
+    catalog: Catalog, n: int, cfg: PipelineConfig, generated: list[str], progress: bool
+) -> tuple[list[Snapshot], list[Snapshot]]:
+    """Iteration n's scores (every one registered, and those build selects from): of the one ranker, or of each
+    listed ranker and their combination (builders/combine.py)."""
+    from builders.combine import combine_snapshots
+    from builders.rank import rank
+
+    if not isinstance(cfg.ranking, tuple):
+        ranked = rank(catalog, n, cfg.ranking, generated, progress=progress).snapshots
+        return ranked, ranked
+    axes = [rank(catalog, n, rk, generated, progress=progress).snapshots for rk in cfg.ranking]
+    per_split = {s.split: [next(a for a in axis if a.split == s.split) for axis in axes] for s in axes[0]}
+    combined = combine_snapshots(catalog, n, per_split, [rk.weight for rk in cfg.ranking], cfg.combine.method)
+    return [*(s for axis in axes for s in axis), *combined.snapshots], combined.snapshots
+
+
 def run_pipeline(
     catalog: Catalog, cfg: PipelineConfig, progress: bool = True, where: str = "pipeline"
 ) -> PipelineResult:
@@ -249,7 +282,6 @@ def run_pipeline(
     from builders.prompts import import_prompts, split_prompts
     from builders.publish import publish
     from builders.publish_model import publish_model
-    from builders.rank import rank
     from builders.tiny import build_tiny_models
     from builders.train import train
 
@@ -278,8 +310,8 @@ def run_pipeline(
             [s.id for s in sets if s.iteration == n],
             progress=progress,
         ).snapshots
-        ranked = rank(catalog, n, cfg.ranking, [s.id for s in generated], progress=progress).snapshots
-        pairs = build_pairs(catalog, n, cfg.selection, [s.id for s in ranked]).snapshots
+        ranked, scores = _ranked(catalog, n, cfg, [s.id for s in generated], progress)
+        pairs = build_pairs(catalog, n, cfg.selection, [s.id for s in scores]).snapshots
         out.snapshots += [*generated, *ranked, *pairs]
         recipe = Path(cfg.training.recipe.format(n=n))
         model = reusable_model(catalog, n, pairs, policy, recipe)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ import pyarrow as pa
 
 from builders.catalog import Catalog, Registration, Snapshot
 from builders.config import PROMPT_COLUMNS, SplitConfig
+from builders.conversation import canonical, conversation_id
 from builders.errors import InputError, one_line
+from builders.schemas import KINDS, conform
 
 LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -46,6 +48,8 @@ class ImportResult:
     read: int
     skipped_empty: int
     duplicates: int
+    conversations: int = 0  # prompts that are conversations (builders.conversation)
+    by_source: dict[str, Any] = field(default_factory=dict)  # --include-source/--exclude-source: names, counts
 
     def to_json(self) -> dict[str, Any]:
         out = self.snapshot.to_json()
@@ -56,12 +60,14 @@ class ImportResult:
 # ------------------------------------------------------------------------------------------------------- reading
 @dataclass
 class _Columns:
-    """A source read into columns: the prompt column's values, the source column's, and every column name."""
+    """A source read into columns: the prompt column's values (strings, or conversations: lists of messages), the
+    source column's, and every column name; `lines`: each value's line in a JSONL file."""
 
     prompts: list[Any]
     sources: list[Any] | None
     column: str
     names: list[str]
+    lines: list[int] | None = None
 
 
 def _pick_column(names: Sequence[str], column: str | None, where: str) -> str:
@@ -107,14 +113,15 @@ def _records_to_columns(records: list[Any], column: str | None, path: Path, line
     prompts = []
     for i, rec in enumerate(records):
         value = rec.get(col)
-        if value is not None and not isinstance(value, str):
+        if value is not None and not isinstance(value, (str, list)):  # a list: a conversation
             where = f"{path}:{line_of[i]}" if line_of else f"{path} (record {i + 1})"
             raise InputError(
-                f"{where}: column {col!r} is not text (found {type(value).__name__}); choose another with --column"
+                f"{where}: column {col!r} is not text or a conversation (found {type(value).__name__}); "
+                f"choose another with --column"
             )
         prompts.append(value)
     sources = [_as_source(rec.get("source")) for rec in records] if "source" in names else None
-    return _Columns(prompts, sources, col, names)
+    return _Columns(prompts, sources, col, names, line_of)
 
 
 def _as_source(value: Any) -> str | None:
@@ -163,8 +170,12 @@ def _arrow_to_columns(table: pa.Table, column: str | None, where: str) -> _Colum
     names = table.column_names
     col = _pick_column(names, column, where)
     typ = table.schema.field(col).type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)):
-        raise InputError(f"{where}: column {col!r} is not text (type {typ}); choose another with --column")
+    text = pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)
+    conversation = (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_struct(typ.value_type)
+    if not (text or conversation):
+        raise InputError(
+            f"{where}: column {col!r} is not text or a conversation (type {typ}); choose another with --column"
+        )
     sources = None
     if "source" in names:
         sources = [_as_source(v) for v in table.column("source").to_pylist()]
@@ -279,32 +290,51 @@ def read_source(source: str, column: str | None = None) -> _Columns:
 
 
 # -------------------------------------------------------------------------------------------------------- stages
-def prompts_table(cols: _Columns) -> tuple[pa.Table, int, int]:
-    """Strip, drop empty/null prompts, dedupe by prompt_id (first wins). Returns (table, empty, duplicates)."""
+def prompts_table(cols: _Columns, where: str = "prompts") -> tuple[pa.Table, int, int]:
+    """Strip, drop empty/null prompts, dedupe by prompt_id (first wins). Returns (table, empty, duplicates).
+    A conversation is checked and made canonical (builders.conversation: its id, its last user turn as `prompt`,
+    the whole as `messages`); a malformed one is an InputError naming its record."""
     seen: set[str] = set()
-    ids, texts, sources = [], [], []
+    ids, texts, sources, messages = [], [], [], []
     empty = dupes = 0
     for i, value in enumerate(cols.prompts):
-        text = value.strip() if isinstance(value, str) else ""
-        if not text:
+        if isinstance(value, str) or value is None:
+            prompt: Any = value.strip() if isinstance(value, str) else ""
+        else:
+            at = f"{where}:{cols.lines[i]}" if cols.lines else f"{where} (record {i + 1})"
+            prompt = canonical(value, f"{at}: column {cols.column!r}") or ""
+        if not prompt:
             empty += 1
             continue
-        pid = prompt_id(text)
+        pid = prompt_id(prompt) if isinstance(prompt, str) else conversation_id(prompt)
         if pid in seen:
             dupes += 1
             continue
         seen.add(pid)
         ids.append(pid)
-        texts.append(text)
+        texts.append(prompt if isinstance(prompt, str) else prompt[-1]["content"])
+        messages.append(None if isinstance(prompt, str) else prompt)
         sources.append(cols.sources[i] if cols.sources is not None else None)
-    table = pa.table({"prompt_id": ids, "prompt": texts, "source": pa.array(sources, pa.string())})
-    return table, empty, dupes
+    columns: dict[str, Any] = {"prompt_id": ids, "prompt": texts, "source": pa.array(sources, pa.string())}
+    if any(m is not None for m in messages):
+        columns["messages"] = pa.array(messages, KINDS["prompts"].schema.field("messages").type)
+    return pa.table(columns), empty, dupes
 
 
-def import_prompts(catalog: Catalog, source: str, column: str | None = None) -> ImportResult:
-    """Import a prompt pool from `source` and register it as a `prompts` snapshot (idempotent)."""
+def import_prompts(
+    catalog: Catalog,
+    source: str,
+    column: str | None = None,
+    include_sources: Sequence[str] = (),
+    exclude_sources: Sequence[str] = (),
+) -> ImportResult:
+    """Import a prompt pool from `source` and register it as a `prompts` snapshot (idempotent). `include_sources`
+    / `exclude_sources`: keep only, or drop, the prompts of those `source` values (builders/sources.py)."""
+    from builders.sources import filter_sources
+
     cols = read_source(source, column)
-    table, empty, dupes = prompts_table(cols)
+    table, empty, dupes = prompts_table(cols, source)
+    table, by_source = filter_sources(table, include_sources, exclude_sources, source)
     if table.num_rows == 0:
         raise InputError(
             f"{source}: no prompts left: all {len(cols.prompts)} values of column {cols.column!r} are empty or null"
@@ -315,9 +345,14 @@ def import_prompts(catalog: Catalog, source: str, column: str | None = None) -> 
         "read": len(cols.prompts),
         "skipped_empty": empty,
         "duplicates": dupes,
+        **by_source,
     }
+    messages = table.column("messages") if "messages" in table.column_names else None
+    conversations = len(messages) - messages.null_count if messages is not None else 0
+    if conversations:
+        params["conversations"] = conversations
     snap = catalog.register("prompts", table, params=params)
-    return ImportResult(snap, source, cols.column, len(cols.prompts), empty, dupes)
+    return ImportResult(snap, source, cols.column, len(cols.prompts), empty, dupes, conversations, by_source)
 
 
 def _pool(catalog: Catalog, refs: Sequence[str]) -> tuple[pa.Table, list[str]]:
@@ -332,7 +367,8 @@ def _pool(catalog: Catalog, refs: Sequence[str]) -> tuple[pa.Table, list[str]]:
     for s in snaps:
         if s.kind != "prompts":
             raise InputError(f"snapshot {s.id[:12]} is a {s.kind} snapshot, not prompts")
-    tables = [catalog.read(s.id) for s in snaps]
+    # every pool with the kind's columns: a pool of strings reads without `messages`, a pool of conversations with
+    tables = [conform(catalog.read(s.id), KINDS["prompts"]) for s in snaps]
     pool = pa.concat_tables(tables)
     if len(tables) > 1:  # the union of several pools: a prompt present in two counts once
         import polars as pl

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 from builders import __version__
 from builders.catalog import Catalog, Snapshot
-from builders.config import PUBLISH_DEFAULTS, SPLITS, PublishConfig
+from builders.config import PUBLISH_DEFAULTS, SPLITS, PublishConfig, validate_repo_id
 from builders.errors import InputError
-from builders.hub import HubTarget, check_token, recorded, snapshot_set_id, staged_as, staging, upload, validate_repo_id
+from builders.hub import HubTarget, check_token, recorded, snapshot_set_id, staged_as, staging, upload
 from builders.pairs import TRL_SCHEMA, to_trl
 from builders.schemas import KINDS
 
@@ -275,8 +275,8 @@ def stage_repo(
         files += ["plots/score_distributions.png", "plots/length_by_iteration.png"]
         lineage = origins(catalog, snaps)
         card = render(repo_id, infos, _features(), set_id, __version__, lineage, license)
-        # The reward on test prompts per iteration (cards/rewards.py), as its own block before Provenance.
-        from cards.rewards import add_to_card
+        # The reward on test prompts per iteration (cards/reward_table.py), as its own block before Provenance.
+        from cards.reward_table import add_to_card
 
         pinned = {it: o.scores.id for (it, split), o in lineage.items() if split == "test" and o.scores is not None}
         card, reward_files = add_to_card(catalog, card, scratch, sorted({it for it, _ in snaps}), pinned)

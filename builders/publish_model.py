@@ -20,9 +20,9 @@ from typing import Any
 
 from builders import __version__
 from builders.catalog import Catalog, Snapshot
-from builders.config import PublishModelConfig
+from builders.config import PublishModelConfig, check_base_model, validate_repo_id
 from builders.errors import InputError
-from builders.hub import HubTarget, check_token, recorded, snapshot_set_id, staging, upload, validate_repo_id
+from builders.hub import HubTarget, check_token, recorded, snapshot_set_id, staging, upload
 from builders.models import display_name, weights_sha256
 from builders.publish import PublishResult, StagedRepo
 
@@ -83,19 +83,6 @@ def lineage(catalog: Catalog, snap: Snapshot) -> tuple[str, list[Step]]:
         base = row["base_model"]
         current = by_path.get(str(Path(base).expanduser().resolve())) if Path(base).expanduser().exists() else None
     return chain[-1].row["base_model"], chain[::-1]
-
-
-def check_base_model(ref: str) -> None:
-    """--base-model is a hub model id (a name alone, like gpt2, is one too), never a local path."""
-    from huggingface_hub.utils import HFValidationError
-    from huggingface_hub.utils import validate_repo_id as hub_validate
-
-    try:
-        hub_validate(ref)
-    except HFValidationError as e:
-        raise InputError(
-            f"base model {ref!r} is not a hub model id: {str(e).splitlines()[0]}", option="base_model"
-        ) from None
 
 
 def base_description(base: str, base_is_hub: bool, hub_id: str | None) -> dict[str, Any]:
@@ -193,7 +180,7 @@ def _card(
     prompt_format: str,
 ) -> str:
     from cards.model_card import render
-    from cards.rewards import test_reward_table
+    from cards.reward_table import test_reward_table
 
     steps = []
     for step in chain:

@@ -14,6 +14,11 @@ Rankers (the `Ranker` protocol):
 - `scalar`: any AutoModelForSequenceClassification reward model, one pass per response.
 - `python`: `module:function(prompts, responses) -> scores` over flat, equal-length lists.
 
+A prompt that is a conversation (or has the system prompt its generation was given) reaches every ranker as the
+conversation the model was asked (builders.conversation: a list of {role, content}, the last a user turn); a string
+prompt as its string. PairRM's source is then the rendered history within its source budget, oldest turns cut
+first, the last user turn never.
+
     >>> import tempfile
     >>> from pathlib import Path
     >>> import pyarrow as pa
@@ -52,7 +57,8 @@ from builders import executor
 from builders.backends.base import Ranker, check_device, device_for
 from builders.backends.ray import ranker_resources
 from builders.catalog import Catalog
-from builders.config import DTYPES, RANKERS, ExecutorConfig, RankConfig, check_commit_seconds, check_splits
+from builders.config import RANKERS, ExecutorConfig, RankConfig, validate_rank_config
+from builders.conversation import effective, messages_of
 from builders.errors import InputError, IterdpoError
 from builders.models import model_identity
 from builders.stage import (
@@ -71,22 +77,13 @@ from builders.stage import (
 
 
 def validate_rank(cfg: RankConfig) -> None:
-    """Every ranking option, checked before any input is read or model loaded."""
-    if cfg.ranker not in RANKERS:
-        raise InputError(f"unknown ranker {cfg.ranker!r}; use one of {', '.join(RANKERS)}")
-    check_splits(cfg.splits)
-    if cfg.dtype not in DTYPES:
-        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}", option="dtype")
-    if not isinstance(cfg.batch_prompts, int) or cfg.batch_prompts < 1:
-        raise InputError(f"batch_prompts must be at least 1, not {cfg.batch_prompts}", option="batch_prompts")
-    if cfg.batch_tokens is not None and (not isinstance(cfg.batch_tokens, int) or cfg.batch_tokens < 1):
-        raise InputError(f"batch_tokens must be at least 1, not {cfg.batch_tokens}", option="batch_tokens")
-    check_commit_seconds(cfg.commit_seconds)
+    """Every ranking option (builders/config.py), then the device and what the executor needs of this machine: all
+    before any input is read or model loaded."""
+    validate_rank_config(cfg)
     if cfg.ranker != "python" and cfg.scale_out.executor == "local":  # on Ray, the device is the replicas'
         check_device(cfg.device)
-    from builders.backends.ray import check_rank_executor, validate_executor
+    from builders.backends.ray import check_rank_executor
 
-    validate_executor(cfg.scale_out)
     check_rank_executor(cfg)  # the device on the replicas, an unreachable address, replicas that do not fit
 
 
@@ -176,16 +173,29 @@ def rank(
 
     def splits() -> Iterator[SplitWork]:
         for split, gen in sets.items():  # one split's generations in memory at a time
-            key = hash_key({"stage": "rank", "generations": gen.id, **identity, **settings})
+            system = gen.params.get("system_prompt")  # what generation asked the model, with the prompt
+            key = hash_key(
+                {
+                    "stage": "rank",
+                    "generations": gen.id,
+                    **identity,
+                    **settings,
+                    **({"system_prompt": system} if system else {}),
+                }
+            )
             prompts_snap = catalog.parent(gen, "prompts")
             if prompts_snap is None:
                 raise InputError(
                     f"generations {gen.id[:12]} record no prompts snapshot: rank needs the prompts they "
                     f"answer (register them with parents=[the prompts snapshot])"
                 )
-            prompt_text = dict(
-                zip(*(catalog.read(prompts_snap.id).column(c).to_pylist() for c in ("prompt_id", "prompt")))
-            )
+            prompts = catalog.read(prompts_snap.id)
+            prompt_text = {
+                pid: effective(text, conv, system)
+                for pid, text, conv in zip(
+                    prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist(), messages_of(prompts)
+                )
+            }
             order, by = grouped(catalog.read(gen.id))
             items = {pid: (pid, prompt_text[pid], by[pid]) for pid in order}
 

@@ -65,3 +65,9 @@ def complete_concise_answer(prompts: Sequence[str], responses: Sequence[str]) ->
     """The quickstart's reward (see the module docstring). The prompt is not used: the reward judges the answer's
     form, which is what a 135M model most visibly gets wrong."""
     return [round(score_answer(r), 6) for r in responses]
+
+
+def distinct_trigrams(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """A second axis, for `iterdpo combine`'s example: the share of distinct word 3-grams (1.0: the answer never
+    repeats itself), whatever its length or ending."""
+    return [round(variety([w.lower() for w in _WORD.findall(r)]), 6) for r in responses]

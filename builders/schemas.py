@@ -19,6 +19,9 @@ class Kind:
     name: str
     schema: pa.Schema
     key: tuple[str, ...]  # canonical order and the identity of a row within a snapshot
+    # trailing nullable columns added after ids were pinned: a row may omit them (null), and a null adds nothing to
+    # the row's hash (builders.catalog.hashing), so rows without them keep their hash and every snapshot its id
+    optional: tuple[str, ...] = ()
 
     @property
     def columns(self) -> list[str]:
@@ -30,8 +33,17 @@ KINDS: dict[str, Kind] = {
     for k in (
         Kind(
             "prompts",
-            pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("source", pa.string())]),
+            # a conversation: `prompt` is its last user turn, `messages` the whole (builders.conversation)
+            pa.schema(
+                [
+                    ("prompt_id", pa.string()),
+                    ("prompt", pa.string()),
+                    ("source", pa.string()),
+                    ("messages", pa.list_(MESSAGE)),
+                ]
+            ),
             ("prompt_id",),
+            optional=("messages",),
         ),
         Kind(
             "generations",
@@ -119,6 +131,8 @@ KINDS: dict[str, Kind] = {
 }
 
 SPLITS = ("train", "test")
+# every optional column of any kind (their nulls add nothing to a row hash)
+OPTIONAL_COLUMNS = frozenset(c for k in KINDS.values() for c in k.optional)
 
 
 def kind(name: str) -> Kind:
@@ -128,8 +142,18 @@ def kind(name: str) -> Kind:
         raise InputError(f"unknown snapshot kind {name!r}; kinds are: {', '.join(KINDS)}") from None
 
 
+def without_unused(table: pa.Table, k: Kind) -> pa.Table:
+    """`table` without the optional columns that are null in every row (what a snapshot read returns)."""
+    unused = [c for c in k.optional if c in table.column_names and table.column(c).null_count == table.num_rows]
+    return table.drop_columns(unused) if unused else table
+
+
 def conform(table: pa.Table, k: Kind) -> pa.Table:
-    """Return `table` with exactly the kind's columns, in order and types; a clear error otherwise."""
+    """Return `table` with exactly the kind's columns, in order and types (an absent optional column as nulls); a
+    clear error otherwise."""
+    for name in k.optional:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, k.schema.field(name).type))
     missing = [c for c in k.columns if c not in table.column_names]
     if missing:
         raise InputError(f"{k.name} rows lack column(s) {', '.join(missing)}; expected {', '.join(k.columns)}")

@@ -85,6 +85,9 @@ def _recipe_rows(splits: list[SplitInfo], origins: dict[tuple[int, str], Any]) -
         sampling = origin.sampling if origin is not None else gen.get("sampling", {})
         kind = ranker.get("ranker")
         reward = display_ref(ranker.get("function") or ranker.get("ranker_model") or "?")
+        if kind == "combine" and origin is not None and origin.axes:  # each axis with its weight
+            kind = f"combine ({ranker.get('method')})"
+            reward = " + ".join(f"{a.weight:g} x {a.name}" for a in origin.axes)
         rows.append(
             {
                 "iteration": s.iteration,
@@ -137,6 +140,7 @@ def render(
     """The card. `origins`: the lineage of each published split (cards/provenance.py: origins)."""
     import jinja2
 
+    from cards.decontamination import summary as decontamination_summary
     from cards.provenance import prompt_formats
     from cards.rebuild import script
 
@@ -147,7 +151,9 @@ def render(
         undefined=jinja2.StrictUndefined,
     )
     recipe = _recipe_rows(splits, origins)
-    pools = [p for o in origins.values() for p in o.pools]
+    pools = [chain[0] for o in origins.values() for chain in o.pool_lineage] or [
+        p for o in origins.values() for p in o.pools
+    ]
     sets = [o.prompts for o in origins.values() if o.prompts is not None and "seed" in o.prompts.params]
     source = next((p.params.get("source") for p in pools if p.params.get("source")), None)
     rebuild = script(origins, repo_id, set_id)
@@ -169,4 +175,26 @@ def render(
         fills=rebuild.fills,
         formats=prompt_formats(origins),
         recipe_line=generators_line(recipe),
+        axes=_axis_rows(splits, origins),
+        decontamination=decontamination_summary(list(origins.values())),
     )
+
+
+def _axis_rows(splits: list[SplitInfo], origins: dict[tuple[int, str], Any]) -> list[dict[str, Any]]:
+    """The chosen-vs-rejected means of each axis of a combined reward, per split (none without a combination)."""
+    rows = []
+    for s in splits:
+        origin = origins.get((s.iteration, s.name.split("_iteration_")[0]))
+        for axis in origin.axes if origin is not None else []:
+            if axis.chosen is not None:
+                rows.append(
+                    {
+                        "split": s.name,
+                        "axis": axis.name,
+                        "weight": axis.weight,
+                        "chosen": axis.chosen,
+                        "rejected": axis.rejected,
+                        "difference": axis.chosen - axis.rejected,
+                    }
+                )
+    return rows

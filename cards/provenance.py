@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builders.decontaminate import history
 from builders.models import display_name, model_identity, weights_sha256
 
 GGUF_SOURCE = "gguf_source.json"  # what `iterdpo models import-gguf` writes into the folder (builders/gguf.py)
@@ -51,12 +52,72 @@ class Origin:
     prompts: Any = None  # the iteration's prompt set
     pools: list[Any] = field(default_factory=list)  # what the set was drawn from
     generator: Model | None = None
+    axes: list[Axis] = field(default_factory=list)  # a combined reward's components (builders/combine.py)
+    # per pool, the pools it was derived from by decontaminate/dedup, oldest (the import) first, ending with it
+    pool_lineage: list[list[Any]] = field(default_factory=list)
 
     @property
     def sampling(self) -> dict[str, Any]:
         return (self.generations.params.get("sampling") if self.generations else None) or self.pairs.params.get(
             "generator", {}
         ).get("sampling", {})
+
+
+@dataclass
+class Axis:
+    """One component of a combined reward, and its mean score on the chosen and on the rejected responses."""
+
+    scores: Any  # the component's scores snapshot
+    weight: float
+    chosen: float | None = None
+    rejected: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The axis as the card names it: `kind: model or function`."""
+        p = self.scores.params
+        kind, ref = p.get("ranker"), p.get("function") or p.get("ranker_model")
+        if kind == "combine":
+            return f"combine ({p.get('method')})"
+        ref = display_name(str(ref)) if ref else "?"
+        return f"{kind}: {ref}" if kind else ref
+
+
+def axes_of(catalog, scores, pairs) -> list[Axis]:
+    """The components of a combined scores snapshot (none for any other), each with its mean score on the pairs'
+    chosen and rejected responses: the axis whose means differ most is the one that decided."""
+    if scores is None or scores.params.get("ranker") != "combine":
+        return []
+    weights = scores.params.get("weights") or []
+    axes = [Axis(c, w) for c, w in zip(catalog.parents(scores, "scores"), weights)]
+    # a pair names its responses by text; its prompt's scored response indices, in order, give their index
+    indices: dict[str, list[int]] = {}
+    for r in catalog.read(scores.id).select(["prompt_id", "response_index"]).to_pylist():
+        indices.setdefault(r["prompt_id"], []).append(r["response_index"])
+    picked: list[tuple[str, int, int]] = []
+    for row in catalog.read(pairs.id).to_pylist():
+        at = indices.get(row["prompt_id"], [])
+        chosen, rejected = (
+            _index_of(row, at, row[side][-1]["content"], row[f"score_{side}"]) for side in ("chosen", "rejected")
+        )
+        if chosen is not None and rejected is not None:
+            picked.append((row["prompt_id"], chosen, rejected))
+    for axis in axes:
+        values = {(r["prompt_id"], r["response_index"]): r["score"] for r in catalog.read(axis.scores.id).to_pylist()}
+        got = [(values.get((p, c)), values.get((p, r))) for p, c, r in picked]
+        got = [(c, r) for c, r in got if c is not None and r is not None]
+        if got:
+            axis.chosen = sum(c for c, _ in got) / len(got)
+            axis.rejected = sum(r for _, r in got) / len(got)
+    return axes
+
+
+def _index_of(row: dict[str, Any], indices: list[int], text: str, score: float) -> int | None:
+    """The response index of a pairs row's response with that text and score (the row lists its prompt's scored
+    responses in index order)."""
+    pairs = zip(row["all_generated_responses"], row["all_rm_scores"])
+    i = next((i for i, (r, v) in enumerate(pairs) if r == text and v == score), None)
+    return indices[i] if i is not None and i < len(indices) else None
 
 
 def _parent(catalog, snap, kind: str):
@@ -116,10 +177,12 @@ def origins(catalog, snaps: dict[tuple[int, str], Any]) -> dict[tuple[int, str],
         o = Origin(it, split, pairs)
         o.scores = _parent(catalog, pairs, "scores")
         o.generations = _parent(catalog, o.scores, "generations")
+        o.axes = axes_of(catalog, o.scores, pairs)
         o.prompts = _parent(catalog, o.generations, "prompts")
         if o.prompts is None and "prompts" in pairs.params:  # hand-built lineage: the pairs name their prompts
             o.prompts = catalog.get(pairs.params["prompts"])
         o.pools = catalog.parents(o.prompts, "prompts") if o.prompts is not None else []
+        o.pool_lineage = [history(catalog, p) for p in o.pools]
         gen_params = (
             o.generations.params
             if o.generations is not None and o.generations.params.get("model")

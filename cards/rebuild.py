@@ -146,6 +146,8 @@ def _generate_options(params: dict[str, Any], sampling: dict[str, Any]) -> str:
     ):
         if sampling.get(key) is not None:
             opts.append(f"{flag} {sampling[key]}")
+    if params.get("system_prompt"):  # part of what the model was asked
+        opts.append(f"--system-prompt {shlex.quote(params['system_prompt'])}")
     if backend == "vllm":
         engine = params.get("vllm") or {}
         # the context decides which prompts are too long; eager and compiled runs sample differently on a CPU
@@ -191,6 +193,30 @@ def _ranker(script: Script, params: dict[str, Any]) -> str:
         if params.get(key) is not None:  # recorded only where they change the scores (PairRM on a GPU)
             opts.append(f"{flag} {params[key]}")
     return " ".join(opts)
+
+
+def _combine(s: Script, n: int, combined: list[Origin], only: str) -> None:
+    """The combine command of an iteration's combined rewards: its axes named by their snapshot ids (the rank
+    commands above register them again with the same ids), one command when every split combines the same way."""
+    from builders.combine import ranker_signature
+
+    commands: dict[tuple, list[Origin]] = {}
+    for o in combined:
+        key = (
+            o.scores.params.get("method"),
+            tuple((a.weight, repr(sorted(ranker_signature(a.scores.params).items()))) for a in o.axes),
+        )
+        commands.setdefault(key, []).append(o)
+    for (method, _), origins_ in commands.items():
+        first = origins_[0]  # a split's axes name the other split's (the same rankers')
+        split_opt = only if len(commands) == 1 else f" --split {first.split}"
+        for axis in first.axes:
+            if axis.scores.params.get("ranker") == "combine":
+                note = f"an axis of iteration {n}'s reward ({axis.scores.id[:12]}) is itself a combination: combine it first"
+                if note not in s.notes:
+                    s.notes.append(note)
+        axes = " ".join(f"--scores {a.scores.id}={float(a.weight)!r}" for a in first.axes)
+        s.lines.append(f"iterdpo combine --iteration {n}{split_opt} {axes} --method {method}")
 
 
 def _build_options(selection: dict[str, Any]) -> str:
@@ -242,12 +268,11 @@ def _is_bundled(path: Path, bundled: Path) -> bool:
 def _prompts(script: Script, origins: list[Origin]) -> None:
     from builders.config import BUNDLED_PROMPTS
     from builders.prompts import looks_local
+    from cards.decontamination import lineages, step_line
 
-    pools: dict[str, Any] = {}
-    for o in origins:
-        for p in o.pools:
-            pools.setdefault(p.id, p)
-    for pool in pools.values():
+    chains = lineages(origins)  # each pool with the decontaminate/dedup steps that made it, from its import
+    for chain in chains:
+        pool = chain[0]
         source, column = pool.params.get("source"), pool.params.get("column")
         if not source:
             script.notes.append(
@@ -269,11 +294,15 @@ def _prompts(script: Script, origins: list[Origin]) -> None:
                 "PROMPTS_FILE",
                 f"your copy of the prompt file {display_name(source)} (pool snapshot {pool.id[:12]})",
             )
+        by_source = "".join(f" --include-source {_arg(n)}" for n in pool.params.get("include_sources", []))
+        by_source += "".join(f" --exclude-source {_arg(n)}" for n in pool.params.get("exclude_sources", []))
         script.lines.append(
             f"iterdpo prompts import {arg}"
             + (f" --column {_arg(column)}" if column else "")
+            + by_source
             + f"   # pool {pool.id[:12]}"
         )
+        script.lines += [line for step in chain[1:] if (line := step_line(script, step))]
     splits: dict[tuple, Any] = {}
     for o in origins:
         if o.prompts is not None and "seed" in o.prompts.params:
@@ -327,11 +356,17 @@ def script(origins: dict[tuple[int, str], Origin], repo_id: str, set_id: str) ->
             s.lines.append(f"{threads}iterdpo generate --iteration {n}{split_opt} {opts}")
         rank_cmds: dict[str, list[str]] = {}
         for o in mine:
+            if o.axes:  # a combined reward: each axis ranked, then combined
+                for axis in o.axes:
+                    rank_cmds.setdefault(_ranker(s, axis.scores.params), []).append(o.split)
+                continue
             params = o.scores.params if o.scores is not None else o.pairs.params.get("ranker", {})
             rank_cmds.setdefault(_ranker(s, params), []).append(o.split)
         for opts, splits_ in rank_cmds.items():
-            split_opt = only if len(rank_cmds) == 1 else f" --split {splits_[0]}"
+            # several commands: a ranker per split, or the axes of a combination (each for every split)
+            split_opt = only if len(rank_cmds) == 1 or set(splits_) == published else f" --split {splits_[0]}"
             s.lines.append(f"iterdpo rank --iteration {n}{split_opt} {opts}")
+        _combine(s, n, [o for o in mine if o.axes], only)
         s.lines.append(f"iterdpo build --iteration {n} {_build_options(mine[0].pairs.params.get('selection', {}))}")
         nxt = next((i for i in iterations if i > n), None)
         if nxt is None:

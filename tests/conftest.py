@@ -27,6 +27,31 @@ ROOT = Path(__file__).resolve().parents[1]
 UF_DATA = ROOT / "tests" / "data" / "ultrafeedback"
 SAMPLE = ROOT / "data" / "ultrafeedback_sample.jsonl"
 
+# The files that take longest (`pytest --durations=25 FILE`, one at a time, on 2 cores), longest first. `make test`
+# hands whole files to its two workers (--dist loadfile) in collection order (--no-loadscope-reorder): xdist's own
+# order, most tests first, hands out last the few-test files that take minutes (hub ids, cards, quickstart), where
+# one of them can keep a worker busy long after the other has finished. The other files follow in name order. An
+# out-of-date entry costs only time.
+LONGEST_FIRST = (
+    "test_examples.py",
+    "test_ray.py",
+    "test_hub_ids.py",
+    "test_publish_model.py",
+    "test_train.py",
+    "test_pipeline.py",
+    "test_quickstart.py",
+    "test_vllm.py",
+    "test_rank.py",
+    "test_publish.py",
+    "test_generate.py",
+    "test_cards.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: a file's tests keep their order
+
 
 @pytest.fixture(scope="session")
 def uf_data() -> Path:
@@ -147,3 +172,14 @@ def built_catalog(path: Path, n_prompts: int):
     rank(catalog, 1, RankConfig(ranker="python", ranker_model="tests.scorers:longer_is_better"), progress=False)
     build_pairs(catalog, 1, BuildConfig())
     return catalog
+
+
+@pytest.fixture(scope="session")
+def shell_bin(tmp_path_factory):
+    """A folder with `iterdpo` and `python` for the bash scripts tests run as a user would (examples, a card's
+    rebuild script): each command a process of its own, forked from one that has imported torch, transformers and
+    TRL already (tests/forkserver.py), instead of a fresh interpreter importing them again."""
+    from tests.forkserver import shims
+
+    with shims(tmp_path_factory.mktemp("shell_bin"), {**os.environ, "PYTHONPATH": str(ROOT)}) as folder:
+        yield folder

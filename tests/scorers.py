@@ -25,5 +25,17 @@ def slow_longer_is_better(prompts, responses):
     return longer_is_better(prompts, responses)
 
 
+def records_prompts(prompts, responses):
+    """longer_is_better that appends each prompt it receives (a string, or a conversation's message list) to the
+    JSON-lines file $ITERDPO_TEST_SEEN: what a user's scorer sees."""
+    import json
+    import os
+
+    with open(os.environ["ITERDPO_TEST_SEEN"], "a", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps(p) + "\n")
+    return longer_is_better(prompts, responses)
+
+
 def shorter_is_better(prompts, responses):
     return [-float(len(r)) for r in responses]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,18 +33,8 @@ def rebuild_block(card: str) -> str:
     return rest.split("```bash\n", 1)[1].split("\n```", 1)[0] + "\n"
 
 
-def _shims(folder: Path) -> dict[str, str]:
-    """`iterdpo` and `python` as a user's shell finds them, running this checkout's code."""
-    folder.mkdir()
-    (folder / "iterdpo").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m builders.cli "$@"\n')
-    (folder / "iterdpo").chmod(0o755)
-    (folder / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a symlink would leave the venv
-    (folder / "python").chmod(0o755)
-    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-
-
 def test_the_cards_rebuild_script_registers_the_published_snapshots_again_on_a_fresh_catalog(
-    cli, tmp_path, tiny_models
+    cli, tmp_path, tiny_models, shell_bin
 ):
     """Two iterations through the CLI, with a DPO round between them (training is deterministic on a CPU, so the
     second iteration's responses replay too), staged; the card's commands run as a script in an empty folder."""
@@ -95,7 +84,8 @@ def test_the_cards_rebuild_script_registers_the_published_snapshots_again_on_a_f
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "rebuild.sh").write_text(script)
-    env = {**os.environ, **_shims(tmp_path / "bin")}
+    # `iterdpo` and `python` as a user's shell finds them, running this checkout's code
+    env = {**os.environ, "PATH": f"{shell_bin}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     env.pop("BASE_MODEL", None)
     unset = subprocess.run(["bash", "rebuild.sh"], cwd=fresh, env=env, capture_output=True, text=True, timeout=60)
     assert unset.returncode != 0 and "BASE_MODEL" in unset.stderr and not (fresh / "catalog.duckdb").exists()

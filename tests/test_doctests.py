@@ -17,6 +17,12 @@ MODULES = [
     "builders.evaluate",
     "builders.catalog",
     "builders.prompts",
+    "builders.combine",
+    "builders.conversation",
+    "builders.textnorm",
+    "builders.sources",
+    "builders.decontaminate",
+    "builders.dedup",
     "builders.preferences",
     "builders.reward_eval",
 ]

@@ -6,17 +6,18 @@ The working directory is what `make quickstart` leaves in a checkout: data/, tra
 repository, and quickstart/ made by `iterdpo quickstart --workdir quickstart` itself, on the tiny generator laid
 where the quickstart imports SmolLM2 (quickstart/models/smollm2: the import is skipped when a model is there). So it
 is the quickstart's own pipeline, sizes, vLLM backend and recipe, and `iterdpo run pipelines/quickstart.yaml` or the
-quickstart again find every step done. `iterdpo` and `python` on PATH are this checkout's; no token, offline.
+quickstart again find every step done. `iterdpo` and `python` on PATH are this checkout's (tests/forkserver.py:
+each command a process of its own, forked with torch, transformers and TRL imported); no token, offline.
 
 Each example runs in that directory with the catalog it names, and must exit 0 and leave every file of quickstart/
 (and the repository files beside it) byte for byte as they were. A README block that needs the network, GPUs or a
 file of the user's is listed in README_SKIPPED with the reason, and reported as skipped; every other block runs.
 Only ```bash and ```python blocks are examples (```yaml blocks are recipe fragments; bare ones show output).
 
-Cost (the suite's longest file): the quickstart fixture (4 vLLM start-ups, 3 tiny DPO runs), then ~30 processes,
-of which `models import-gguf` (converting the real SmolLM2 GGUF), best-of-n, generate, train and the README's
-Python API block take most: 6.5 minutes measured on 2 cores shared with other jobs (load average 5; the fixture
-80 s, import-gguf 65 s, 4 CPU-minutes in all), 12.7 minutes at load average 9.
+Cost (the suite's longest file): the quickstart fixture (a fresh process, as `make quickstart`: 4 vLLM start-ups,
+3 tiny DPO runs), then ~30 commands, of which `models import-gguf` (converting the real SmolLM2 GGUF), best-of-n,
+generate, train and the README's Python API block take most. Forked with the imports done, the commands spend
+their time on their own work: 6-10 s less each for those that load a model.
 """
 
 from __future__ import annotations
@@ -123,28 +124,26 @@ class Checkout:
 
 
 @pytest.fixture(scope="module")
-def checkout(tmp_path_factory, tiny_models) -> Checkout:
+def checkout(tmp_path_factory, tiny_models, shell_bin) -> Checkout:
     root = tmp_path_factory.mktemp("checkout")
-    bin_dir = tmp_path_factory.mktemp("bin")
-    for name, command in (("iterdpo", f'"{sys.executable}" -m builders.cli'), ("python", f'"{sys.executable}"')):
-        (bin_dir / name).write_text(f'#!/bin/sh\nexec {command} "$@"\n')
-        (bin_dir / name).chmod(0o755)
     (root / "data").mkdir()
     for name in ("ultrafeedback_sample.jsonl", "ultrafeedback_pairs.jsonl"):  # the prompts; the labelled pairs
         shutil.copy(ROOT / "data" / name, root / "data")
+    shutil.copytree(ROOT / "data" / "benchmarks", root / "data" / "benchmarks")  # prompts decontaminate's examples
     for folder in ("train", "pipelines"):
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_models / "generator", root / "quickstart" / "models" / "smollm2")
     env = {k: v for k, v in os.environ.items() if k not in ("ITERDPO_CATALOG", "HF_TOKEN", "PYTHONPATH")}
     env.update(
-        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        PATH=f"{shell_bin}{os.pathsep}{env['PATH']}",  # this checkout's `iterdpo` and `python`, imports ready
         PYTHONPATH=str(ROOT),
         HF_HUB_OFFLINE="1",
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
     )
     made = Checkout(root, env, {})
-    done = made.run("iterdpo quickstart --workdir quickstart", timeout=1200)  # what `make quickstart` runs
+    # what `make quickstart` runs, in a fresh interpreter of its own
+    done = made.run(f'"{sys.executable}" -m builders.cli quickstart --workdir quickstart', timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (root / "quickstart" / "models" / "iteration_3" / "model.safetensors").is_file()
     made.before = made.digest()

@@ -8,12 +8,15 @@ The default ranker, `llm-blender/PairRM`, is used by name: its config names its 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE, run_iterdpo
+from tests.conftest import ROOT, SAMPLE
+from tests.forkserver import shims
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 GENERATOR = "iterdpo-test/tiny-mistral"
@@ -58,17 +61,24 @@ def hf_home(tmp_path_factory, tiny_models) -> Path:
 
 @pytest.fixture(scope="module")
 def iterdpo(hf_home, tmp_path_factory):
+    """`iterdpo ARGS` in a process of its own, as a user's shell runs it with HF_HOME set (forked with the imports
+    done, tests/forkserver.py: huggingface_hub reads the cache's place when imported, so the server is this
+    module's, started with that environment)."""
     catalog = tmp_path_factory.mktemp("hubcat") / "c.duckdb"
-    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_home / "hub")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hf_home / "hub"))
 
-    def run(*args: str, timeout: float = 300):
-        result = run_iterdpo("--catalog", catalog, *args, env=env, timeout=timeout)
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout) if "--json" in args else result
+    with shims(tmp_path_factory.mktemp("hub_bin"), env) as bin_dir:
 
-    run("prompts", "import", SAMPLE)
-    run("prompts", "split", "--iterations", "1", "--train-size", "6", "--test-size", "2")
-    return run
+        def run(*args: str, timeout: float = 300):
+            argv = [str(bin_dir / "iterdpo"), "--catalog", str(catalog), *map(str, args)]
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+            assert result.returncode == 0, result.stderr
+            return json.loads(result.stdout) if "--json" in args else result
+
+        run("prompts", "import", SAMPLE)
+        run("prompts", "split", "--iterations", "1", "--train-size", "6", "--test-size", "2")
+        yield run
 
 
 def _snapshots(doc: dict) -> list[dict]:

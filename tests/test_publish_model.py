@@ -65,7 +65,7 @@ def test_dry_run_stages_a_model_that_transformers_loads_and_a_card_that_ties_it_
     assert card.data.get("base_model") is None  # the base is a local folder, not a hub id
     model_snap = trained.newest("model", 1)
     assert model_snap.parents == [trained.newest("pairs", 1, "train").id]
-    assert model_snap.parents[0][:12] in card.text and model_snap.id in card.text
+    assert trained.parent(model_snap, "pairs").id[:12] in card.text and model_snap.id in card.text
     assert "c0ffeec0ffee" in card.text  # the dataset commit its pairs were published in
     assert "beta: 0.01" in card.text and "[INST] {prompt} [/INST]" in card.text
     assert "Pairs used: 8, dropped by the trainer (e.g. over max_length): 0" in card.text

@@ -42,7 +42,8 @@ def test_quickstart_small(tmp_path, tiny_models):
     models = [s for s in report.snapshots if s.kind == "model"]
     gen2 = next(s for s in report.snapshots if (s.kind, s.iteration, s.split) == ("generations", 2, "train"))
     assert gen2.params["model"] == str((tmp_path / "qs" / "models" / "iteration_1").resolve())
-    assert gen2.parents[1] == next(s.id for s in models if s.iteration == 1)  # lineage: model 1 made these
+    catalog = Catalog(report.catalog)
+    assert catalog.parent(gen2, "model").id == next(s.id for s in models if s.iteration == 1)  # model 1 made these
     # the final model (iteration 2's) answered the test prompts of block 3, which no iteration used
     gen3 = next(s for s in report.snapshots if (s.kind, s.iteration, s.split) == ("generations", 3, "test"))
     assert gen3.params["model"] == str((tmp_path / "qs" / "models" / "iteration_2").resolve())
@@ -50,7 +51,6 @@ def test_quickstart_small(tmp_path, tiny_models):
     assert (report.hub / "README.md").exists() and (report.hub / "trl").is_dir()
 
     # the reward table is the catalog's scores of each iteration's test responses (not scored again)
-    catalog = Catalog(report.catalog)
     assert [r["iteration"] for r in report.rewards] == [1, 2, 3]
     for row in report.rewards:
         scores = catalog.get(row["scores"])

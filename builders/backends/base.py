@@ -16,7 +16,7 @@ from builders.errors import InputError
 @dataclass
 class Request:
     prompt_id: str
-    prompt: str
+    prompt: str | list[dict[str, str]]  # a string, or a conversation (builders.conversation: messages, last a user's)
     seed: int
     text: str | None = None  # rendered with the chat template (transformers / vllm)
     token_ids: list[int] | None = None
@@ -32,7 +32,8 @@ class Sample:
 
 
 class Generator(Protocol):
-    """A backend. `prepare` renders prompts (a Request, or why the prompt is skipped); `generate` returns
+    """A backend. `prepare` renders prompts, each a string or a conversation (a Request, or why the prompt is
+    skipped); `generate` returns
     `sampling.num_responses` samples per request (an empty list: the server refused the prompt as too long).
     Sampling is passed with every call, so what a stage records is what the engine ran."""
 
@@ -57,9 +58,10 @@ def call_sampling(given: SamplingConfig | None, default: SamplingConfig | None) 
 
 
 class Ranker(Protocol):
-    """Scores for each prompt's candidates (higher is better)."""
+    """Scores for each prompt's candidates (higher is better). A prompt is a string, or a conversation (a list of
+    {role, content} messages ending with the user turn the candidates answer; builders.conversation)."""
 
-    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]: ...
+    def score(self, prompts: Sequence[Any], candidates: Sequence[Sequence[str]]) -> list[list[float]]: ...
 
     def describe(self) -> dict[str, Any]: ...
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from builders.backends.base import device_for
 from builders.backends.pairrm import backbone_ref, pairrm_config
+from builders.conversation import render_lines
 from builders.models import resolve_folder
 
 
@@ -54,7 +55,9 @@ class LlmBlender:
     def close(self) -> None:
         pass  # the weights go with the object; nothing else to release
 
-    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    def score(self, prompts: Sequence[Any], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        # a conversation as PairRM's rendered history (whole: llm-blender's own truncation applies to it)
+        prompts = [p if isinstance(p, str) else "\n".join(render_lines(p)) for p in prompts]
         out = []
         for start in range(0, len(prompts), self.batch_size):
             got = self.blender.rank(

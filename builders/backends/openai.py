@@ -13,11 +13,9 @@ import collections
 import concurrent.futures
 import contextvars
 import hashlib
-import math
 import os
 import queue
 import random
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,8 +23,9 @@ from typing import Any
 
 from builders.backends.base import Request, Sample
 from builders.backends.base import call_sampling as _sampling
-from builders.config import OpenAIConfig, SamplingConfig
-from builders.errors import InputError, IterdpoError
+from builders.config import OpenAIConfig, SamplingConfig, validate_openai
+from builders.conversation import as_messages
+from builders.errors import InputError, IterdpoError, redact
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 TOO_LONG_HINTS = ("context length", "maximum context", "too long", "max_model_len", "context_length")
@@ -39,48 +38,6 @@ TIMED_OUT = "timed out"
 
 class ServerError(IterdpoError):
     """The server could not be reached, or refused, after the allowed retries."""
-
-
-def validate_openai(cfg: OpenAIConfig) -> None:
-    """Every option of the backend, before any work (a concurrency of 0 would wait forever)."""
-    if not re.match(r"https?://[^/\s]+", cfg.base_url or ""):
-        raise InputError(
-            f"base_url must be an http:// or https:// URL, not {redact(cfg.base_url)!r}", option="base_url"
-        )
-    if not cfg.api_key_env or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.api_key_env):
-        raise InputError(
-            f"api_key_env must name an environment variable (e.g. OPENAI_API_KEY), not {cfg.api_key_env!r}",
-            option="api_key_env",
-        )
-    if not isinstance(cfg.concurrency, int) or cfg.concurrency < 1:
-        raise InputError(f"concurrency must be at least 1, not {cfg.concurrency}", option="concurrency")
-    if not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
-        raise InputError(f"max_retries must be 0 or more, not {cfg.max_retries}", option="max_retries")
-    t = cfg.request_timeout
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
-        raise InputError(f"request_timeout must be a positive number of seconds, not {t}", option="request_timeout")
-    if not isinstance(cfg.backoff, (int, float)) or not math.isfinite(cfg.backoff) or cfg.backoff < 0:
-        raise InputError(f"the retry backoff must be 0 or more seconds, not {cfg.backoff}")
-
-
-_SECRET_PATTERNS = (
-    re.compile(r"(?i)(bearer\s+)[^\s\"',;]+"),  # an echoed Authorization header
-    re.compile(r"\bsk-[A-Za-z0-9_\-]{4,}"),  # OpenAI-style keys
-    re.compile(r"(?i)((?:api[_-]?key|token|authorization)[\"']?\s*[:=]\s*[\"']?)(?!bearer\s)[^\s\"',;}]+"),
-    re.compile(r"(//)[^/@\s]+(?=@)"),  # credentials in a URL
-)
-
-
-def redact(text: str | None, *secrets: str | None) -> str:
-    """`text` without the given secrets or anything shaped like a key: error bodies of some servers echo the
-    request's Authorization header, and they end up on a user's terminal and in CI logs."""
-    text = text or ""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
-    return text
 
 
 class _End:
@@ -320,7 +277,7 @@ class OpenAIGenerator:
     def _body(self, req, s: SamplingConfig) -> dict[str, Any]:
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": req.prompt}],
+            "messages": as_messages(req.prompt),
             "n": s.num_responses,
             "temperature": s.temperature,
             "top_p": s.top_p,

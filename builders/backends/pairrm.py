@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.backends.base import device_for
+from builders.conversation import fit_history
 from builders.errors import InputError, one_line
 from builders.models import resolve_folder
 
@@ -128,17 +129,28 @@ class PairRM:
     def close(self) -> None:
         pass  # the weights go with the object; nothing else to release
 
-    def encode(self, prompt: str, candidates: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    def source_text(self, prompt: Any) -> str:
+        """The source segment's text: a string prompt as it is; a conversation as its rendered history within the
+        source budget, the oldest turns cut first and the last user turn never (builders.conversation)."""
+        tok = self.tokenizer
+
+        def length(text: str) -> int:
+            return len(tok(PAIRRM_PREFIXES[0] + text.replace(self.sep, " "))["input_ids"])
+
+        return fit_history(prompt, length, self.source_max)
+
+    def encode(self, prompt: Any, candidates: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the source and of each candidate, truncated as llm-blender does for a batch of one."""
         tok = self.tokenizer
-        src = tok(PAIRRM_PREFIXES[0] + prompt.replace(self.sep, " "), max_length=self.source_max, truncation=True)[
+        text = self.source_text(prompt)
+        src = tok(PAIRRM_PREFIXES[0] + text.replace(self.sep, " "), max_length=self.source_max, truncation=True)[
             "input_ids"
         ]
         budget = self.candidate_max + (self.source_max - len(src)) // 2
         texts = [PAIRRM_PREFIXES[3] + c.replace(self.sep, " ") for c in candidates]
         return src, tok(texts, max_length=budget, truncation=True)["input_ids"]
 
-    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    def score(self, prompts: Sequence[Any], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         import torch
 
         pairs = []  # (length, prompt index, i, j, ids, cand1 position, cand2 position)

@@ -1,4 +1,6 @@
-"""The `python` ranker: `module:function(prompts, responses) -> scores` over flat, equal-length lists."""
+"""The `python` ranker: `module:function(prompts, responses) -> scores` over flat, equal-length lists. A prompt is
+its string, or, for a conversation (or a prompt given a system prompt), its list of {role, content} messages
+ending with the user turn the response answers (TRL's conversational form)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class PythonScorer:
     def close(self) -> None:
         pass  # a function holds nothing to give back
 
-    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    def score(self, prompts: Sequence[Any], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         flat_p = [p for p, cands in zip(prompts, candidates) for _ in cands]
         flat_r = [c for cands in candidates for c in cands]
         got = self.fn(flat_p, flat_r)

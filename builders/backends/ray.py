@@ -22,11 +22,9 @@ backends and rankers; wrapping our backends keeps one code path for every engine
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
 import os
-import re
 import sys
 import time
 import uuid
@@ -36,36 +34,12 @@ from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
-from builders.config import EXECUTORS, ExecutorConfig, GenerateConfig, RankConfig
+from builders.config import ExecutorConfig, GenerateConfig, RankConfig
 from builders.errors import InputError, IterdpoError, one_line
 from builders.stage import Finished, Producer, chunks
 
 ATTEMPTS = 3  # a chunk whose actor is gone for good goes to a new actor at most this often, then the run fails
 DEPTH = 2  # chunks queued per actor: it starts the next while the driver commits the last
-INSTALL = "pip install 'iterdpo[ray]'"
-_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.\-]+:\d+)$")
-
-
-def validate_executor(ex: ExecutorConfig) -> None:
-    """Every executor option, before any input is read (imports nothing)."""
-    if ex.executor not in EXECUTORS:
-        raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, not {ex.executor!r}", option="executor")
-    if not isinstance(ex.replicas, int) or isinstance(ex.replicas, bool) or ex.replicas < 1:
-        raise InputError(f"replicas must be at least 1, not {ex.replicas}", option="replicas")
-    if ex.executor == "local":
-        if ex.replicas != 1:
-            raise InputError(
-                f"replicas {ex.replicas} needs the ray executor; the local one runs a single backend", option="replicas"
-            )
-        if ex.ray_address is not None:
-            raise InputError("ray_address needs the ray executor", option="ray_address")
-        return
-    if ex.ray_address is not None and not _ADDRESS.match(str(ex.ray_address)):
-        raise InputError(
-            f"ray_address must be auto, HOST:PORT or ray://HOST:PORT, not {ex.ray_address!r}", option="ray_address"
-        )
-    if importlib.util.find_spec("ray") is None:
-        raise InputError(f"the ray executor needs Ray, which is not installed: {INSTALL}")
 
 
 def _address(ex: ExecutorConfig) -> str:

@@ -6,13 +6,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from builders.backends.base import device_for, unflatten
+from builders.conversation import as_messages, render_lines
 from builders.errors import InputError, one_line
 from builders.models import resolve_folder
 
 
 class ScalarRM:
     """AutoModelForSequenceClassification over (prompt, response), rendered with the chat template when the
-    tokenizer has one (reward models trained on conversations), else as a text pair."""
+    tokenizer has one (reward models trained on conversations: a conversation prompt is the whole history), else
+    as a text pair (a conversation as its rendered lines)."""
 
     def __init__(self, ref: str, device: str | None = None, batch_size: int = 16):
         import torch
@@ -48,19 +50,18 @@ class ScalarRM:
     def close(self) -> None:
         pass  # the weights go with the object; nothing else to release
 
-    def _inputs(self, prompts: list[str], responses: list[str]):
+    def _inputs(self, prompts: list[Any], responses: list[str]):
         tok = self.tokenizer
         if tok.chat_template:
             texts = [
-                tok.apply_chat_template(
-                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
-                )
+                tok.apply_chat_template([*as_messages(p), {"role": "assistant", "content": r}], tokenize=False)
                 for p, r in zip(prompts, responses)
             ]
             return tok(texts, padding=True, truncation=True, return_tensors="pt", add_special_tokens=False)
-        return tok(prompts, responses, padding=True, truncation=True, return_tensors="pt")
+        flat = [p if isinstance(p, str) else "\n".join(render_lines(p)) for p in prompts]
+        return tok(flat, responses, padding=True, truncation=True, return_tensors="pt")
 
-    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    def score(self, prompts: Sequence[Any], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         flat = [(p, c) for p, cands in zip(prompts, candidates) for c in cands]
         values: list[float] = []
         with self.torch.no_grad():

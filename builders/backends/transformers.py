@@ -11,6 +11,7 @@ from typing import Any
 from builders.backends.base import Request, Sample
 from builders.backends.base import call_sampling as _sampling
 from builders.config import SamplingConfig
+from builders.conversation import as_messages
 from builders.errors import InputError, one_line
 
 
@@ -41,14 +42,10 @@ class Templated:
     def prepare(
         self, prompts: Sequence[tuple[str, str, int]], sampling: SamplingConfig | None = None
     ) -> list[Request | str]:
-        """(prompt_id, prompt, seed) -> a rendered, tokenized Request, or "too_long" (no room for max_tokens)."""
+        """(prompt_id, prompt, seed) -> a rendered, tokenized Request, or "too_long" (no room for max_tokens). A
+        prompt is a string or a conversation (its system message, if any, must show in the rendered text)."""
         max_tokens = _sampling(sampling, self.sampling).max_tokens
-        texts = [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for _, p, _ in prompts
-        ]
+        texts = [render(self.tokenizer, p, f"model {self.model!r}", pid) for pid, p, _ in prompts]
         # one batched call (the fast tokenizer parallelises it); the template writes BOS itself
         all_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         out: list[Request | str] = []
@@ -60,6 +57,50 @@ class Templated:
     def template_info(self) -> dict[str, Any]:
         template = self.tokenizer.chat_template
         return {"chat_template": template, "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()}
+
+
+def render(tokenizer: Any, prompt: str | list[dict[str, str]], where: str, prompt_id: str | None = None) -> str:
+    """`prompt` rendered by the tokenizer's chat template for generation. A template that fails on a conversation
+    (e.g. one that refuses a system role) or drops its system message is an InputError: the model would silently
+    be asked something else than the prompt."""
+    messages = as_messages(prompt)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja2's TemplateError, or raise_exception() in the template
+        about = f" for prompt {prompt_id}" if prompt_id else ""
+        raise InputError(
+            f"{where}: its chat template cannot render the conversation{about} ({one_line(e)}); "
+            f"give a --chat-template that does",
+            option="chat_template",
+        ) from None
+    if messages[0]["role"] == "system" and messages[0]["content"] not in text:
+        raise InputError(
+            f"{where}: its chat template drops the system message; give a --chat-template that renders a "
+            f"system role (or no --system-prompt)",
+            option="chat_template",
+        )
+    return text
+
+
+# a system message and two turns: what a template must render for --system-prompt and conversations
+PROBE = [
+    {"role": "system", "content": "iterdpo-probe-system"},
+    {"role": "user", "content": "iterdpo-probe-user-1"},
+    {"role": "assistant", "content": "iterdpo-probe-assistant"},
+    {"role": "user", "content": "iterdpo-probe-user-2"},
+]
+
+
+def check_template(tokenizer: Any, where: str) -> None:
+    """Before any work: the chat template renders a system message and a multi-turn conversation, every message."""
+    text = render(tokenizer, PROBE, where)
+    lost = [m["role"] for m in PROBE if m["content"] not in text]
+    if lost:
+        raise InputError(
+            f"{where}: its chat template drops the {', '.join(dict.fromkeys(lost))} message(s) of a conversation; "
+            f"give a --chat-template that renders them",
+            option="chat_template",
+        )
 
 
 class TransformersGenerator(Templated):

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from builders.errors import InputError
-from builders.schemas import Kind
+from builders.schemas import OPTIONAL_COLUMNS, Kind
 
 _ID_HEADER = "iterdpo-snapshot/1"
 
@@ -22,6 +22,9 @@ _ID_HEADER = "iterdpo-snapshot/1"
 #   string/binary: 8-byte little-endian byte length + the UTF-8 bytes;  integer: 8-byte LE int64;
 #   float: 8-byte LE IEEE-754 (NaN and infinities are refused);  bool: 1 byte;
 #   list: 8-byte LE element count + each element;  struct: each field in declared order.
+# Except: a null in an optional column (schemas.Kind.optional: trailing columns added after ids were pinned, such as
+# a prompt's `messages`) adds no bytes at all, so a row without one hashes exactly as before the column existed; a
+# row with one has more bytes after the same prefix, so the two never collide.
 # Built column-wise with Arrow kernels, so hashing costs one sha256 call per row, not Python work per value.
 def _prefixed(valid: np.ndarray, numbers: np.ndarray) -> pa.Array:
     """9 bytes per value: presence byte + 8-byte LE number; for a null, the single byte 0."""
@@ -69,11 +72,21 @@ def _encode(arr: pa.Array) -> pa.Array:
     raise InputError(f"cannot hash values of type {t}")
 
 
+def _encode_column(name: str, col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    encoded = _encode(col)
+    if name in OPTIONAL_COLUMNS and col.null_count:
+        return pc.if_else(col.is_valid(), encoded, b"")
+    return encoded
+
+
 def row_hashes(table: pa.Table) -> list[bytes]:
     """sha256 of each row's canonical bytes (see above)."""
     if table.num_rows == 0:
         return []
-    rows = _join(*[_encode(col) for col in table.columns]) if table.num_columns > 1 else _encode(table.column(0))
+    encoded = [_encode_column(name, col) for name, col in zip(table.column_names, table.columns)]
+    rows = _join(*encoded) if len(encoded) > 1 else encoded[0]
     offsets = np.frombuffer(rows.buffers()[1], dtype=np.int32)[rows.offset : rows.offset + len(rows) + 1]
     data = memoryview(rows.buffers()[2])
     sha = hashlib.sha256

@@ -64,11 +64,13 @@ class Merge:
         for k in present:
             rt = store.rows_table(k.name)
             cols = ["row_hash", *k.columns, *(store.REF_COLUMNS if k.name == "pairs" and src_refs else ())]
+            # an older source lacks the optional columns: they read as nulls
+            selected = store.select_columns(con, k, cols, alias="s", database="src")
             counts["rows"] += fetch_one(
                 con,
                 f"""
                 INSERT INTO {rt} BY NAME SELECT (SELECT coalesce(max(row_id), 0) FROM {rt})
-                       + row_number() OVER (ORDER BY s.row_id) AS row_id, {", ".join("s." + c for c in cols)}
+                       + row_number() OVER (ORDER BY s.row_id) AS row_id, {selected}
                 FROM src.{rt} s ANTI JOIN {rt} r ON s.row_hash = r.row_hash""",
             )[0]
         # new snapshots, numbered after ours in their source order

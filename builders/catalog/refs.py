@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from builders.catalog.db import fetch_arrow
 from builders.catalog.hashing import row_hashes
-from builders.catalog.store import REF_COLUMNS, REF_SCHEMA, has_refs, key_range, rows_table
+from builders.catalog.store import REF_COLUMNS, REF_SCHEMA, has_refs, key_range, rows_table, select_columns
 from builders.errors import CatalogError
 from builders.schemas import KINDS
 
@@ -305,7 +305,7 @@ def _same_texts(con: duckdb.DuckDBPyConnection, kind: str, column: str, refs: pa
     rt = rows_table(kind)
     con.register("_wanted", pa.table({"h": pc.unique(refs)}))
     try:
-        others = ", ".join(f"r.{c}" for c in k.columns if c != column)
+        others = select_columns(con, k, [c for c in k.columns if c != column])
         stored = fetch_arrow(con, f"SELECT r.row_hash, {others} FROM {rt} r SEMI JOIN _wanted w ON r.row_hash = w.h")
     finally:
         con.unregister("_wanted")

@@ -29,7 +29,7 @@ from builders.catalog.db import Database, atomic, execute, fetch_all, fetch_arro
 from builders.catalog.hashing import row_hashes, snapshot_id, sort_order
 from builders.config import CatalogConfig
 from builders.errors import InputError, NotFound
-from builders.schemas import KINDS, SPLITS, conform
+from builders.schemas import KINDS, SPLITS, conform, without_unused
 from builders.schemas import kind as get_kind
 
 _MIN_PREFIX = 4
@@ -339,11 +339,12 @@ class Snapshots:
         return found[0] if found else None
 
     def read(self, ref: str) -> pa.Table:
-        """The rows of a snapshot, in canonical order, with the kind's declared schema."""
+        """The rows of a snapshot, in canonical order, with the kind's declared schema; an optional column that is
+        null in every row is left out (a pool of string prompts reads as before conversations: no `messages`)."""
         snap = self.get(ref)
         k = get_kind(snap.kind)
         with self.db.connect(read_only=True) as con:
-            cols = ", ".join(f"r.{c}" for c in k.columns) + (f", {refs.select_list(con)}" if k.name == "pairs" else "")
+            cols = store.select_columns(con, k, k.columns) + (f", {refs.select_list(con)}" if k.name == "pairs" else "")
             table = fetch_arrow(
                 con,
                 f"SELECT {cols} FROM snapshot_rows s JOIN {store.rows_table(k.name)} r "
@@ -353,7 +354,7 @@ class Snapshots:
             )
             if k.name == "pairs":
                 table = refs.expand(con, table)
-            return conform(table, k)
+            return without_unused(conform(table, k), k)
 
     def read_batches(
         self, ref: str, batch_rows: int | None = None, *, columns: Sequence[str] | None = None, with_hash: bool = False
@@ -382,7 +383,6 @@ class Snapshots:
         # pairs rows stored by reference are rebuilt batch by batch (refs.expand), from their reference columns
         refd = refs.needed(k.name, names)
         wide = pa.schema([*schema, *store.REF_SCHEMA]) if refd else schema
-        cols = ", ".join(f"r.{c}" for c in schema.names)
         order = ", ".join(f"r.{c}" for c in k.key)
         members = (
             f"FROM snapshot_rows s JOIN {store.rows_table(k.name)} r ON s.row_id = r.row_id "
@@ -395,6 +395,7 @@ class Snapshots:
         if snap.rows <= size:  # one batch: sorted by DuckDB in one small query
             with self._reading() as con:
                 extra = f", {refs.select_list(con)}" if refd else ""
+                cols = store.select_columns(con, k, schema.names)  # an older file's absent columns: nulls
                 table = fetch_arrow(con, f"SELECT {cols}{extra} {members} ORDER BY {order}", [snap.id])
                 table = full(table.rename_columns(wide.names), con)
             if table.num_rows:
@@ -412,6 +413,7 @@ class Snapshots:
             try:
                 with self._reading() as con:
                     extra = f", {refs.select_list(con)}" if refd else ""
+                    cols = store.select_columns(con, k, schema.names)
                     reader = con.sql(f"SELECT r.row_id, {cols}{extra} {members}", params=[snap.id]).to_arrow_reader(
                         min(size, _STREAM_ROWS)
                     )

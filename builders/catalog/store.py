@@ -22,7 +22,8 @@ from builders.schemas import KINDS, Kind
 
 # 2: pairs rows may refer to the prompts and generations rows that hold their texts (REF_COLUMNS) instead of
 # repeating them (builders.catalog.refs)
-SCHEMA_VERSION = 2
+# 3: prompts rows have an optional `messages` column (a conversation; null for a string prompt, builders.conversation)
+SCHEMA_VERSION = 3
 
 # The columns of rows_pairs that hold a row's references (schema 2; builders.catalog.refs says what they mean), in
 # SQL and in Arrow.
@@ -103,12 +104,16 @@ def check_schema(con: duckdb.DuckDBPyConnection, read_only: bool, *, path: Path)
             f"catalog {path} has schema version {version}, newer than this iterdpo {__version__} "
             f"understands ({SCHEMA_VERSION}); upgrade iterdpo"
         )
-    if version == 1:
-        # in place, once, at the first write: version 1 has only full rows, which stay valid as they are.
-        # A read-only open reads it as it is (has_refs is False), so a source of `merge` is never written.
+    if version in (1, 2):
+        # in place, once, at the first write: the rows of an older version stay valid as they are (version 1 has
+        # only full pairs rows; before 3 no prompt is a conversation). A read-only open reads it as it is
+        # (has_refs is False, absent optional columns read as nulls: select_columns), so a source of `merge` is
+        # never written.
         if not read_only:
             with atomic(con):
-                _add_ref_columns(con)
+                if version == 1:
+                    _add_ref_columns(con)
+                _add_optional_columns(con)
                 execute(con, "UPDATE iterdpo_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
         return
     if version < SCHEMA_VERSION:
@@ -151,6 +156,40 @@ def has_rows_table(con: duckdb.DuckDBPyConnection, kind: str, database: str | No
 def _add_ref_columns(con: duckdb.DuckDBPyConnection) -> None:
     for name, sql_type in REF_COLUMNS.items():
         execute(con, f"ALTER TABLE {rows_table('pairs')} ADD COLUMN {name} {sql_type}")
+
+
+# the SQL types of the optional columns (schemas.Kind.optional), added to older catalogs by the schema 3 migration
+OPTIONAL_SQL = {("prompts", "messages"): "STRUCT(content VARCHAR, role VARCHAR)[]"}
+
+
+def _add_optional_columns(con: duckdb.DuckDBPyConnection) -> None:
+    for (kind, name), sql_type in OPTIONAL_SQL.items():
+        execute(con, f"ALTER TABLE {rows_table(kind)} ADD COLUMN IF NOT EXISTS {name} {sql_type}")
+
+
+def _has_column(con: duckdb.DuckDBPyConnection, table: str, column: str, database: str | None) -> bool:
+    where = "database_name = current_database()" if database is None else f"database_name = '{sql_str(database)}'"
+    return bool(
+        fetch_one(
+            con,
+            f"SELECT count(*) FROM duckdb_columns() WHERE {where} AND table_name = ? AND column_name = ?",
+            [table, column],
+        )[0]
+    )
+
+
+def select_columns(
+    con: duckdb.DuckDBPyConnection, k: Kind, names: Iterable[str], alias: str = "r", database: str | None = None
+) -> str:
+    """`names` of `alias` (a rows table of kind `k`) for a SELECT list: an optional column that this file lacks
+    (an older schema opened read-only) reads as NULL."""
+    out = []
+    for name in names:
+        if name in k.optional and not _has_column(con, rows_table(k.name), name, database):
+            out.append(f"NULL::{OPTIONAL_SQL[(k.name, name)]} AS {name}")
+        else:
+            out.append(f"{alias}.{name}")
+    return ", ".join(out)
 
 
 def has_refs(con: duckdb.DuckDBPyConnection, database: str | None = None) -> bool:

