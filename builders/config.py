@@ -651,6 +651,43 @@ def check_threads(threads: Any) -> None:
         )
 
 
+REWARD_RECIPE = RECIPES / "reward-cpu.yaml"
+
+
+@dataclass(frozen=True)
+class RewardTrainConfig:
+    """`reward train`: a reward model from labelled pairs with TRL's RewardTrainer (builders/reward_train.py)."""
+
+    data: str = opt(
+        help="Preference pairs: a .jsonl/.json/.parquet file or datasets folder, a hub dataset id[:split], or a "
+        "catalog pairs/preferences snapshot (id, tag or selector)."
+    )
+    base: str | None = opt(None, "Base model folder or hub id (default: the recipe's model_name_or_path).")
+    output_dir: Path | None = opt(None, "Where the reward model is saved (default: the recipe's output_dir).")
+    recipe: Path | None = opt(
+        None, "A YAML of TRL RewardConfig options and ModelConfig's dtype (default: train/recipes/reward-cpu.yaml)."
+    )
+    eval_fraction: float = opt(0.2, "Share of the prompts held out (all their pairs) for the held-out accuracy.")
+    overwrite: bool = opt(False, "Train again into a non-empty output folder that is not this training's.")
+    threads: int | None = opt(None, "torch threads while training (default: as the process has them).")
+    progress: bool = True
+    trainer_logs: bool = False
+
+
+@dataclass(frozen=True)
+class RewardEvalConfig:
+    """`reward eval`: how often a scorer agrees with labelled pairs (builders/reward_eval.py)."""
+
+    data: str = opt(
+        help="Labelled pairs (a file, hub dataset or catalog pairs/preferences snapshot), or a reward snapshot: "
+        "the pairs it held out, scored by it unless a ranker is given."
+    )
+    ranker: RankConfig | None = None  # one scorer; None with a reward snapshot as data: that model
+    # a combination instead: (RankConfig, weight) pairs, combined per `method` (builders/combine.py)
+    components: tuple[tuple[RankConfig, float], ...] = ()
+    method: str = opt("zscore", "How --ranker-spec components combine: zscore, rank or weighted-sum.")
+
+
 @dataclass(frozen=True)
 class TrainingSection:
     """The pipeline's training: one recipe per iteration ({n} is the iteration); model n is saved in output_dir."""

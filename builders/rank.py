@@ -187,6 +187,9 @@ def rank(
         from builders.judge import judge_counts, judge_key
 
         keyed = judge_key(identity)  # the template's content decides, not its name or path
+    from builders.reward_train import learned_from
+
+    reward = learned_from(catalog, cfg)  # a reward model `reward train` made: a parent, so lineage reaches its labels
     settings: dict[str, Any] = {"ranker": cfg.ranker, "dtype": cfg.dtype}
     if cfg.ranker == "pairrm" and _on_gpu(cfg):
         # PairRM's scores are bit-identical across batch options on CPU (tested); GPU kernels may change with the
@@ -235,7 +238,7 @@ def rank(
                     out["judge_counts"] = judge_counts(catalog.work_units(key), units)
                 return out
 
-            yield SplitWork(split, key, items, [gen.id], params)
+            yield SplitWork(split, key, items, [gen.id, *reward], params)
 
     spec = StageSpec("rank", "scores", iteration, "ranker", producer(cfg), cfg.commit_seconds)
     return run_stage(catalog, spec, splits(), progress=progress, backend=ranker)

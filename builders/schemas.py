@@ -95,6 +95,38 @@ KINDS: dict[str, Kind] = {
             ),
             ("weights_sha256",),
         ),
+        Kind(
+            "preferences",
+            # labelled pairs imported from a file or hub dataset (`reward train`/`reward eval` data): one row per
+            # pair, as the source has it (ties included: the stages that read them count and drop those)
+            pa.schema(
+                [
+                    ("prompt_id", pa.string()),
+                    ("pair_index", pa.int32()),  # the pair's position among its prompt's pairs, in source order
+                    ("prompt", pa.list_(MESSAGE)),  # the turns before the answer (a string prompt: one user turn)
+                    ("chosen", pa.list_(MESSAGE)),  # the preferred answer's turn(s)
+                    ("rejected", pa.list_(MESSAGE)),
+                    ("score_chosen", pa.float64()),  # null where the source has no scores
+                    ("score_rejected", pa.float64()),
+                ]
+            ),
+            ("prompt_id", "pair_index"),
+        ),
+        Kind(
+            "reward",
+            # a reward model trained by `reward train` (builders/reward_train.py): the `model` kind's columns; its
+            # parents are the preference data it learned from, its held-out accuracy is in the params
+            pa.schema(
+                [
+                    ("path", pa.string()),
+                    ("weights_sha256", pa.string()),
+                    ("base_model", pa.string()),
+                    ("recipe", pa.string()),  # canonical YAML of the RewardConfig recipe, secrets redacted
+                    ("metrics", pa.string()),  # JSON text: the pair counts (train/eval pairs, ties, over max_length)
+                ]
+            ),
+            ("weights_sha256",),
+        ),
     )
 }
 

@@ -72,8 +72,10 @@ def _parser():
     return TrlParser((ScriptArguments, DPOConfig, ModelConfig, DatasetMixtureConfig))
 
 
-def load_recipe(path: Path, overrides: dict[str, Any] | None = None):
-    """Parse a recipe onto TRL's dataclasses; unknown keys, bad YAML or bad values fail here, before any work."""
+def load_recipe(path: Path, overrides: dict[str, Any] | None = None, parser=None):
+    """Parse a recipe onto TRL's dataclasses (`parser`: a TrlParser; default the `trl dpo` one); unknown keys, bad
+    YAML or bad values fail here, before any work. Returns the parsed dataclasses, the `env:` block and the recipe
+    as stored (`stored_recipe`)."""
     import yaml
 
     try:
@@ -93,15 +95,18 @@ def load_recipe(path: Path, overrides: dict[str, Any] | None = None):
         raise InputError(f"recipe {path}: `env` must be a mapping of variable names to values")
     stored = stored_recipe(raw, env)
     raw.update(overrides or {})
-    parser = _parser()
+    dpo = parser is None
+    parser = parser or _parser()
     known = {f for dc in parser.dataclass_types for f in dc.__dataclass_fields__}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise InputError(
-            f"recipe {path}: unknown key(s) {', '.join(unknown)} (TRL `trl dpo` options; renamed from "
-            f"alignment-handbook: torch_dtype -> dtype, dataset_mixer -> datasets, "
-            f"dataset_splits -> dataset_train_split/dataset_test_split)"
+        hint = (
+            "TRL `trl dpo` options; renamed from alignment-handbook: torch_dtype -> dtype, dataset_mixer -> "
+            "datasets, dataset_splits -> dataset_train_split/dataset_test_split"
+            if dpo
+            else f"options of {', '.join(dc.__name__ for dc in parser.dataclass_types)}"
         )
+        raise InputError(f"recipe {path}: unknown key(s) {', '.join(unknown)} ({hint})")
     _check_values(path, raw, parser.dataclass_types)
     import torch
 
@@ -116,10 +121,10 @@ def load_recipe(path: Path, overrides: dict[str, Any] | None = None):
                 + (", or use_cpu: true for bf16 autocast on the CPU" if flag == "bf16" else "")
             )
     try:
-        script, training, model, mixture = parser.parse_dict(raw)
+        parsed = parser.parse_dict(raw)
     except (ValueError, TypeError) as e:
         raise InputError(f"recipe {path}: {one_line(e)}") from None
-    return script, training, model, mixture, {str(k): str(v) for k, v in env.items()}, stored
+    return (*parsed, {str(k): str(v) for k, v in env.items()}, stored)
 
 
 def stored_recipe(raw: dict[str, Any], env: dict[str, Any]) -> str:
@@ -253,12 +258,12 @@ def pair_counts(before: Any, prepared: Any, max_length: int | None, split: str) 
     }
 
 
-def _scratch_dir(out: Path) -> Path:
+def _scratch_dir(out: Path, what: str = "train") -> Path:
     """Where the model is written before it is moved to `out`: beside it (same filesystem: the move is a rename).
     Named after the launcher's pid in a distributed run (torchrun's agent is every local rank's parent), so every
     process agrees on it."""
     launcher = os.getppid() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else os.getpid()
-    return out.parent / f"{scratch_dirs.prefix('train', out)}{launcher}"
+    return out.parent / f"{scratch_dirs.prefix(what, out)}{launcher}"
 
 
 def _work(iteration: int, recipe_text: str, base_model: str, dataset: str | None, parents: list[str]) -> dict[str, Any]:
@@ -280,7 +285,9 @@ def _marker(out: Path) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
-def _finish(catalog: Catalog, out: Path, marker: dict[str, Any], main: bool, progress: bool) -> TrainResult | None:
+def _finish(
+    catalog: Catalog, out: Path, marker: dict[str, Any], main: bool, progress: bool, kind: str = "model"
+) -> TrainResult | None:
     """The model that an earlier run of this same training moved into `out` (then it was stopped before the model
     was registered, or it is being run again): its weights verified against the marker and registered, without
     training. None when they do not verify (then it is trained again, into the same folder)."""
@@ -303,17 +310,17 @@ def _finish(catalog: Catalog, out: Path, marker: dict[str, Any], main: bool, pro
             )
         row["path"] = str(out.resolve())
         snap = catalog.register(
-            "model", pa.Table.from_pylist([row]), iteration=marker["work"]["iteration"], parents=parents, params=params
+            kind, pa.Table.from_pylist([row]), iteration=marker["work"].get("iteration"), parents=parents, params=params
         )
     return TrainResult(out, dict(params.get("metrics") or {}), snap, list(marker.get("warnings") or []), resumed=True)
 
 
-def _move_into_place(scratch: Path, out: Path, marker: dict[str, Any]) -> None:
+def _move_into_place(scratch: Path, out: Path, marker: dict[str, Any], written_by: str = "iterdpo train") -> None:
     """Make `out` the new model. A new or empty folder, or a model folder this function wrote (its marker), is
     replaced whole: the old one is set aside first and removed after the rename, so a crash leaves the old or the
     new model there. Any other folder (allowed by --overwrite) is a user's: our files replace theirs of the same
     name and nothing else there is touched."""
-    (scratch / MODEL_MARKER).write_text(json.dumps({"written_by": "iterdpo train", **marker}, sort_keys=True) + "\n")
+    (scratch / MODEL_MARKER).write_text(json.dumps({"written_by": written_by, **marker}, sort_keys=True) + "\n")
     if out.exists() and not any(out.iterdir()):
         out.rmdir()
     if not out.exists():

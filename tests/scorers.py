@@ -35,3 +35,7 @@ def records_prompts(prompts, responses):
         for p in prompts:
             f.write(json.dumps(p) + "\n")
     return longer_is_better(prompts, responses)
+
+
+def shorter_is_better(prompts, responses):
+    return [-float(len(r)) for r in responses]

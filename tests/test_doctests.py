@@ -24,6 +24,8 @@ MODULES = [
     "builders.decontaminate",
     "builders.dedup",
     "builders.judge",
+    "builders.preferences",
+    "builders.reward_eval",
 ]
 
 

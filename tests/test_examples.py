@@ -127,7 +127,8 @@ class Checkout:
 def checkout(tmp_path_factory, tiny_models, shell_bin) -> Checkout:
     root = tmp_path_factory.mktemp("checkout")
     (root / "data").mkdir()
-    shutil.copy(ROOT / "data" / "ultrafeedback_sample.jsonl", root / "data")
+    for name in ("ultrafeedback_sample.jsonl", "ultrafeedback_pairs.jsonl"):  # the prompts; the labelled pairs
+        shutil.copy(ROOT / "data" / name, root / "data")
     shutil.copytree(ROOT / "data" / "benchmarks", root / "data" / "benchmarks")  # prompts decontaminate's examples
     for folder in ("train", "pipelines"):
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))

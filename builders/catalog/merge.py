@@ -59,7 +59,9 @@ class Merge:
         # every row of the source comes along, so the rows that its pairs rows refer to (by hash) do too; a version 1
         # source (read as it is) has no references
         src_refs = store.has_refs(con, "src")
-        for k in KINDS.values():
+        # a source made before a kind existed has no rows table (and no snapshots) of it
+        present = [k for k in KINDS.values() if store.has_rows_table(con, k.name, "src")]
+        for k in present:
             rt = store.rows_table(k.name)
             cols = ["row_hash", *k.columns, *(store.REF_COLUMNS if k.name == "pairs" and src_refs else ())]
             # an older source lacks the optional columns: they read as nulls
@@ -79,7 +81,7 @@ class Merge:
                    s.kind, s.iteration, s.split, s.n_rows, s.params, s.created_at
             FROM src.snapshots s ANTI JOIN snapshots d ON s.id = d.id""",
         )[0]
-        for k in KINDS.values():
+        for k in present:
             rt = store.rows_table(k.name)
             # membership of snapshots that have none here yet (the ones just added), mapped through the row hash
             execute(
@@ -118,7 +120,7 @@ class Merge:
             """INSERT INTO work_units SELECT s.* FROM src.work_units s
                                                  ANTI JOIN work_units d ON s.work_key = d.work_key AND s.unit = d.unit""",
         )[0]
-        for k in KINDS.values():
+        for k in present:
             rt = store.rows_table(k.name)
             execute(
                 con,

@@ -75,7 +75,11 @@ def check_schema(con: duckdb.DuckDBPyConnection, read_only: bool, *, path: Path)
     """Check the schema of the catalog file `path` just attached (creating it in an empty file opened for writing,
     upgrading an older one in place at its first write)."""
     try:  # the common case in one cheap query
-        row = fetch_one(con, "SELECT value FROM iterdpo_meta WHERE key = 'schema_version'")
+        row = fetch_one(
+            con,
+            "SELECT value, (SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND starts_with(table_name, 'rows_')) FROM iterdpo_meta WHERE key = 'schema_version'",
+        )
     except duckdb.CatalogException:
         tables = {
             r[0]
@@ -90,6 +94,11 @@ def check_schema(con: duckdb.DuckDBPyConnection, read_only: bool, *, path: Path)
         _create(con)
         return
     version = int(row[0]) if row else 0
+    if row and row[1] < len(KINDS) and not read_only:
+        # a kind added since the file was made (preferences, reward): its rows table, at the first write; a
+        # read-only open reads the file as it is (no snapshot of that kind can be in it)
+        with atomic(con):
+            _add_kind_tables(con)
     if version > SCHEMA_VERSION:
         raise CatalogError(
             f"catalog {path} has schema version {version}, newer than this iterdpo {__version__} "
@@ -115,17 +124,33 @@ def _create(con: duckdb.DuckDBPyConnection) -> None:
     with atomic(con):
         for ddl in _DDL:
             execute(con, ddl)
-        for k in KINDS.values():
-            empty = _with_hash(k.schema.empty_table(), []).add_column(0, "row_id", pa.array([], pa.int64()))
-            con.register("_empty", empty)
-            execute(con, f"CREATE TABLE {rows_table(k.name)} AS SELECT * FROM _empty")
-            con.unregister("_empty")
+        _add_kind_tables(con)
         _add_ref_columns(con)
         execute(
             con,
             "INSERT INTO iterdpo_meta VALUES ('schema_version', ?), ('created_by', ?)",
             [str(SCHEMA_VERSION), f"iterdpo {__version__}"],
         )
+
+
+def _add_kind_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """The rows table of every kind that has none yet in this file."""
+    for k in KINDS.values():
+        if has_rows_table(con, k.name):
+            continue
+        empty = _with_hash(k.schema.empty_table(), []).add_column(0, "row_id", pa.array([], pa.int64()))
+        con.register("_empty", empty)
+        execute(con, f"CREATE TABLE {rows_table(k.name)} AS SELECT * FROM _empty")
+        con.unregister("_empty")
+
+
+def has_rows_table(con: duckdb.DuckDBPyConnection, kind: str, database: str | None = None) -> bool:
+    """Whether the file holds `kind`'s rows table (a file made before the kind existed, opened read-only, does not:
+    it holds no rows of that kind)."""
+    where = "database_name = current_database()" if database is None else f"database_name = '{sql_str(database)}'"
+    return bool(
+        fetch_one(con, f"SELECT count(*) FROM duckdb_tables() WHERE {where} AND table_name = ?", [rows_table(kind)])[0]
+    )
 
 
 def _add_ref_columns(con: duckdb.DuckDBPyConnection) -> None:
