@@ -3,7 +3,8 @@
 Any ranker that `rank` runs scores both answers of each pair (built as `rank` builds them: builders.rank), or several
 rankers combined (builders.combine: each pair is one prompt with two responses; `zscore` standardises each
 component over every answer scored). Per pair: a win when the scorer scores the chosen answer higher, a loss when
-lower, a tie when equal (counted apart, in no accuracy). Reported: accuracy = wins / (wins + losses), its standard
+lower, a tie when equal (counted apart, in no accuracy); a pair with an answer a judge could not score is
+counted apart too (`unscored`). Reported: accuracy = wins / (wins + losses), its standard
 error sqrt(a (1 - a) / n) over those n pairs, and the length bias: how often the scorer prefers the longer answer
 (characters; pairs of equal lengths left out), beside how often the labels do.
 
@@ -55,16 +56,19 @@ def parse_spec(spec: str, base: RankConfig = RankConfig()) -> tuple[RankConfig, 
     return replace(base, ranker=kind, ranker_model=model), weight
 
 
-def _scores(cfg: RankConfig, prompts: list[str], candidates: list[list[str]], progress: bool, desc: str) -> list[float]:
+def _scores(
+    cfg: RankConfig, prompts: list[str], candidates: list[list[str]], progress: bool, desc: str
+) -> list[float | None]:
+    """Each answer's score, in pair order; None where a judge could not score it (its pair is counted apart)."""
     from builders.rank import check_finite, score_all
 
     got = score_all(cfg, prompts, candidates, progress=progress, desc=desc)
-    flat: list[float] = []
+    flat: list[float | None] = []
     for i, values in enumerate(got):
         if len(values) != 2:
             raise InputError(f"the {cfg.ranker} ranker returned {len(values)} scores for the 2 answers of pair {i + 1}")
-        check_finite(str(i + 1), values)
-        flat.extend(float(v) for v in values)
+        check_finite(str(i + 1), [v for v in values if v is not None])
+        flat.extend(None if v is None else float(v) for v in values)
     return flat
 
 
@@ -120,9 +124,17 @@ def evaluate_pairs(
 
 
 def agreement(
-    chosen_scores: Sequence[float], rejected_scores: Sequence[float], chosen: Sequence[str], rejected: Sequence[str]
+    chosen_scores: Sequence[float | None],
+    rejected_scores: Sequence[float | None],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
 ) -> dict[str, Any]:
-    """The figures of `evaluate_pairs` from each pair's two scores and texts."""
+    """The figures of `evaluate_pairs` from each pair's two scores and texts. A pair with an answer the scorer
+    could not score (a judge's None) is counted apart (`unscored`), never as a win, loss or tie."""
+    pairs = len(chosen_scores)
+    scored = [i for i in range(pairs) if chosen_scores[i] is not None and rejected_scores[i] is not None]
+    chosen_scores, rejected_scores = [chosen_scores[i] for i in scored], [rejected_scores[i] for i in scored]
+    chosen, rejected = [chosen[i] for i in scored], [rejected[i] for i in scored]
     wins = sum(c > r for c, r in zip(chosen_scores, rejected_scores))
     losses = sum(c < r for c, r in zip(chosen_scores, rejected_scores))
     ties = len(chosen_scores) - wins - losses
@@ -136,7 +148,8 @@ def agreement(
     ]
     label_longer = [len(c) > len(r) for c, r in zip(chosen, rejected) if len(c) != len(r)]
     return {
-        "pairs": len(chosen_scores),
+        "pairs": pairs,
+        "unscored": pairs - len(scored),
         "wins": wins,
         "losses": losses,
         "ties": ties,

@@ -271,3 +271,20 @@ def test_a_catalog_made_before_the_reward_kinds_gains_them_and_merges_either_way
     assert {s.kind for s in new.list()} == {"scores", "preferences"}
     assert old.merge([tmp_path / "new.duckdb"])  # an older destination: its tables are added at the write
     assert old.get(snap.id).rows == 3 and old.read(snap.id).num_rows == 3 and old.verify()["ok"]
+
+
+def test_reward_eval_of_a_judge_counts_the_pairs_it_could_not_score_apart(cli, tmp_path):
+    from bench.fake_openai import FakeOpenAI
+
+    data = _write(tmp_path / "pairs.jsonl", _pairs(3))
+    with FakeOpenAI() as server:
+        server.judge_garbage = 1  # the first judgement says nothing: that pair is neither a win, a loss nor a tie
+        got = cli(
+            "reward", "eval", "--data", data, "--ranker", "judge", "--ranker-model", "served-model",
+            "--judge-backend", "openai", "--base-url", server.url, "--concurrency", "1", "--judge-retries", "0",
+            "--json",
+        )  # fmt: skip
+    assert got.code == 0, got.err
+    report = got.json()
+    assert report["pairs"] == 3 and report["unscored"] >= 1
+    assert report["wins"] + report["losses"] + report["ties"] == 3 - report["unscored"]

@@ -8,7 +8,7 @@ import click
 from click.core import ParameterSource
 
 from builders.cli.app import State, cli, stage_output
-from builders.cli.options import config_from, example, field_option, json_option, ranker_options
+from builders.cli.options import config_from, example, field_option, json_option, judge_options, ranker_options
 from builders.cli.render import emit
 from builders.config import RankConfig, RewardEvalConfig, RewardTrainConfig
 
@@ -88,6 +88,7 @@ def train_cmd(state: State, as_json: bool, **options) -> None:
 @field_option(RewardEvalConfig, "data", required=True)
 @ranker_options(with_batches=False)
 @field_option(RankConfig, "device")
+@judge_options()
 @click.option(
     "--ranker-spec",
     "specs",
@@ -112,6 +113,7 @@ def eval_cmd(state: State, data: str, specs: tuple[str, ...], method: str, as_js
 
     ctx = click.get_current_context()
     explicit = ctx.get_parameter_source("ranker") != ParameterSource.DEFAULT
+    options.setdefault("judge_vllm", RankConfig.__dataclass_fields__["judge_vllm"].default)  # as rank: eager on CPU
     base = config_from(RankConfig, options)
     components = tuple(parse_spec(s, base) for s in specs)
     if components and explicit:
@@ -134,7 +136,9 @@ def eval_cmd(state: State, data: str, specs: tuple[str, ...], method: str, as_js
             above = report["accuracy"] - 2 * report["standard_error"] > 0.5
             click.echo(
                 f"accuracy {report['accuracy']:.3f} +/- {report['standard_error']:.3f} "
-                f"({report['wins']} agree, {report['losses']} disagree, {report['ties']} ties counted apart); "
+                f"({report['wins']} agree, {report['losses']} disagree, {report['ties']} ties counted apart"
+                + (f", {report['unscored']} unscored by the judge" if report["unscored"] else "")
+                + "); "
                 f"{'above' if above else 'not above'} chance (0.5) by 2 se"
             )
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
