@@ -25,15 +25,19 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from builders.catalog import Catalog, Snapshot, row_hashes, snapshot_id, sort_order
 from builders.errors import InputError, NotFound, one_line
+from builders.models import weights_sha256
 from builders.prompts import prompt_id
 from builders.schemas import KINDS, conform
+
+if TYPE_CHECKING:
+    from builders.config import RankConfig
 
 KIND = KINDS["preferences"]
 # the catalog kinds a source snapshot may be
@@ -314,3 +318,39 @@ def prompt_text(prompt: list[dict[str, str]]) -> str:
 def answer_text(answer: list[dict[str, str]]) -> str:
     """An answer's text as rankers take it: its turns' contents (one turn: that turn's text)."""
     return "\n\n".join(m["content"] for m in answer)
+
+
+# ------------------------------------------------- reward snapshots: the pairs a reward model held out, and its model
+REWARD_KIND = "reward"  # what `reward train` registers (builders/reward_train.py)
+
+
+def heldout_of(catalog: Catalog, reward: Snapshot) -> tuple[Preferences, Any]:
+    """A reward snapshot's held-out pairs (recomputed from its parent data and its eval_fraction), and the data."""
+    parents = catalog.parents(reward)
+    if not parents:
+        raise InputError(f"reward snapshot {reward.id[:12]} records no training data", option="data")
+    prefs = Preferences(snapshot_table(catalog, parents[0]), parents[0].id, [parents[0].id])
+    labelled, _ = without_ties(prefs.table)
+    _, heldout = split_heldout(labelled, float(reward.params.get("eval_fraction", 0)))
+    if heldout.num_rows == 0:
+        raise InputError(f"reward snapshot {reward.id[:12]} held no pairs out (eval_fraction 0)", option="data")
+    return prefs, heldout
+
+
+def model_path(catalog: Catalog, reward: Snapshot) -> str:
+    return catalog.read(reward.id).column("path")[0].as_py()
+
+
+def learned_from(catalog: Catalog, cfg: RankConfig) -> list[str]:
+    """[the `reward` snapshot] of a scalar ranker whose model `reward train` made (matched by the sha256 of its
+    weights, wherever the folder is now), else []: `rank` records it as a parent of the scores."""
+    if cfg.ranker != "scalar" or not Path(cfg.ranker_model).expanduser().is_dir():
+        return []
+    snaps = catalog.list(kind=REWARD_KIND)
+    if not snaps:
+        return []
+    digest = weights_sha256(Path(cfg.ranker_model).expanduser())
+    for snap in reversed(snaps):
+        if catalog.read(snap.id).column("weights_sha256")[0].as_py() == digest:
+            return [snap.id]
+    return []

@@ -187,7 +187,7 @@ def rank(
         from builders.judge import judge_counts, judge_key
 
         keyed = judge_key(identity)  # the template's content decides, not its name or path
-    from builders.reward_train import learned_from
+    from builders.preferences import learned_from
 
     reward = learned_from(catalog, cfg)  # a reward model `reward train` made: a parent, so lineage reaches its labels
     settings: dict[str, Any] = {"ranker": cfg.ranker, "dtype": cfg.dtype}

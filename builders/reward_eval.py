@@ -176,7 +176,7 @@ def eval_reward(catalog: Catalog | None, cfg: RewardEvalConfig, progress: bool =
         reward = snap if snap is not None and snap.kind == "reward" else None
     ranker = cfg.ranker
     if reward is not None:
-        from builders.reward_train import heldout_of, model_path
+        from builders.preferences import heldout_of, model_path
 
         prefs, table = heldout_of(catalog, reward)
         label_ties = 0

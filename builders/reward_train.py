@@ -33,7 +33,7 @@ from builders.config import REWARD_RECIPE, RankConfig, RewardTrainConfig, check_
 from builders.errors import InputError, one_line
 from builders.models import model_ref, weights_sha256
 from builders.preferences import (
-    Preferences,
+    REWARD_KIND,
     check_fraction,
     load_preferences,
     register_import,
@@ -51,7 +51,7 @@ from builders.train import (
     load_recipe,
 )
 
-WHAT = "reward"  # the scratch folders' and the snapshot's kind name
+WHAT = REWARD_KIND  # the scratch folders' and the snapshot's kind name
 # what the reward row's `metrics` holds: counts fixed by the data, the split and the recipe (same training, same id)
 COUNTS = ("pairs", "ties_dropped", "train_pairs_used", "train_pairs_dropped", "heldout_pairs")
 
@@ -305,37 +305,3 @@ def counts_line(counts: dict[str, Any]) -> str:
     parts.append(f"{counts.get('heldout_pairs', 0)} held out")
     line = ", ".join(parts)
     return line + (f"; {counts['ties_dropped']} ties dropped" if counts.get("ties_dropped") else "")
-
-
-def heldout_of(catalog: Catalog, reward: Snapshot) -> tuple[Preferences, Any]:
-    """A reward snapshot's held-out pairs (recomputed from its parent data and its eval_fraction), and the data."""
-    parents = catalog.parents(reward)
-    if not parents:
-        raise InputError(f"reward snapshot {reward.id[:12]} records no training data", option="data")
-    from builders.preferences import snapshot_table
-
-    prefs = Preferences(snapshot_table(catalog, parents[0]), parents[0].id, [parents[0].id])
-    labelled, _ = without_ties(prefs.table)
-    _, heldout = split_heldout(labelled, float(reward.params.get("eval_fraction", 0)))
-    if heldout.num_rows == 0:
-        raise InputError(f"reward snapshot {reward.id[:12]} held no pairs out (eval_fraction 0)", option="data")
-    return prefs, heldout
-
-
-def model_path(catalog: Catalog, reward: Snapshot) -> str:
-    return catalog.read(reward.id).column("path")[0].as_py()
-
-
-def learned_from(catalog: Catalog, cfg: RankConfig) -> list[str]:
-    """[the `reward` snapshot] of a scalar ranker whose model `reward train` made (matched by the sha256 of its
-    weights, wherever the folder is now), else []: `rank` records it as a parent of the scores."""
-    if cfg.ranker != "scalar" or not Path(cfg.ranker_model).expanduser().is_dir():
-        return []
-    snaps = catalog.list(kind=WHAT)
-    if not snaps:
-        return []
-    digest = weights_sha256(Path(cfg.ranker_model).expanduser())
-    for snap in reversed(snaps):
-        if catalog.read(snap.id).column("weights_sha256")[0].as_py() == digest:
-            return [snap.id]
-    return []

@@ -1,11 +1,10 @@
 """What the dataset card says about how its prompt pool was cleaned, read from the pool's lineage (import ->
 decontaminate / dedup -> ... -> the pool the prompt sets were drawn from): the benchmarks it was checked against
-with the method and counts, the near-duplicates removed, the sources left out at import; and the rebuild
-script's commands for those steps."""
+with the method and counts, the near-duplicates removed, the sources left out at import (the rebuild script's commands for those steps:
+cards/rebuild.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from builders.models import display_name
@@ -68,36 +67,3 @@ def summary(origins) -> dict[str, Any]:
                     }
                 )
     return {"steps": steps, "dedup": dedups, "sources": sources}
-
-
-def step_line(script, snap) -> str | None:
-    """The command that registers a decontaminate or dedup pool again (from its parent, named by id: the rebuild
-    registers the parent first, with the same id)."""
-    from builders.prompts import looks_local
-    from cards.rebuild import _arg
-
-    p, parent = snap.params, snap.parents[0] if snap.parents else None
-    src = f" --from {parent}" if parent else ""
-    if p.get("stage") == "dedup":
-        return f"iterdpo prompts dedup --threshold {p['threshold']} --num-perm {p['num_perm']}{src}   # pool {snap.id[:12]}"
-    if p.get("stage") != "decontaminate":
-        return None
-    args = []
-    for b in p.get("benchmarks", []):
-        source = str(b["source"])
-        if looks_local(source) and (Path(source).is_absolute() or source.startswith("~") or ".." in Path(source).parts):
-            arg = script.variable(
-                ("benchmark", b["sha256"]),
-                "BENCHMARK_FILE",
-                f"your copy of the benchmark {display_name(source)} (content sha256 {b['sha256'][:12]})",
-            )
-        else:
-            arg = _arg(source)  # a hub id, or a path relative to the folder the data was built in
-        args.append(f"--against {arg}")
-    columns = {b.get("column") for b in p.get("benchmarks", [])}
-    column = f" --column {_arg(columns.pop())}" if len(columns) == 1 and None not in columns else ""
-    t = p.get("thresholds", {})
-    return (
-        f"iterdpo prompts decontaminate {' '.join(args)}{column} --containment {t.get('containment')} "
-        f"--coverage {t.get('coverage')}{src}   # pool {snap.id[:12]}"
-    )

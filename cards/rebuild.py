@@ -288,7 +288,7 @@ def _is_bundled(path: Path, bundled: Path) -> bool:
 def _prompts(script: Script, origins: list[Origin]) -> None:
     from builders.config import BUNDLED_PROMPTS
     from builders.prompts import looks_local
-    from cards.decontamination import lineages, step_line
+    from cards.decontamination import lineages
 
     chains = lineages(origins)  # each pool with the decontaminate/dedup steps that made it, from its import
     for chain in chains:
@@ -322,7 +322,7 @@ def _prompts(script: Script, origins: list[Origin]) -> None:
             + by_source
             + f"   # pool {pool.id[:12]}"
         )
-        script.lines += [line for step in chain[1:] if (line := step_line(script, step))]
+        script.lines += [line for step in chain[1:] if (line := _pool_step_line(script, step))]
     splits: dict[tuple, Any] = {}
     for o in origins:
         if o.prompts is not None and "seed" in o.prompts.params:
@@ -438,3 +438,35 @@ def _train(
         f"--output-dir {out}{threads}   # the model of iteration {n + 1}"
     )
     trained_dirs[snap.id] = out
+
+
+def _pool_step_line(script, snap) -> str | None:
+    """The command that registers a decontaminate or dedup pool again (from its parent, named by id: the rebuild
+    registers the parent first, with the same id)."""
+    from builders.prompts import looks_local
+
+    p, parent = snap.params, snap.parents[0] if snap.parents else None
+    src = f" --from {parent}" if parent else ""
+    if p.get("stage") == "dedup":
+        return f"iterdpo prompts dedup --threshold {p['threshold']} --num-perm {p['num_perm']}{src}   # pool {snap.id[:12]}"
+    if p.get("stage") != "decontaminate":
+        return None
+    args = []
+    for b in p.get("benchmarks", []):
+        source = str(b["source"])
+        if looks_local(source) and (Path(source).is_absolute() or source.startswith("~") or ".." in Path(source).parts):
+            arg = script.variable(
+                ("benchmark", b["sha256"]),
+                "BENCHMARK_FILE",
+                f"your copy of the benchmark {display_name(source)} (content sha256 {b['sha256'][:12]})",
+            )
+        else:
+            arg = _arg(source)  # a hub id, or a path relative to the folder the data was built in
+        args.append(f"--against {arg}")
+    columns = {b.get("column") for b in p.get("benchmarks", [])}
+    column = f" --column {_arg(columns.pop())}" if len(columns) == 1 and None not in columns else ""
+    t = p.get("thresholds", {})
+    return (
+        f"iterdpo prompts decontaminate {' '.join(args)}{column} --containment {t.get('containment')} "
+        f"--coverage {t.get('coverage')}{src}   # pool {snap.id[:12]}"
+    )
