@@ -344,7 +344,11 @@ def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | 
     if not pairs:
         raise InputError(f"no instruction of {outputs} is in the reference {reference}")
     scorer = make_ranker(ranker or RankConfig())
-    scores = scorer.score([p for p, _, _ in pairs], [[o, r] for _, o, r in pairs])
+    try:
+        scores = scorer.score([p for p, _, _ in pairs], [[o, r] for _, o, r in pairs])
+        described = scorer.describe()
+    finally:
+        scorer.close()  # a judge's engine (an openai client's loop thread, a model) goes with it
     # a judge leaves a response it could not score with None: that comparison is counted apart, never a tie or loss
     unscored = sum(None in s for s in scores)
     pairs = [pair for pair, s in zip(pairs, scores) if None not in s]
@@ -361,7 +365,7 @@ def evaluate(outputs: Path, reference: Path | None = None, ranker: RankConfig | 
     report.update(
         {
             "reference": str(reference),
-            "ranker": scorer.describe(),
+            "ranker": described,
             "compared": n,
             "unmatched": len(rows) - n - unscored,
             "unscored": unscored,

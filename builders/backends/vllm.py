@@ -162,6 +162,11 @@ class VllmGenerator(Templated):
 
     def __init__(self, model: str, sampling: SamplingConfig, chat_template: Path | None, cfg):
         super().__init__(model, sampling, chat_template)
+        import torch
+
+        # an in-process CPU engine sets torch's thread count for the whole process (cpu_threads, and vLLM's own
+        # CPU worker): close() gives the rest of the process (training, the next stage) its own count back
+        self._torch_threads = torch.get_num_threads()
         self.llm = start_llm(model, cfg)  # CPU defaults, quiet start-up, root cause in the error
         self.context_length = self.llm.llm_engine.model_config.max_model_len
 
@@ -184,4 +189,8 @@ class VllmGenerator(Templated):
     def close(self) -> None:
         if self.llm is not None:
             shutdown_llm(self.llm)
+            import torch
+
+            if torch.get_num_threads() != self._torch_threads:
+                torch._C.set_num_threads(self._torch_threads)  # torch's own setter, as start_llm uses
         self.llm = None
