@@ -41,7 +41,7 @@ quickstart: install
 TEST_WORKERS ?= 2
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff: the formatter and the linter, as configured in pyproject.toml (CI runs it before the tests)
 lint: install
@@ -50,7 +50,7 @@ lint: install
 
 # the inner loop: everything but the tests marked slow (vLLM engines, hub ids, kill -9, accelerate)
 test-fast: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/catalog.py

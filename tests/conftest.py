@@ -27,31 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 UF_DATA = ROOT / "tests" / "data" / "ultrafeedback"
 SAMPLE = ROOT / "data" / "ultrafeedback_sample.jsonl"
 
-# The files that take longest (`pytest --durations=25 FILE`, one at a time, on 2 cores), longest first. `make test`
-# hands whole files to its two workers (--dist loadfile) in collection order (--no-loadscope-reorder): xdist's own
-# order, most tests first, hands out last the few-test files that take minutes (hub ids, cards, quickstart), where
-# one of them can keep a worker busy long after the other has finished. The other files follow in name order. An
-# out-of-date entry costs only time.
-LONGEST_FIRST = (
-    "test_examples.py",
-    "test_ray.py",
-    "test_hub_ids.py",
-    "test_publish_model.py",
-    "test_train.py",
-    "test_pipeline.py",
-    "test_quickstart.py",
-    "test_vllm.py",
-    "test_rank.py",
-    "test_publish.py",
-    "test_generate.py",
-    "test_cards.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: a file's tests keep their order
-
 
 @pytest.fixture(scope="session")
 def uf_data() -> Path:

@@ -106,8 +106,14 @@ def test_bad_training_inputs(built, tmp_path, tiny_models):
     assert built.list(kind="model") == []
 
 
+# what an in-process engine or trainer of an earlier test may have left in os.environ: a launched process must not
+# join (or wait on) that process group's rendezvous
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 def test_bf16_on_a_cpu_is_autocast_when_the_recipe_says_use_cpu(built, tmp_path, tiny_models):
