@@ -240,7 +240,19 @@ def _prefilled(gen, prompts, sampling: SamplingConfig, answer: str) -> list:
     ]
 
 
-class _TransformersEngine:
+class _Engine:
+    """What the three engines share: the generator they wrap (`self.gen`) describes and closes them."""
+
+    gen: Any
+
+    def describe(self) -> dict[str, Any]:
+        return self.gen.describe()
+
+    def close(self) -> None:
+        self.gen.close()
+
+
+class _TransformersEngine(_Engine):
     """The transformers generator, returning each generated token's distribution (raw logits, before the sampler's
     temperature and top-p)."""
 
@@ -296,14 +308,8 @@ class _TransformersEngine:
             out.append(Completion(names[len(kept) * width :], tops))
         return out
 
-    def describe(self) -> dict[str, Any]:
-        return self.gen.describe()
 
-    def close(self) -> None:
-        self.gen.close()
-
-
-class _VllmEngine:
+class _VllmEngine(_Engine):
     """The vllm generator asking for each token's top logprobs (vLLM's are the model's raw distribution)."""
 
     def __init__(self, model: str, cfg, answer: str):
@@ -352,14 +358,8 @@ class _VllmEngine:
             out.append(Completion(pieces, tops))
         return out
 
-    def describe(self) -> dict[str, Any]:
-        return self.gen.describe()
 
-    def close(self) -> None:
-        self.gen.close()
-
-
-class _OpenAIEngine:
+class _OpenAIEngine(_Engine):
     """The openai generator asking for `logprobs` and `top_logprobs` in each chat completion. A template's begun
     answer is sent as a final assistant message that the server continues (vLLM's `continue_final_message`)."""
 
@@ -402,12 +402,6 @@ class _OpenAIEngine:
                 tops.append(top)
             out.append(Completion(pieces, tops))
         return out
-
-    def describe(self) -> dict[str, Any]:
-        return self.gen.describe()
-
-    def close(self) -> None:
-        self.gen.close()
 
 
 def make_engine(cfg: RankConfig, answer: str = ""):
